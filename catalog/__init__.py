@@ -1,0 +1,1 @@
+"""Package data: the intake catalog describing the archive (metadata only)."""

@@ -1,0 +1,296 @@
+"""The ``desomdb`` command line: thin wrappers over the Python API.
+
+Each command parses its options, calls one API function, and prints the result. Errors
+derived from :class:`desomdb.errors.DesomdbError` are printed without a traceback and end
+the process with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from desomdb._version import __version__
+from desomdb.errors import DesomdbError, NotImplementedYetError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _friendly_errors(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except DesomdbError as exc:
+            click.echo(f"desomdb: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _not_yet(command: str, issue: str) -> None:
+    raise NotImplementedYetError(
+        f"'desomdb {command}' is not implemented yet ({issue}); "
+        "see README.md for what this version can do"
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="desomdb")
+def main() -> None:
+    """desomdb: MaNGA spectra on a Deep Embedded Self-Organizing Map, queried with SQL.
+
+    \b
+    Pipeline: mock/ingest -> label -> train -> assign -> fingerprints -> desom2 -> sql/report.
+    Example:
+      desomdb demo --out /tmp/desomdb-demo
+    """
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--galaxies", "n_galaxies", type=int, default=10, show_default=True,
+              help="number of galaxies (cubes) to generate")
+@click.option("--release", default="DR15", show_default=True, help="release name: DR15 or DR17")
+@click.option("--seed", type=int, default=0, show_default=True, help="random seed")
+@click.option("--workers", type=int, default=1, show_default=True, help="local processes")
+@click.option("--ifu-sizes", default="19,37,61,91,127", show_default=True,
+              help="comma-separated IFU fibre counts to draw from")
+@_friendly_errors
+def mock(out: Path, n_galaxies: int, release: str, seed: int, workers: int,
+         ifu_sizes: str) -> None:
+    """Generate a mock MaNGA survey (DRP LOGCUBEs + drpall + truth) with known labels.
+
+    \b
+    Example:
+      desomdb mock /tmp/survey --galaxies 20 --release DR15 --seed 1
+    """
+    from desomdb import mock as mock_mod
+
+    sizes = tuple(int(s) for s in ifu_sizes.split(",") if s.strip())
+    result = mock_mod.generate_survey(
+        out, n_galaxies=n_galaxies, release=release, seed=seed, workers=workers,
+        ifu_sizes=sizes,
+    )
+    click.echo(f"wrote {result.n_cubes} cubes to {result.release_dir}")
+    click.echo(f"drpall: {result.drpall_path}")
+    click.echo(f"truth:  {result.truth_path}")
+
+
+@main.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("jobfile", required=False, type=click.Path(path_type=Path))
+@click.option("--cubes", help="folder or glob of LOGCUBE files")
+@click.option("--drpall", type=click.Path(path_type=Path), help="drpall FITS table")
+@click.option("--release", help="release name, e.g. DR15")
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--scheduler", help="Dask scheduler address tcp://HOST:PORT")
+@_friendly_errors
+def ingest(**_: Any) -> None:
+    """Ingest DRP cubes into the archive (Voronoi-binned baxel spectra).
+
+    \b
+    Example:
+      desomdb ingest /tmp/archive --cubes /tmp/survey/DR15 \
+        --drpall /tmp/survey/DR15/drpall-v2_4_3.fits --release DR15
+    """
+    _not_yet("ingest", "issue 4")
+
+
+@main.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--release", help="only this release")
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--scheduler", help="Dask scheduler address tcp://HOST:PORT")
+@_friendly_errors
+def label(**_: Any) -> None:
+    """Fit every baxel with pPXF and write the labels table.
+
+    \b
+    Example:
+      desomdb label /tmp/archive --release DR15 --workers 2
+    """
+    _not_yet("label", "issue 5")
+
+
+@main.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--config", type=click.Path(path_type=Path), help="training configuration file")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@_friendly_errors
+def train(**_: Any) -> None:
+    """Train a DESOM-1 on the archive's training baxels; prints the model id.
+
+    \b
+    Example:
+      desomdb train /tmp/archive --seed 0
+    """
+    _not_yet("train", "issue 10")
+
+
+@main.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--model", "model_id", help="model id (default: the current model)")
+@_friendly_errors
+def assign(**_: Any) -> None:
+    """Assign every baxel to its best-matching node of a DESOM-1 model.
+
+    \b
+    Example:
+      desomdb assign /tmp/archive
+    """
+    _not_yet("assign", "issue 10")
+
+
+@main.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("spectra_file", type=click.Path(path_type=Path))
+@click.option("--model", "model_id", help="model id (default: the current model)")
+@_friendly_errors
+def predict(**_: Any) -> None:
+    """Predict node and label distributions for new spectra.
+
+    \b
+    Example:
+      desomdb predict /tmp/archive new_spectra.parquet
+    """
+    _not_yet("predict", "issue 10")
+
+
+@main.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--model", "model_id", help="DESOM-1 model id (default: the current model)")
+@_friendly_errors
+def fingerprints(**_: Any) -> None:
+    """Build per-galaxy fingerprints on a DESOM-1 map and train/assign DESOM-2.
+
+    \b
+    Example:
+      desomdb fingerprints /tmp/archive
+    """
+    _not_yet("fingerprints", "issue 6")
+
+
+@main.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("jobfile", required=False, type=click.Path(path_type=Path))
+@click.option("--cubes", help="folder or glob of LOGCUBE files")
+@click.option("--drpall", type=click.Path(path_type=Path), help="drpall FITS table")
+@click.option("--release", help="release name, e.g. DR17")
+@click.option("--retrain", is_flag=True, help="train a new DESOM-1 (never made current silently)")
+@_friendly_errors
+def refresh(**_: Any) -> None:
+    """Bring an archive up to date with a new release (incremental).
+
+    \b
+    Example:
+      desomdb refresh /tmp/archive --cubes /tmp/survey/DR17 \
+        --drpall drpall-v3_1_1.fits --release DR17
+    """
+    _not_yet("refresh", "issue 8")
+
+
+@main.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("query")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]),
+              default="table", show_default=True)
+@click.option("--output", type=click.Path(path_type=Path), help="write to this file")
+@_friendly_errors
+def sql(**_: Any) -> None:
+    """Run a read-only SQL query over the archive's views.
+
+    \b
+    Example:
+      desomdb sql /tmp/archive "select node, median(age_mw_gyr) from baxel_labels group by node"
+    """
+    _not_yet("sql", "issue 7")
+
+
+@main.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@_friendly_errors
+def report(**_: Any) -> None:
+    """Write the paper's figures and a static HTML report.
+
+    \b
+    Example:
+      desomdb report /tmp/archive --out /tmp/report
+    """
+    _not_yet("report", "issue 9")
+
+
+@main.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@_friendly_errors
+def status(**_: Any) -> None:
+    """Show releases, cube counts by status, pending work and models.
+
+    \b
+    Example:
+      desomdb status /tmp/archive
+    """
+    _not_yet("status", "issue 8")
+
+
+@main.group()
+def model() -> None:
+    """Manage registered models (list, switch the current one).
+
+    \b
+    Example:
+      desomdb model use /tmp/archive desom1-3f2a9c
+    """
+
+
+@model.command("use")
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("model_id")
+@_friendly_errors
+def model_use(**_: Any) -> None:
+    """Make MODEL_ID the current DESOM-1 model of the archive (reversible).
+
+    \b
+    Example:
+      desomdb model use /tmp/archive desom1-3f2a9c
+    """
+    _not_yet("model use", "issue 8")
+
+
+@model.command("list")
+@click.argument("archive", type=click.Path(path_type=Path))
+@_friendly_errors
+def model_list(**_: Any) -> None:
+    """List registered models and mark the current one.
+
+    \b
+    Example:
+      desomdb model list /tmp/archive
+    """
+    _not_yet("model list", "issue 10")
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("desomdb-demo"),
+              show_default=True)
+@click.option("--galaxies", "n_galaxies", type=int, default=12, show_default=True)
+@_friendly_errors
+def demo(**_: Any) -> None:
+    """Run the whole pipeline on a generated mock survey.
+
+    \b
+    Example:
+      desomdb demo --out /tmp/desomdb-demo --galaxies 12
+    """
+    _not_yet("demo", "issue 11")
+
+
+if __name__ == "__main__":
+    main()

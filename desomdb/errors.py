@@ -1,0 +1,58 @@
+"""One exception hierarchy for desomdb.
+
+Every error a user can trigger derives from :class:`DesomdbError`. Messages name the file,
+row or parameter at fault and say what to do about it, so the CLI can print them as they are
+(without a traceback) and exit non-zero.
+"""
+
+from __future__ import annotations
+
+
+class DesomdbError(Exception):
+    """Base class of every error desomdb raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(DesomdbError):
+    """A job file, option or model configuration is invalid."""
+
+    exit_code = 2
+
+
+class NotImplementedYetError(DesomdbError):
+    """A command of the public interface whose stage has not been built yet."""
+
+    exit_code = 3
+
+
+class InputDataError(DesomdbError):
+    """An input file (cube, drpall table, spectra file) is missing, corrupt or malformed."""
+
+
+class CubeFormatError(InputDataError):
+    """A MaNGA LOGCUBE is truncated, lacks an HDU, or has the wrong shape or header."""
+
+
+class ArchiveError(DesomdbError):
+    """The archive directory is missing, inconsistent, or lacks a required table."""
+
+
+class LockError(ArchiveError):
+    """Another writer holds the archive lock."""
+
+
+class TemplateLibraryError(DesomdbError):
+    """The stellar-population template library cannot be built or loaded."""
+
+
+class FitError(DesomdbError):
+    """A spectral fit (pPXF) failed for a reason that is recorded per spectrum."""
+
+
+class ModelError(DesomdbError):
+    """A DESOM model checkpoint is missing, corrupt, or does not match the archive."""
+
+
+class QueryError(DesomdbError):
+    """A SQL query is refused (not read-only) or names unknown tables or columns."""

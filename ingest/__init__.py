@@ -1,0 +1,1 @@
+"""Package data: ingest job definitions, one TOML file per data release."""

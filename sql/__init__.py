@@ -1,0 +1,1 @@
+"""Package data: the DuckDB views of the archive, one file per view (see DESIGN.md)."""
