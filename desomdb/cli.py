@@ -70,7 +70,7 @@ def mock(out: Path, n_galaxies: int, release: str, seed: int, workers: int,
     Example:
       desomdb mock /tmp/survey --galaxies 20 --release DR15 --seed 1
     """
-    from desomdb import mock as mock_mod
+    import desomdb.mock as mock_mod
 
     sizes = tuple(int(s) for s in ifu_sizes.split(",") if s.strip())
     result = mock_mod.generate_survey(
