@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from desomdb._version import __version__
-from desomdb.errors import DesomdbError, NotImplementedYetError
+from desomdb.errors import ConfigError, DesomdbError, NotImplementedYetError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -90,16 +90,46 @@ def mock(out: Path, n_galaxies: int, release: str, seed: int, workers: int,
 @click.option("--release", help="release name, e.g. DR15")
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--scheduler", help="Dask scheduler address tcp://HOST:PORT")
+@click.option("--truth", type=click.Path(path_type=Path),
+              help="mock truth Parquet (default: truth-<release>.parquet beside drpall, if any)")
+@click.option("--cubes-per-task", type=int, default=2, show_default=True)
+@click.option("--commit-every", type=float, default=30.0, show_default=True,
+              help="commit finished cubes at least this often (seconds)")
 @_friendly_errors
-def ingest(**_: Any) -> None:
+def ingest(archive: Path, jobfile: Path | None, cubes: str | None, drpall: Path | None,
+           release: str | None, workers: int, scheduler: str | None, truth: Path | None,
+           cubes_per_task: int, commit_every: float) -> None:
     """Ingest DRP cubes into the archive (Voronoi-binned baxel spectra).
+
+    Give a job file (see ingest/dr15.toml) or --cubes, --drpall and --release.
+    Exit code 0 when every cube landed; 1 when some failed (they are listed and
+    recorded with their reason in the cubes table).
 
     \b
     Example:
       desomdb ingest /tmp/archive --cubes /tmp/survey/DR15 \
         --drpall /tmp/survey/DR15/drpall-v2_4_3.fits --release DR15
     """
-    _not_yet("ingest", "issue 4")
+    from desomdb import ingest as ingest_mod
+
+    if jobfile is not None:
+        job = ingest_mod.load_job(jobfile)
+    elif cubes and drpall and release:
+        job = ingest_mod.IngestJob(release=release, cubes=cubes, drpall=str(drpall),
+                                   truth=str(truth) if truth else None, workers=workers,
+                                   cubes_per_task=cubes_per_task, scheduler=scheduler)
+    else:
+        raise ConfigError("give a JOBFILE, or all of --cubes, --drpall and --release")
+    if scheduler:
+        job.scheduler = scheduler
+    report = ingest_mod.ingest(archive, job, commit_every_s=commit_every)
+    click.echo(f"{report.release}: {report.n_found} cubes found, {report.n_ingested} ingested, "
+               f"{report.n_skipped} already present, {len(report.failed)} failed; "
+               f"{report.n_baxels} baxels in the release")
+    for plateifu, error in report.failed:
+        click.echo(f"  failed {plateifu}: {error}", err=True)
+    if report.failed:
+        sys.exit(1)
 
 
 @main.command()

@@ -7,7 +7,7 @@ Layout written (as on the SDSS archive)::
     OUT/<release>/truth-<release>.parquet
 
 The cube format follows the DRP data model (see :mod:`desomdb.manga`); the physics is in
-:mod:`desomdb.mock_galaxy`. Noise: per-pixel variance = source/G + sky(λ)² (G = 2000 in flux
+:mod:`desomdb.mock_galaxy`. Noise: per-pixel variance = source/G + sky(λ)² (G = 20000 in flux
 units of 1e-17 erg/s/cm^2/Å), spatially correlated by a Gaussian kernel of 1.18 spaxels so
 that the noise of an n-spaxel sum is underestimated by ~4.2 at large n, as Law et al. (2016)
 found for MaNGA; IVAR is the per-spaxel variance the DRP would report (no covariance).
@@ -40,8 +40,8 @@ from desomdb.mock_galaxy import GalaxyParams, SpaxelModel, draw_galaxy, spaxel_m
 COSMOLOGY = FlatLambdaCDM(H0=70.0, Om0=0.3)
 L_SUN_ERG_S = 3.828e33
 MPC_CM = 3.0856775814913673e24
-NOISE_GAIN = 2000.0
-SKY_SIGMA = 0.025
+NOISE_GAIN = 20000.0
+SKY_SIGMA = 0.005
 COVARIANCE_SIGMA_SPAXELS = 1.18
 #: Bright night-sky lines (vacuum Å) that raise the noise.
 SKY_LINES_AA = (5578.9, 5891.6, 5897.6, 6302.0, 6365.5, 7343.0, 7716.5, 7796.0, 7823.6,

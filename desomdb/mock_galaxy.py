@@ -142,7 +142,7 @@ def draw_galaxy(index: int, seed: int, n_fibres_choices: tuple[int, ...]) -> Gal
         "passive": rng.uniform(0.0, 0.05),
         "post_starburst": rng.uniform(0.03, 0.1),
         "green_valley": rng.uniform(0.05, 0.15),
-        "dusty_edge_on": rng.uniform(0.35, 0.6),
+        "dusty_edge_on": rng.uniform(0.25, 0.45),
     }.get(gtype, rng.uniform(0.08, 0.25))
     agn_ratios = (
         (rng.uniform(0.0, 0.25), rng.uniform(0.5, 1.0))  # Seyfert-like
@@ -394,7 +394,7 @@ def spaxel_model(
     truth = population_truth(weights, lib)
     sfr = formed_d * disc_sfr0
 
-    incl_boost = np.clip(1 / np.sqrt(p.ba), 1, 2.5)
+    incl_boost = np.clip(1 / np.sqrt(p.ba), 1, 1.6)
     ebv_star = p.ebv0 * incl_boost * (0.6 + 0.6 * np.exp(-r_re)) * rng.uniform(0.9, 1.1, n)
     ebv_gas = ebv_star / 0.44 * rng.uniform(0.9, 1.1, n)
 

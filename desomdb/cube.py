@@ -1,0 +1,183 @@
+"""Read a MaNGA DRP LOGCUBE (``.fits`` or ``.fits.gz``; DR15 or DR17 naming).
+
+Bad pixels come from the MASK bits (see :data:`desomdb.manga.BAD_PIXEL_BITS`), not from IVAR
+alone: the DRP keeps IVAR > 0 on low-coverage and foreground-star spaxels.
+"""
+
+from __future__ import annotations
+
+import gzip
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from desomdb import manga
+from desomdb.errors import CubeFormatError
+
+REQUIRED_HDUS = ("FLUX", "IVAR", "MASK", "WAVE")
+HEADER_KEYS = ("PLATEIFU", "MANGAID", "OBJRA", "OBJDEC", "IFURA", "IFUDEC", "EBVGAL")
+
+
+@dataclass
+class Cube:
+    """A LOGCUBE in memory.
+
+    Attributes
+    ----------
+    path : Path
+    plateifu, mangaid : str
+    flux : ndarray, shape (4563, n_y, n_x), float32
+        1e-17 erg/s/cm^2/Å/spaxel, observed frame, as in the file (no foreground correction).
+    ivar : ndarray, shape (4563, n_y, n_x), float32
+        Inverse variance of ``flux``.
+    good : ndarray, shape (4563, n_y, n_x), bool
+        IVAR > 0, finite flux, and none of the bad MASK bits.
+    wave : ndarray, shape (4563,), float64
+        Observed vacuum wavelength, Å.
+    lsf_sigma_aa : ndarray, shape (4563,)
+        Median post-pixelisation LSF sigma over the covered spaxels, Å (DISP or LSFPOST).
+    objra, objdec, ifura, ifudec : float
+        Degrees.
+    ebvgal : float
+        Milky-Way E(B-V), mag.
+    drp3qual : int
+    wcs : astropy.wcs.WCS
+        Celestial WCS of the spaxel grid.
+    """
+
+    path: Path
+    plateifu: str
+    mangaid: str
+    flux: np.ndarray
+    ivar: np.ndarray
+    good: np.ndarray
+    wave: np.ndarray
+    lsf_sigma_aa: np.ndarray
+    objra: float
+    objdec: float
+    ifura: float
+    ifudec: float
+    ebvgal: float
+    drp3qual: int
+    drp_version: str
+    wcs: WCS
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(n_y, n_x) of the spaxel grid."""
+        return int(self.flux.shape[1]), int(self.flux.shape[2])
+
+    def sky_offsets(self) -> tuple[np.ndarray, np.ndarray]:
+        """Offsets of every spaxel centre from the galaxy centre (OBJRA, OBJDEC).
+
+        Returns
+        -------
+        dra, ddec : ndarray, shape (n_y, n_x)
+            Arcsec; ``dra`` = ΔRA·cos(Dec), east positive; ``ddec`` north positive.
+        """
+        n_y, n_x = self.shape
+        yy, xx = np.mgrid[0:n_y, 0:n_x]
+        ra, dec = self.wcs.all_pix2world(xx.ravel(), yy.ravel(), 0)
+        dra = (ra - self.objra) * np.cos(np.deg2rad(self.objdec)) * 3600.0
+        ddec = (dec - self.objdec) * 3600.0
+        return dra.reshape(n_y, n_x), ddec.reshape(n_y, n_x)
+
+
+def read_cube(path: str | Path) -> Cube:
+    """Read a LOGCUBE and derive its good-pixel mask.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``manga-<plate>-<ifudsgn>-LOGCUBE.fits[.gz]``.
+
+    Returns
+    -------
+    Cube
+
+    Raises
+    ------
+    CubeFormatError
+        Truncated or corrupt file, a missing HDU or header key, inconsistent shapes, or a
+        cube with no usable pixel; the message names the file.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+        truncated = [str(w.message) for w in caught if "truncat" in str(w.message).lower()]
+        if truncated:
+            hdul.close()
+            raise CubeFormatError(f"{path}: the file is truncated or corrupt ({truncated[0]}) "
+                                  "— re-download it")
+        with hdul:
+            names = {h.name for h in hdul}
+            missing = [h for h in REQUIRED_HDUS if h not in names]
+            lsf_name = "DISP" if "DISP" in names else "LSFPOST" if "LSFPOST" in names else None
+            if missing or lsf_name is None:
+                raise CubeFormatError(
+                    f"{path}: missing HDU(s) {missing or ['DISP/LSFPOST']}; a DRP LOGCUBE has "
+                    "FLUX, IVAR, MASK, WAVE and DISP (DR15) or LSFPOST (DR17). The file is "
+                    "truncated or corrupt, or not a LOGCUBE — re-download it"
+                )
+            hdr = hdul[0].header
+            absent = [k for k in HEADER_KEYS if k not in hdr]
+            if absent:
+                raise CubeFormatError(f"{path}: primary header lacks {absent}")
+            flux = np.asarray(hdul["FLUX"].data, dtype=np.float32)
+            ivar = np.asarray(hdul["IVAR"].data, dtype=np.float32)
+            mask = np.asarray(hdul["MASK"].data)
+            wave = np.asarray(hdul["WAVE"].data, dtype=np.float64)
+            lsf = np.asarray(hdul[lsf_name].data, dtype=np.float32)
+            wcs = WCS(hdul["FLUX"].header).celestial
+            meta = {k: hdr[k] for k in HEADER_KEYS}
+            drp3qual = int(hdr.get("DRP3QUAL", 0))
+            drp_version = str(hdr.get("VERSDRP3", ""))
+    except CubeFormatError:
+        raise
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, TypeError, ValueError) as exc:
+        raise CubeFormatError(
+            f"{path}: cannot read as FITS ({type(exc).__name__}: {exc}); the file is truncated "
+            "or corrupt — re-download it"
+        ) from exc
+
+    if flux.ndim != 3 or flux.shape != ivar.shape or flux.shape != mask.shape:
+        raise CubeFormatError(
+            f"{path}: FLUX {flux.shape}, IVAR {ivar.shape}, MASK {mask.shape} must be equal "
+            "3-D (n_wave, n_y, n_x) arrays"
+        )
+    if flux.shape[0] != wave.size or wave.size != manga.N_WAVE:
+        raise CubeFormatError(
+            f"{path}: {flux.shape[0]} spectral pixels and WAVE of {wave.size}; a LOGCUBE has "
+            f"{manga.N_WAVE}"
+        )
+    good = (ivar > 0) & np.isfinite(flux) & np.isfinite(ivar)
+    good &= (mask.astype(np.int64) & manga.BAD_PIXEL_BITS) == 0
+    if not good.any():
+        raise CubeFormatError(f"{path}: every pixel is masked or has IVAR <= 0 / NaN flux")
+    covered = good.any(axis=0)
+    lsf_sigma = np.median(lsf[:, covered], axis=1) if lsf.shape == flux.shape else lsf
+    return Cube(
+        path=path,
+        plateifu=str(meta["PLATEIFU"]).strip(),
+        mangaid=str(meta["MANGAID"]).strip(),
+        flux=np.where(good, flux, 0.0).astype(np.float32),
+        ivar=np.where(good, ivar, 0.0).astype(np.float32),
+        good=good,
+        wave=wave,
+        lsf_sigma_aa=np.asarray(lsf_sigma, dtype=np.float64),
+        objra=float(meta["OBJRA"]),
+        objdec=float(meta["OBJDEC"]),
+        ifura=float(meta["IFURA"]),
+        ifudec=float(meta["IFUDEC"]),
+        ebvgal=float(meta["EBVGAL"]),
+        drp3qual=drp3qual,
+        drp_version=drp_version,
+        wcs=wcs,
+    )

@@ -1,0 +1,613 @@
+"""Ingest DRP LOGCUBEs into the archive: cubes -> Voronoi baxels -> rest-frame spectra.
+
+The science of one cube is :func:`process_cube` (pure: arrays in, tables out). The job
+(:func:`ingest`) runs it over many cubes on a process pool or a Dask cluster, commits each
+cube's rows atomically, skips cubes already ingested with the same checksum, records failed
+cubes with a readable reason, and finally compacts the release's narrow tables and sets the
+paper's release-wide quality flags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from astropy.table import Table
+from scipy import sparse
+
+from desomdb import binning, dust, geometry, manga, paths, runner, spectra
+from desomdb import truth as truth_mod
+from desomdb._version import __version__
+from desomdb.archive import Archive, StagedFile, Writer
+from desomdb.cube import Cube, read_cube
+from desomdb.errors import ConfigError, InputDataError
+
+#: Redshifts (exclusive, inclusive) for which the LOGCUBE's observed 3621.6-10353.8 Å
+#: covers the rest-frame 3650-8950 Å grid.
+Z_MIN, Z_MAX = 0.0, 10353.8 / 8950.0 - 1
+DRPALL_COLUMNS = ("plateifu", "mangaid", "objra", "objdec", "z", "nsa_z", "nsa_sersic_n",
+                  "nsa_elpetro_ba", "nsa_elpetro_phi", "nsa_elpetro_th50_r",
+                  "nsa_elpetro_mass", "drp3qual", "mngtarg1")
+NARROW_TABLES = ("cubes", "baxels", "bin_map", "truth")
+
+
+@dataclass
+class IngestConfig:
+    """Binning and quality parameters of an ingest job.
+
+    Job-file sections ``[binning]`` and ``[quality]``.
+    """
+
+    target_snr: float = 20.0
+    min_spaxel_snr: float = 2.0
+    min_good_bins: int = 3900
+    train_min_snr: float = 10.0
+    tail_fraction: float = 0.005
+
+
+@dataclass
+class IngestJob:
+    """What to ingest: a release's cubes and drpall, and how."""
+
+    release: str
+    cubes: str
+    drpall: str
+    truth: str | None = None
+    workers: int = 2
+    cubes_per_task: int = 2
+    scheduler: str | None = None
+    config: IngestConfig = field(default_factory=IngestConfig)
+
+
+def load_job(path: str | Path) -> IngestJob:
+    """Read and validate a TOML job file (see ``ingest/dr15.toml``).
+
+    Relative paths are resolved against the job file's folder.
+
+    Raises
+    ------
+    ConfigError
+        Unknown sections or keys, missing keys, or wrong types; the message names them.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read job file ({exc})") from exc
+    allowed = {"job", "binning", "quality", "run"}
+    unknown = set(data) - allowed
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown section(s) {sorted(unknown)}; allowed {sorted(allowed)}"
+        )
+    job_keys = {"release", "cubes", "drpall", "truth"}
+    run_keys = {"workers", "cubes_per_task", "scheduler"}
+    cfg_keys = {f.name for f in fields(IngestConfig)}
+    sections = {"job": job_keys, "run": run_keys, "binning": cfg_keys, "quality": cfg_keys}
+    for section, keys in sections.items():
+        bad = set(data.get(section, {})) - keys
+        if bad:
+            raise ConfigError(f"{path}: unknown key(s) {sorted(bad)} in [{section}]; "
+                              f"allowed {sorted(keys)}")
+    job = data.get("job", {})
+    missing = [k for k in ("release", "cubes", "drpall") if k not in job]
+    if missing:
+        raise ConfigError(f"{path}: [job] needs {missing}")
+
+    def resolve(value: str | None) -> str | None:
+        if value is None:
+            return None
+        p = Path(value).expanduser()
+        return str(p if p.is_absolute() else (path.parent / p))
+
+    cfg = IngestConfig(**{**data.get("binning", {}), **data.get("quality", {})})
+    run = data.get("run", {})
+    return IngestJob(
+        release=str(job["release"]),
+        cubes=str(resolve(job["cubes"])),
+        drpall=str(resolve(job["drpall"])),
+        truth=resolve(job.get("truth")),
+        workers=int(run.get("workers", 2)),
+        cubes_per_task=int(run.get("cubes_per_task", 2)),
+        scheduler=run.get("scheduler"),
+        config=cfg,
+    )
+
+
+def find_cubes(spec: str | Path) -> list[Path]:
+    """LOGCUBE files under a folder (recursively) or matching a glob, sorted.
+
+    Raises
+    ------
+    InputDataError
+        If nothing matches.
+    """
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        found = [f for f in p.rglob("manga-*-LOGCUBE.fits*") if not f.name.endswith(".tmp")]
+    else:
+        anchor = Path(p.anchor) if p.is_absolute() else Path()
+        found = list(anchor.glob(str(p.relative_to(anchor)) if p.is_absolute() else str(p)))
+    found = sorted(f for f in found if f.name.endswith((".fits", ".fits.gz")))
+    if not found:
+        raise InputDataError(f"no LOGCUBE files found at {spec}; pass a folder or a glob such as "
+                             "'DR15/*/stack/manga-*-LOGCUBE.fits.gz'")
+    return found
+
+
+def read_drpall(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read the drpall rows keyed by plateifu, with the columns the archive keeps.
+
+    Raises
+    ------
+    InputDataError
+        If the file cannot be read or lacks a needed column.
+    """
+    try:
+        t = Table.read(path, hdu=1)
+    except (OSError, ValueError) as exc:
+        raise InputDataError(f"{path}: cannot read drpall table ({exc})") from exc
+    names = {c.lower(): c for c in t.colnames}
+    missing = [c for c in DRPALL_COLUMNS if c not in names]
+    if missing:
+        raise InputDataError(f"{path}: drpall lacks columns {missing}")
+    rows = {}
+    for r in t:
+        row = {c: _plain(r[names[c]]) for c in DRPALL_COLUMNS}
+        rows[str(row["plateifu"]).strip()] = row
+    return rows
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode().strip()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value.strip() if isinstance(value, str) else value
+
+
+def file_checksum(path: Path) -> str:
+    """sha256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- science
+@dataclass
+class CubeTables:
+    """The rows one cube contributes: baxels, spectra, bin_map (and truth for mocks)."""
+
+    n_spaxels: int
+    baxels: pa.Table
+    spectra: pa.Table
+    bin_map: pa.Table
+    truth: pa.Table | None
+    binning_method: str
+
+
+def process_cube(
+    cube: Cube,
+    drp: dict[str, Any],
+    cfg: IngestConfig,
+    spaxel_truth: pl.DataFrame | None = None,
+) -> CubeTables:
+    """Bin, co-add and resample one cube.
+
+    Parameters
+    ----------
+    cube : Cube
+    drp : dict
+        The cube's drpall row (``z``, ``nsa_elpetro_phi``, ``nsa_elpetro_ba``,
+        ``nsa_elpetro_th50_r``).
+    cfg : IngestConfig
+    spaxel_truth : polars.DataFrame, optional
+        Mock-survey truth rows of this cube.
+
+    Returns
+    -------
+    CubeTables
+
+    Raises
+    ------
+    InputDataError
+        Redshift outside the usable range, a critical DRP3QUAL, or no spaxel with S/N ≥ 2.
+    """
+    z = float(drp["z"])
+    if not np.isfinite(z) or not (Z_MIN < z <= Z_MAX):
+        raise InputDataError(
+            f"{cube.path}: drpall z = {z} is outside {Z_MIN}-{Z_MAX:.4f}, where the LOGCUBE "
+            f"covers rest-frame {spectra.REST_MIN_AA:.0f}-{spectra.REST_MAX_AA:.0f} Å"
+        )
+    if cube.drp3qual & manga.DRP3QUAL_CRITICAL:
+        raise InputDataError(f"{cube.path}: DRP3QUAL has the CRITICAL bit set; cube unusable")
+    mw = dust.milky_way_transmission(cube.wave, cube.ebvgal)[:, None, None]
+    flux = cube.flux / mw
+    ivar = cube.ivar * mw**2
+    signal, noise = binning.spaxel_signal_noise(flux, ivar, cube.good, cube.wave)
+    bins = binning.voronoi_bins(signal, noise, cfg.target_snr, cfg.min_spaxel_snr)
+    if bins.n_bins == 0:
+        raise InputDataError(
+            f"{cube.path}: no spaxel reaches S/N {cfg.min_spaxel_snr} in the g band; nothing to bin"
+        )
+    flat_bin = bins.bin_id.ravel()
+    used = np.flatnonzero(flat_bin >= 0)
+    n_wave = cube.wave.size
+    f2 = flux.reshape(n_wave, -1)[:, used].astype(np.float64)
+    iv2 = ivar.reshape(n_wave, -1)[:, used].astype(np.float64)
+    g2 = cube.good.reshape(n_wave, -1)[:, used]
+    member = sparse.csr_matrix(
+        (np.ones(used.size), (flat_bin[used], np.arange(used.size))), shape=(bins.n_bins, used.size)
+    )
+    n_members = np.asarray(member.sum(axis=1)).ravel()
+    n_good = (member @ g2.T.astype(np.float64)).T  # (n_wave, n_bins)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var = np.where(g2, 1.0 / np.where(iv2 > 0, iv2, 1.0), 0.0)
+        scale = np.where(n_good > 0, n_members[None, :] / n_good, 0.0)
+        flux_sum = (member @ np.where(g2, f2, 0.0).T).T * scale
+        var_sum = (member @ var.T).T * scale**2
+        var_sum *= binning.law_correction(n_members)[None, :] ** 2
+        ivar_sum = np.where(var_sum > 0, 1.0 / var_sum, 0.0)
+    good_sum = (n_good * 2 >= n_members[None, :]) & (n_good > 0)
+    flux_r, ivar_r, mask_r = spectra.resample_to_rest(cube.wave, flux_sum, ivar_sum, good_sum, z)
+    norm = spectra.norm_flux(flux_r, mask_r)
+
+    dra, ddec = cube.sky_offsets()
+    w = np.clip(signal.ravel()[used], 1e-30, None)
+    wsum = member @ w
+    cx = (member @ (dra.ravel()[used] * w)) / wsum
+    cy = (member @ (ddec.ravel()[used] * w)) / wsum
+    radius = geometry.elliptical_radius(
+        cx, cy, float(drp["nsa_elpetro_phi"]), float(drp["nsa_elpetro_ba"])
+    ) / float(drp["nsa_elpetro_th50_r"])
+    good_bins = mask_r == 0
+    n_good_bins = good_bins.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        normed = flux_r / norm[:, None]
+        min_norm = np.where(good_bins, normed, np.inf).min(axis=1)
+        off_lines = good_bins & ~spectra.emission_line_bins()[None, :]
+        max_off = np.where(off_lines, normed, -np.inf).max(axis=1)
+    bin_ids = np.arange(bins.n_bins, dtype=np.int32)
+    ident = {
+        "plateifu": pa.array([cube.plateifu] * bins.n_bins),
+        "bin_id": pa.array(bin_ids),
+    }
+    baxels = pa.table({
+        **ident,
+        "mangaid": pa.array([cube.mangaid] * bins.n_bins),
+        "n_spaxels": pa.array(bins.n_spaxels.astype(np.int32)),
+        "x_arcsec": pa.array(cx.astype(np.float32)),
+        "y_arcsec": pa.array(cy.astype(np.float32)),
+        "radius_re": pa.array(radius.astype(np.float32)),
+        "snr": pa.array(bins.snr.astype(np.float32)),
+        "norm_flux": pa.array(norm.astype(np.float32)),
+        "n_good": pa.array(n_good_bins.astype(np.int32)),
+        "min_norm_flux": pa.array(np.where(np.isfinite(min_norm), min_norm, np.nan)
+                                  .astype(np.float32)),
+        "max_norm_flux_off_lines": pa.array(np.where(np.isfinite(max_off), max_off, np.nan)
+                                            .astype(np.float32)),
+        "flag_few_good": pa.array(n_good_bins < cfg.min_good_bins),
+        "flag_low_snr": pa.array(bins.snr < cfg.train_min_snr),
+        "flag_bad_norm": pa.array(~(np.isfinite(norm) & (norm > 0))),
+    })
+    spec = pa.table({
+        **ident,
+        "flux": _fixed_list(flux_r, pa.float32()),
+        "ivar": _fixed_list(ivar_r, pa.float32()),
+        "mask": _fixed_list(mask_r, pa.uint8()),
+    })
+    covered = cube.good.any(axis=0)
+    yy, xx = np.nonzero(covered)
+    bin_map = pa.table({
+        "plateifu": pa.array([cube.plateifu] * xx.size),
+        "x": pa.array(xx.astype(np.int16)),
+        "y": pa.array(yy.astype(np.int16)),
+        "bin_id": pa.array(bins.bin_id[yy, xx].astype(np.int32)),
+    })
+    truth_table = None
+    if spaxel_truth is not None and spaxel_truth.height:
+        agg = truth_mod.aggregate(spaxel_truth, pl.from_arrow(bin_map))  # type: ignore[arg-type]
+        truth_table = agg.with_columns(pl.lit(cube.plateifu).alias("plateifu")).to_arrow()
+    return CubeTables(int(covered.sum()), baxels, spec, bin_map, truth_table, bins.method)
+
+
+def _fixed_list(values: np.ndarray, typ: pa.DataType) -> pa.FixedSizeListArray:
+    flat = pa.array(np.ascontiguousarray(values).ravel(), type=typ)
+    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+
+
+# --------------------------------------------------------------------------- the job
+@dataclass
+class IngestReport:
+    """Outcome of an ingest job."""
+
+    release: str
+    n_found: int
+    n_ingested: int = 0
+    n_skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    n_baxels: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when no cube failed."""
+        return not self.failed
+
+
+def _cube_task(task: dict[str, Any]) -> list[dict[str, Any]]:
+    """Worker: ingest a batch of cubes into staged Parquet files; one outcome per cube."""
+    cfg = IngestConfig(**task["config"])
+    truth_all = pl.read_parquet(task["truth"]) if task["truth"] else None
+    out = []
+    for item in task["cubes"]:
+        path = Path(item["path"])
+        outcome: dict[str, Any] = {"path": str(path), "plateifu": item["plateifu"]}
+        try:
+            checksum = file_checksum(path)
+            outcome["checksum"] = checksum
+            if item.get("existing_checksum") == checksum:
+                outcome["status"] = "skipped"
+                out.append(outcome)
+                continue
+            cube = read_cube(path)
+            if item["drp"] is None:
+                raise InputDataError(f"{path}: plateifu {cube.plateifu} is not in the drpall "
+                                     "table; pass the drpall of this release")
+            sp_truth = None
+            if truth_all is not None:
+                sp_truth = truth_all.filter(pl.col("plateifu") == cube.plateifu)
+            tables = process_cube(cube, item["drp"], cfg, sp_truth)
+            unit = Path(task["staging"]) / f"{cube.plateifu}-{checksum[:12]}"
+            unit.mkdir(parents=True, exist_ok=True)
+            files = {}
+            for name in ("baxels", "spectra", "bin_map", "truth"):
+                table = getattr(tables, name)
+                if table is None:
+                    continue
+                target = unit / f"{name}.parquet"
+                pq.write_table(table, target, compression="zstd")
+                files[name] = str(target)
+            outcome.update(status="ok", files=files, n_spaxels=tables.n_spaxels,
+                           n_baxels=tables.baxels.num_rows, mangaid=cube.mangaid,
+                           binning=tables.binning_method)
+        except Exception as exc:  # one bad cube is recorded; the batch goes on
+            outcome.update(status="failed", error=_readable(exc))
+        out.append(outcome)
+    return out
+
+
+def _readable(exc: Exception) -> str:
+    msg = str(exc)
+    return msg if msg else type(exc).__name__
+
+
+def ingest(
+    archive: str | Path,
+    job: IngestJob,
+    progress: bool = True,
+    commit_every_s: float = 30.0,
+) -> IngestReport:
+    """Run an ingest job into ``archive`` (created if missing).
+
+    Parameters
+    ----------
+    archive : str or Path
+    job : IngestJob
+    progress : bool
+        Show a progress bar.
+    commit_every_s : float
+        Commit finished cubes at least this often (and at the end).
+
+    Returns
+    -------
+    IngestReport
+    """
+    rel = manga.release(job.release).name
+    drpall = read_drpall(job.drpall)
+    cube_paths = find_cubes(job.cubes)
+    arch = Archive(archive, create=True)
+    report = IngestReport(rel, len(cube_paths))
+    truth_path = job.truth
+    if truth_path is None:
+        guess = Path(job.drpall).parent / f"truth-{rel}.parquet"
+        truth_path = str(guess) if guess.exists() else None
+
+    with arch.writer("desomdb ingest") as writer:
+        existing = _existing_cubes(arch, rel)
+        staging = writer.staging_dir("ingest")
+        items: list[dict[str, Any]] = []
+        for path in cube_paths:
+            plateifu = _plateifu_from_name(path)
+            prev = existing.get(plateifu)
+            items.append({
+                "path": str(path),
+                "plateifu": plateifu,
+                "drp": drpall.get(plateifu),
+                "existing_checksum": prev["checksum"] if prev and prev["status"] == "ok" else None,
+            })
+        size = max(1, job.cubes_per_task)
+        batches = [items[i : i + size] for i in range(0, len(items), size)]
+        tasks = [
+            {"cubes": batch, "config": asdict(job.config), "staging": str(staging),
+             "truth": truth_path}
+            for batch in batches
+        ]
+        pending: list[dict[str, Any]] = []
+        last = [time.monotonic()]
+
+        def on_result(_: int, outcomes: list[dict[str, Any]]) -> None:
+            pending.extend(outcomes)
+            if time.monotonic() - last[0] >= commit_every_s:
+                _commit_outcomes(writer, rel, pending, report)
+                pending.clear()
+                last[0] = time.monotonic()
+
+        run = runner.run_tasks(
+            _cube_task, tasks, workers=job.workers, scheduler=job.scheduler,
+            desc=f"ingest {rel}", progress=progress,
+            labels=[",".join(c["plateifu"] for c in batch) for batch in batches],
+            on_result=on_result,
+        )
+        _commit_outcomes(writer, rel, pending, report)
+        for failure in run.failures:  # a whole task died (e.g. a worker killed)
+            report.failed.extend((p, failure.error) for p in failure.label.split(","))
+        finalize_release(writer, rel, drpall, job.config)
+    report.n_baxels = int(arch.read("baxels", columns=["bin_id"], release=rel).num_rows) \
+        if arch.files("baxels", release=rel) else 0
+    return report
+
+
+def _plateifu_from_name(path: Path) -> str:
+    parts = path.name.split("-")
+    if len(parts) < 4 or parts[0] != "manga":
+        return path.name
+    return f"{parts[1]}-{parts[2]}"
+
+
+def _existing_cubes(arch: Archive, release: str) -> dict[str, dict[str, Any]]:
+    if not arch.files("cubes", release=release):
+        return {}
+    t = arch.read("cubes", columns=["plateifu", "checksum", "status"], release=release)
+    return {r["plateifu"]: r for r in t.to_pylist()}
+
+
+def _commit_outcomes(
+    writer: Writer, release: str, outcomes: list[dict[str, Any]], report: IngestReport
+) -> None:
+    """Commit finished cubes: new rows in, the same cube's earlier rows out, in one commit."""
+    adds: list[StagedFile] = []
+    replaced: set[str] = set()
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    for o in outcomes:
+        if o["status"] == "skipped":
+            report.n_skipped += 1
+            continue
+        plateifu = o["plateifu"]
+        checksum = o.get("checksum", "0" * 12)
+        name = paths.cube_part_name(plateifu, checksum)
+        replaced.add(plateifu)
+        for table, staged in o.get("files", {}).items():
+            adds.append(StagedFile(table, f"{paths.release_dir(table, release)}/{name}",
+                                   Path(staged)))
+        row = {
+            "plateifu": plateifu,
+            "mangaid": o.get("mangaid", ""),
+            "source_path": o["path"],
+            "checksum": o.get("checksum", ""),
+            "n_spaxels": o.get("n_spaxels", 0),
+            "n_baxels": o.get("n_baxels", 0),
+            "binning": o.get("binning", ""),
+            "status": o["status"],
+            "error": o.get("error", ""),
+            "ingested_at": now,
+            "pipeline_version": __version__,
+        }
+        cube_row = writer.stage_table(
+            "cubes", pa.Table.from_pylist([row]),
+            f"{paths.release_dir('cubes', release)}/{name}",
+        )
+        adds.append(cube_row)
+        if o["status"] == "ok":
+            report.n_ingested += 1
+        else:
+            report.failed.append((plateifu, o.get("error", "")))
+    if not adds:
+        return
+    removes, rewrites = _rows_to_replace(writer, release, replaced, {a.target for a in adds})
+    writer.commit(add=adds + rewrites, remove=removes)
+
+
+def _rows_to_replace(
+    writer: Writer, release: str, plateifus: set[str], new_targets: set[str]
+) -> tuple[list[tuple[str, str]], list[StagedFile]]:
+    """Earlier rows of re-ingested cubes: per-cube files to drop, compacted files to rewrite."""
+    arch = writer.archive
+    removes: list[tuple[str, str]] = []
+    rewrites: list[StagedFile] = []
+    gen = arch.manifest()["generation"]
+    for table in (*NARROW_TABLES, "spectra", "galaxies"):
+        for f in arch.files(table, release=release):
+            rel = str(f.relative_to(arch.root))
+            if rel in new_targets:
+                continue
+            name = f.name
+            if name.startswith("part-"):
+                if any(name.startswith(f"part-{p}-") for p in plateifus):
+                    removes.append((table, rel))
+            elif table != "galaxies":
+                t = pl.read_parquet(f)
+                keep = t.filter(~pl.col("plateifu").is_in(list(plateifus)))
+                if keep.height != t.height:
+                    removes.append((table, rel))
+                    target = f"{paths.release_dir(table, release)}/compact-{gen + 1}.parquet"
+                    rewrites.append(writer.stage_table(table, keep.to_arrow(), target))
+    return removes, rewrites
+
+
+def finalize_release(
+    writer: Writer, release: str, drpall: dict[str, dict[str, Any]], cfg: IngestConfig
+) -> None:
+    """Compact the release's narrow tables and set the release-wide quality flags.
+
+    The paper's tail cuts are percentiles over the whole release: the lowest
+    ``tail_fraction`` of per-baxel minimum normalised flux, and the highest ``tail_fraction``
+    of maximum normalised flux away from emission lines. ``trainable`` = no flag set.
+    Idempotent: rerunning gives identical tables.
+    """
+    arch = writer.archive
+    gen = int(arch.manifest()["generation"]) + 1
+    adds: list[StagedFile] = []
+    removes: list[tuple[str, str]] = []
+    for table in NARROW_TABLES:
+        files = arch.files(table, release=release)
+        if not files:
+            continue
+        data = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+        keys = ["plateifu", "bin_id"] if "bin_id" in data.columns else ["plateifu"]
+        if table == "bin_map":
+            keys = ["plateifu", "y", "x"]
+        data = data.sort(keys)
+        if table == "baxels":
+            data = _quality_flags(data, cfg)
+        target = f"{paths.release_dir(table, release)}/compact-{gen}.parquet"
+        adds.append(writer.stage_table(table, data.to_arrow(), target))
+        removes.extend((table, str(f.relative_to(arch.root))) for f in files)
+    cubes_files = arch.files("cubes", release=release)
+    if cubes_files:
+        ingested = set(pl.concat([pl.read_parquet(f) for f in cubes_files])["plateifu"])
+        rows = [drpall[p] for p in sorted(ingested) if p in drpall]
+        if rows:
+            galaxies = pl.DataFrame(rows).rename({"objra": "ra", "objdec": "dec"})
+            target = f"{paths.release_dir('galaxies', release)}/compact-{gen}.parquet"
+            adds.append(writer.stage_table("galaxies", galaxies.to_arrow(), target))
+            removes.extend(
+                ("galaxies", str(f.relative_to(arch.root)))
+                for f in arch.files("galaxies", release=release)
+            )
+    if adds:
+        writer.commit(add=adds, remove=removes)
+
+
+def _quality_flags(baxels: pl.DataFrame, cfg: IngestConfig) -> pl.DataFrame:
+    low = baxels["min_norm_flux"].drop_nans().quantile(cfg.tail_fraction)
+    high = baxels["max_norm_flux_off_lines"].drop_nans().quantile(1 - cfg.tail_fraction)
+    low = -np.inf if low is None else low
+    high = np.inf if high is None else high
+    return baxels.with_columns(
+        (pl.col("min_norm_flux").fill_nan(None) <= low).fill_null(True).alias("flag_low_min_flux"),
+        (pl.col("max_norm_flux_off_lines").fill_nan(None) >= high).fill_null(True)
+        .alias("flag_high_flux"),
+    ).with_columns(
+        ~(pl.col("flag_few_good") | pl.col("flag_low_snr") | pl.col("flag_bad_norm")
+          | pl.col("flag_low_min_flux") | pl.col("flag_high_flux")).alias("trainable")
+    )

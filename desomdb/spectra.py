@@ -1,0 +1,190 @@
+"""Co-add baxel spectra and put them on the archive's rest-frame grid.
+
+Conventions
+-----------
+- Rest-frame grid: 4544 log-spaced bin centres from 3650 to 8950 Å inclusive (vacuum), i.e.
+  Δlog10 λ = log10(8950/3650)/4543 (59.2 km/s per bin); bin edges are the geometric
+  midpoints, the outer edges half a step beyond the end centres.
+- Stored flux is the *rest-frame* flux density, f_rest(λ/(1+z)) = (1+z) f_obs(λ), in
+  1e-17 erg/s/cm^2/Å per baxel, after Milky-Way foreground correction, so a line flux
+  integrated on the rest grid equals the observed line flux.
+- A rest bin is masked when less than half of its width is covered by good input pixels; a
+  masked bin stores flux 0 and ivar 0. Sky lines at 5578.9 Å and 6302.0 Å (O I) and the
+  Na D sky doublet 5891.6/5897.6 Å are masked in the *observed* frame (they are
+  terrestrial) before resampling.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from scipy import sparse
+
+from desomdb import emission
+
+N_REST = 4544
+REST_MIN_AA = 3650.0
+REST_MAX_AA = 8950.0
+NORM_WINDOW_AA = (4050.0, 4150.0)
+#: Observed-frame sky features masked before resampling: (low, high) vacuum Å.
+SKY_MASKS_AA = ((5573.9, 5583.9), (6297.0, 6307.0), (5886.6, 5902.6))
+MIN_GOOD_COVERAGE = 0.5
+
+
+def rest_wave_aa() -> np.ndarray:
+    """Rest-frame bin centres, shape (4544,), vacuum Å."""
+    return np.asarray(np.geomspace(REST_MIN_AA, REST_MAX_AA, N_REST))
+
+
+def _edges_from_log_centres(centres: np.ndarray) -> np.ndarray:
+    log_c = np.log(centres)
+    mid = 0.5 * (log_c[1:] + log_c[:-1])
+    step0, step1 = log_c[1] - log_c[0], log_c[-1] - log_c[-2]
+    return np.exp(np.concatenate([[log_c[0] - step0 / 2], mid, [log_c[-1] + step1 / 2]]))
+
+
+def rebin_matrix(in_edges: np.ndarray, out_edges: np.ndarray) -> sparse.csr_matrix:
+    """Overlap lengths (Å) between input and output bins.
+
+    Parameters
+    ----------
+    in_edges : ndarray, shape (n_in + 1,)
+    out_edges : ndarray, shape (n_out + 1,)
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix, shape (n_out, n_in)
+        ``W[j, i]`` = length of the overlap of input bin i and output bin j, Å.
+    """
+    rows, cols, vals = [], [], []
+    lo = np.searchsorted(in_edges, out_edges[:-1], side="right") - 1
+    hi = np.searchsorted(in_edges, out_edges[1:], side="left")
+    for j in range(out_edges.size - 1):
+        for i in range(max(lo[j], 0), min(hi[j], in_edges.size - 1)):
+            overlap = min(out_edges[j + 1], in_edges[i + 1]) - max(out_edges[j], in_edges[i])
+            if overlap > 0:
+                rows.append(j)
+                cols.append(i)
+                vals.append(overlap)
+    shape = (out_edges.size - 1, in_edges.size - 1)
+    return sparse.csr_matrix((vals, (rows, cols)), shape=shape)
+
+
+@lru_cache(maxsize=64)
+def _matrix_for(z_key: float, wave0: float, n_in: int, dlog10: float) -> sparse.csr_matrix:
+    in_centres = wave0 * 10.0 ** (dlog10 * np.arange(n_in)) / (1 + z_key)
+    out_edges = _edges_from_log_centres(rest_wave_aa())
+    return rebin_matrix(_edges_from_log_centres(in_centres), out_edges)
+
+
+def sky_mask(wave_obs_aa: np.ndarray) -> np.ndarray:
+    """Flag observed pixels that fall on a masked sky feature."""
+    bad = np.zeros(wave_obs_aa.shape, dtype=bool)
+    for lo, hi in SKY_MASKS_AA:
+        bad |= (wave_obs_aa >= lo) & (wave_obs_aa <= hi)
+    return bad
+
+
+def resample_to_rest(
+    wave_obs_aa: np.ndarray,
+    flux: np.ndarray,
+    ivar: np.ndarray,
+    good: np.ndarray,
+    z: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flux-conserving resampling onto the rest-frame grid, with propagated inverse variance.
+
+    Parameters
+    ----------
+    wave_obs_aa : ndarray, shape (n_in,)
+        Observed wavelength of log-spaced input pixels, Å.
+    flux, ivar : ndarray, shape (n_in, n_spec)
+        Observed flux density and its inverse variance.
+    good : ndarray of bool, shape (n_in, n_spec)
+    z : float
+        Redshift.
+
+    Returns
+    -------
+    flux_rest, ivar_rest : ndarray, shape (n_spec, 4544), float32
+        Rest-frame flux density (×(1+z)) and inverse variance; 0 where masked.
+    mask : ndarray of uint8, shape (n_spec, 4544)
+        1 where masked.
+    """
+    dlog10 = float(np.log10(wave_obs_aa[1] / wave_obs_aa[0]))
+    W = _matrix_for(round(float(z), 10), float(wave_obs_aa[0]), wave_obs_aa.size, dlog10)
+    g = (good & ~sky_mask(wave_obs_aa)[:, None]).astype(np.float64)
+    var = np.where(g > 0, 1.0 / np.where(ivar > 0, ivar, 1.0), 0.0)
+    width = np.asarray(W.sum(axis=1)).ravel()[:, None]
+    covered = W @ g
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f_out = (W @ (g * flux)) / covered
+        v_out = ((W.multiply(W)) @ var) / covered**2
+    ok = covered >= MIN_GOOD_COVERAGE * width
+    scale = 1.0 + z
+    flux_rest = np.where(ok, f_out * scale, 0.0).T.astype(np.float32)
+    with np.errstate(divide="ignore"):
+        ivar_rest = np.where(ok & (v_out > 0), 1.0 / (v_out * scale**2), 0.0).T.astype(np.float32)
+    mask = (~ok).T.astype(np.uint8)
+    return flux_rest, ivar_rest, mask
+
+
+def coadd(
+    flux: np.ndarray, ivar: np.ndarray, good: np.ndarray, members: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sum the spectra of one bin's spaxels, correcting for pixels some members lack.
+
+    Parameters
+    ----------
+    flux, ivar : ndarray, shape (n_wave, n_spaxels)
+    good : ndarray of bool, shape (n_wave, n_spaxels)
+    members : ndarray of int
+        Column indices of the bin's spaxels.
+
+    Returns
+    -------
+    flux_sum, ivar_sum : ndarray, shape (n_wave,)
+        Sum over members (scaled by n/n_good where some are bad) and its inverse variance
+        *without* the covariance correction (apply :func:`binning.law_correction`).
+    good_sum : ndarray of bool, shape (n_wave,)
+        True where at least half the members are good.
+    """
+    f, iv, g = flux[:, members], ivar[:, members], good[:, members]
+    n = members.size
+    n_good = g.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(n_good > 0, n / n_good, 0.0)
+        var = np.where(g, 1.0 / np.where(iv > 0, iv, 1.0), 0.0).sum(axis=1) * scale**2
+        flux_sum = np.where(g, f, 0.0).sum(axis=1) * scale
+        ivar_sum = np.where(var > 0, 1.0 / var, 0.0)
+    good_sum = n_good * 2 >= n
+    return flux_sum, np.where(good_sum, ivar_sum, 0.0), good_sum & (n_good > 0)
+
+
+def norm_flux(flux_rest: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean rest-frame flux over good bins in 4050-4150 Å; NaN if none is good.
+
+    Parameters
+    ----------
+    flux_rest : ndarray, shape (n, 4544)
+    mask : ndarray, shape (n, 4544)
+    """
+    wave = rest_wave_aa()
+    win = (wave >= NORM_WINDOW_AA[0]) & (wave <= NORM_WINDOW_AA[1])
+    good = mask[:, win] == 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.asarray(
+            np.where(good.any(axis=1),
+                     (flux_rest[:, win] * good).sum(axis=1) / good.sum(axis=1), np.nan)
+        )
+
+
+def emission_line_bins(half_width: int = 5) -> np.ndarray:
+    """Boolean (4544,) marking rest bins within ``half_width`` bins of an emission line."""
+    wave = rest_wave_aa()
+    near = np.zeros(N_REST, dtype=bool)
+    for lam in emission.LINES_AA.values():
+        k = int(np.argmin(np.abs(wave - lam)))
+        near[max(k - half_width, 0) : k + half_width + 1] = True
+    return near

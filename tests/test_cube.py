@@ -1,0 +1,83 @@
+import shutil
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from desomdb import manga
+from desomdb.cube import read_cube
+from desomdb.errors import CubeFormatError
+
+
+def test_reads_gz_and_plain(mock_cube_paths, tmp_path) -> None:
+    cube = read_cube(mock_cube_paths[0])
+    assert cube.flux.shape == (4563, 32, 32) and cube.wave.size == 4563
+    assert cube.plateifu == mock_cube_paths[0].name.split("-", 1)[1].rsplit("-LOGCUBE")[0]
+    plain = tmp_path / mock_cube_paths[0].name.removesuffix(".gz")
+    with fits.open(mock_cube_paths[0]) as hdul:
+        hdul.writeto(plain)
+    again = read_cube(plain)
+    np.testing.assert_array_equal(again.flux, cube.flux)
+    assert cube.lsf_sigma_aa.shape == (4563,)
+
+
+def test_good_mask_follows_mask_bits(mock_cube_paths) -> None:
+    cube = read_cube(mock_cube_paths[0])
+    with fits.open(mock_cube_paths[0]) as hdul:
+        mask, ivar = hdul["MASK"].data, hdul["IVAR"].data
+    lowcov = (mask & manga.LOWCOV) > 0
+    assert np.any(ivar[lowcov] > 0)  # the DRP keeps IVAR there ...
+    assert not cube.good[lowcov].any()  # ... but it is not usable
+    assert cube.good[(mask == 0) & (ivar > 0)].all()
+
+
+def test_galaxy_centre_offsets(mock_cube_paths) -> None:
+    cube = read_cube(mock_cube_paths[0])
+    dra, ddec = cube.sky_offsets()
+    iy, ix = np.unravel_index(np.argmin(np.hypot(dra, ddec)), dra.shape)
+    assert np.hypot(dra[iy, ix], ddec[iy, ix]) < 0.5
+    assert dra[0, 0] > dra[0, -1]  # east is to the left (RA decreases with x)
+
+
+def test_truncated_gzip(mock_cube_paths, tmp_path) -> None:
+    bad = tmp_path / "manga-1-1-LOGCUBE.fits.gz"
+    data = mock_cube_paths[0].read_bytes()
+    bad.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CubeFormatError, match="truncated or corrupt"):
+        read_cube(bad)
+    bad.write_bytes(b"not a fits file at all")
+    with pytest.raises(CubeFormatError, match=str(bad.name)):
+        read_cube(bad)
+
+
+def test_missing_hdu_wrong_shape_all_masked(mock_cube_paths, tmp_path) -> None:
+    with fits.open(mock_cube_paths[0]) as hdul:
+        hdus = fits.HDUList([h.copy() for h in hdul])
+    no_ivar = tmp_path / "noivar.fits"
+    fits.HDUList([h for h in hdus if h.name != "IVAR"]).writeto(no_ivar)
+    with pytest.raises(CubeFormatError, match=r"missing HDU\(s\) \['IVAR'\]"):
+        read_cube(no_ivar)
+    wrong = tmp_path / "wrong.fits"
+    short = fits.HDUList([h.copy() for h in hdus])
+    short["IVAR"].data = short["IVAR"].data[:, :10, :]
+    short.writeto(wrong)
+    with pytest.raises(CubeFormatError, match="must be equal"):
+        read_cube(wrong)
+    masked = tmp_path / "masked.fits"
+    allbad = fits.HDUList([h.copy() for h in hdus])
+    allbad["MASK"].data = np.full(allbad["MASK"].data.shape, manga.DONOTUSE, dtype=np.int32)
+    allbad.writeto(masked)
+    with pytest.raises(CubeFormatError, match="every pixel is masked"):
+        read_cube(masked)
+    nan = tmp_path / "nan.fits"
+    nans = fits.HDUList([h.copy() for h in hdus])
+    nans["FLUX"].data = np.full(nans["FLUX"].data.shape, np.nan, dtype=np.float32)
+    nans.writeto(nan)
+    with pytest.raises(CubeFormatError, match="every pixel"):
+        read_cube(nan)
+
+
+def test_missing_file(tmp_path) -> None:
+    with pytest.raises(CubeFormatError, match="nothere"):
+        read_cube(tmp_path / "nothere.fits.gz")
+    shutil.rmtree(tmp_path)
