@@ -7,6 +7,7 @@ alone: the DRP keeps IVAR > 0 on low-coverage and foreground-star spaxels.
 from __future__ import annotations
 
 import gzip
+import io
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -88,6 +89,18 @@ class Cube:
         return dra.reshape(n_y, n_x), ddec.reshape(n_y, n_x)
 
 
+def _uncompressed(path: Path) -> io.BytesIO | Path:
+    """Decompress a ``.gz`` once into memory.
+
+    astropy re-reads a gzip stream from its start for every HDU it seeks to, which makes
+    reading all HDUs of a LOGCUBE ~10x slower than decompressing first.
+    """
+    if path.suffix != ".gz":
+        return path
+    with path.open("rb") as fh:
+        return io.BytesIO(gzip.decompress(fh.read()))
+
+
 def read_cube(path: str | Path) -> Cube:
     """Read a LOGCUBE and derive its good-pixel mask.
 
@@ -110,7 +123,7 @@ def read_cube(path: str | Path) -> Cube:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+            hdul = fits.open(_uncompressed(path), memmap=False, lazy_load_hdus=False)
         truncated = [str(w.message) for w in caught if "truncat" in str(w.message).lower()]
         if truncated:
             hdul.close()

@@ -1,0 +1,79 @@
+"""Ingest speed: seconds per cube vs only reading the same .fits.gz with astropy.
+
+Run: python benchmarks/bench_ingest.py [--ifu 127] [--repeat 2]
+Prints a table of wall times, the ratio ingest/read, baxels per cube and peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from desomdb import ingest, manga, mock
+from desomdb.cube import read_cube
+from desomdb.mock_galaxy import draw_galaxy
+
+
+def read_only(path: Path) -> float:
+    """Baseline 1: astropy reading every HDU of the .fits.gz directly."""
+    t = time.perf_counter()
+    with fits.open(path, memmap=False) as hdul:
+        for h in hdul:
+            _ = h.data
+    return time.perf_counter() - t
+
+
+def read_decompressed(path: Path) -> float:
+    """Baseline 2: gunzip into memory, then astropy reads every HDU (what ingest does)."""
+    t = time.perf_counter()
+    with fits.open(io.BytesIO(gzip.decompress(path.read_bytes())), memmap=False) as hdul:
+        for h in hdul:
+            _ = h.data
+    return time.perf_counter() - t
+
+
+def full_ingest(path: Path, drp: dict) -> tuple[float, int]:
+    t = time.perf_counter()
+    tables = ingest.process_cube(read_cube(path), drp, ingest.IngestConfig())
+    return time.perf_counter() - t, tables.baxels.num_rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ifu", type=int, default=127)
+    parser.add_argument("--cubes", type=int, default=3)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.cubes):
+            p = draw_galaxy(i, 99, (args.ifu,))
+            hdul, _ = mock.render_cube(p, manga.release("DR15"))
+            path = Path(tmp) / f"manga-{p.plateifu}-LOGCUBE.fits.gz"
+            mock.write_cube(hdul, path)
+            drp = {"z": p.z, "nsa_elpetro_phi": p.pa_deg, "nsa_elpetro_ba": p.ba,
+                   "nsa_elpetro_th50_r": p.th50_arcsec}
+            t_read = read_only(path)
+            t_dec = read_decompressed(path)
+            t_ing, n_bax = full_ingest(path, drp)
+            rows.append((p.gtype, path.stat().st_size / 1e6, t_read, t_dec, t_ing, n_bax))
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print(f"{'galaxy':<16}{'MB':>7}{'astropy s':>10}{'gunzip+read s':>14}{'ingest s':>10}"
+          f"{'ingest/astropy':>15}{'ingest/gunzip':>14}{'baxels':>8}")
+    for gtype, mb, tr, td, ti, nb in rows:
+        print(f"{gtype:<16}{mb:>7.1f}{tr:>10.2f}{td:>14.2f}{ti:>10.2f}{ti / tr:>15.2f}"
+              f"{ti / td:>14.2f}{nb:>8d}")
+    tr, td, ti = (np.mean([r[k] for r in rows]) for k in (2, 3, 4))
+    print(f"mean ({args.ifu}-fibre): astropy read {tr:.2f} s, gunzip+read {td:.2f} s, ingest "
+          f"{ti:.2f} s per cube; peak RSS {peak_gb:.2f} GB (includes rendering the mocks)")
+
+
+if __name__ == "__main__":
+    main()
