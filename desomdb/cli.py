@@ -138,14 +138,27 @@ def ingest(archive: Path, jobfile: Path | None, cubes: str | None, drpall: Path 
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--scheduler", help="Dask scheduler address tcp://HOST:PORT")
 @_friendly_errors
-def label(**_: Any) -> None:
+def label(archive: Path, release: str | None, workers: int, scheduler: str | None) -> None:
     """Fit every baxel with pPXF and write the labels table.
+
+    Cubes already labelled are skipped; a failed fit is recorded per baxel
+    (status, error) without stopping the job.
 
     \b
     Example:
       desomdb label /tmp/archive --release DR15 --workers 2
     """
-    _not_yet("label", "issue 5")
+    from desomdb import labels as labels_mod
+
+    report = labels_mod.label(archive, release=release, workers=workers, scheduler=scheduler)
+    rate = report.n_fits / report.fit_seconds if report.fit_seconds else 0.0
+    click.echo(f"{report.n_cubes} cubes labelled, {report.n_skipped_cubes} already done; "
+               f"{report.n_fits} baxels in labels ({report.n_failed_fits} failed fits; "
+               f"{rate:.2f} fits/s per core)")
+    for plateifu, error in report.failed_cubes:
+        click.echo(f"  failed {plateifu}: {error}", err=True)
+    if report.failed_cubes:
+        sys.exit(1)
 
 
 @main.command()

@@ -535,7 +535,7 @@ def _rows_to_replace(
     removes: list[tuple[str, str]] = []
     rewrites: list[StagedFile] = []
     gen = arch.manifest()["generation"]
-    for table in (*NARROW_TABLES, "spectra", "galaxies"):
+    for table in (*NARROW_TABLES, "spectra", "galaxies", "labels"):
         for f in arch.files(table, release=release):
             rel = str(f.relative_to(arch.root))
             if rel in new_targets:

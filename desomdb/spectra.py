@@ -130,6 +130,45 @@ def resample_to_rest(
     return flux_rest, ivar_rest, mask
 
 
+def observed_to_rest(
+    wave_obs_aa: np.ndarray,
+    flux: np.ndarray,
+    ivar: np.ndarray,
+    mask_bits: np.ndarray,
+    z: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Put observed MaNGA spectra (one redshift each) on the archive's rest-frame grid.
+
+    Parameters
+    ----------
+    wave_obs_aa : ndarray, shape (n_wave,)
+    flux, ivar : ndarray, shape (n_spec, n_wave)
+        1e-17 erg/s/cm^2/Å and its inverse variance.
+    mask_bits : ndarray of int, shape (n_spec, n_wave)
+        MANGA_DRP3PIXMASK bits.
+    z : ndarray, shape (n_spec,)
+
+    Returns
+    -------
+    flux_rest, ivar_rest : ndarray, shape (n_spec, 4544), float32
+    mask : ndarray of uint8, shape (n_spec, 4544)
+    norm : ndarray, shape (n_spec,)
+        Mean flux in 4050-4150 Å (NaN when that window is masked).
+    """
+    from desomdb import manga
+
+    good = (ivar > 0) & np.isfinite(flux) & ((mask_bits & manga.BAD_PIXEL_BITS) == 0)
+    n = flux.shape[0]
+    out_f = np.zeros((n, N_REST), np.float32)
+    out_i = np.zeros((n, N_REST), np.float32)
+    out_m = np.ones((n, N_REST), np.uint8)
+    for k in range(n):
+        f, i, m = resample_to_rest(wave_obs_aa, np.where(good[k], flux[k], 0.0)[:, None],
+                                   ivar[k][:, None], good[k][:, None], float(z[k]))
+        out_f[k], out_i[k], out_m[k] = f[0], i[0], m[0]
+    return out_f, out_i, out_m, norm_flux(out_f, out_m)
+
+
 def coadd(
     flux: np.ndarray, ivar: np.ndarray, good: np.ndarray, members: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
