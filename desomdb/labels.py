@@ -133,7 +133,9 @@ def fit_setup(z_bucket: float) -> FitSetup:
 
 def empty_row() -> dict[str, Any]:
     """Return a labels row with every quantity missing."""
-    row: dict[str, Any] = dict.fromkeys(("age_mw_gyr", "mh_mw", "log_ml_r", "log_mstar", "ebv_star", "ebv_gas", "log_ssfr", "d_bpt", "vel", "sigma", "vel_gas", "sigma_gas", "chi2_red"), np.nan)
+    row: dict[str, Any] = dict.fromkeys(
+        ("age_mw_gyr", "mh_mw", "log_ml_r", "log_mstar", "ebv_star", "ebv_gas", "log_ssfr",
+         "d_bpt", "vel", "sigma", "vel_gas", "sigma_gas", "chi2_red"), np.nan)
     for key in LINE_KEYS:
         row[f"flux_{key}"] = np.nan
         row[f"flux_{key}_err"] = np.nan
