@@ -163,32 +163,60 @@ def label(archive: Path, release: str | None, workers: int, scheduler: str | Non
 
 @main.command()
 @click.argument("archive", type=click.Path(path_type=Path))
-@click.option("--config", type=click.Path(path_type=Path), help="training configuration file")
+@click.option("--config", type=click.Path(path_type=Path),
+              help="JSON file of configuration overrides (keys of DesomConfig)")
+@click.option("--preset", type=click.Choice(["compact", "paper"]), default="compact",
+              show_default=True, help="compact = CPU default; paper = the authors' network")
+@click.option("--where", default="trainable", show_default=True,
+              help="SQL filter over the baxels view selecting training spectra")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--use", "make_current", is_flag=True,
+              help="make the new model current (otherwise: 'desomdb model use')")
 @_friendly_errors
-def train(**_: Any) -> None:
+def train(archive: Path, config: Path | None, preset: str, where: str, seed: int, device: str,
+          make_current: bool) -> None:
     """Train a DESOM-1 on the archive's training baxels; prints the model id.
 
     \b
     Example:
-      desomdb train /tmp/archive --seed 0
+      desomdb train /tmp/archive --seed 0 --use
     """
-    _not_yet("train", "issue 10")
+    import json
+
+    from desomdb import model as model_mod
+    from desomdb import train as train_mod
+    from desomdb import views as views_mod
+    from desomdb.archive import Archive
+
+    overrides = json.loads(config.read_text()) if config else {}
+    cfg = model_mod.CONFIGS[preset](**{**overrides, "seed": seed})
+    model_id = train_mod.train(archive, cfg, where=where, device=device)
+    if make_current:
+        views_mod.set_current_model(Archive(archive), model_id)
+    click.echo(model_id)
 
 
 @main.command()
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.option("--model", "model_id", help="model id (default: the current model)")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @_friendly_errors
-def assign(**_: Any) -> None:
+def assign(archive: Path, model_id: str | None, device: str) -> None:
     """Assign every baxel to its best-matching node of a DESOM-1 model.
+
+    Also writes the nodes (prototypes, decoded and co-added spectra) and
+    node_labels (per-node label distributions) of the model.
 
     \b
     Example:
       desomdb assign /tmp/archive
     """
-    _not_yet("assign", "issue 10")
+    from desomdb import assign as assign_mod
+
+    out = assign_mod.assign(archive, model_id, device=device)
+    click.echo(f"{out['model_id']}: {out['n_assigned']} baxels in {out['n_cubes']} cubes "
+               f"({out['n_encoded']} encoded now, {out['spectra_per_s']:.0f} spectra/s)")
 
 
 @main.command()
@@ -296,28 +324,52 @@ def model() -> None:
 @model.command("use")
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.argument("model_id")
+@click.option("--kind", type=click.Choice(["desom1", "desom2"]), default="desom1",
+              show_default=True)
 @_friendly_errors
-def model_use(**_: Any) -> None:
-    """Make MODEL_ID the current DESOM-1 model of the archive (reversible).
+def model_use(archive: Path, model_id: str, kind: str) -> None:
+    """Make MODEL_ID the current model of the archive (reversible).
 
     \b
     Example:
       desomdb model use /tmp/archive desom1-3f2a9c
     """
-    _not_yet("model use", "issue 8")
+    from desomdb import views as views_mod
+    from desomdb.archive import Archive
+
+    arch = Archive(archive)
+    before = views_mod.current_model(arch, kind)
+    views_mod.set_current_model(arch, model_id, kind)
+    click.echo(f"current {kind} model: {model_id} (was {before})")
 
 
 @model.command("list")
 @click.argument("archive", type=click.Path(path_type=Path))
 @_friendly_errors
-def model_list(**_: Any) -> None:
+def model_list(archive: Path) -> None:
     """List registered models and mark the current one.
 
     \b
     Example:
       desomdb model list /tmp/archive
     """
-    _not_yet("model list", "issue 10")
+    from desomdb import views as views_mod
+
+    con = views_mod.connect(archive)
+    current = {views_mod.current_model(views_mod.Archive(archive), k) for k in ("desom1",
+                                                                                "desom2")}
+    try:
+        rows = con.sql("select model_id, kind, created_at, parent_model_id, recon_mse, pca_mse,"
+                       " qe, te4, te8 from models order by created_at").fetchall()
+    except Exception:
+        rows = []
+    if not rows:
+        click.echo("no models registered; train one with 'desomdb train'")
+        return
+    for r in rows:
+        mark = "*" if r[0] in current else " "
+        click.echo(f"{mark} {r[0]}  {r[1]}  {r[2]}  parent={r[3]}  mse={r[4]:.4g} "
+                   f"pca={r[5]:.4g} qe={r[6]:.3g} te4={r[7]:.3f} te8={r[8]:.3f}")
 
 
 @main.command()

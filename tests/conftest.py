@@ -48,3 +48,38 @@ def ingested(tmp_path_factory: pytest.TempPathFactory, ingest_survey: mock.Surve
     archive = tmp_path_factory.mktemp("archive") / "arch"
     report = ingest.ingest(archive, make_job(ingest_survey), progress=False)
     return archive, report
+
+
+@pytest.fixture(scope="session")
+def labelled_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two 19-fibre galaxies binned to S/N 40 (few baxels), ingested and labelled."""
+    from desomdb import labels
+
+    out = tmp_path_factory.mktemp("lab")
+    survey = mock.generate_survey(out / "survey", n_galaxies=2, release="DR15", seed=4,
+                                  ifu_sizes=(19,), progress=False)
+    job = ingest.IngestJob(release="DR15", cubes=str(survey.release_dir),
+                           drpall=str(survey.drpall_path), workers=1,
+                           config=ingest.IngestConfig(target_snr=40))
+    ingest.ingest(out / "arch", job, progress=False)
+    labels.label(out / "arch", workers=1, progress=False)
+    return out / "arch"
+
+
+TINY = {"iterations": 120, "decay_iters": 80, "pretrain_iters": 40, "eval_every": 40,
+        "batch_size": 8, "map_rows": 4, "map_cols": 4, "patience": 50}
+
+
+@pytest.fixture(scope="session")
+def trained_archive(labelled_archive: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A copy of the labelled archive with a tiny DESOM-1 trained, made current, assigned."""
+    from desomdb import assign, model, train, views
+    from desomdb.archive import Archive
+
+    arch = tmp_path_factory.mktemp("trained") / "arch"
+    shutil.copytree(labelled_archive, arch)
+    cfg = model.compact_config(**TINY)
+    model_id = train.train(arch, cfg, where="true", progress=False)
+    views.set_current_model(Archive(arch), model_id)
+    assign.assign(arch, progress=False)
+    return arch, model_id, cfg

@@ -1,0 +1,366 @@
+"""Train a DESOM-1 from the archive and register it.
+
+The training set is a SQL filter over ``baxels`` (default: ``trainable``, i.e. the paper's
+cuts). Galaxies (mangaid) are split train/test with a seeded hash, so no galaxy is in both;
+the split is stored in ``splits``. Spectra stream from the per-cube Parquet files in
+shuffled chunks (bounded memory). A killed run resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from desomdb import checkpoint, paths, views
+from desomdb.archive import Archive, Writer
+from desomdb.errors import ArchiveError, QueryError
+from desomdb.model import (
+    Desom,
+    DesomConfig,
+    bmu_and_runner_up,
+    init_prototypes,
+    masked_mse,
+    quantization_error,
+    temperature,
+    topographic_error,
+)
+
+DEFAULT_WHERE = "trainable"
+TEST_FRACTION = 0.2
+N_EVAL = 2048
+N_PCA_FIT = 20000
+PCA_COMPONENTS = 256
+
+
+@dataclass
+class Selection:
+    """The training data: which baxels, and how galaxies split."""
+
+    rows: pl.DataFrame  # release, plateifu, bin_id, mangaid, norm_flux, split
+    where: str
+    seed: int
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-ready description stored with the model."""
+        counts = self.rows.group_by("split").len().to_dicts()
+        return {"where": self.where, "seed": self.seed, "test_fraction": TEST_FRACTION,
+                "split_by": "mangaid", "counts": {c["split"]: c["len"] for c in counts},
+                "releases": sorted(self.rows["release"].unique().to_list())}
+
+
+def select_training(arch: Archive, where: str = DEFAULT_WHERE, seed: int = 0) -> Selection:
+    """Evaluate the training filter and split galaxies train/test by a seeded hash.
+
+    Raises
+    ------
+    QueryError
+        If ``where`` is not valid SQL over the ``baxels`` view (the message lists columns).
+    ArchiveError
+        If nothing is selected.
+    """
+    con = views.connect(arch.root)
+    rel = views.query(
+        con, f"select release, plateifu, bin_id, mangaid, norm_flux from baxels where {where}"
+    )
+    df = rel.pl()
+    if df.height == 0:
+        raise ArchiveError(f"{arch.root}: no baxel matches the training filter {where!r}")
+    gal = df.select("mangaid").unique().sort("mangaid")
+    u = np.array([int(hashlib.sha256(f"{seed}:{m}".encode()).hexdigest()[:8], 16) / 2**32
+                  for m in gal["mangaid"]])
+    split = np.where(u < TEST_FRACTION, "test", "train")
+    if gal.height > 1 and (split == "train").all():
+        split[np.argmin(u)] = "test"  # tiny archives: keep one galaxy out for evaluation
+    gal = gal.with_columns(pl.Series("split", split))
+    return Selection(df.join(gal, on="mangaid"), where, seed)
+
+
+def spectra_files(arch: Archive) -> dict[tuple[str, str], Path]:
+    """(release, plateifu) -> the Parquet file with that cube's spectra."""
+    out = {}
+    for f in arch.files("spectra"):
+        release = f.parent.name.split("=", 1)[1]
+        plateifu = f.name.split("-", 1)[1].rsplit("-", 1)[0]
+        out[(release, plateifu)] = f
+    return out
+
+
+def normalised(table: pa.Table, norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised flux (masked bins 0) and weights (0 masked, 1 good), float32 (n, 4544)."""
+    from desomdb.labels import _as_matrix
+
+    flux = _as_matrix(table.column("flux"))
+    mask = _as_matrix(table.column("mask"))
+    w = (mask == 0).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = np.where(w > 0, flux / norm[:, None], 0.0).astype(np.float32)
+    x[~np.isfinite(x)] = 0.0
+    return x, w
+
+
+def load_rows(arch: Archive, rows: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised spectra and weights of the given rows, in their order."""
+    files = spectra_files(arch)
+    xs, ws, order = [], [], []
+    for (release, plateifu), group in rows.with_row_index("_i").group_by(
+        "release", "plateifu", maintain_order=True
+    ):
+        t = pq.read_table(files[(str(release), str(plateifu))])
+        ids = t.column("bin_id").to_numpy()
+        pos = {int(b): k for k, b in enumerate(ids)}
+        take = [pos[int(b)] for b in group["bin_id"]]
+        x, w = normalised(t.take(take), group["norm_flux"].to_numpy())
+        xs.append(x)
+        ws.append(w)
+        order.append(group["_i"].to_numpy())
+    idx = np.argsort(np.concatenate(order))
+    return np.concatenate(xs)[idx], np.concatenate(ws)[idx]
+
+
+def stream_batches(arch: Archive, rows: pl.DataFrame, batch_size: int, rng: np.random.Generator,
+                   buffer_rows: int = 8192) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Endless shuffled batches, reading a few cubes at a time (memory ~ buffer_rows)."""
+    files = spectra_files(arch)
+    groups = dict(rows.group_by("release", "plateifu"))
+    keys = list(groups)
+    while True:
+        order = rng.permutation(len(keys))
+        buf_x: list[np.ndarray] = []
+        buf_w: list[np.ndarray] = []
+        n_buf = 0
+        for j, k in enumerate(order):
+            release, plateifu = keys[k]
+            group = groups[keys[k]]
+            t = pq.read_table(files[(str(release), str(plateifu))])
+            pos = {int(b): i for i, b in enumerate(t.column("bin_id").to_numpy())}
+            x, w = normalised(t.take([pos[int(b)] for b in group["bin_id"]]),
+                              group["norm_flux"].to_numpy())
+            buf_x.append(x)
+            buf_w.append(w)
+            n_buf += len(x)
+            if n_buf >= buffer_rows or j == len(order) - 1:
+                bx, bw = np.concatenate(buf_x), np.concatenate(buf_w)
+                perm = rng.permutation(len(bx))
+                for s in range(0, max(len(bx) - batch_size, 0) + 1, batch_size):
+                    sel = perm[s : s + batch_size]
+                    yield bx[sel], bw[sel]
+                buf_x, buf_w, n_buf = [], [], 0
+
+
+def pca_baseline(x_train: np.ndarray, x_test: np.ndarray, w_test: np.ndarray,
+                 n_components: int = PCA_COMPONENTS) -> float:
+    """Held-out masked MSE of a PCA reconstruction with ``n_components`` components."""
+    k = min(n_components, x_train.shape[0] - 1, x_train.shape[1])
+    mean = x_train.mean(axis=0)
+    xt = torch.from_numpy(x_train - mean)
+    _, _, v = torch.pca_lowrank(xt, q=k, center=False, niter=4)
+    v = v[:, :k]
+    xc = torch.from_numpy(x_test - mean)
+    recon = (xc @ v) @ v.T + torch.from_numpy(mean)
+    return float(masked_mse(torch.from_numpy(x_test), recon, torch.from_numpy(w_test)))
+
+
+def model_id_for(cfg: DesomConfig, selection: Selection, arch: Archive) -> str:
+    """Deterministic id from the configuration, the data filter, the seed and the data."""
+    h = hashlib.sha256()
+    h.update(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    h.update(selection.where.encode())
+    h.update(str(selection.seed).encode())
+    h.update("\n".join(arch.manifest()["tables"].get("spectra", [])).encode())
+    return f"{cfg.kind}-{h.hexdigest()[:10]}"
+
+
+@torch.no_grad()
+def encode_all(model: Desom, x: np.ndarray, device: str, batch: int = 1024) -> np.ndarray:
+    """Latent vectors of normalised spectra (n, 4544) -> (n, latent), float32."""
+    out = []
+    for s in range(0, len(x), batch):
+        out.append(model.encode(torch.from_numpy(x[s : s + batch]).to(device)).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.cfg.latent), np.float32)
+
+
+def evaluate(model: Desom, x: np.ndarray, w: np.ndarray, device: str) -> dict[str, float]:
+    """Reconstruction MSE, QE, TE (4 and 8 neighbours) and node usage on a sample."""
+    model.eval()
+    with torch.no_grad():
+        xt, wt = torch.from_numpy(x).to(device), torch.from_numpy(w).to(device)
+        z = model.encode(xt)
+        mse = float(masked_mse(xt, model.decode(z), wt))
+        d2 = model.sq_distances(z).cpu().numpy()
+    best, second = bmu_and_runner_up(d2)
+    cols = model.cfg.map_cols
+    model.train()
+    return {
+        "recon_mse": mse,
+        "qe": quantization_error(d2[np.arange(len(best)), best]),
+        "te4": topographic_error(best, second, cols, 4),
+        "te8": topographic_error(best, second, cols, 8),
+        "frac_nodes_used": float(np.unique(best).size / model.cfg.n_nodes),
+    }
+
+
+def train(
+    archive: str | Path,
+    cfg: DesomConfig,
+    where: str = DEFAULT_WHERE,
+    device: str = "cpu",
+    progress: bool = True,
+    parent_model_id: str | None = None,
+    init_state: dict[str, Any] | None = None,
+) -> str:
+    """Train a DESOM-1 on the archive, register it, and return its model id.
+
+    Parameters
+    ----------
+    archive : str or Path
+    cfg : DesomConfig
+        ``compact_config()`` (CPU default) or ``paper_config()``.
+    where : str
+        SQL filter over the ``baxels`` view selecting training spectra.
+    device : {"cpu", "cuda"}
+    progress : bool
+    parent_model_id : str, optional
+        Recorded in ``models`` (warm starts).
+    init_state : dict, optional
+        A state dict to warm-start from (prototypes included).
+
+    Returns
+    -------
+    str
+        The model id (``desom1-<hash>``); not made current — use ``desomdb model use``.
+    """
+    arch = Archive(archive)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    selection = select_training(arch, where, cfg.seed)
+    model_id = model_id_for(cfg, selection, arch)
+    if model_id in views.registered_models(arch):
+        return model_id  # idempotent: the same data and configuration give the same model
+    train_rows = selection.rows.filter(pl.col("split") == "train")
+    test_rows = selection.rows.filter(pl.col("split") == "test")
+    eval_rows = test_rows.sample(min(N_EVAL, test_rows.height), seed=cfg.seed) \
+        if test_rows.height else train_rows.sample(min(N_EVAL, train_rows.height), seed=1)
+    x_eval, w_eval = load_rows(arch, eval_rows)
+
+    with arch.writer("desomdb train") as writer:
+        model = Desom(cfg).to(device)
+        if init_state is not None:
+            model.load_state_dict(init_state)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        state_path = paths.artefact_dir(arch.root, model_id) / "train_state.pt"
+        resume = checkpoint.load_resume_state(state_path)
+        loop: dict[str, Any] = {"it": 0, "best": float("inf"), "stale": 0, "history": [],
+                                "seconds": 0.0, "initialised": init_state is not None}
+        if resume is not None:
+            model.load_state_dict(resume["state"])
+            opt.load_state_dict(resume["optimiser"])
+            loop = resume["loop"]
+        batches = stream_batches(arch, train_rows, cfg.batch_size, rng)
+        total = cfg.pretrain_iters + cfg.iterations
+        bar = tqdm(total=total, initial=loop["it"], desc=f"train {model_id}", disable=not progress)
+        t_start = time.perf_counter() - loop["seconds"]
+        if not loop["history"]:
+            loop["history"].append({**evaluate(model, x_eval, w_eval, device), "it": 0})
+        model.train()
+        while loop["it"] < total:
+            it = loop["it"]
+            if it == cfg.pretrain_iters and not loop["initialised"]:
+                sample_x = next(batches)[0]
+                more = [next(batches)[0] for _ in range(max(1, cfg.n_nodes // cfg.batch_size))]
+                latents = encode_all(model, np.concatenate([sample_x, *more]), device)
+                init_prototypes(model, torch.from_numpy(latents).to(device), cfg.seed)
+                loop["initialised"] = True
+            xb, wb = (torch.from_numpy(a).to(device) for a in next(batches))
+            z = model.encode(xb)
+            loss_rec = masked_mse(xb, model.decode(z), wb)
+            loss = loss_rec
+            som = torch.zeros(())
+            if it >= cfg.pretrain_iters:
+                som = model.som_loss(z, temperature(it - cfg.pretrain_iters, cfg))
+                loss = loss_rec + cfg.gamma * som
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loop["it"] = it + 1
+            bar.update(1)
+            bar.set_postfix(rec=f"{loss_rec.item():.4g}", som=f"{som.item():.4g}")
+            if loop["it"] % cfg.eval_every == 0 or loop["it"] == total:
+                m = evaluate(model, x_eval, w_eval, device)
+                m["it"] = loop["it"]
+                loop["history"].append(m)
+                som_done = loop["it"] - cfg.pretrain_iters >= cfg.decay_iters
+                if m["recon_mse"] < loop["best"] * 0.995:
+                    loop["best"], loop["stale"] = m["recon_mse"], 0
+                elif som_done:
+                    loop["stale"] += 1
+                loop["seconds"] = time.perf_counter() - t_start
+                checkpoint.save_resume_state(state_path, model, opt, loop)
+                if som_done and loop["stale"] >= cfg.patience:
+                    break  # held-out MSE has plateaued (early stopping)
+        bar.close()
+        seconds = time.perf_counter() - t_start
+        metrics = _final_metrics(arch, model, train_rows, x_eval, w_eval, device, rng)
+        metrics.update(iterations_run=loop["it"], train_seconds=seconds,
+                       train_spectra_per_s=loop["it"] * cfg.batch_size / max(seconds, 1e-9))
+        artefact, digest = checkpoint.save(model, paths.artefact_dir(arch.root, model_id),
+                                           model_id, metrics, {"history": loop["history"]})
+        _register(writer, model_id, cfg, selection, metrics, artefact, digest, parent_model_id)
+        state_path.unlink(missing_ok=True)
+    return model_id
+
+
+def _final_metrics(arch: Archive, model: Desom, train_rows: pl.DataFrame, x_eval: np.ndarray,
+                   w_eval: np.ndarray, device: str, rng: np.random.Generator) -> dict[str, Any]:
+    m = evaluate(model, x_eval, w_eval, device)
+    fit_rows = train_rows.sample(min(N_PCA_FIT, train_rows.height),
+                                 seed=int(rng.integers(1_000_000_000)))
+    x_fit, _ = load_rows(arch, fit_rows)
+    pca = pca_baseline(x_fit, x_eval, w_eval)
+    return {"recon_mse_test": m["recon_mse"], "pca_mse_test": pca,
+            "ae_over_pca": m["recon_mse"] / pca if pca > 0 else float("nan"),
+            "qe": m["qe"], "te4": m["te4"], "te8": m["te8"],
+            "frac_nodes_used": m["frac_nodes_used"], "n_eval": len(x_eval),
+            "pca_components": int(min(PCA_COMPONENTS, len(x_fit) - 1))}
+
+
+def _register(writer: Writer, model_id: str, cfg: DesomConfig, selection: Selection,
+              metrics: dict[str, Any], artefact: Path, digest: str,
+              parent: str | None) -> None:
+    rel_artefact = str(artefact.relative_to(writer.root))
+    row = {
+        "kind": cfg.kind, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "data_spec": json.dumps(selection.spec(), sort_keys=True),
+        "metrics": json.dumps(metrics, sort_keys=True),
+        "recon_mse": metrics.get("recon_mse_test"), "pca_mse": metrics.get("pca_mse_test"),
+        "qe": metrics.get("qe"), "te4": metrics.get("te4"), "te8": metrics.get("te8"),
+        "parent_model_id": parent, "artefact_path": rel_artefact, "artefact_sha256": digest,
+        "seed": cfg.seed,
+    }
+    models = writer.stage_table("models", pa.Table.from_pylist([row]),
+                                f"{paths.model_dir('models', model_id)}/model.parquet")
+    splits = selection.rows.select("mangaid", "split").unique().sort("mangaid")
+    split_file = writer.stage_table("splits", splits.to_arrow(),
+                                    f"{paths.model_dir('splits', model_id)}/splits.parquet")
+    writer.commit(add=[models, split_file])
+
+
+def load_model(arch: Archive, model_id: str, device: str = "cpu") -> tuple[Desom, dict[str, Any]]:
+    """Load a registered model's artefact (hash-verified)."""
+    t = arch.read("models", columns=["artefact_path"], model_id=model_id)
+    if t.num_rows != 1:
+        raise QueryError(f"model {model_id} has {t.num_rows} registry rows")
+    return checkpoint.load(arch.root / t.column("artefact_path")[0].as_py(), device)
+

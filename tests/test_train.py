@@ -1,0 +1,120 @@
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from click.testing import CliRunner
+
+from desomdb import assign, checkpoint, train, views
+from desomdb.archive import Archive
+from desomdb.cli import main
+from desomdb.errors import ModelError, QueryError
+
+
+def _frame(t) -> pl.DataFrame:
+    out = pl.from_arrow(t)
+    assert isinstance(out, pl.DataFrame)
+    return out
+
+
+def test_model_is_registered_with_metrics(trained_archive) -> None:
+    arch_path, model_id, _cfg = trained_archive
+    con = views.connect(arch_path)
+    row = con.sql("select * from models").pl().row(0, named=True)
+    assert row["model_id"] == model_id and row["kind"] == "desom1"
+    for key in ("recon_mse", "pca_mse", "qe", "te4", "te8"):
+        assert np.isfinite(row[key]), key
+    assert row["artefact_sha256"] and row["artefact_path"].endswith(".pt")
+    assert views.current_model(Archive(arch_path)) == model_id
+
+
+def test_loss_decreases(trained_archive) -> None:
+    arch_path, model_id, _ = trained_archive
+    _, payload = train.load_model(Archive(arch_path), model_id)
+    history = payload["extra"]["history"]
+    assert history[-1]["recon_mse"] < history[0]["recon_mse"]
+
+
+def test_split_is_by_galaxy(trained_archive) -> None:
+    arch_path, model_id, _ = trained_archive
+    splits = _frame(Archive(arch_path).read("splits", model_id=model_id))
+    assert splits["mangaid"].is_unique().all()
+    assert set(splits["split"]) == {"train", "test"}
+
+
+def test_reload_is_bit_identical(trained_archive) -> None:
+    arch_path, model_id, _ = trained_archive
+    arch = Archive(arch_path)
+    m1, _ = train.load_model(arch, model_id)
+    m2, _ = train.load_model(arch, model_id)
+    for k, v in m1.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k])
+    x = torch.randn(3, 4544)
+    with torch.no_grad():
+        assert torch.equal(m1.encode(x), m2.encode(x))
+
+
+def test_corrupt_artefact_is_refused(trained_archive, tmp_path) -> None:
+    arch_path, _model_id, _ = trained_archive
+    rel = views.connect(arch_path).sql("select artefact_path from models").fetchall()[0][0]
+    bad = tmp_path / (arch_path / rel).name
+    data = bytearray((arch_path / rel).read_bytes())
+    data[-10] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="does not match"):
+        checkpoint.load(bad)
+
+
+def test_assignments_cover_every_baxel(trained_archive) -> None:
+    arch_path, model_id, cfg = trained_archive
+    con = views.connect(arch_path)
+    n_bax = con.sql("select count(*) from baxels").fetchall()[0][0]
+    a = con.sql(f"select * from assignments where model_id = '{model_id}'").pl()
+    assert a.height == n_bax
+    assert a.select("release", "plateifu", "bin_id").is_unique().all()
+    assert a["node"].is_between(0, cfg.n_nodes - 1).all()
+    assert ((a["row"] * cfg.map_cols + a["col"]) == a["node"]).all()
+    adj = (abs(a["node"] // cfg.map_cols - a["second_node"] // cfg.map_cols)
+           + abs(a["node"] % cfg.map_cols - a["second_node"] % cfg.map_cols)) == 1
+    assert (adj == a["is_adjacent"]).all()
+    nodes = con.sql("select node, n_members from nodes").pl().sort("node")
+    counts = a.group_by("node").len()
+    joined = nodes.join(counts, on="node", how="left").fill_null(0)
+    assert (joined["n_members"] == joined["len"]).all()
+
+
+def test_node_labels_match_a_direct_aggregation(trained_archive) -> None:
+    arch_path, _model_id, _ = trained_archive
+    con = views.connect(arch_path)
+    nl = con.sql("select node, median, n from node_labels where label = 'log_ml_r'").pl()
+    direct = con.sql(
+        "select a.node, median(l.log_ml_r) as med, count(*) as n from assignments a "
+        "join labels l using (release, plateifu, bin_id) "
+        "where l.status = 'ok' and l.chi2_ok group by a.node").pl()
+    both = nl.join(direct, on="node")
+    assert both.height == direct.height > 0
+    np.testing.assert_allclose(both["median"], both["med"], rtol=1e-6)
+    assert (both["n"] == both["n_right"]).all()
+    hist = con.sql("select histogram, n from node_labels").pl()
+    assert all(sum(h) == n for h, n in hist.iter_rows())
+
+
+def test_rerun_assign_resumes_without_duplicates(trained_archive) -> None:
+    arch_path, _model_id, _ = trained_archive
+    out = assign.assign(arch_path, progress=False)
+    assert out["n_encoded"] == 0
+    con = views.connect(arch_path)
+    assert con.sql("select count(*) from assignments").fetchall()[0][0] == out["n_assigned"]
+
+
+def test_bad_training_filter(trained_archive) -> None:
+    arch_path, _, _ = trained_archive
+    with pytest.raises(QueryError, match="no_such_column"):
+        train.select_training(Archive(arch_path), "no_such_column > 1")
+
+
+def test_cli_model_list_and_use(trained_archive) -> None:
+    arch_path, model_id, _ = trained_archive
+    result = CliRunner().invoke(main, ["model", "list", str(arch_path)])
+    assert result.exit_code == 0 and f"* {model_id}" in result.output
+    bad = CliRunner().invoke(main, ["model", "use", str(arch_path), "desom1-nope"])
+    assert bad.exit_code != 0 and "no registered model" in bad.output
