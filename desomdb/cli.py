@@ -33,6 +33,13 @@ def _friendly_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def pl_config() -> Any:
+    """Polars display settings for terminal tables."""
+    import polars as pl
+
+    return pl.Config(tbl_rows=50, tbl_cols=20, tbl_width_chars=160)
+
+
 def _not_yet(command: str, issue: str) -> None:
     raise NotImplementedYetError(
         f"'desomdb {command}' is not implemented yet ({issue}); "
@@ -223,15 +230,36 @@ def assign(archive: Path, model_id: str | None, device: str) -> None:
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.argument("spectra_file", type=click.Path(path_type=Path))
 @click.option("--model", "model_id", help="model id (default: the current model)")
+@click.option("--output", type=click.Path(path_type=Path),
+              help="write all columns to this .parquet or .csv file")
 @_friendly_errors
-def predict(**_: Any) -> None:
+def predict(archive: Path, spectra_file: Path, model_id: str | None,
+            output: Path | None) -> None:
     """Predict node and label distributions for new spectra.
+
+    SPECTRA_FILE is a FITS file in the MaNGA DAP test-spectra layout (WAVE,
+    FLUX, IVAR, MASK, Z; observed frame) or a Parquet file with the archive's
+    spectra columns (flux, mask[, norm_flux]; rest frame).
 
     \b
     Example:
-      desomdb predict /tmp/archive new_spectra.parquet
+      desomdb predict /tmp/archive tests/data/MaNGA_test_spectra.fits.gz
     """
-    _not_yet("predict", "issue 10")
+    from desomdb import predict as predict_mod
+
+    df = predict_mod.predict(archive, spectra_file, model_id)
+    if output is not None:
+        if output.suffix == ".csv":
+            df.drop([c for c, t in df.schema.items() if t.is_nested()]).write_csv(output)
+        else:
+            df.write_parquet(output)
+        click.echo(f"wrote {df.height} predictions to {output}")
+    show = [c for c in ("index", "node", "row", "col", "distance", "out_of_distribution",
+                        "age_mw_gyr_median", "log_ml_r_median", "log_ssfr_median",
+                        "d_bpt_median") if c in df.columns]
+    with pl_config():
+        click.echo(df.select(show))
+    click.echo(f"{df['seconds_per_spectrum'][0] * 1e3:.2f} ms per spectrum (encode + assign)")
 
 
 @main.command()

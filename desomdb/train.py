@@ -324,6 +324,9 @@ def train(
 def _final_metrics(arch: Archive, model: Desom, train_rows: pl.DataFrame, x_eval: np.ndarray,
                    w_eval: np.ndarray, device: str, rng: np.random.Generator) -> dict[str, Any]:
     m = evaluate(model, x_eval, w_eval, device)
+    with torch.no_grad():
+        z = model.encode(torch.from_numpy(x_eval).to(device))
+        d_best = model.sq_distances(z).min(dim=1).values.clamp_min(0).sqrt().cpu().numpy()
     fit_rows = train_rows.sample(min(N_PCA_FIT, train_rows.height),
                                  seed=int(rng.integers(1_000_000_000)))
     x_fit, _ = load_rows(arch, fit_rows)
@@ -332,6 +335,7 @@ def _final_metrics(arch: Archive, model: Desom, train_rows: pl.DataFrame, x_eval
             "ae_over_pca": m["recon_mse"] / pca if pca > 0 else float("nan"),
             "qe": m["qe"], "te4": m["te4"], "te8": m["te8"],
             "frac_nodes_used": m["frac_nodes_used"], "n_eval": len(x_eval),
+            "distance_p99": float(np.percentile(d_best, 99)),
             "pca_components": int(min(PCA_COMPONENTS, len(x_fit) - 1))}
 
 

@@ -118,3 +118,17 @@ def test_cli_model_list_and_use(trained_archive) -> None:
     assert result.exit_code == 0 and f"* {model_id}" in result.output
     bad = CliRunner().invoke(main, ["model", "use", str(arch_path), "desom1-nope"])
     assert bad.exit_code != 0 and "no registered model" in bad.output
+
+
+def test_predict_real_spectra(trained_archive) -> None:
+    from pathlib import Path
+
+    arch_path, _, cfg = trained_archive
+    data = Path(__file__).parent / "data" / "MaNGA_test_spectra.fits.gz"
+    result = CliRunner().invoke(main, ["predict", str(arch_path), str(data), "--output",
+                                       str(arch_path.parent / "pred.parquet")])
+    assert result.exit_code == 0, result.output
+    df = pl.read_parquet(arch_path.parent / "pred.parquet")
+    assert df.height == 8 and df["node"].is_between(0, cfg.n_nodes - 1).all()
+    assert "log_ml_r_median" in df.columns and "ms per spectrum" in result.output
+    assert df["n_good"][5] == 0  # the off-IFU spectrum: no good pixels
