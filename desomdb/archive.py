@@ -158,11 +158,23 @@ class Archive:
             writer = Writer(self)
             writer.collect_garbage()
             yield writer
+            self._write_setup_sql()
         finally:
             fh.seek(0)
             fh.truncate()
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
             fh.close()
+
+
+    def _write_setup_sql(self) -> None:
+        """Regenerate ``setup.sql`` (views for the plain DuckDB CLI) after a writer's commits."""
+        from desomdb import views
+
+        text = views.setup_sql(self.root)
+        path = self.root / paths.SETUP_SQL
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_text(text)
+        tmp.replace(path)
 
 
 class Writer:

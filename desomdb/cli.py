@@ -265,15 +265,24 @@ def predict(archive: Path, spectra_file: Path, model_id: str | None,
 @main.command()
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.option("--model", "model_id", help="DESOM-1 model id (default: the current model)")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @_friendly_errors
-def fingerprints(**_: Any) -> None:
+def fingerprints(archive: Path, model_id: str | None, device: str) -> None:
     """Build per-galaxy fingerprints on a DESOM-1 map and train/assign DESOM-2.
+
+    Prints how well DESOM-2 nodes group galaxies by Sersic n and b/a (and by
+    true type on mock surveys).
 
     \b
     Example:
       desomdb fingerprints /tmp/archive
     """
-    _not_yet("fingerprints", "issue 6")
+    from desomdb import fingerprint
+
+    d2 = fingerprint.build(archive, model_id, device=device)
+    click.echo(f"DESOM-2 model: {d2}")
+    for key, value in fingerprint.separation_report(archive, model_id).items():
+        click.echo(f"  {key}: {value:.3f}")
 
 
 @main.command()
@@ -297,19 +306,55 @@ def refresh(**_: Any) -> None:
 
 @main.command()
 @click.argument("archive", type=click.Path(path_type=Path))
-@click.argument("query")
+@click.argument("query", required=False)
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]),
               default="table", show_default=True)
 @click.option("--output", type=click.Path(path_type=Path), help="write to this file")
+@click.option("--model", "model_id", help="model for the convenience views (default: current)")
+@click.option("--setup", is_flag=True, help="print the DuckDB CLI setup script instead")
 @_friendly_errors
-def sql(**_: Any) -> None:
+def sql(archive: Path, query: str | None, fmt: str, output: Path | None, model_id: str | None,
+        setup: bool) -> None:
     """Run a read-only SQL query over the archive's views.
+
+    Views: cubes, galaxies, baxels, spectra, bin_map, labels, truth, models,
+    nodes, assignments, node_labels, fingerprints, splits, and baxel_labels,
+    node_summary, galaxy_fingerprint (columns in sql/schema.yml). DDL/DML is
+    refused. For the plain DuckDB CLI: cd ARCHIVE && duckdb -cmd ".read setup.sql".
 
     \b
     Example:
       desomdb sql /tmp/archive "select node, median(age_mw_gyr) from baxel_labels group by node"
     """
-    _not_yet("sql", "issue 7")
+    from desomdb import views as views_mod
+
+    if setup:
+        click.echo(views_mod.setup_sql(archive), nl=False)
+        return
+    if not query:
+        raise ConfigError("give a QUERY (or --setup)")
+    con = views_mod.connect(archive, model=model_id)
+    rel = views_mod.query(con, query)
+    if fmt == "parquet" and output is None:
+        raise ConfigError("--format parquet needs --output FILE")
+    df = rel.pl()
+    if fmt == "table":
+        with pl_config():
+            text = str(df)
+    elif fmt == "csv":
+        flat = df.drop([c for c, t in df.schema.items() if t.is_nested()])
+        text = flat.write_csv()
+    elif fmt == "json":
+        text = df.write_json()
+    if fmt == "parquet":
+        assert output is not None
+        df.write_parquet(output)
+        click.echo(f"wrote {df.height} rows to {output}")
+    elif output is not None:
+        output.write_text(text)
+        click.echo(f"wrote {df.height} rows to {output}")
+    else:
+        click.echo(text)
 
 
 @main.command()
@@ -394,25 +439,44 @@ def model_list(archive: Path) -> None:
     if not rows:
         click.echo("no models registered; train one with 'desomdb train'")
         return
+    def fmt(value: Any) -> str:
+        return "-" if value is None else f"{value:.4g}"
+
     for r in rows:
         mark = "*" if r[0] in current else " "
-        click.echo(f"{mark} {r[0]}  {r[1]}  {r[2]}  parent={r[3]}  mse={r[4]:.4g} "
-                   f"pca={r[5]:.4g} qe={r[6]:.3g} te4={r[7]:.3f} te8={r[8]:.3f}")
+        click.echo(f"{mark} {r[0]}  {r[1]}  {r[2]}  parent={r[3]}  mse={fmt(r[4])} "
+                   f"pca={fmt(r[5])} qe={fmt(r[6])} te4={fmt(r[7])} te8={fmt(r[8])}")
 
 
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("desomdb-demo"),
               show_default=True)
 @click.option("--galaxies", "n_galaxies", type=int, default=12, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
 @_friendly_errors
-def demo(**_: Any) -> None:
+def demo(out: Path, n_galaxies: int, workers: int, seed: int) -> None:
     """Run the whole pipeline on a generated mock survey.
+
+    mock -> ingest -> pPXF labels -> DESOM-1 -> assign -> fingerprints/DESOM-2,
+    then a few SQL queries. Scaled to minutes on 2 cores: 19/37-fibre IFUs, a
+    6x6 map, a short schedule, 20 pPXF fits per cube.
 
     \b
     Example:
       desomdb demo --out /tmp/desomdb-demo --galaxies 12
     """
-    _not_yet("demo", "issue 11")
+    from desomdb import demo as demo_mod
+
+    result = demo_mod.run_demo(out, n_galaxies=n_galaxies, seed=seed, workers=workers)
+    with pl_config():
+        for title, df in result.queries.items():
+            click.echo(f"\n-- {title}\n{df}")
+    total = sum(result.seconds.values())
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
+    click.echo(f"\narchive: {result.archive} (model {result.model_id})")
+    click.echo(f"time: {total:.0f} s ({stages})")
+    click.echo(f"query it: desomdb sql {result.archive} \"select * from node_summary\"")
 
 
 if __name__ == "__main__":

@@ -366,6 +366,7 @@ def _cube_task(task: dict[str, Any]) -> list[dict[str, Any]]:
             sp_truth = None
             if truth_all is not None:
                 sp_truth = truth_all.filter(pl.col("plateifu") == cube.plateifu)
+            outcome.update(ra=cube.objra, dec=cube.objdec, z=float(item["drp"]["z"]))
             tables = process_cube(cube, item["drp"], cfg, sp_truth)
             unit = Path(task["staging"]) / f"{cube.plateifu}-{checksum[:12]}"
             unit.mkdir(parents=True, exist_ok=True)
@@ -502,6 +503,9 @@ def _commit_outcomes(
         row = {
             "plateifu": plateifu,
             "mangaid": o.get("mangaid", ""),
+            "ra": o.get("ra", float("nan")),
+            "dec": o.get("dec", float("nan")),
+            "z": o.get("z", float("nan")),
             "source_path": o["path"],
             "checksum": o.get("checksum", ""),
             "n_spaxels": o.get("n_spaxels", 0),

@@ -301,6 +301,7 @@ def label(
     scheduler: str | None = None,
     progress: bool = True,
     plateifus: list[str] | None = None,
+    max_per_cube: int | None = None,
 ) -> LabelReport:
     """Fit every not-yet-labelled baxel of the archive (one task per cube).
 
@@ -316,6 +317,9 @@ def label(
     progress : bool
     plateifus : list of str, optional
         Only these cubes.
+    max_per_cube : int, optional
+        Fit at most this many baxels per cube (evenly spaced in bin_id) — for quick looks
+        such as the demo; the default fits every baxel.
 
     Returns
     -------
@@ -355,6 +359,9 @@ def label(
                 if pifu in done:
                     report.n_skipped_cubes += 1
                     continue
+                if max_per_cube is not None and group.height > max_per_cube:
+                    keep = np.linspace(0, group.height - 1, max_per_cube).round().astype(int)
+                    group = group[np.unique(keep)]
                 name = f"part-{pifu}-{FITTER}.parquet"
                 tasks.append({
                     "plateifu": pifu, "z": float(z_of[pifu]),

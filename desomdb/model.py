@@ -14,6 +14,11 @@ Conventions
   ``t_max`` to ``t_min`` over ``decay_iters`` iterations, then stays at ``t_min``.
 - L_SOM = mean_i Σ_k w_ik ||z_i - m_k||²; reconstruction loss = mean squared error over
   unmasked bins only (a masked bin has weight zero).
+- Optimisation: the autoencoder minimises L_recon + γ·L_SOM with Adam. The prototypes
+  minimise L_SOM by the batch-SOM step m_k ← m_k + α (Σ_i w_ik z_i / Σ_i w_ik − m_k), which
+  is a gradient step on L_SOM with a per-node step size. Adam on the prototypes (as in
+  the reference code) normalises away the neighbourhood weights — a far node with
+  w ≈ 1e-6 moves as fast as the winner — and collapsed our maps onto one or two nodes.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class DesomConfig:
     pretrain_iters: int = 500
     batch_size: int = 128
     lr: float = 1e-3
+    som_lr: float = 0.1
     eval_every: int = 250
     patience: int = 4
     seed: int = 0
@@ -264,7 +270,8 @@ class Desom(nn.Module):
             enc = Encoder1D(cfg)
             self.encoder = enc
             self.decoder = Decoder1D(cfg, enc.shape)
-        self.prototypes = nn.Parameter(torch.zeros(cfg.n_nodes, cfg.latent))
+        # Updated by som_step (batch-SOM), not by the autoencoder's optimiser.
+        self.prototypes = nn.Parameter(torch.zeros(cfg.n_nodes, cfg.latent), requires_grad=False)
         self.register_buffer("grid_dist", grid_distance(cfg.map_rows, cfg.map_cols))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -286,6 +293,30 @@ class Desom(nn.Module):
         grid: torch.Tensor = self.grid_dist  # type: ignore[assignment]
         w = torch.exp(-grid[bmu].pow(2) / temp**2)
         return (w * d2).sum(dim=1).mean()
+
+
+@torch.no_grad()
+def som_step(model: Desom, z: torch.Tensor, temp: float, alpha: float) -> None:
+    """Move prototypes towards the neighbourhood-weighted means of the batch latents.
+
+    Parameters
+    ----------
+    model : Desom
+    z : torch.Tensor, shape (n, latent)
+        Latents of the batch (detached).
+    temp : float
+        Neighbourhood radius T.
+    alpha : float
+        Step size in (0, 1].
+    """
+    d2 = model.sq_distances(z)
+    bmu = d2.argmin(dim=1)
+    grid: torch.Tensor = model.grid_dist  # type: ignore[assignment]
+    w = torch.exp(-grid[bmu].pow(2) / temp**2)  # (n, n_nodes)
+    wsum = w.sum(dim=0)
+    target = (w.T @ z) / wsum.clamp_min(1e-12)[:, None]
+    active = (wsum > 1e-6).float()[:, None]
+    model.prototypes.add_(alpha * active * (target - model.prototypes))
 
 
 def masked_mse(x: torch.Tensor, x_hat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

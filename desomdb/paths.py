@@ -20,7 +20,7 @@ LOCK = "_lock"
 STAGING = "_staging"
 MODELS_DIR = "artefacts"
 CURRENT_MODEL = "_current_model.json"
-CATALOG_DB = "catalog.duckdb"
+SETUP_SQL = "setup.sql"
 
 #: Tables partitioned by data release.
 RELEASE_TABLES = ("cubes", "galaxies", "baxels", "spectra", "bin_map", "truth", "labels")

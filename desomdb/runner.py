@@ -156,7 +156,7 @@ def _run_dask(
     from distributed import as_completed as dask_completed
 
     try:
-        client = Client(scheduler, timeout="10s")
+        client = Client(scheduler, timeout="4s")
     except OSError as exc:
         raise DesomdbError(
             f"cannot reach the Dask scheduler at {scheduler} ({exc}); start one with "

@@ -33,6 +33,7 @@ from desomdb.model import (
     init_prototypes,
     masked_mse,
     quantization_error,
+    som_step,
     temperature,
     topographic_error,
 )
@@ -211,6 +212,86 @@ def evaluate(model: Desom, x: np.ndarray, w: np.ndarray, device: str) -> dict[st
     }
 
 
+def fit(
+    model: Desom,
+    batches: Iterator[tuple[np.ndarray, np.ndarray]],
+    x_eval: np.ndarray,
+    w_eval: np.ndarray,
+    device: str,
+    state_path: Path,
+    desc: str = "train",
+    progress: bool = True,
+    initialised: bool = False,
+) -> dict[str, Any]:
+    """Train a DESOM jointly (AE pre-training, prototype initialisation, AE + SOM).
+
+    The one training loop for DESOM-1 (spectra) and DESOM-2 (fingerprints). Evaluates on
+    ``x_eval`` every ``eval_every`` iterations, checkpoints to ``state_path`` (a killed run
+    resumes from there), and stops early once the SOM has finished shrinking and the
+    held-out MSE has not improved by 0.5 % for ``patience`` evaluations.
+
+    Returns
+    -------
+    dict
+        The loop state: ``it``, ``history`` (metrics per evaluation), ``seconds``.
+    """
+    cfg = model.cfg
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    resume = checkpoint.load_resume_state(state_path)
+    loop: dict[str, Any] = {"it": 0, "best": float("inf"), "stale": 0, "history": [],
+                            "seconds": 0.0, "initialised": initialised}
+    if resume is not None:
+        model.load_state_dict(resume["state"])
+        opt.load_state_dict(resume["optimiser"])
+        loop = resume["loop"]
+    total = cfg.pretrain_iters + cfg.iterations
+    bar = tqdm(total=total, initial=loop["it"], desc=desc, disable=not progress)
+    t_start = time.perf_counter() - loop["seconds"]
+    if not loop["history"]:
+        loop["history"].append({**evaluate(model, x_eval, w_eval, device), "it": 0})
+    model.train()
+    while loop["it"] < total:
+        it = loop["it"]
+        if it == cfg.pretrain_iters and not loop["initialised"]:
+            sample = [next(batches)[0] for _ in range(max(2, cfg.n_nodes // cfg.batch_size + 1))]
+            latents = encode_all(model, np.concatenate(sample), device)
+            init_prototypes(model, torch.from_numpy(latents).to(device), cfg.seed)
+            loop["initialised"] = True
+        xb, wb = (torch.from_numpy(a).to(device) for a in next(batches))
+        z = model.encode(xb)
+        loss_rec = masked_mse(xb, model.decode(z), wb)
+        loss = loss_rec
+        som = torch.zeros(())
+        temp = temperature(it - cfg.pretrain_iters, cfg)
+        if it >= cfg.pretrain_iters:
+            som = model.som_loss(z, temp)
+            loss = loss_rec + cfg.gamma * som
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if it >= cfg.pretrain_iters:
+            som_step(model, z.detach(), temp, cfg.som_lr)
+        loop["it"] = it + 1
+        bar.update(1)
+        bar.set_postfix(rec=f"{loss_rec.item():.4g}", som=f"{som.item():.4g}")
+        if loop["it"] % cfg.eval_every == 0 or loop["it"] == total:
+            m = evaluate(model, x_eval, w_eval, device)
+            m["it"] = loop["it"]
+            loop["history"].append(m)
+            som_done = loop["it"] - cfg.pretrain_iters >= cfg.decay_iters
+            if m["recon_mse"] < loop["best"] * 0.995:
+                loop["best"], loop["stale"] = m["recon_mse"], 0
+            elif som_done:
+                loop["stale"] += 1
+            loop["seconds"] = time.perf_counter() - t_start
+            checkpoint.save_resume_state(state_path, model, opt, loop)
+            if som_done and loop["stale"] >= cfg.patience:
+                break  # held-out MSE has plateaued (early stopping)
+    bar.close()
+    loop["seconds"] = time.perf_counter() - t_start
+    return loop
+
+
 def train(
     archive: str | Path,
     cfg: DesomConfig,
@@ -258,59 +339,12 @@ def train(
         model = Desom(cfg).to(device)
         if init_state is not None:
             model.load_state_dict(init_state)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         state_path = paths.artefact_dir(arch.root, model_id) / "train_state.pt"
-        resume = checkpoint.load_resume_state(state_path)
-        loop: dict[str, Any] = {"it": 0, "best": float("inf"), "stale": 0, "history": [],
-                                "seconds": 0.0, "initialised": init_state is not None}
-        if resume is not None:
-            model.load_state_dict(resume["state"])
-            opt.load_state_dict(resume["optimiser"])
-            loop = resume["loop"]
         batches = stream_batches(arch, train_rows, cfg.batch_size, rng)
-        total = cfg.pretrain_iters + cfg.iterations
-        bar = tqdm(total=total, initial=loop["it"], desc=f"train {model_id}", disable=not progress)
-        t_start = time.perf_counter() - loop["seconds"]
-        if not loop["history"]:
-            loop["history"].append({**evaluate(model, x_eval, w_eval, device), "it": 0})
-        model.train()
-        while loop["it"] < total:
-            it = loop["it"]
-            if it == cfg.pretrain_iters and not loop["initialised"]:
-                sample_x = next(batches)[0]
-                more = [next(batches)[0] for _ in range(max(1, cfg.n_nodes // cfg.batch_size))]
-                latents = encode_all(model, np.concatenate([sample_x, *more]), device)
-                init_prototypes(model, torch.from_numpy(latents).to(device), cfg.seed)
-                loop["initialised"] = True
-            xb, wb = (torch.from_numpy(a).to(device) for a in next(batches))
-            z = model.encode(xb)
-            loss_rec = masked_mse(xb, model.decode(z), wb)
-            loss = loss_rec
-            som = torch.zeros(())
-            if it >= cfg.pretrain_iters:
-                som = model.som_loss(z, temperature(it - cfg.pretrain_iters, cfg))
-                loss = loss_rec + cfg.gamma * som
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            loop["it"] = it + 1
-            bar.update(1)
-            bar.set_postfix(rec=f"{loss_rec.item():.4g}", som=f"{som.item():.4g}")
-            if loop["it"] % cfg.eval_every == 0 or loop["it"] == total:
-                m = evaluate(model, x_eval, w_eval, device)
-                m["it"] = loop["it"]
-                loop["history"].append(m)
-                som_done = loop["it"] - cfg.pretrain_iters >= cfg.decay_iters
-                if m["recon_mse"] < loop["best"] * 0.995:
-                    loop["best"], loop["stale"] = m["recon_mse"], 0
-                elif som_done:
-                    loop["stale"] += 1
-                loop["seconds"] = time.perf_counter() - t_start
-                checkpoint.save_resume_state(state_path, model, opt, loop)
-                if som_done and loop["stale"] >= cfg.patience:
-                    break  # held-out MSE has plateaued (early stopping)
-        bar.close()
-        seconds = time.perf_counter() - t_start
+        loop = fit(model, batches, x_eval, w_eval, device, state_path,
+                   desc=f"train {model_id}", progress=progress,
+                   initialised=init_state is not None)
+        seconds = loop["seconds"]
         metrics = _final_metrics(arch, model, train_rows, x_eval, w_eval, device, rng)
         metrics.update(iterations_run=loop["it"], train_seconds=seconds,
                        train_spectra_per_s=loop["it"] * cfg.batch_size / max(seconds, 1e-9))

@@ -64,21 +64,30 @@ def resolve_model(archive: Archive, model_id: str | None, kind: str = "desom1") 
     return model_id
 
 
-def _file_list(files: list[Path]) -> str:
-    return "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
+def _file_list(files: list[str]) -> str:
+    return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
 
 
-def base_view_sql(archive: Archive, table: str) -> str | None:
-    """``create view`` statement for one committed table, or None if it has no files."""
-    files = archive.files(table)
-    if not files:
-        return None
-    return (f"create or replace view {table} as select * from read_parquet("
-            f"{_file_list(files)}, hive_partitioning = true, union_by_name = true)")
+def view_sql() -> dict[str, str]:
+    """Read the ``sql/`` view definitions: name -> SELECT text (one file per view)."""
+    folder = resources.files("desomdb.sql")
+    return {p.name[:-4]: p.read_text() for p in folder.iterdir()
+            if p.name.endswith(".sql") and p.name != "setup.sql"}
 
 
-def connect(archive: str | Path, model: str | None = None,
-            read_only: bool = True) -> duckdb.DuckDBPyConnection:
+def _statements(archive: Archive, model: str | None, relative: bool) -> list[str]:
+    """SET VARIABLE + CREATE VIEW statements for every table and derived view."""
+    tables = archive.manifest()["tables"]
+    stmts = [f"create or replace macro current_model() as {_quote(model)}"]
+    for table in paths.TABLES:
+        files = tables.get(table, [])
+        if files:
+            listed = files if relative else [str(archive.root / f) for f in files]
+            stmts.append(f"set variable files_{table} = {_file_list(listed)}")
+    return stmts
+
+
+def connect(archive: str | Path, model: str | None = None) -> duckdb.DuckDBPyConnection:
     """Open a DuckDB connection with a view for every table of the archive.
 
     Parameters
@@ -87,23 +96,20 @@ def connect(archive: str | Path, model: str | None = None,
     model : str, optional
         The DESOM-1 model that model-dependent convenience views use (default: the
         archive's current model). Change it later with :func:`use_model`.
-    read_only : bool
-        Kept for symmetry with ``desomdb sql``; the connection is in-memory and only
-        holds views, so the archive's files cannot be modified through it.
 
     Returns
     -------
     duckdb.DuckDBPyConnection
+        In-memory; it holds only views, so the archive's files cannot be changed
+        through it.
     """
     arch = Archive(archive)
     con = duckdb.connect(":memory:")
-    for table in paths.TABLES:
-        stmt = base_view_sql(arch, table)
-        if stmt is not None:
-            con.execute(stmt)
     chosen = model if model is not None else current_model(arch)
-    use_model(con, chosen)
-    _derived_views(con)
+    for stmt in _statements(arch, chosen, relative=False):
+        con.execute(stmt)
+    present = {t for t in paths.TABLES if arch.files(t)}
+    _create_views(con, present)
     return con
 
 
@@ -116,30 +122,45 @@ def _quote(value: str | None) -> str:
     return "null" if value is None else "'" + value.replace("'", "''") + "'"
 
 
-def _derived_views(con: duckdb.DuckDBPyConnection) -> None:
-    """Create the views defined in ``sql/`` whose inputs exist (in dependency order)."""
-    try:
-        folder = resources.files("desomdb.sql")
-    except ModuleNotFoundError:  # pragma: no cover - package data always ships
-        return
-    pending = {p.name[:-4]: p.read_text() for p in folder.iterdir()
-               if p.name.endswith(".sql") and p.name != "setup.sql"}
-    existing = {r[0] for r in con.execute("select view_name from duckdb_views()").fetchall()}
-    for _ in range(len(pending) + 1):
+def _create_views(con: duckdb.DuckDBPyConnection, present: set[str]) -> list[str]:
+    """Create base views for present tables, then derived views whose inputs exist."""
+    defs = view_sql()
+    created = []
+    for table in paths.TABLES:
+        if table in present and table in defs:
+            con.execute(f"create or replace view {table} as {defs[table]}")
+            created.append(table)
+    pending = {k: v for k, v in defs.items() if k not in paths.TABLES}
+    while pending:
         progressed = False
         for name, text in list(pending.items()):
-            if name in existing:
-                pending.pop(name)
-                continue
             try:
                 con.execute(f"create or replace view {name} as {text}")
             except duckdb.CatalogException:
                 continue  # an input table is not there (yet)
-            existing.add(name)
+            created.append(name)
             pending.pop(name)
             progressed = True
         if not progressed:
             break
+    return created
+
+
+def setup_sql(archive: str | Path) -> str:
+    """Write a script for the plain DuckDB CLI, run from inside the archive folder.
+
+    ``cd ARCHIVE && duckdb -cmd ".read setup.sql"`` gives the same views as
+    :func:`connect` (paths are relative to the archive folder).
+    """
+    arch = Archive(archive)
+    lines = ["-- desomdb views for the DuckDB CLI; regenerate with 'desomdb sql ARCHIVE --setup'.",
+             "-- Run from inside the archive folder (file paths are relative to it)."]
+    lines += [s + ";" for s in _statements(arch, current_model(arch), relative=True)]
+    defs = view_sql()
+    con = connect(arch.root)
+    made = _create_views(con, {t for t in paths.TABLES if arch.files(t)})
+    lines += [f"create or replace view {name} as {defs[name].strip()};" for name in made]
+    return "\n".join(lines) + "\n"
 
 
 def query(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation:
@@ -160,7 +181,7 @@ def query(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation:
     try:
         return con.sql(sql)
     except duckdb.CatalogException as exc:
-        views = sorted(r[0] for r in con.execute(
+        views = sorted(r[0] for r in con.sql(
             "select view_name from duckdb_views() where not internal").fetchall())
         raise QueryError(f"{exc}\navailable views: {', '.join(views)}") from exc
     except duckdb.BinderException as exc:

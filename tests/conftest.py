@@ -83,3 +83,13 @@ def trained_archive(labelled_archive: Path, tmp_path_factory: pytest.TempPathFac
     views.set_current_model(Archive(arch), model_id)
     assign.assign(arch, progress=False)
     return arch, model_id, cfg
+
+
+@pytest.fixture(scope="session")
+def full_archive(trained_archive):
+    """The trained archive with fingerprints and a DESOM-2 as well."""
+    from desomdb import fingerprint
+
+    arch, model_id, cfg = trained_archive
+    d2 = fingerprint.build(arch, model_id, progress=False)
+    return arch, model_id, cfg, d2

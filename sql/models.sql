@@ -1,0 +1,12 @@
+-- models: registered DESOM models and their metrics.
+-- Reads exactly the committed Parquet files (desomdb sets the variable files_models from the
+-- archive manifest; setup.sql does the same for the DuckDB CLI). Columns: sql/schema.yml.
+with source as (
+    select * from read_parquet(getvariable('files_models'), hive_partitioning = true, union_by_name = true)
+),
+
+final as (
+    select * from source
+)
+
+select * from final

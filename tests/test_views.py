@@ -1,0 +1,107 @@
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from desomdb import views
+from desomdb.cli import main
+from desomdb.errors import QueryError
+
+SQL = Path(__file__).parent.parent / "sql"
+PUBLIC = ["cubes", "galaxies", "baxels", "spectra", "bin_map", "labels", "models", "nodes",
+          "assignments", "node_labels", "fingerprints", "splits", "truth", "baxel_labels",
+          "node_summary", "galaxy_fingerprint"]
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict:
+    return yaml.safe_load((SQL / "schema.yml").read_text())["views"]
+
+
+def test_one_file_per_view_and_all_documented(schema) -> None:
+    files = {p.stem for p in SQL.glob("*.sql")}
+    assert files == set(PUBLIC)
+    assert set(schema) == set(PUBLIC)
+    for text in (SQL / f"{v}.sql" for v in PUBLIC):
+        assert text.read_text().rstrip().splitlines()[-1].startswith("select * from final")
+
+
+def test_every_documented_column_exists(full_archive, schema) -> None:
+    arch, _, _, _ = full_archive
+    con = views.connect(arch)
+    for view, spec in schema.items():
+        cols = {r[0] for r in con.sql(f"describe {view}").fetchall()}
+        missing = set(spec["columns"]) - cols
+        assert not missing, f"{view}: documented but absent: {missing}"
+
+
+def test_read_only_and_helpful_errors(full_archive) -> None:
+    arch, _, _, _ = full_archive
+    con = views.connect(arch)
+    for stmt in ("drop view baxels", "insert into baxels values (1)", "copy baxels to 'x.csv'",
+                 "create table t as select 1"):
+        with pytest.raises(QueryError, match="only read-only"):
+            views.query(con, stmt)
+    with pytest.raises(QueryError, match="snr"):
+        views.query(con, "select snrr from baxels")
+    with pytest.raises(QueryError, match=r"available views: .*baxels"):
+        views.query(con, "select * from baxel")
+
+
+def test_current_model_is_explicit_and_changeable(full_archive) -> None:
+    arch, model_id, _, _ = full_archive
+    con = views.connect(arch)
+    assert con.sql("select current_model()").fetchall()[0][0] == model_id
+    n = con.sql("select count(node) from baxel_labels").fetchall()[0][0]
+    assert n > 0
+    views.use_model(con, "desom1-other")
+    assert con.sql("select count(node) from baxel_labels").fetchall()[0][0] == 0
+
+
+def test_spectra_to_numpy_without_copies(full_archive) -> None:
+    arch, _, _, _ = full_archive
+    con = views.connect(arch)
+    table = con.sql("select flux from spectra order by plateifu, bin_id").arrow().read_all()
+    col = table.column("flux").combine_chunks()
+    flat = col.values.to_numpy(zero_copy_only=True)
+    flux = flat.reshape(-1, 4544)
+    assert flux.dtype == np.float32 and flux.shape[0] == table.num_rows
+    assert np.shares_memory(flux, flat)
+
+
+def test_cli_sql_formats(full_archive, tmp_path) -> None:
+    arch, _, _, _ = full_archive
+    q = "select plateifu, bin_id, snr from baxels order by 1, 2 limit 3"
+    table = CliRunner().invoke(main, ["sql", str(arch), q])
+    assert table.exit_code == 0 and "snr" in table.output
+    csv = CliRunner().invoke(main, ["sql", str(arch), q, "--format", "csv"])
+    assert csv.output.splitlines()[0] == "plateifu,bin_id,snr"
+    out = tmp_path / "x.parquet"
+    pq = CliRunner().invoke(main, ["sql", str(arch), q, "--format", "parquet", "--output",
+                                   str(out)])
+    assert pq.exit_code == 0 and pl.read_parquet(out).height == 3
+    js = CliRunner().invoke(main, ["sql", str(arch), q, "--format", "json"])
+    assert js.exit_code == 0 and js.output.lstrip().startswith("[")
+    bad = CliRunner().invoke(main, ["sql", str(arch), "delete from baxels"])
+    assert bad.exit_code != 0 and "only read-only" in bad.output
+
+
+def test_plain_duckdb_cli(full_archive, tmp_path) -> None:
+    arch, _, _, _ = full_archive
+    exe = shutil.which("duckdb")
+    if exe is None:
+        pytest.skip("duckdb CLI not installed (pip install duckdb-cli)")
+    setup = arch / "setup.sql"
+    assert setup.exists()  # regenerated after every writer
+    moved = tmp_path / "moved"
+    shutil.copytree(arch, moved)  # relative paths: the archive can move
+    out = subprocess.run([exe, "-csv", "-noheader", "-c", ".read setup.sql", "-c",
+                          "select count(*) from baxel_labels"], cwd=moved,
+                         capture_output=True, text=True, check=True)
+    n = views.connect(arch).sql("select count(*) from baxel_labels").fetchall()[0][0]
+    assert out.stdout.strip().splitlines()[-1] == str(n)
