@@ -3,9 +3,27 @@
 The pipeline follows Teimoorinia et al. (2022, ApJ 926, 92): MaNGA DRP cubes are
 Voronoi-binned into "baxels", labelled with pPXF, mapped onto a DESOM, and summarised per
 galaxy as fingerprints that a second DESOM groups. See ``README.md`` for the commands.
+
+``desomdb.connect(archive)`` returns a DuckDB connection with every view;
+``desomdb.predict_spectra(archive, file)`` gives nodes and label PDFs for new spectra.
 """
+
+from typing import Any
 
 from desomdb._version import __version__
 from desomdb.errors import DesomdbError
 
-__all__ = ["DesomdbError", "__version__"]
+__all__ = ["DesomdbError", "__version__", "connect", "predict_spectra"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: importing torch or DuckDB is not needed for every use of the package.
+    if name == "connect":
+        from desomdb.views import connect
+
+        return connect
+    if name == "predict_spectra":
+        from desomdb.predict import predict
+
+        return predict
+    raise AttributeError(f"module 'desomdb' has no attribute {name!r}")
