@@ -66,11 +66,12 @@ def main() -> None:
 @click.option("--release", default="DR15", show_default=True, help="release name: DR15 or DR17")
 @click.option("--seed", type=int, default=0, show_default=True, help="random seed")
 @click.option("--workers", type=int, default=1, show_default=True, help="local processes")
+@click.option("--scheduler", help="Dask scheduler address tcp://HOST:PORT")
 @click.option("--ifu-sizes", default="19,37,61,91,127", show_default=True,
               help="comma-separated IFU fibre counts to draw from")
 @_friendly_errors
 def mock(out: Path, n_galaxies: int, release: str, seed: int, workers: int,
-         ifu_sizes: str) -> None:
+         scheduler: str | None, ifu_sizes: str) -> None:
     """Generate a mock MaNGA survey (DRP LOGCUBEs + drpall + truth) with known labels.
 
     \b
@@ -82,7 +83,7 @@ def mock(out: Path, n_galaxies: int, release: str, seed: int, workers: int,
     sizes = tuple(int(s) for s in ifu_sizes.split(",") if s.strip())
     result = mock_mod.generate_survey(
         out, n_galaxies=n_galaxies, release=release, seed=seed, workers=workers,
-        ifu_sizes=sizes,
+        ifu_sizes=sizes, scheduler=scheduler,
     )
     click.echo(f"wrote {result.n_cubes} cubes to {result.release_dir}")
     click.echo(f"drpall: {result.drpall_path}")

@@ -34,7 +34,7 @@ EXAMPLE_QUERIES = {
         "select node, count(*) as n, round(median(age_mw_gyr), 2) as median_age_gyr "
         "from baxel_labels where chi2_ok group by node order by node limit 8",
     "galaxies and their most-occupied node":
-        "select mangaid, arg_max(node, n_baxels) as peak_node, sum(n_baxels) as n_baxels "
+        "select mangaid, arg_max(node, n_baxels) as peak_node, sum(n_baxels)::bigint as n_baxels "
         "from galaxy_fingerprint group by mangaid order by mangaid",
     "label accuracy against the mock truth (median |fit - true|)":
         "select round(median(abs(l.log_ml_r - t.log_ml_r)), 3) as log_ml_r, "
