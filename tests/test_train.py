@@ -132,3 +132,38 @@ def test_predict_real_spectra(trained_archive) -> None:
     assert df.height == 8 and df["node"].is_between(0, cfg.n_nodes - 1).all()
     assert "log_ml_r_median" in df.columns and "ms per spectrum" in result.output
     assert df["n_good"][5] == 0  # the off-IFU spectrum: no good pixels
+
+
+def test_killed_training_resumes_from_its_checkpoint(labelled_archive, tmp_path) -> None:
+    from conftest import TINY
+
+    from desomdb import model
+
+    cfg = model.compact_config(**TINY)
+    arch = Archive(labelled_archive)
+    rows = train.select_training(arch, "true", 0).rows
+    x, w = train.load_rows(arch, rows.head(20))
+
+    class KilledError(Exception):
+        pass
+
+    def dies_after(n: int):
+        for i, batch in enumerate(train.stream_batches(arch, rows, cfg.batch_size,
+                                                       np.random.default_rng(0))):
+            if i >= n:
+                raise KilledError
+            yield batch
+
+    state = tmp_path / "train_state.pt"
+    torch.manual_seed(0)
+    with pytest.raises(KilledError):
+        train.fit(model.Desom(cfg), dies_after(70), x, w, "cpu", state, progress=False)
+    saved = torch.load(state, weights_only=False)["loop"]["it"]
+    total = cfg.pretrain_iters + cfg.iterations
+    assert 0 < saved < total
+    loop = train.fit(model.Desom(cfg), train.stream_batches(
+        arch, rows, cfg.batch_size, np.random.default_rng(1)), x, w, "cpu", state,
+        progress=False)
+    assert loop["it"] == total
+    its = [h["it"] for h in loop["history"]]
+    assert its == sorted(set(its)) and its[0] == 0  # one history, continued, no restart
