@@ -88,7 +88,7 @@ def main() -> None:
               f"{r['n_train']} train / {r['n_test']} test spectra")
     mid = views.current_model(arch)
     if mid:
-        out = assign.assign(arch, mid, progress=False)
+        out = assign.assign(arch.root, mid, progress=False)
         print(f"assignment (re-reading existing rows, encoding new): {out}")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
 
