@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from desomdb import paths, views
+from desomdb import paths, spectra, views
 from desomdb.archive import Archive, StagedFile, Writer
 from desomdb.model import Desom, bmu_and_runner_up
 from desomdb.train import encode_all, load_model, normalised, spectra_files
@@ -37,11 +37,6 @@ LABEL_EDGES: dict[str, tuple[float, float, int]] = {
     "sigma": (0.0, 400.0, 20),
 }
 LABEL_CUTS = {"log_ssfr": "ssfr_ok", "d_bpt": "bpt_ok", "ebv_gas": "ssfr_ok"}
-
-
-def _fixed(values: np.ndarray, width: int) -> pa.Array:
-    flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).ravel(), type=pa.float32())
-    return pa.FixedSizeListArray.from_arrays(flat, width)
 
 
 def assign_table(model: Desom, table: pa.Table, norm: np.ndarray,
@@ -154,9 +149,9 @@ def _write_nodes(writer: Writer, model: Desom, model_id: str, counts: np.ndarray
         "row": pa.array((nodes // cfg.map_cols).astype(np.int16)),
         "col": pa.array((nodes % cfg.map_cols).astype(np.int16)),
         "n_members": pa.array(counts),
-        "prototype": _fixed(protos.cpu().numpy(), cfg.latent),
-        "decoded": _fixed(decoded, decoded.shape[1]),
-        "coadd": _fixed(coadd, coadd.shape[1]),
+        "prototype": spectra.to_list_column(protos.cpu().numpy()),
+        "decoded": spectra.to_list_column(decoded),
+        "coadd": spectra.to_list_column(coadd),
     })
     target = f"{paths.model_dir('nodes', model_id)}/nodes.parquet"
     old = [("nodes", str(f.relative_to(writer.root)))

@@ -302,9 +302,9 @@ def process_cube(
     })
     spec = pa.table({
         **ident,
-        "flux": _fixed_list(flux_r, pa.float32()),
-        "ivar": _fixed_list(ivar_r, pa.float32()),
-        "mask": _fixed_list(mask_r, pa.uint8()),
+        "flux": spectra.to_list_column(flux_r),
+        "ivar": spectra.to_list_column(ivar_r),
+        "mask": spectra.to_list_column(mask_r, pa.uint8()),
     })
     covered = cube.good.any(axis=0)
     yy, xx = np.nonzero(covered)
@@ -319,11 +319,6 @@ def process_cube(
         agg = truth_mod.aggregate(spaxel_truth, pl.from_arrow(bin_map))  # type: ignore[arg-type]
         truth_table = agg.with_columns(pl.lit(cube.plateifu).alias("plateifu")).to_arrow()
     return CubeTables(int(covered.sum()), baxels, spec, bin_map, truth_table, bins.method)
-
-
-def _fixed_list(values: np.ndarray, typ: pa.DataType) -> pa.FixedSizeListArray:
-    flat = pa.array(np.ascontiguousarray(values).ravel(), type=typ)
-    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
 
 
 # --------------------------------------------------------------------------- the job

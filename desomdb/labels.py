@@ -254,9 +254,9 @@ def _label_task(task: dict[str, Any]) -> str:
     table = pq.read_table(task["spectra_file"])
     bax = {r["bin_id"]: r for r in task["baxels"]}
     ids = table.column("bin_id").to_numpy()
-    flux = _as_matrix(table.column("flux"))
-    ivar = _as_matrix(table.column("ivar"))
-    mask = _as_matrix(table.column("mask"))
+    flux = spectra.from_list_column(table.column("flux"))
+    ivar = spectra.from_list_column(table.column("ivar"))
+    mask = spectra.from_list_column(table.column("mask"))
     rows = []
     for i, bin_id in enumerate(ids):
         if int(bin_id) not in bax:
@@ -273,13 +273,6 @@ def _label_task(task: dict[str, Any]) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), out, compression="zstd")
     return str(out)
-
-
-def _as_matrix(col: pa.ChunkedArray) -> np.ndarray:
-    """View a fixed-size-list column as an (n, width) array without copying the values."""
-    arr = col.combine_chunks()
-    width = arr.type.list_size
-    return np.asarray(arr.values.to_numpy(zero_copy_only=False)).reshape(-1, width)
 
 
 @dataclass

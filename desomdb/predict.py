@@ -43,10 +43,8 @@ def read_spectra_file(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             raise InputDataError(f"{path}: needs columns flux and mask (float32[4544], "
                                  f"uint8[4544]) as in the archive's spectra table; missing "
                                  f"{sorted(missing)}")
-        from desomdb.labels import _as_matrix
-
-        flux = _as_matrix(t.column("flux")).astype(np.float64)
-        mask = _as_matrix(t.column("mask"))
+        flux = spectra.from_list_column(t.column("flux")).astype(np.float64)
+        mask = spectra.from_list_column(t.column("mask"))
         norm = t.column("norm_flux").to_numpy() if "norm_flux" in t.column_names \
             else spectra.norm_flux(flux, mask)
     else:
@@ -61,11 +59,7 @@ def read_spectra_file(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             raise InputDataError(f"{path}: expected HDUs WAVE, FLUX, IVAR, MASK, Z "
                                  f"(mangadap test-spectra layout): {exc}") from exc
         flux, _, mask, norm = spectra.observed_to_rest(wave, flux_o, ivar_o, bits, z)
-    w = (mask == 0).astype(np.float32)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        x = np.where((w > 0) & (norm[:, None] > 0), flux / norm[:, None], 0.0).astype(np.float32)
-    x[~np.isfinite(x)] = 0.0
-    return x, w
+    return spectra.normalise(flux, mask, np.where(norm > 0, norm, np.nan))
 
 
 def predict(archive: str | Path, spectra_file: str | Path, model_id: str | None = None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+import pyarrow as pa
 from scipy import sparse
 
 from desomdb import emission
@@ -30,6 +31,20 @@ NORM_WINDOW_AA = (4050.0, 4150.0)
 #: Observed-frame sky features masked before resampling: (low, high) vacuum Å.
 SKY_MASKS_AA = ((5573.9, 5583.9), (6297.0, 6307.0), (5886.6, 5902.6))
 MIN_GOOD_COVERAGE = 0.5
+
+
+def to_list_column(values: np.ndarray, typ: pa.DataType | None = None) -> pa.FixedSizeListArray:
+    """Store an (n, width) array as an Arrow fixed-size-list column (float32 by default)."""
+    typ = typ if typ is not None else pa.float32()
+    flat = pa.array(np.ascontiguousarray(values).ravel(), type=typ)
+    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+
+
+def from_list_column(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """View a fixed-size-list column as an (n, width) array (no copy for one chunk)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    width = arr.type.list_size
+    return np.asarray(arr.values.to_numpy(zero_copy_only=False)).reshape(-1, width)
 
 
 def rest_wave_aa() -> np.ndarray:
@@ -217,6 +232,29 @@ def norm_flux(flux_rest: np.ndarray, mask: np.ndarray) -> np.ndarray:
             np.where(good.any(axis=1),
                      (flux_rest[:, win] * good).sum(axis=1) / good.sum(axis=1), np.nan)
         )
+
+
+def normalise(flux: np.ndarray, mask: np.ndarray, norm: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Network input: flux / norm_flux with masked bins 0, and 0/1 weights.
+
+    Parameters
+    ----------
+    flux : ndarray, shape (n, 4544)
+    mask : ndarray, shape (n, 4544)
+        1 = masked.
+    norm : ndarray, shape (n,)
+
+    Returns
+    -------
+    x, w : ndarray, shape (n, 4544), float32
+        Non-finite values (e.g. a non-positive norm) become 0.
+    """
+    w = (mask == 0).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = np.where(w > 0, flux / np.asarray(norm)[:, None], 0.0).astype(np.float32)
+    x[~np.isfinite(x)] = 0.0
+    return x, w
 
 
 def emission_line_bins(half_width: int = 5) -> np.ndarray:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from desomdb import checkpoint, paths, views
+from desomdb import checkpoint, paths, spectra, views
 from desomdb.archive import Archive, Writer
 from desomdb.errors import ArchiveError, QueryError
 from desomdb.model import (
@@ -100,15 +100,8 @@ def spectra_files(arch: Archive) -> dict[tuple[str, str], Path]:
 
 def normalised(table: pa.Table, norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Normalised flux (masked bins 0) and weights (0 masked, 1 good), float32 (n, 4544)."""
-    from desomdb.labels import _as_matrix
-
-    flux = _as_matrix(table.column("flux"))
-    mask = _as_matrix(table.column("mask"))
-    w = (mask == 0).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        x = np.where(w > 0, flux / norm[:, None], 0.0).astype(np.float32)
-    x[~np.isfinite(x)] = 0.0
-    return x, w
+    return spectra.normalise(spectra.from_list_column(table.column("flux")),
+                             spectra.from_list_column(table.column("mask")), norm)
 
 
 def load_rows(arch: Archive, rows: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
