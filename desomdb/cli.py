@@ -375,14 +375,30 @@ def report(**_: Any) -> None:
 @main.command()
 @click.argument("archive", type=click.Path(path_type=Path))
 @_friendly_errors
-def status(**_: Any) -> None:
+def status(archive: Path) -> None:
     """Show releases, cube counts by status, pending work and models.
 
     \b
     Example:
       desomdb status /tmp/archive
     """
-    _not_yet("status", "issue 8")
+    from desomdb import status as status_mod
+
+    info = status_mod.status(archive)
+    click.echo(f"archive: {info['archive']}")
+    for release, counts in sorted(info["releases"].items()):
+        parts = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        click.echo(f"  {release}: {parts}")
+    for release, plateifu, error in info["failed_cubes"]:
+        click.echo(f"  failed {release} {plateifu}: {error}")
+    for m in info["models"]:
+        mark = "*" if m["current"] else " "
+        click.echo(f"{mark} {m['model_id']} ({m['kind']}, parent {m['parent']}, "
+                   f"{m['created_at']})")
+    if info["unassigned"] is not None:
+        click.echo(f"baxels without a node under the current model: {info['unassigned']}")
+    elif not info["models"]:
+        click.echo("no models yet: 'desomdb train ARCHIVE --use'")
 
 
 @main.group()

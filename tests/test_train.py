@@ -167,3 +167,12 @@ def test_killed_training_resumes_from_its_checkpoint(labelled_archive, tmp_path)
     assert loop["it"] == total
     its = [h["it"] for h in loop["history"]]
     assert its == sorted(set(its)) and its[0] == 0  # one history, continued, no restart
+
+
+def test_status_summarises_the_archive(trained_archive) -> None:
+    arch_path, model_id, _ = trained_archive
+    result = CliRunner().invoke(main, ["status", str(arch_path)])
+    assert result.exit_code == 0, result.output
+    assert "DR15: baxels" in result.output and "cubes_ok 2" in result.output
+    assert f"* {model_id}" in result.output
+    assert "baxels without a node under the current model: 0" in result.output
