@@ -39,8 +39,8 @@ LABEL_EDGES: dict[str, tuple[float, float, int]] = {
 LABEL_CUTS = {"log_ssfr": "ssfr_ok", "d_bpt": "bpt_ok", "ebv_gas": "ssfr_ok"}
 
 
-def assign_table(model: Desom, table: pa.Table, norm: np.ndarray,
-                 device: str = "cpu") -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
+def assign_table(model: Desom, table: pa.Table, norm: np.ndarray, device: str = "cpu",
+                 precision: str = "fp32") -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
     """Assign the spectra of one Parquet table (one cube).
 
     Returns
@@ -52,7 +52,7 @@ def assign_table(model: Desom, table: pa.Table, norm: np.ndarray,
         The normalised spectra and weights (for node co-adds).
     """
     x, w = normalised(table, norm)
-    z = encode_all(model, x, device)
+    z = encode_all(model, x, device, precision=precision)
     with torch.no_grad():
         d2 = model.sq_distances(torch.from_numpy(z).to(device)).cpu().numpy()
     best, second = bmu_and_runner_up(d2)
@@ -72,7 +72,7 @@ def assign_table(model: Desom, table: pa.Table, norm: np.ndarray,
 
 
 def assign(archive: str | Path, model_id: str | None = None, device: str = "cpu",
-           progress: bool = True) -> dict[str, Any]:
+           progress: bool = True, precision: str = "fp32") -> dict[str, Any]:
     """Assign every baxel of every release with a DESOM-1 model; write nodes/node_labels.
 
     Resumable: cubes already assigned under this model are not re-encoded (their rows are
@@ -113,7 +113,7 @@ def assign(archive: str | Path, model_id: str | None = None, device: str = "cpu"
                 best = pq.read_table(done[name], columns=["node"]).column("node").to_numpy()
                 x, w = normalised(table, norm)
             else:
-                rows, best, x, w = assign_table(model, table, norm, device)
+                rows, best, x, w = assign_table(model, table, norm, device, precision)
                 rows = rows.append_column("plateifu", pa.array([plateifu] * rows.num_rows))
                 rows = rows.append_column("release", pa.array([release] * rows.num_rows))
                 pending.append(writer.stage_table(

@@ -209,8 +209,10 @@ def train(archive: Path, config: Path | None, preset: str, where: str, seed: int
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.option("--model", "model_id", help="model id (default: the current model)")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32",
+              show_default=True, help="bf16 autocast: faster encoding, latents within ~0.5 %")
 @_friendly_errors
-def assign(archive: Path, model_id: str | None, device: str) -> None:
+def assign(archive: Path, model_id: str | None, device: str, precision: str) -> None:
     """Assign every baxel to its best-matching node of a DESOM-1 model.
 
     Also writes the nodes (prototypes, decoded and co-added spectra) and
@@ -222,7 +224,7 @@ def assign(archive: Path, model_id: str | None, device: str) -> None:
     """
     from desomdb import assign as assign_mod
 
-    out = assign_mod.assign(archive, model_id, device=device)
+    out = assign_mod.assign(archive, model_id, device=device, precision=precision)
     click.echo(f"{out['model_id']}: {out['n_assigned']} baxels in {out['n_cubes']} cubes "
                f"({out['n_encoded']} encoded now, {out['spectra_per_s']:.0f} spectra/s)")
 

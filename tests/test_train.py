@@ -176,3 +176,23 @@ def test_status_summarises_the_archive(trained_archive) -> None:
     assert "DR15: baxels" in result.output and "cubes_ok 2" in result.output
     assert f"* {model_id}" in result.output
     assert "baxels without a node under the current model: 0" in result.output
+
+
+def test_bf16_encoding_agrees_with_fp32(trained_archive) -> None:
+    arch_path, model_id, _ = trained_archive
+    arch = Archive(arch_path)
+    m, _ = train.load_model(arch, model_id)
+    rows = train.select_training(arch, "true", 0).rows
+    x, _ = train.load_rows(arch, rows)
+    z32 = train.encode_all(m, x, "cpu")
+    z16 = train.encode_all(m, x, "cpu", precision="bf16")
+    assert z16.dtype == np.float32
+    assert np.linalg.norm(z32 - z16) / np.linalg.norm(z32) < 0.02
+    with torch.no_grad():
+        d32 = m.sq_distances(torch.from_numpy(z32)).sqrt().numpy()
+        b16 = m.sq_distances(torch.from_numpy(z16)).argmin(1).numpy()
+    # Where bf16 picks another node it is a near-tie: by the triangle inequality its fp32
+    # distance exceeds the best by at most twice the latent error.
+    rows_ = np.arange(len(b16))
+    err = np.linalg.norm(z32 - z16, axis=1)
+    assert np.all(d32[rows_, b16] <= d32.min(axis=1) + 2 * err + 1e-5)
