@@ -364,14 +364,20 @@ def sql(archive: Path, query: str | None, fmt: str, output: Path | None, model_i
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @_friendly_errors
-def report(**_: Any) -> None:
+def report(archive: Path, out: Path) -> None:
     """Write the paper's figures and a static HTML report.
+
+    So far: decoded prototypes (Fig. 3), per-node median labels (Fig. 5), one
+    galaxy's fingerprint and bin map (Fig. 7) and training curves.
 
     \b
     Example:
       desomdb report /tmp/archive --out /tmp/report
     """
-    _not_yet("report", "issue 9")
+    from desomdb import report as report_mod
+
+    index = report_mod.build_report(archive, out)
+    click.echo(f"report: {index}")
 
 
 @main.command()

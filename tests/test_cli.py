@@ -38,6 +38,6 @@ def test_every_command_has_help_with_an_example(path: tuple[str, ...]) -> None:
 
 
 def test_unbuilt_command_fails_clearly(tmp_path) -> None:
-    result = CliRunner().invoke(main, ["report", str(tmp_path), "--out", str(tmp_path / "r")])
+    result = CliRunner().invoke(main, ["refresh", str(tmp_path)])
     assert result.exit_code != 0
     assert "not implemented yet" in result.output
