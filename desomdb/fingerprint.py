@@ -28,7 +28,7 @@ import torch
 from desomdb import paths, views
 from desomdb.archive import Archive
 from desomdb.model import DesomConfig, bmu_and_runner_up, desom2_config
-from desomdb.train import encode_all, evaluate, fit, load_model
+from desomdb.train import encode_all, evaluate, fit, galaxy_test_split, load_model
 
 TEST_FRACTION = 0.2
 
@@ -87,15 +87,6 @@ def normalise_for_desom2(counts: np.ndarray, clip_percentile: float = 99.9) -> n
     return x.astype(np.float32)
 
 
-def _split(mangaids: list[str], seed: int) -> np.ndarray:
-    u = np.array([int(hashlib.sha256(f"d2:{seed}:{m}".encode()).hexdigest()[:8], 16) / 2**32
-                  for m in mangaids])
-    test = u < TEST_FRACTION
-    if len(u) > 1 and not test.any():
-        test[np.argmin(u)] = True
-    return test
-
-
 def _batches(x: np.ndarray, batch: int, rng: np.random.Generator
              ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     w = np.ones_like(x)
@@ -141,7 +132,7 @@ def build(archive: str | Path, model_id: str | None = None, cfg: DesomConfig | N
     cfg = cfg or desom2_config(map_rows=side, map_cols=side)
     cfg = DesomConfig.from_dict({**cfg.to_dict(),
                                  "input_shape": (m1.cfg.map_rows, m1.cfg.map_cols)})
-    test = _split(gal["mangaid"].to_list(), cfg.seed)
+    test = galaxy_test_split(gal["mangaid"].to_list(), f"d2:{cfg.seed}:", TEST_FRACTION)
     train_x = x[~test] if (~test).sum() >= 2 else x
     eval_x = x[test] if test.any() else x
     digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()

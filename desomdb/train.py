@@ -61,6 +61,20 @@ class Selection:
                 "releases": sorted(self.rows["release"].unique().to_list())}
 
 
+def galaxy_test_split(mangaids: list[str], salt: str, fraction: float) -> np.ndarray:
+    """Seeded hash split by galaxy: True for test galaxies.
+
+    A galaxy is in the test set when sha256(salt + mangaid) maps below ``fraction``; with
+    more than one galaxy at least one is always held out.
+    """
+    u = np.array([int(hashlib.sha256(f"{salt}{m}".encode()).hexdigest()[:8], 16) / 2**32
+                  for m in mangaids])
+    test = u < fraction
+    if len(u) > 1 and not test.any():
+        test[np.argmin(u)] = True  # tiny archives: keep one galaxy out for evaluation
+    return test
+
+
 def select_training(arch: Archive, where: str = DEFAULT_WHERE, seed: int = 0) -> Selection:
     """Evaluate the training filter and split galaxies train/test by a seeded hash.
 
@@ -79,12 +93,8 @@ def select_training(arch: Archive, where: str = DEFAULT_WHERE, seed: int = 0) ->
     if df.height == 0:
         raise ArchiveError(f"{arch.root}: no baxel matches the training filter {where!r}")
     gal = df.select("mangaid").unique().sort("mangaid")
-    u = np.array([int(hashlib.sha256(f"{seed}:{m}".encode()).hexdigest()[:8], 16) / 2**32
-                  for m in gal["mangaid"]])
-    split = np.where(u < TEST_FRACTION, "test", "train")
-    if gal.height > 1 and (split == "train").all():
-        split[np.argmin(u)] = "test"  # tiny archives: keep one galaxy out for evaluation
-    gal = gal.with_columns(pl.Series("split", split))
+    test = galaxy_test_split(gal["mangaid"].to_list(), f"{seed}:", TEST_FRACTION)
+    gal = gal.with_columns(pl.Series("split", np.where(test, "test", "train")))
     return Selection(df.join(gal, on="mangaid"), where, seed)
 
 
@@ -104,6 +114,14 @@ def normalised(table: pa.Table, norm: np.ndarray) -> tuple[np.ndarray, np.ndarra
                              spectra.from_list_column(table.column("mask")), norm)
 
 
+def _cube_rows(file: Path, group: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised spectra and weights of one cube's selected baxels, in ``group`` order."""
+    t = pq.read_table(file)
+    pos = {int(b): i for i, b in enumerate(t.column("bin_id").to_numpy())}
+    return normalised(t.take([pos[int(b)] for b in group["bin_id"]]),
+                      group["norm_flux"].to_numpy())
+
+
 def load_rows(arch: Archive, rows: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Normalised spectra and weights of the given rows, in their order."""
     files = spectra_files(arch)
@@ -111,11 +129,7 @@ def load_rows(arch: Archive, rows: pl.DataFrame) -> tuple[np.ndarray, np.ndarray
     for (release, plateifu), group in rows.with_row_index("_i").group_by(
         "release", "plateifu", maintain_order=True
     ):
-        t = pq.read_table(files[(str(release), str(plateifu))])
-        ids = t.column("bin_id").to_numpy()
-        pos = {int(b): k for k, b in enumerate(ids)}
-        take = [pos[int(b)] for b in group["bin_id"]]
-        x, w = normalised(t.take(take), group["norm_flux"].to_numpy())
+        x, w = _cube_rows(files[(str(release), str(plateifu))], group)
         xs.append(x)
         ws.append(w)
         order.append(group["_i"].to_numpy())
@@ -137,10 +151,7 @@ def stream_batches(arch: Archive, rows: pl.DataFrame, batch_size: int, rng: np.r
         for j, k in enumerate(order):
             release, plateifu = keys[k]
             group = groups[keys[k]]
-            t = pq.read_table(files[(str(release), str(plateifu))])
-            pos = {int(b): i for i, b in enumerate(t.column("bin_id").to_numpy())}
-            x, w = normalised(t.take([pos[int(b)] for b in group["bin_id"]]),
-                              group["norm_flux"].to_numpy())
+            x, w = _cube_rows(files[(str(release), str(plateifu))], group)
             buf_x.append(x)
             buf_w.append(w)
             n_buf += len(x)

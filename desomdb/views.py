@@ -157,7 +157,9 @@ def setup_sql(archive: str | Path) -> str:
              "-- Run from inside the archive folder (file paths are relative to it)."]
     lines += [s + ";" for s in _statements(arch, current_model(arch), relative=True)]
     defs = view_sql()
-    con = connect(arch.root)
+    con = duckdb.connect(":memory:")
+    for stmt in _statements(arch, current_model(arch), relative=False):
+        con.execute(stmt)
     made = _create_views(con, {t for t in paths.TABLES if arch.files(t)})
     lines += [f"create or replace view {name} as {defs[name].strip()};" for name in made]
     return "\n".join(lines) + "\n"
