@@ -69,21 +69,26 @@ def main() -> None:
 @click.option("--scheduler", help="Dask scheduler address tcp://HOST:PORT")
 @click.option("--ifu-sizes", default="19,37,61,91,127", show_default=True,
               help="comma-separated IFU fibre counts to draw from")
+@click.option("--previous", help="make this the next release of OUT/PREVIOUS (same --seed): "
+              "its galaxies first, some cubes re-processed, the rest copied unchanged")
+@click.option("--reprocess", type=float, default=0.25, show_default=True,
+              help="with --previous: fraction of its cubes re-processed (new checksum)")
 @_friendly_errors
 def mock(out: Path, n_galaxies: int, release: str, seed: int, workers: int,
-         scheduler: str | None, ifu_sizes: str) -> None:
+         scheduler: str | None, ifu_sizes: str, previous: str | None, reprocess: float) -> None:
     """Generate a mock MaNGA survey (DRP LOGCUBEs + drpall + truth) with known labels.
 
     \b
     Example:
       desomdb mock /tmp/survey --galaxies 20 --release DR15 --seed 1
+      desomdb mock /tmp/survey --galaxies 30 --release DR17 --seed 1 --previous DR15
     """
     import desomdb.mock as mock_mod
 
     sizes = tuple(int(s) for s in ifu_sizes.split(",") if s.strip())
     result = mock_mod.generate_survey(
         out, n_galaxies=n_galaxies, release=release, seed=seed, workers=workers,
-        ifu_sizes=sizes, scheduler=scheduler,
+        ifu_sizes=sizes, scheduler=scheduler, previous=previous, reprocess=reprocess,
     )
     click.echo(f"wrote {result.n_cubes} cubes to {result.release_dir}")
     click.echo(f"drpall: {result.drpall_path}")

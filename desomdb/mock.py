@@ -23,11 +23,13 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from astropy.cosmology import FlatLambdaCDM
 from astropy.io import fits
@@ -70,8 +72,16 @@ def generate_survey(
     ifu_sizes: tuple[int, ...] = (19, 37, 61, 91, 127),
     scheduler: str | None = None,
     progress: bool = True,
+    previous: str | None = None,
+    reprocess: float = 0.25,
 ) -> SurveyResult:
     """Write a mock survey of ``n_galaxies`` cubes with known truth.
+
+    With ``previous`` the survey is the next data release of an earlier one written to the
+    same ``out`` with the same ``seed``: its galaxies come first (same plateifu and
+    mangaid); a fraction ``reprocess`` of their cubes is re-rendered in this release's format
+    with a new noise realisation (a reprocessed cube: new checksum), the rest are copied byte
+    for byte (unchanged cubes), and the remaining ``n_galaxies - n_previous`` galaxies are new.
 
     Parameters
     ----------
@@ -91,10 +101,19 @@ def generate_survey(
         Dask scheduler address ``tcp://HOST:PORT``.
     progress : bool
         Show a progress bar.
+    previous : str, optional
+        Name of the earlier release folder under ``out`` (e.g. ``DR15``).
+    reprocess : float
+        Fraction (0-1) of the previous release's cubes to re-process.
 
     Returns
     -------
     SurveyResult
+
+    Raises
+    ------
+    ConfigError
+        Bad sizes, or a ``previous`` release that is missing or was drawn with another seed.
     """
     rel = manga.release(release)
     if n_galaxies < 1:
@@ -108,14 +127,20 @@ def generate_survey(
     release_dir = Path(out) / rel.name
     release_dir.mkdir(parents=True, exist_ok=True)
     params = [draw_galaxy(i, seed, tuple(ifu_sizes)) for i in range(n_galaxies)]
-    tasks = [(p, str(release_dir), rel.name) for p in params]
+    variants = [0] * n_galaxies
+    copied: list[pa.Table] = []
+    if previous is not None:
+        variants, copied = _next_release(Path(out), manga.release(previous), rel, params,
+                                         seed, reprocess)
+    tasks = [(p, str(release_dir), rel.name, v) for p, v in zip(params, variants, strict=True)
+             if v >= 0]
     report = runner.run_tasks(
         _render_task, tasks, workers=workers, scheduler=scheduler,
         desc=f"mock {rel.name} cubes", progress=progress,
-        labels=[p.plateifu for p in params],
+        labels=[t[0].plateifu for t in tasks],
     )
     report.raise_if_failed("mock survey generation")
-    truth = pa.concat_tables(report.results)
+    truth = pa.concat_tables([*copied, *report.results], promote_options="default")
     truth_path = release_dir / f"truth-{rel.name}.parquet"
     _atomic_parquet(truth, truth_path)
     drpall_path = release_dir / rel.drpall_name
@@ -123,16 +148,64 @@ def generate_survey(
     return SurveyResult(release_dir, drpall_path, truth_path, len(params))
 
 
-def _render_task(task: tuple[GalaxyParams, str, str]) -> pa.Table:
-    p, release_dir, release_name = task
-    path = Path(release_dir) / str(p.plate) / "stack" / manga.cube_filename(p.plate, p.ifudsgn)
-    hdul, truth = render_cube(p, manga.release(release_name))
-    write_cube(hdul, path)
+def _cube_path(release_dir: Path, p: GalaxyParams) -> Path:
+    return release_dir / str(p.plate) / "stack" / manga.cube_filename(p.plate, p.ifudsgn)
+
+
+def _next_release(out: Path, prev: manga.Release, rel: manga.Release,
+                  params: list[GalaxyParams], seed: int, reprocess: float
+                  ) -> tuple[list[int], list[pa.Table]]:
+    """Copy the unchanged cubes of ``prev``; say which to re-render (variant 1) or render (0).
+
+    Returns the per-galaxy variant (-1: copied) and the copied cubes' truth rows.
+    """
+    prev_dir = out / prev.name
+    drpall_path = prev_dir / prev.drpall_name
+    if prev.name == rel.name or not drpall_path.exists():
+        raise ConfigError(
+            f"{drpall_path}: no earlier mock release {prev.name!r} in {out}; write it first "
+            f"with 'desomdb mock {out} --release {prev.name} --seed {seed}'"
+        )
+    if not 0.0 <= reprocess <= 1.0:
+        raise ConfigError(f"--reprocess must be a fraction in 0-1, got {reprocess}")
+    old = [str(v) for v in Table.read(drpall_path)["plateifu"]]
+    if len(old) > len(params) or old != [p.plateifu for p in params[: len(old)]]:
+        raise ConfigError(
+            f"{drpall_path}: its {len(old)} galaxies are not the first galaxies of seed {seed}; "
+            f"use the previous release's --seed and --galaxies >= {len(old)}"
+        )
+    rng = np.random.default_rng([seed, 99])
+    n_re = int(round(reprocess * len(old)))
+    redo = set(rng.choice(len(old), size=n_re, replace=False).tolist()) if n_re else set()
+    variants = [1 if i in redo else -1 for i in range(len(old))] + [0] * (len(params) - len(old))
+    prev_truth = pq.read_table(prev_dir / f"truth-{prev.name}.parquet")
+    copied = []
+    for i in range(len(old)):
+        if variants[i] != -1:
+            continue
+        src, dst = _cube_path(prev_dir, params[i]), _cube_path(out / rel.name, params[i])
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
+        shutil.copyfile(src, tmp)
+        tmp.replace(dst)
+        rows = prev_truth.filter(pc.equal(prev_truth.column("plateifu"), params[i].plateifu))
+        copied.append(rows.set_column(rows.schema.get_field_index("release"), "release",
+                                      pa.array([rel.name] * rows.num_rows)))
+    return variants, copied
+
+
+def _render_task(task: tuple[GalaxyParams, str, str, int]) -> pa.Table:
+    p, release_dir, release_name, variant = task
+    hdul, truth = render_cube(p, manga.release(release_name), variant)
+    write_cube(hdul, _cube_path(Path(release_dir), p))
     return truth
 
 
-def render_cube(p: GalaxyParams, rel: manga.Release) -> tuple[fits.HDUList, pa.Table]:
+def render_cube(p: GalaxyParams, rel: manga.Release,
+                variant: int = 0) -> tuple[fits.HDUList, pa.Table]:
     """Render one galaxy into a LOGCUBE HDU list and its per-spaxel truth table.
+
+    ``variant`` > 0 draws another noise realisation of the same galaxy (a re-processed cube).
 
     Returns
     -------
@@ -143,7 +216,7 @@ def render_cube(p: GalaxyParams, rel: manga.Release) -> tuple[fits.HDUList, pa.T
         One row per covered spaxel (see :mod:`desomdb.mock_galaxy` for units).
     """
     lib = templates.load()
-    rng = np.random.default_rng([p.seed, p.index, 2])
+    rng = np.random.default_rng([p.seed, p.index, 2] + ([variant] if variant else []))
     n_grid, hex_diam = manga.IFU_GEOMETRY[p.n_fibres]
     wave = manga.wave_obs_aa()
     dra_c, ddec_c = geometry.spaxel_offsets(n_grid, n_grid)
