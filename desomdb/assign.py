@@ -3,7 +3,9 @@
 Only the encoder runs per spectrum (the authors' code also ran the decoder, ~3× slower).
 ``distance`` is the Euclidean latent distance to the best-matching prototype;
 ``is_adjacent`` says whether the runner-up node is a 4-neighbour (Manhattan distance 1).
-``node_labels`` use all assigned baxels (train and test) passing the paper's label cuts —
+Node co-adds, ``n_members`` and ``node_labels`` count each cube once, in its newest release
+(:mod:`desomdb.versions`). ``node_labels`` use all assigned baxels (train and test) passing
+the paper's label cuts —
 chi2_red < 2; sSFR also Hα S/N > 2; d_BPT also all four lines at S/N > 2 — with histogram
 edges fixed per label so node PDFs are comparable.
 """
@@ -20,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from desomdb import paths, spectra, views
+from desomdb import paths, spectra, versions, views
 from desomdb.archive import Archive, StagedFile, Writer
 from desomdb.model import Desom, bmu_and_runner_up
 from desomdb.train import encode_all, load_model, normalised, spectra_files
@@ -98,12 +100,19 @@ def assign(archive: str | Path, model_id: str | None = None, device: str = "cpu"
     counts = np.zeros(n_nodes, dtype=np.int64)
     t0 = time.perf_counter()
     n_encoded = 0
+    current = set(versions.latest_cubes(arch).iter_rows())
     with arch.writer("desomdb assign") as writer:
         done = {f.name: f for f in arch.files("assignments", model_id=model_id)}
+        by_content: dict[str, Path] = {}  # spectra file name -> an assignment of it
+        for name, f in done.items():
+            by_content.setdefault(name.split("-", 1)[1], f)
         pending: list[StagedFile] = []
         for (release, plateifu), f in tqdm(sorted(files.items()), desc=f"assign {model_id}",
                                            disable=not progress, unit="cube"):
             name = f"release={release}-{f.name}"
+            latest = (release, plateifu) in current
+            if name in done and not latest:
+                continue  # an older version: assigned, and not part of the node co-adds
             table = pq.read_table(f)
             g = norms[(release, plateifu)]
             pos = {int(b): i for i, b in enumerate(g["bin_id"])}
@@ -112,6 +121,13 @@ def assign(archive: str | Path, model_id: str | None = None, device: str = "cpu"
             if name in done:
                 best = pq.read_table(done[name], columns=["node"]).column("node").to_numpy()
                 x, w = normalised(table, norm)
+            elif f.name in by_content:  # the same spectra carried over from another release
+                rows = pq.read_table(by_content[f.name]).drop_columns(["release"])
+                rows = rows.append_column("release", pa.array([release] * rows.num_rows))
+                best = rows.column("node").to_numpy()
+                x, w = normalised(table, norm)
+                pending.append(writer.stage_table(
+                    "assignments", rows, f"{paths.model_dir('assignments', model_id)}/{name}"))
             else:
                 rows, best, x, w = assign_table(model, table, norm, device, precision)
                 rows = rows.append_column("plateifu", pa.array([plateifu] * rows.num_rows))
@@ -119,12 +135,13 @@ def assign(archive: str | Path, model_id: str | None = None, device: str = "cpu"
                 pending.append(writer.stage_table(
                     "assignments", rows, f"{paths.model_dir('assignments', model_id)}/{name}"))
                 n_encoded += rows.num_rows
-                if len(pending) >= 32:
-                    writer.commit(add=pending)
-                    pending = []
-            np.add.at(sum_x, best, x * w)
-            np.add.at(sum_w, best, w)
-            counts += np.bincount(best, minlength=n_nodes)
+            if len(pending) >= 32:
+                writer.commit(add=pending)
+                pending = []
+            if latest:
+                np.add.at(sum_x, best, x * w)
+                np.add.at(sum_w, best, w)
+                counts += np.bincount(best, minlength=n_nodes)
         if pending:
             writer.commit(add=pending)
         seconds = time.perf_counter() - t0
@@ -201,6 +218,7 @@ def _write_node_labels(writer: Writer, arch: Archive, model_id: str) -> None:
                                 model_id=model_id))
     lab = pl.from_arrow(arch.read("labels"))
     assert isinstance(a, pl.DataFrame) and isinstance(lab, pl.DataFrame)
-    table = node_label_table(a.drop("model_id", strict=False), lab)
+    a = versions.keep_latest(arch, a.drop("model_id", strict=False))
+    table = node_label_table(a, lab)
     target = f"{paths.model_dir('node_labels', model_id)}/node_labels.parquet"
     writer.commit(add=[writer.stage_table("node_labels", table.to_arrow(), target)])

@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
-from desomdb import paths, views
-from desomdb.archive import Archive
-from desomdb.model import DesomConfig, bmu_and_runner_up, desom2_config
+from desomdb import paths, versions, views
+from desomdb.archive import Archive, StagedFile, Writer
+from desomdb.model import Desom, DesomConfig, bmu_and_runner_up, desom2_config
 from desomdb.train import encode_all, evaluate, fit, galaxy_test_split, load_model
 
 TEST_FRACTION = 0.2
@@ -67,8 +68,9 @@ def fingerprint_matrix(assignments: pl.DataFrame, baxels: pl.DataFrame,
     return gal, counts, radius
 
 
-def normalise_for_desom2(counts: np.ndarray, clip_percentile: float = 99.9) -> np.ndarray:
-    """Normalise as the paper: per-node clip and 0-1 scaling, then per-galaxy 0-1.
+def normalisation_stats(counts: np.ndarray,
+                        clip_percentile: float = 99.9) -> dict[str, list[float]]:
+    """Per-node constants of the paper's normalisation, from the galaxies a DESOM-2 trains on.
 
     Parameters
     ----------
@@ -76,15 +78,55 @@ def normalise_for_desom2(counts: np.ndarray, clip_percentile: float = 99.9) -> n
 
     Returns
     -------
-    ndarray, shape (n_galaxies, n_nodes), float32, values in [0, 1]
+    dict
+        ``clip`` (the per-node ``clip_percentile`` over galaxies), ``lo`` and ``hi`` (the
+        per-node range after clipping), each a list of n_nodes floats. Stored with the DESOM-2
+        so that galaxies added later are normalised exactly like its training galaxies.
     """
     x = counts.astype(np.float64)
-    x = np.minimum(x, np.percentile(x, clip_percentile, axis=0)[None, :])
-    lo, hi = x.min(axis=0), x.max(axis=0)
-    x = np.where(hi > lo, (x - lo) / np.where(hi > lo, hi - lo, 1), 0.0)
+    clip = np.percentile(x, clip_percentile, axis=0)
+    x = np.minimum(x, clip[None, :])
+    return {"clip": clip.tolist(), "lo": x.min(axis=0).tolist(), "hi": x.max(axis=0).tolist()}
+
+
+def normalise_for_desom2(counts: np.ndarray, stats: dict[str, list[float]] | None = None,
+                         clip_percentile: float = 99.9) -> np.ndarray:
+    """Normalise as the paper: per-node clip and 0-1 scaling, then per-galaxy 0-1.
+
+    Parameters
+    ----------
+    counts : ndarray, shape (n_galaxies, n_nodes)
+    stats : dict, optional
+        Per-node constants from :func:`normalisation_stats` (default: from ``counts``).
+        Values of new galaxies outside the stored range are clipped to 0-1.
+    clip_percentile : float
+
+    Returns
+    -------
+    ndarray, shape (n_galaxies, n_nodes), float32, values in [0, 1]
+    """
+    stats = stats or normalisation_stats(counts, clip_percentile)
+    clip, lo, hi = (np.asarray(stats[k]) for k in ("clip", "lo", "hi"))
+    x = np.minimum(counts.astype(np.float64), clip[None, :])
+    x = np.where(hi > lo, np.clip((x - lo) / np.where(hi > lo, hi - lo, 1), 0, 1), 0.0)
     glo, ghi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
     x = np.where(ghi > glo, (x - glo) / np.where(ghi > glo, ghi - glo, 1), 0.0)
     return x.astype(np.float32)
+
+
+def galaxy_counts(arch: Archive, model_id: str, n_nodes: int
+                  ) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
+    """Fingerprint counts of every galaxy under a DESOM-1 model (see :func:`fingerprint_matrix`).
+
+    Each cube is used once, in its newest release (:mod:`desomdb.versions`).
+    """
+    a = pl.from_arrow(arch.read("assignments", columns=["release", "plateifu", "bin_id", "node"],
+                                model_id=model_id))
+    b = pl.from_arrow(arch.read("baxels", columns=["release", "plateifu", "bin_id", "mangaid",
+                                                   "radius_re"]))
+    assert isinstance(a, pl.DataFrame) and isinstance(b, pl.DataFrame)
+    a = versions.keep_latest(arch, a.drop("model_id", strict=False))
+    return fingerprint_matrix(a, b, n_nodes)
 
 
 def _batches(x: np.ndarray, batch: int, rng: np.random.Generator
@@ -120,14 +162,9 @@ def build(archive: str | Path, model_id: str | None = None, cfg: DesomConfig | N
     arch = Archive(archive)
     model_id = views.resolve_model(arch, model_id)
     m1, _ = load_model(arch, model_id, device)
-    a = pl.from_arrow(arch.read("assignments", columns=["release", "plateifu", "bin_id", "node"],
-                                model_id=model_id))
-    b = pl.from_arrow(arch.read("baxels", columns=["release", "plateifu", "bin_id", "mangaid",
-                                                   "radius_re"]))
-    assert isinstance(a, pl.DataFrame) and isinstance(b, pl.DataFrame)
-    gal, counts, radius = fingerprint_matrix(a.drop("model_id", strict=False), b,
-                                             m1.cfg.n_nodes)
-    x = normalise_for_desom2(counts)
+    gal, counts, radius = galaxy_counts(arch, model_id, m1.cfg.n_nodes)
+    stats = normalisation_stats(counts)
+    x = normalise_for_desom2(counts, stats)
     side = int(np.clip(np.sqrt(gal.height / 4), 2, 10))
     cfg = cfg or desom2_config(map_rows=side, map_cols=side)
     cfg = DesomConfig.from_dict({**cfg.to_dict(),
@@ -140,7 +177,6 @@ def build(archive: str | Path, model_id: str | None = None, cfg: DesomConfig | N
     d2_id = f"desom2-{digest}"
     torch.manual_seed(cfg.seed)
     from desomdb import checkpoint
-    from desomdb.model import Desom
 
     with arch.writer("desomdb fingerprints") as writer:
         m2 = Desom(cfg).to(device)
@@ -153,34 +189,12 @@ def build(archive: str | Path, model_id: str | None = None, cfg: DesomConfig | N
                                    evaluate(m2, eval_x, np.ones_like(eval_x), device).items()}
         metrics.update(n_galaxies=int(gal.height), n_test=int(test.sum()),
                        train_seconds=loop["seconds"])
-        z = encode_all(m2, x, device)
-        with torch.no_grad():
-            d2 = m2.sq_distances(torch.from_numpy(z).to(device)).cpu().numpy()
-        best, _ = bmu_and_runner_up(d2)
         artefact, sha = checkpoint.save(m2, paths.artefact_dir(arch.root, d2_id), d2_id,
-                                        metrics, {"history": loop["history"], "parent": model_id})
+                                        metrics, {"history": loop["history"], "parent": model_id,
+                                                  "normalisation": stats})
         state.unlink(missing_ok=True)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            frac = counts / counts.sum(axis=1, keepdims=True)
-            rad = radius / radius.sum(axis=1, keepdims=True)
-        n = m1.cfg.n_nodes
-        table = pa.table({
-            "mangaid": pa.array(gal["mangaid"].to_list()),
-            "n_baxels": pa.array(gal["n_baxels"].to_numpy().astype(np.int64)),
-            "n_cubes": pa.array(gal["n_cubes"].to_numpy().astype(np.int32)),
-            "counts": pa.FixedSizeListArray.from_arrays(pa.array(counts.ravel()), n),
-            "fraction": pa.FixedSizeListArray.from_arrays(
-                pa.array(np.nan_to_num(frac).ravel().astype(np.float32)), n),
-            "radius_weighted": pa.FixedSizeListArray.from_arrays(
-                pa.array(np.nan_to_num(rad).ravel().astype(np.float32)), n),
-            "desom2_model_id": pa.array([d2_id] * gal.height),
-            "desom2_node": pa.array(best.astype(np.int16)),
-            "desom2_row": pa.array((best // cfg.map_cols).astype(np.int16)),
-            "desom2_col": pa.array((best % cfg.map_cols).astype(np.int16)),
-            "split": pa.array(np.where(test, "test", "train")),
-        })
-        fp = writer.stage_table("fingerprints", table,
-                                f"{paths.model_dir('fingerprints', model_id)}/fingerprints.parquet")
+        fp = _stage_fingerprints(writer, model_id, d2_id, m2, gal, counts, radius, stats,
+                                 test, device)
         row = {"kind": "desom2", "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "config": json.dumps(cfg.to_dict(), sort_keys=True),
                "data_spec": json.dumps({"fingerprints_of": model_id,
@@ -196,6 +210,96 @@ def build(archive: str | Path, model_id: str | None = None, cfg: DesomConfig | N
                                  f"{paths.model_dir('models', d2_id)}/model.parquet")
         writer.commit(add=[fp, reg])
     return d2_id
+
+
+def _stage_fingerprints(writer: Writer, model_id: str, d2_id: str, m2: Desom,
+                        gal: pl.DataFrame, counts: np.ndarray, radius: np.ndarray,
+                        stats: dict[str, list[float]], test: np.ndarray,
+                        device: str) -> StagedFile:
+    """Assign galaxies to the DESOM-2 and stage the fingerprints table of ``model_id``."""
+    x = normalise_for_desom2(counts, stats)
+    z = encode_all(m2, x, device)
+    with torch.no_grad():
+        d2 = m2.sq_distances(torch.from_numpy(z).to(device)).cpu().numpy()
+    best, _ = bmu_and_runner_up(d2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = counts / counts.sum(axis=1, keepdims=True)
+        rad = radius / radius.sum(axis=1, keepdims=True)
+    n = counts.shape[1]
+    cols = m2.cfg.map_cols
+    table = pa.table({
+        "mangaid": pa.array(gal["mangaid"].to_list()),
+        "n_baxels": pa.array(gal["n_baxels"].to_numpy().astype(np.int64)),
+        "n_cubes": pa.array(gal["n_cubes"].to_numpy().astype(np.int32)),
+        "counts": pa.FixedSizeListArray.from_arrays(pa.array(counts.ravel()), n),
+        "fraction": pa.FixedSizeListArray.from_arrays(
+            pa.array(np.nan_to_num(frac).ravel().astype(np.float32)), n),
+        "radius_weighted": pa.FixedSizeListArray.from_arrays(
+            pa.array(np.nan_to_num(rad).ravel().astype(np.float32)), n),
+        "desom2_model_id": pa.array([d2_id] * gal.height),
+        "desom2_node": pa.array(best.astype(np.int16)),
+        "desom2_row": pa.array((best // cols).astype(np.int16)),
+        "desom2_col": pa.array((best % cols).astype(np.int16)),
+        "split": pa.array(np.where(test, "test", "train")),
+    })
+    return writer.stage_table("fingerprints", table,
+                              f"{paths.model_dir('fingerprints', model_id)}/fingerprints.parquet")
+
+
+def update(archive: str | Path, model_id: str | None = None, device: str = "cpu"
+           ) -> dict[str, Any]:
+    """Recompute a DESOM-1 model's fingerprints and assign them to its existing DESOM-2.
+
+    For an archive that gained cubes (``desomdb refresh``): no retraining; new galaxies are
+    normalised with the DESOM-2's stored constants and mapped by its encoder, and galaxies
+    whose cubes did not change keep identical rows. The DESOM-2 is the one named in the
+    model's current fingerprints table.
+
+    Returns
+    -------
+    dict
+        ``desom2_model_id``, ``n_galaxies``, ``n_new`` (galaxies not fingerprinted before),
+        ``n_changed`` (galaxies whose counts changed), ``n_moved`` (of those before: DESOM-2
+        node changed). Empty when the model has no fingerprints yet.
+
+    Raises
+    ------
+    ModelError
+        If the DESOM-2 was saved without its normalisation constants (rebuild it with
+        ``desomdb fingerprints``).
+    """
+    from desomdb.errors import ModelError
+
+    arch = Archive(archive)
+    model_id = views.resolve_model(arch, model_id)
+    if not arch.files("fingerprints", model_id=model_id):
+        return {}
+    old = pl.from_arrow(arch.read("fingerprints", columns=["mangaid", "counts", "desom2_model_id",
+                                                           "desom2_node"], model_id=model_id))
+    assert isinstance(old, pl.DataFrame)
+    d2_id = str(old["desom2_model_id"][0])
+    m1, _ = load_model(arch, model_id, device)
+    m2, meta = load_model(arch, d2_id, device)
+    stats = meta["extra"].get("normalisation")
+    if stats is None:
+        raise ModelError(f"{d2_id}: saved without its fingerprint normalisation; rebuild it "
+                         f"with 'desomdb fingerprints {arch.root}'")
+    gal, counts, radius = galaxy_counts(arch, model_id, m1.cfg.n_nodes)
+    test = galaxy_test_split(gal["mangaid"].to_list(), f"d2:{m2.cfg.seed}:", TEST_FRACTION)
+    with arch.writer("desomdb fingerprints --update") as writer:
+        fp = _stage_fingerprints(writer, model_id, d2_id, m2, gal, counts, radius, stats,
+                                 test, device)
+        new = pl.from_arrow(pq.read_table(fp.staged, columns=["mangaid", "counts",
+                                                               "desom2_node"]))
+        writer.commit(add=[fp])
+    assert isinstance(new, pl.DataFrame)
+    both = new.join(old, on="mangaid", how="left", suffix="_old")
+    before = both.filter(pl.col("desom2_node_old").is_not_null())
+    changed = sum(1 for a, b in zip(before["counts"], before["counts_old"], strict=True)
+                  if list(a) != list(b))
+    return {"desom2_model_id": d2_id, "n_galaxies": new.height,
+            "n_new": new.height - before.height, "n_changed": changed,
+            "n_moved": int((before["desom2_node"] != before["desom2_node_old"]).sum())}
 
 
 def separation_report(archive: str | Path, model_id: str | None = None) -> dict[str, Any]:

@@ -10,6 +10,8 @@ paper's release-wide quality flags.
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
@@ -19,11 +21,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from astropy.table import Table
 from scipy import sparse
 
-from desomdb import binning, dust, geometry, manga, paths, runner, spectra
+from desomdb import binning, dust, geometry, manga, paths, runner, spectra, versions
 from desomdb import truth as truth_mod
 from desomdb._version import __version__
 from desomdb.archive import Archive, StagedFile, Writer
@@ -65,6 +68,13 @@ class IngestJob:
     cubes_per_task: int = 2
     scheduler: str | None = None
     config: IngestConfig = field(default_factory=IngestConfig)
+    #: Carry cubes unchanged since an earlier release over (same checksum and drpall inputs)
+    #: instead of processing them again.
+    reuse: bool = True
+
+
+#: Keys of a job file's ``[refresh]`` section (read by :func:`desomdb.refresh.load_job`).
+REFRESH_KEYS = ("retrain", "label_max_per_cube", "device", "fingerprints")
 
 
 def load_job(path: str | Path) -> IngestJob:
@@ -89,9 +99,10 @@ def load_job(path: str | Path) -> IngestJob:
             f"{path}: unknown section(s) {sorted(unknown)}; allowed {sorted(allowed)}"
         )
     job_keys = {"release", "cubes", "drpall", "truth"}
-    run_keys = {"workers", "cubes_per_task", "scheduler"}
+    run_keys = {"workers", "cubes_per_task", "scheduler", "reuse"}
     cfg_keys = {f.name for f in fields(IngestConfig)}
-    sections = {"job": job_keys, "run": run_keys, "binning": cfg_keys, "quality": cfg_keys}
+    sections = {"job": job_keys, "run": run_keys, "binning": cfg_keys, "quality": cfg_keys,
+                "refresh": set(REFRESH_KEYS)}
     for section, keys in sections.items():
         bad = set(data.get(section, {})) - keys
         if bad:
@@ -119,6 +130,7 @@ def load_job(path: str | Path) -> IngestJob:
         cubes_per_task=int(run.get("cubes_per_task", 2)),
         scheduler=run.get("scheduler"),
         config=cfg,
+        reuse=bool(run.get("reuse", True)),
     )
 
 
@@ -330,6 +342,7 @@ class IngestReport:
     n_found: int
     n_ingested: int = 0
     n_skipped: int = 0
+    n_carried: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     n_baxels: int = 0
 
@@ -352,6 +365,11 @@ def _cube_task(task: dict[str, Any]) -> list[dict[str, Any]]:
             outcome["checksum"] = checksum
             if item.get("existing_checksum") == checksum:
                 outcome["status"] = "skipped"
+                out.append(outcome)
+                continue
+            carry = item.get("carry")
+            if carry and carry["checksum"] == checksum and _same_drp(carry["drp"], item["drp"]):
+                outcome.update(status="carried", from_release=carry["release"])
                 out.append(outcome)
                 continue
             cube = read_cube(path)
@@ -420,6 +438,7 @@ def ingest(
 
     with arch.writer("desomdb ingest") as writer:
         existing = _existing_cubes(arch, rel)
+        carry = _carry_sources(arch, rel) if job.reuse else {}
         staging = writer.staging_dir("ingest")
         items: list[dict[str, Any]] = []
         for path in cube_paths:
@@ -430,6 +449,7 @@ def ingest(
                 "plateifu": plateifu,
                 "drp": drpall.get(plateifu),
                 "existing_checksum": prev["checksum"] if prev and prev["status"] == "ok" else None,
+                "carry": carry.get(plateifu),
             })
         size = max(1, job.cubes_per_task)
         batches = [items[i : i + size] for i in range(0, len(items), size)]
@@ -477,6 +497,74 @@ def _existing_cubes(arch: Archive, release: str) -> dict[str, dict[str, Any]]:
     return {r["plateifu"]: r for r in t.to_pylist()}
 
 
+DRP_KEYS_USED = ("z", "nsa_elpetro_phi", "nsa_elpetro_ba", "nsa_elpetro_th50_r")
+
+
+def _same_drp(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Whether two drpall rows agree on every column the ingest uses."""
+    if a is None or b is None:
+        return False
+    return all(np.isclose(float(a[k]), float(b[k]), rtol=1e-9, atol=0) for k in DRP_KEYS_USED)
+
+
+def _carry_sources(arch: Archive, release: str) -> dict[str, dict[str, Any]]:
+    """Per plateifu, its newest successfully ingested version in another release.
+
+    A cube of the new release with the same checksum and the same drpall inputs is carried
+    over from there (rows copied, files hard-linked) instead of being processed again.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for rel in versions.release_order(arch):
+        if rel == release or not arch.files("galaxies", release=rel):
+            continue
+        cubes = arch.read("cubes", columns=["plateifu", "checksum", "status"], release=rel)
+        gal = {r["plateifu"]: r for r in arch.read(
+            "galaxies", columns=["plateifu", *DRP_KEYS_USED], release=rel).to_pylist()}
+        for row in cubes.to_pylist():
+            if row["status"] == "ok" and row["plateifu"] in gal:
+                out[row["plateifu"]] = {"release": rel, "checksum": row["checksum"],
+                                        "drp": gal[row["plateifu"]]}
+    return out
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link an immutable committed file into staging (copy where links are refused)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _carry_files(writer: Writer, release: str, o: dict[str, Any]) -> tuple[list[StagedFile],
+                                                                            dict[str, Any]]:
+    """Stage an unchanged cube's rows of its source release under ``release``.
+
+    Returns the staged files and the source ``cubes`` row.
+    """
+    arch = writer.archive
+    src, plateifu = o["from_release"], o["plateifu"]
+    name = paths.cube_part_name(plateifu, o["checksum"])
+    unit = writer.staging_dir(f"carry/{plateifu}")
+    staged: list[StagedFile] = []
+    only = pc.field("plateifu") == plateifu
+    for table in ("spectra", "labels"):
+        for f in arch.files(table, release=src):
+            if f.name.startswith(f"part-{plateifu}-"):
+                _link_or_copy(f, unit / f"{table}-{f.name}")
+                staged.append(StagedFile(table, f"{paths.release_dir(table, release)}/{f.name}",
+                                         unit / f"{table}-{f.name}"))
+    for table in ("baxels", "bin_map", "truth"):
+        if arch.files(table, release=src):
+            rows = arch.read(table, filter=only, release=src).drop_columns(["release"])
+            if rows.num_rows:
+                staged.append(writer.stage_table(
+                    table, rows, f"{paths.release_dir(table, release)}/{name}"))
+    source = arch.read("cubes", filter=only, release=src).drop_columns(["release"]).to_pylist()
+    return staged, source[0]
+
+
 def _commit_outcomes(
     writer: Writer, release: str, outcomes: list[dict[str, Any]], report: IngestReport
 ) -> None:
@@ -492,6 +580,14 @@ def _commit_outcomes(
         checksum = o.get("checksum", "0" * 12)
         name = paths.cube_part_name(plateifu, checksum)
         replaced.add(plateifu)
+        if o["status"] == "carried":
+            files, row = _carry_files(writer, release, o)
+            adds.extend(files)
+            row.update(source_path=o["path"], ingested_at=now, carried_from=o["from_release"])
+            adds.append(writer.stage_table("cubes", pa.Table.from_pylist([row]),
+                                           f"{paths.release_dir('cubes', release)}/{name}"))
+            report.n_carried += 1
+            continue
         for table, staged in o.get("files", {}).items():
             adds.append(StagedFile(table, f"{paths.release_dir(table, release)}/{name}",
                                    Path(staged)))
@@ -510,6 +606,7 @@ def _commit_outcomes(
             "error": o.get("error", ""),
             "ingested_at": now,
             "pipeline_version": __version__,
+            "carried_from": None,
         }
         cube_row = writer.stage_table(
             "cubes", pa.Table.from_pylist([row]),
@@ -524,6 +621,7 @@ def _commit_outcomes(
         return
     removes, rewrites = _rows_to_replace(writer, release, replaced, {a.target for a in adds})
     writer.commit(add=adds + rewrites, remove=removes)
+    shutil.rmtree(writer.root / paths.STAGING / "carry", ignore_errors=True)
 
 
 def _rows_to_replace(
@@ -550,6 +648,12 @@ def _rows_to_replace(
                     removes.append((table, rel))
                     target = f"{paths.release_dir(table, release)}/compact-{gen + 1}.parquet"
                     rewrites.append(writer.stage_table(table, keep.to_arrow(), target))
+    # Per-cube rows derived from the replaced versions (assignments under every model).
+    for f in arch.files("assignments"):
+        rel = str(f.relative_to(arch.root))
+        if rel not in new_targets and any(
+                f.name.startswith(f"release={release}-part-{p}-") for p in plateifus):
+            removes.append(("assignments", rel))
     return removes, rewrites
 
 

@@ -175,7 +175,7 @@ def _next_release(out: Path, prev: manga.Release, rel: manga.Release,
             f"use the previous release's --seed and --galaxies >= {len(old)}"
         )
     rng = np.random.default_rng([seed, 99])
-    n_re = int(round(reprocess * len(old)))
+    n_re = round(reprocess * len(old))
     redo = set(rng.choice(len(old), size=n_re, replace=False).tolist()) if n_re else set()
     variants = [1 if i in redo else -1 for i in range(len(old))] + [0] * (len(params) - len(old))
     prev_truth = pq.read_table(prev_dir / f"truth-{prev.name}.parquet")

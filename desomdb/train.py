@@ -1,7 +1,7 @@
 """Train a DESOM-1 from the archive and register it.
 
 The training set is a SQL filter over ``baxels`` (default: ``trainable``, i.e. the paper's
-cuts). Galaxies (mangaid) are split train/test with a seeded hash, so no galaxy is in both;
+cuts), each cube in its newest release only (``latest_cubes``). Galaxies (mangaid) are split train/test with a seeded hash, so no galaxy is in both;
 the split is stored in ``splits``. Spectra stream from the per-cube Parquet files in
 shuffled chunks (bounded memory). A killed run resumes from its last checkpoint.
 """
@@ -87,7 +87,8 @@ def select_training(arch: Archive, where: str = DEFAULT_WHERE, seed: int = 0) ->
     """
     con = views.connect(arch.root)
     rel = views.query(
-        con, f"select release, plateifu, bin_id, mangaid, norm_flux from baxels where {where}"
+        con, "select release, plateifu, bin_id, mangaid, norm_flux from baxels "
+        f"semi join latest_cubes using (release, plateifu) where {where}"
     )
     df = rel.pl()
     if df.height == 0:

@@ -15,7 +15,7 @@ from desomdb.errors import QueryError
 SQL = Path(__file__).parent.parent / "sql"
 PUBLIC = ["cubes", "galaxies", "baxels", "spectra", "bin_map", "labels", "models", "nodes",
           "assignments", "node_labels", "fingerprints", "splits", "truth", "baxel_labels",
-          "node_summary", "galaxy_fingerprint"]
+          "node_summary", "galaxy_fingerprint", "latest_cubes", "poorly_represented", "drift"]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,18 @@
+-- poorly_represented: baxels a DESOM-1 model represents poorly — latent distance to the
+-- best-matching node above the 99th percentile of the distances of the model's held-out
+-- training spectra (models.metrics distance_p99). Spectra like the training set land here
+-- ~1 % of the time; many more (see the drift view) mean the data moved: retrain.
+with thresholds as (
+    select model_id, cast(metrics ->> '$.distance_p99' as double) as distance_p99
+    from models
+    where kind = 'desom1'
+),
+
+final as (
+    select a.model_id, a.release, a.plateifu, a.bin_id, a.node, a.distance, t.distance_p99
+    from assignments as a
+    inner join thresholds as t using (model_id)
+    where a.distance > t.distance_p99
+)
+
+select * from final
