@@ -69,7 +69,7 @@ class Archive:
                 )
             self.root.mkdir(parents=True, exist_ok=True)
             if not (self.root / paths.MANIFEST).exists():
-                _write_json_atomic(
+                write_json_atomic(
                     self.root / paths.MANIFEST,
                     {"format_version": FORMAT_VERSION, "generation": 0, "tables": {}},
                 )
@@ -232,7 +232,7 @@ class Writer:
             if not tables[table]:
                 del tables[table]
         manifest["generation"] = int(manifest["generation"]) + 1
-        _write_json_atomic(self.root / paths.MANIFEST, manifest)
+        write_json_atomic(self.root / paths.MANIFEST, manifest)
         keep = {item.target for item in add}
         for _, rel in removed:
             if rel not in keep:
@@ -263,7 +263,8 @@ def write_parquet(table: pa.Table, path: Path) -> None:
     tmp.replace(path)
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (fsync'ed temporary file, then rename)."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with tmp.open("w") as fh:
         json.dump(data, fh, indent=1, sort_keys=True)

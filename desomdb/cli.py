@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from desomdb._version import __version__
-from desomdb.errors import ConfigError, DesomdbError, NotImplementedYetError
+from desomdb.errors import ConfigError, DesomdbError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -38,13 +38,6 @@ def pl_config() -> Any:
     import polars as pl
 
     return pl.Config(tbl_rows=50, tbl_cols=20, tbl_width_chars=160)
-
-
-def _not_yet(command: str, issue: str) -> None:
-    raise NotImplementedYetError(
-        f"'desomdb {command}' is not implemented yet ({issue}); "
-        "see README.md for what this version can do"
-    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -125,6 +118,19 @@ def ingest(archive: Path, jobfile: Path | None, cubes: str | None, drpall: Path 
     """
     from desomdb import ingest as ingest_mod
 
+    job = _ingest_job(jobfile, cubes, drpall, release, workers, scheduler, truth, cubes_per_task)
+    report = ingest_mod.ingest(archive, job, commit_every_s=commit_every)
+    _echo_ingest(report)
+    if report.failed:
+        sys.exit(1)
+
+
+def _ingest_job(jobfile: Path | None, cubes: str | None, drpall: Path | None,
+                release: str | None, workers: int, scheduler: str | None, truth: Path | None,
+                cubes_per_task: int) -> Any:
+    """Build the ingest job of a command from a job file or --cubes/--drpall/--release."""
+    from desomdb import ingest as ingest_mod
+
     if jobfile is not None:
         job = ingest_mod.load_job(jobfile)
     elif cubes and drpall and release:
@@ -135,14 +141,16 @@ def ingest(archive: Path, jobfile: Path | None, cubes: str | None, drpall: Path 
         raise ConfigError("give a JOBFILE, or all of --cubes, --drpall and --release")
     if scheduler:
         job.scheduler = scheduler
-    report = ingest_mod.ingest(archive, job, commit_every_s=commit_every)
+    return job
+
+
+def _echo_ingest(report: Any) -> None:
     click.echo(f"{report.release}: {report.n_found} cubes found, {report.n_ingested} ingested, "
+               f"{report.n_carried} carried over unchanged from an earlier release, "
                f"{report.n_skipped} already present, {len(report.failed)} failed; "
                f"{report.n_baxels} baxels in the release")
     for plateifu, error in report.failed:
         click.echo(f"  failed {plateifu}: {error}", err=True)
-    if report.failed:
-        sys.exit(1)
 
 
 @main.command()
@@ -299,17 +307,78 @@ def fingerprints(archive: Path, model_id: str | None, device: str) -> None:
 @click.option("--cubes", help="folder or glob of LOGCUBE files")
 @click.option("--drpall", type=click.Path(path_type=Path), help="drpall FITS table")
 @click.option("--release", help="release name, e.g. DR17")
-@click.option("--retrain", is_flag=True, help="train a new DESOM-1 (never made current silently)")
+@click.option("--retrain", is_flag=True,
+              help="also train a new DESOM-1 warm-started from the current one (not made current)")
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--scheduler", help="Dask scheduler address tcp://HOST:PORT")
+@click.option("--truth", type=click.Path(path_type=Path),
+              help="mock truth Parquet (default: truth-<release>.parquet beside drpall, if any)")
+@click.option("--cubes-per-task", type=int, default=2, show_default=True)
+@click.option("--label-max-per-cube", type=int,
+              help="fit at most this many baxels per new cube (quick looks; default: all)")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="device for assignment/training (default: cpu or the job file's)")
+@click.option("--no-fingerprints", is_flag=True, help="leave fingerprints and DESOM-2 alone")
 @_friendly_errors
-def refresh(**_: Any) -> None:
-    """Bring an archive up to date with a new release (incremental).
+def refresh(archive: Path, jobfile: Path | None, cubes: str | None, drpall: Path | None,
+            release: str | None, retrain: bool, workers: int, scheduler: str | None,
+            truth: Path | None, cubes_per_task: int, label_max_per_cube: int | None,
+            device: str | None, no_fingerprints: bool) -> None:
+    """Bring an archive up to date with a new release (incremental, resumable).
+
+    Ingests only new cubes and cubes whose checksum changed (byte-identical
+    cubes of an earlier release are carried over), labels them, assigns them
+    with the current DESOM-1, updates fingerprints and DESOM-2 nodes, and
+    reports drift (spectra beyond the model's training p99 distance). With
+    --retrain it also trains a warm-started DESOM-1 and reports how far the map
+    moved; switching to it is one explicit 'desomdb model use'. Give a job file
+    (see ingest/dr17_refresh.toml) or --cubes, --drpall and --release.
 
     \b
     Example:
       desomdb refresh /tmp/archive --cubes /tmp/survey/DR17 \
-        --drpall drpall-v3_1_1.fits --release DR17
+        --drpall /tmp/survey/DR17/drpall-v3_1_1.fits --release DR17
     """
-    _not_yet("refresh", "issue 8")
+    from desomdb import refresh as refresh_mod
+
+    job = _ingest_job(jobfile, cubes, drpall, release, workers, scheduler, truth, cubes_per_task)
+    opts = refresh_mod.load_job(jobfile)[1] if jobfile else refresh_mod.RefreshOptions()
+    opts.retrain = opts.retrain or retrain
+    opts.fingerprints = opts.fingerprints and not no_fingerprints
+    if label_max_per_cube is not None:
+        opts.label_max_per_cube = label_max_per_cube
+    if device is not None:
+        opts.device = device
+    report = refresh_mod.refresh(archive, job, opts)
+    if report.ingest is not None:
+        _echo_ingest(report.ingest)
+    if report.labels is not None:
+        click.echo(f"labels: {report.labels.n_cubes} cubes fitted, "
+                   f"{report.labels.n_skipped_cubes} already labelled")
+    if report.assign:
+        click.echo(f"assigned with {report.model_id}: {report.assign['n_encoded']} spectra "
+                   f"encoded now, {report.assign['n_assigned']} current baxels in the map")
+    if report.fingerprints:
+        f = report.fingerprints
+        click.echo(f"fingerprints: {f['n_galaxies']} galaxies ({f['n_new']} new, "
+                   f"{f['n_changed']} changed), DESOM-2 {f['desom2_model_id']}: "
+                   f"{f['n_moved']} earlier galaxies changed node")
+    if report.drift:
+        d = report.drift
+        click.echo(f"drift in {d['release']}: {d['n_beyond_p99']} of {d['n_baxels']} baxels "
+                   f"({100 * d['frac_beyond_p99']:.1f} %, ~1 % expected) beyond the model's "
+                   "training p99 distance (views drift, poorly_represented)")
+    if report.comparison:
+        c = report.comparison
+        click.echo(f"retrained {report.new_model_id} (parent {report.model_id}): node changed "
+                   f"for {100 * c['frac_node_changed']:.1f} % of {c['n_baxels']} baxels, "
+                   f"{100 * c['frac_moved_beyond_neighbour']:.1f} % beyond a neighbour")
+        for label, shift in sorted(c["label_drift"].items()):
+            click.echo(f"  node-median drift of {label}: {shift:.2f} x the node's 1-sigma width")
+    for note in report.notes:
+        click.echo(note)
+    if not report.ok:
+        sys.exit(1)
 
 
 @main.command()

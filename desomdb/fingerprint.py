@@ -175,6 +175,10 @@ def build(archive: str | Path, model_id: str | None = None, cfg: DesomConfig | N
     digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()
                             + model_id.encode() + counts.tobytes()).hexdigest()[:10]
     d2_id = f"desom2-{digest}"
+    if d2_id in views.registered_models(arch) and arch.files("fingerprints", model_id=model_id):
+        done = arch.read("fingerprints", columns=["desom2_model_id"], model_id=model_id)
+        if done.column(0)[0].as_py() == d2_id:
+            return d2_id  # idempotent: already built from the same counts and configuration
     torch.manual_seed(cfg.seed)
     from desomdb import checkpoint
 

@@ -1,9 +1,10 @@
 """Train a DESOM-1 from the archive and register it.
 
 The training set is a SQL filter over ``baxels`` (default: ``trainable``, i.e. the paper's
-cuts), each cube in its newest release only (``latest_cubes``). Galaxies (mangaid) are split train/test with a seeded hash, so no galaxy is in both;
-the split is stored in ``splits``. Spectra stream from the per-cube Parquet files in
-shuffled chunks (bounded memory). A killed run resumes from its last checkpoint.
+cuts), each cube in its newest release only (``latest_cubes``). Galaxies (mangaid) are split
+train/test with a seeded hash, so no galaxy is in both; the split is stored in ``splits``.
+Spectra stream from the per-cube Parquet files in shuffled chunks (bounded memory). A killed
+run resumes from its last checkpoint.
 """
 
 from __future__ import annotations

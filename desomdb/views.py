@@ -15,7 +15,7 @@ from typing import Any
 import duckdb
 
 from desomdb import paths
-from desomdb.archive import Archive, _write_json_atomic
+from desomdb.archive import Archive, write_json_atomic
 from desomdb.errors import ModelError, QueryError
 
 
@@ -40,7 +40,7 @@ def set_current_model(archive: Archive, model_id: str, kind: str = "desom1") -> 
     path = archive.root / paths.CURRENT_MODEL
     data = json.loads(path.read_text()) if path.exists() else {}
     data[kind] = model_id
-    _write_json_atomic(path, data)
+    write_json_atomic(path, data)
 
 
 def registered_models(archive: Archive) -> dict[str, str]:

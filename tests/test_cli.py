@@ -37,7 +37,8 @@ def test_every_command_has_help_with_an_example(path: tuple[str, ...]) -> None:
     assert "desomdb " + path[0] in result.output
 
 
-def test_unbuilt_command_fails_clearly(tmp_path) -> None:
-    result = CliRunner().invoke(main, ["refresh", str(tmp_path)])
+def test_refresh_without_a_job_says_what_is_missing(tmp_path) -> None:
+    result = CliRunner().invoke(main, ["refresh", str(tmp_path), "--release", "DR17"])
     assert result.exit_code != 0
-    assert "not implemented yet" in result.output
+    assert "--cubes" in result.output and "JOBFILE" in result.output
+    assert "Traceback" not in result.output

@@ -1,0 +1,223 @@
+"""Bring an archive up to date with a new data release (or new cubes), incrementally.
+
+``desomdb refresh`` chains the stages, each of which skips what is already done, so a refresh
+killed at any point and run again ends in the same archive as an uninterrupted one:
+
+1. ingest the release: cubes already in it with the same checksum are skipped, cubes that
+   are byte-identical to an earlier release's (same checksum and drpall inputs) are carried
+   over without processing, new and re-processed cubes are binned and resampled;
+2. label the release's cubes not labelled yet (pPXF);
+3. assign them with the current DESOM-1 (cubes assigned before are not re-encoded) and
+   rebuild that model's node co-adds and node label PDFs;
+4. recompute the model's fingerprints and map new galaxies onto its existing DESOM-2;
+5. count the new release's poorly represented spectra (the ``drift`` view).
+
+``retrain=True`` then trains a new DESOM-1 warm-started from the current one (recorded as
+its parent) on every release, assigns everything under the new id, builds its fingerprints
+and DESOM-2, and reports how far the map moved. The new model is never made current here:
+``desomdb model use ARCHIVE MODEL_ID`` switches, and switching back is the same command.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from desomdb import assign as assign_mod
+from desomdb import fingerprint, ingest, labels, paths, versions, views
+from desomdb.archive import Archive, write_json_atomic
+from desomdb.model import DesomConfig
+
+
+@dataclass
+class RefreshOptions:
+    """What a refresh does after ingesting (job-file section ``[refresh]``)."""
+
+    retrain: bool = False
+    label_max_per_cube: int | None = None
+    device: str = "cpu"
+    fingerprints: bool = True
+
+
+@dataclass
+class RefreshReport:
+    """Outcome of a refresh, stage by stage."""
+
+    release: str
+    ingest: ingest.IngestReport | None = None
+    labels: labels.LabelReport | None = None
+    model_id: str | None = None
+    assign: dict[str, Any] = field(default_factory=dict)
+    fingerprints: dict[str, Any] = field(default_factory=dict)
+    drift: dict[str, Any] = field(default_factory=dict)
+    new_model_id: str | None = None
+    comparison: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when no cube failed to ingest or label."""
+        return bool((self.ingest is None or self.ingest.ok)
+                    and (self.labels is None or not self.labels.failed_cubes))
+
+
+def load_job(path: str | Path) -> tuple[ingest.IngestJob, RefreshOptions]:
+    """Read a refresh job file: an ingest job plus an optional ``[refresh]`` section.
+
+    See ``ingest/dr17_refresh.toml``.
+    """
+    job = ingest.load_job(path)
+    with Path(path).open("rb") as fh:
+        section = tomllib.load(fh).get("refresh", {})
+    opts = RefreshOptions(
+        retrain=bool(section.get("retrain", False)),
+        label_max_per_cube=section.get("label_max_per_cube"),
+        device=str(section.get("device", "cpu")),
+        fingerprints=bool(section.get("fingerprints", True)),
+    )
+    return job, opts
+
+
+def refresh(archive: str | Path, job: ingest.IngestJob, options: RefreshOptions | None = None,
+            progress: bool = True) -> RefreshReport:
+    """Ingest, label, assign and fingerprint a new release; optionally retrain.
+
+    Parameters
+    ----------
+    archive : str or Path
+        The archive (created if missing: then only ingest and labels run).
+    job : IngestJob
+        The release's cubes and drpall.
+    options : RefreshOptions, optional
+    progress : bool
+
+    Returns
+    -------
+    RefreshReport
+    """
+    opts = options or RefreshOptions()
+    report = RefreshReport(job.release)
+    report.ingest = ingest.ingest(archive, job, progress=progress)
+    rel = report.ingest.release
+    arch = Archive(archive)
+    if arch.files("baxels", release=rel):
+        report.labels = labels.label(arch.root, release=rel, workers=job.workers,
+                                     scheduler=job.scheduler, progress=progress,
+                                     max_per_cube=opts.label_max_per_cube)
+    current = views.current_model(arch)
+    if current is None:
+        report.notes.append("no current DESOM-1 model: train one ('desomdb train') and make "
+                            "it current ('desomdb model use') to assign the new spectra")
+        return report
+    report.model_id = current
+    report.assign = assign_mod.assign(arch.root, current, device=opts.device, progress=progress)
+    if opts.fingerprints:
+        report.fingerprints = fingerprint.update(arch.root, current, device=opts.device)
+    report.drift = drift_summary(arch, current, rel)
+    if opts.retrain:
+        new_id = retrain(arch, current, device=opts.device, progress=progress)
+        report.new_model_id = new_id
+        assign_mod.assign(arch.root, new_id, device=opts.device, progress=progress)
+        if opts.fingerprints and arch.files("fingerprints", model_id=current):
+            fingerprint.build(arch.root, new_id, device=opts.device, progress=progress)
+        report.comparison = compare_models(arch, current, new_id)
+        report.notes.append(f"new model {new_id} is NOT current; switch with "
+                            f"'desomdb model use {arch.root} {new_id}' (and back with "
+                            f"'desomdb model use {arch.root} {current}')")
+    return report
+
+
+def drift_summary(arch: Archive, model_id: str, release: str) -> dict[str, Any]:
+    """Return the ``drift`` view's row for one model and release (empty if none)."""
+    con = views.connect(arch.root, model=model_id)
+    rows = con.sql("select * from drift where model_id = ? and release = ?",
+                   params=[model_id, release]).pl()
+    return rows.to_dicts()[0] if rows.height else {}
+
+
+def warm_start_config(parent: DesomConfig, parent_id: str) -> DesomConfig:
+    """Fine-tuning schedule for a warm start: no AE pre-training, a short, narrow SOM phase.
+
+    Starting the neighbourhood radius again at T_max would reorganise the whole map; a
+    fine-tune starts at T = 2 (or the parent's T_max if smaller) and decays to T_min over
+    half of a third of the parent's iterations, so nodes keep their place unless the data
+    move them.
+    """
+    iterations = max(parent.iterations // 3, 2 * parent.eval_every)
+    return DesomConfig.from_dict({
+        **parent.to_dict(), "pretrain_iters": 0, "iterations": iterations,
+        "decay_iters": max(iterations // 2, 1), "t_max": min(parent.t_max, 2.0),
+        "extra": {**parent.extra, "warm_start_of": parent_id},
+    })
+
+
+def retrain(arch: Archive, parent_id: str, device: str = "cpu", progress: bool = True) -> str:
+    """Train a DESOM-1 warm-started from ``parent_id`` on every release (not made current).
+
+    Uses the parent's training filter; the model records the parent in ``parent_model_id``.
+    Idempotent: the same parent and data give the same model id, which is not trained twice.
+    """
+    from desomdb import train as train_mod
+
+    parent, _ = train_mod.load_model(arch, parent_id, device)
+    spec = arch.read("models", columns=["data_spec"], model_id=parent_id).column(0)[0].as_py()
+    where = json.loads(spec).get("where", train_mod.DEFAULT_WHERE)
+    cfg = warm_start_config(parent.cfg, parent_id)
+    return train_mod.train(arch.root, cfg, where=where, device=device, progress=progress,
+                           parent_model_id=parent_id, init_state=parent.state_dict())
+
+
+def compare_models(arch: Archive, old_id: str, new_id: str) -> dict[str, Any]:
+    """How far a retrained map moved from its parent, on the baxels both assigned.
+
+    Returns
+    -------
+    dict
+        ``n_baxels``; ``frac_node_changed`` (best node differs); ``frac_moved_beyond_neighbour``
+        (grid distance > 1); ``label_drift``: per label, the median over nodes (≥ 5 members
+        in both) of |median_new − median_old| in units of the old node's half 16-84 %
+        width; ``drift_old`` / ``drift_new``: fraction of each release's baxels beyond each
+        model's p99 distance. Also written to ``artefacts/<new_id>/comparison-<old_id>.json``.
+    """
+    cols = ["release", "plateifu", "bin_id", "node", "row", "col"]
+
+    def assigned(model_id: str) -> pl.DataFrame:
+        df = pl.from_arrow(arch.read("assignments", columns=cols, model_id=model_id))
+        assert isinstance(df, pl.DataFrame)
+        return versions.keep_latest(arch, df.drop("model_id", strict=False))
+
+    both = assigned(old_id).join(assigned(new_id), on=["release", "plateifu", "bin_id"],
+                                 suffix="_new")
+    grid = (both["row"] - both["row_new"]).abs() + (both["col"] - both["col_new"]).abs()
+    out: dict[str, Any] = {
+        "old_model_id": old_id, "new_model_id": new_id, "n_baxels": both.height,
+        "frac_node_changed": float((both["node"] != both["node_new"]).cast(pl.Float64).sum())
+        / max(both.height, 1),
+        "frac_moved_beyond_neighbour": float((grid > 1).cast(pl.Float64).sum())
+        / max(both.height, 1),
+        "label_drift": {},
+    }
+    if arch.files("node_labels", model_id=old_id) and arch.files("node_labels", model_id=new_id):
+        nl = ["node", "label", "n", "median", "p16", "p84"]
+        old = pl.from_arrow(arch.read("node_labels", columns=nl, model_id=old_id))
+        new = pl.from_arrow(arch.read("node_labels", columns=nl, model_id=new_id))
+        assert isinstance(old, pl.DataFrame) and isinstance(new, pl.DataFrame)
+        j = old.join(new, on=["node", "label"], suffix="_new").filter(
+            (pl.col("n") >= 5) & (pl.col("n_new") >= 5))
+        for (label,), g in j.group_by("label"):
+            width = np.maximum((g["p84"] - g["p16"]).to_numpy() / 2, 1e-6)
+            shift = np.abs((g["median_new"] - g["median"]).to_numpy()) / width
+            out["label_drift"][str(label)] = float(np.median(shift))
+    for key, model_id in (("drift_old", old_id), ("drift_new", new_id)):
+        con = views.connect(arch.root, model=model_id)
+        out[key] = {r[0]: r[1] for r in con.sql(
+            "select release, frac_beyond_p99 from drift where model_id = ?",
+            params=[model_id]).fetchall()}
+    write_json_atomic(paths.artefact_dir(arch.root, new_id) / f"comparison-{old_id}.json", out)
+    return out
