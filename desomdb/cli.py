@@ -481,6 +481,13 @@ def status(archive: Path) -> None:
         click.echo(f"baxels without a node under the current model: {info['unassigned']}")
     elif not info["models"]:
         click.echo("no models yet: 'desomdb train ARCHIVE --use'")
+    if info["pending"].get("unlabelled_cubes"):
+        click.echo(f"cubes without labels: {info['pending']['unlabelled_cubes']} "
+                   "('desomdb label ARCHIVE')")
+    for d in info["drift"]:
+        click.echo(f"drift {d['release']}: {d['n_beyond_p99']} of {d['n_baxels']} baxels "
+                   f"({100 * d['frac_beyond_p99']:.1f} %, ~1 % expected) beyond the current "
+                   "model's training p99 distance")
 
 
 @main.group()

@@ -29,7 +29,7 @@ import torch
 from desomdb import paths, versions, views
 from desomdb.archive import Archive, StagedFile, Writer
 from desomdb.model import Desom, DesomConfig, bmu_and_runner_up, desom2_config
-from desomdb.train import encode_all, evaluate, fit, galaxy_test_split, load_model
+from desomdb.train import encode_all, evaluate, fit, galaxy_test_split, load_model, models_row
 
 TEST_FRACTION = 0.2
 
@@ -210,7 +210,7 @@ def build(archive: str | Path, model_id: str | None = None, cfg: DesomConfig | N
                "parent_model_id": model_id,
                "artefact_path": str(artefact.relative_to(arch.root)), "artefact_sha256": sha,
                "seed": cfg.seed}
-        reg = writer.stage_table("models", pa.Table.from_pylist([row]),
+        reg = writer.stage_table("models", models_row(row),
                                  f"{paths.model_dir('models', d2_id)}/model.parquet")
         writer.commit(add=[fp, reg])
     return d2_id
@@ -279,7 +279,8 @@ def update(archive: str | Path, model_id: str | None = None, device: str = "cpu"
     if not arch.files("fingerprints", model_id=model_id):
         return {}
     old = pl.from_arrow(arch.read("fingerprints", columns=["mangaid", "counts", "desom2_model_id",
-                                                           "desom2_node"], model_id=model_id))
+                                                           "desom2_node", "split"],
+                                  model_id=model_id))
     assert isinstance(old, pl.DataFrame)
     d2_id = str(old["desom2_model_id"][0])
     m1, _ = load_model(arch, model_id, device)
@@ -289,7 +290,11 @@ def update(archive: str | Path, model_id: str | None = None, device: str = "cpu"
         raise ModelError(f"{d2_id}: saved without its fingerprint normalisation; rebuild it "
                          f"with 'desomdb fingerprints {arch.root}'")
     gal, counts, radius = galaxy_counts(arch, model_id, m1.cfg.n_nodes)
+    # Galaxies keep the split the DESOM-2 was trained with; new ones are drawn by the hash.
     test = galaxy_test_split(gal["mangaid"].to_list(), f"d2:{m2.cfg.seed}:", TEST_FRACTION)
+    was = dict(zip(old["mangaid"], old["split"], strict=True))
+    test = np.array([was[m] == "test" if m in was else t
+                     for m, t in zip(gal["mangaid"], test, strict=True)])
     with arch.writer("desomdb fingerprints --update") as writer:
         fp = _stage_fingerprints(writer, model_id, d2_id, m2, gal, counts, radius, stats,
                                  test, device)

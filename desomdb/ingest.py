@@ -92,7 +92,7 @@ def load_job(path: str | Path) -> IngestJob:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read job file ({exc})") from exc
-    allowed = {"job", "binning", "quality", "run"}
+    allowed = {"job", "binning", "quality", "run", "refresh"}
     unknown = set(data) - allowed
     if unknown:
         raise ConfigError(
@@ -565,6 +565,13 @@ def _carry_files(writer: Writer, release: str, o: dict[str, Any]) -> tuple[list[
     return staged, source[0]
 
 
+def _cube_row(row: dict[str, Any]) -> pa.Table:
+    """One ``cubes`` row as a table (``carried_from`` typed string even when null)."""
+    t = pa.Table.from_pylist([row])
+    i = t.schema.get_field_index("carried_from")
+    return t.set_column(i, "carried_from", t.column(i).cast(pa.string())) if i >= 0 else t
+
+
 def _commit_outcomes(
     writer: Writer, release: str, outcomes: list[dict[str, Any]], report: IngestReport
 ) -> None:
@@ -584,7 +591,7 @@ def _commit_outcomes(
             files, row = _carry_files(writer, release, o)
             adds.extend(files)
             row.update(source_path=o["path"], ingested_at=now, carried_from=o["from_release"])
-            adds.append(writer.stage_table("cubes", pa.Table.from_pylist([row]),
+            adds.append(writer.stage_table("cubes", _cube_row(row),
                                            f"{paths.release_dir('cubes', release)}/{name}"))
             report.n_carried += 1
             continue
@@ -609,7 +616,7 @@ def _commit_outcomes(
             "carried_from": None,
         }
         cube_row = writer.stage_table(
-            "cubes", pa.Table.from_pylist([row]),
+            "cubes", _cube_row(row),
             f"{paths.release_dir('cubes', release)}/{name}",
         )
         adds.append(cube_row)
@@ -687,7 +694,8 @@ def finalize_release(
         removes.extend((table, str(f.relative_to(arch.root))) for f in files)
     cubes_files = arch.files("cubes", release=release)
     if cubes_files:
-        ingested = set(pl.concat([pl.read_parquet(f) for f in cubes_files])["plateifu"])
+        ingested = set(pl.concat([pl.read_parquet(f, columns=["plateifu"])
+                                  for f in cubes_files])["plateifu"])
         rows = [drpall[p] for p in sorted(ingested) if p in drpall]
         if rows:
             galaxies = pl.DataFrame(rows).rename({"objra": "ra", "objdec": "dec"})

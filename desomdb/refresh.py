@@ -173,17 +173,19 @@ def retrain(arch: Archive, parent_id: str, device: str = "cpu", progress: bool =
                            parent_model_id=parent_id, init_state=parent.state_dict())
 
 
-def compare_models(arch: Archive, old_id: str, new_id: str) -> dict[str, Any]:
+def compare_models(arch: Archive, old_id: str, new_id: str, min_members: int = 5,
+                   save: bool = True) -> dict[str, Any]:
     """How far a retrained map moved from its parent, on the baxels both assigned.
 
     Returns
     -------
     dict
         ``n_baxels``; ``frac_node_changed`` (best node differs); ``frac_moved_beyond_neighbour``
-        (grid distance > 1); ``label_drift``: per label, the median over nodes (≥ 5 members
-        in both) of |median_new − median_old| in units of the old node's half 16-84 %
-        width; ``drift_old`` / ``drift_new``: fraction of each release's baxels beyond each
-        model's p99 distance. Also written to ``artefacts/<new_id>/comparison-<old_id>.json``.
+        (grid distance > 1); ``label_drift``: per label, the median over nodes (with
+        ``min_members`` in both) of |median_new − median_old| in units of the old node's half
+        16-84 % width; ``drift_old`` / ``drift_new``: fraction of each release's baxels beyond each
+        model's p99 distance. With ``save`` also written to
+        ``artefacts/<new_id>/comparison-<old_id>.json``.
     """
     cols = ["release", "plateifu", "bin_id", "node", "row", "col"]
 
@@ -209,7 +211,7 @@ def compare_models(arch: Archive, old_id: str, new_id: str) -> dict[str, Any]:
         new = pl.from_arrow(arch.read("node_labels", columns=nl, model_id=new_id))
         assert isinstance(old, pl.DataFrame) and isinstance(new, pl.DataFrame)
         j = old.join(new, on=["node", "label"], suffix="_new").filter(
-            (pl.col("n") >= 5) & (pl.col("n_new") >= 5))
+            (pl.col("n") >= min_members) & (pl.col("n_new") >= min_members))
         for (label,), g in j.group_by("label"):
             width = np.maximum((g["p84"] - g["p16"]).to_numpy() / 2, 1e-6)
             shift = np.abs((g["median_new"] - g["median"]).to_numpy()) / width
@@ -219,5 +221,7 @@ def compare_models(arch: Archive, old_id: str, new_id: str) -> dict[str, Any]:
         out[key] = {r[0]: r[1] for r in con.sql(
             "select release, frac_beyond_p99 from drift where model_id = ?",
             params=[model_id]).fetchall()}
-    write_json_atomic(paths.artefact_dir(arch.root, new_id) / f"comparison-{old_id}.json", out)
+    if save:
+        write_json_atomic(paths.artefact_dir(arch.root, new_id) / f"comparison-{old_id}.json",
+                          out)
     return out

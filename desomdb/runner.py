@@ -164,7 +164,10 @@ def _run_dask(
             "--scheduler to use the local process pool"
         ) from exc
     with client:
-        client.run(_single_thread_init)
+        workers = client.scheduler_info().get("workers", {})
+        if not any(str(addr).startswith("inproc://") for addr in workers):
+            # Worker processes: one BLAS/torch thread each (never this process's settings).
+            client.run(_single_thread_init)
         futures = client.map(_call, [func] * len(tasks), tasks, pure=False)
         index = {f.key: i for i, f in enumerate(futures)}
         for fut in dask_completed(futures):

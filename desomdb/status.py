@@ -18,7 +18,9 @@ def status(archive: str | Path) -> dict[str, Any]:
         ``releases``: per release, cubes by status, baxels, labelled baxels, failed fits;
         ``failed_cubes``: (release, plateifu, error) rows; ``models``: registered models with
         kind, parent and whether current; ``unassigned``: baxels without a node under the
-        current DESOM-1 model.
+        current DESOM-1 model; ``pending``: failed cubes, cubes without labels and
+        unassigned baxels; ``drift``: per release, baxels beyond the current model's
+        training p99 distance (the ``drift`` view).
     """
     arch = Archive(archive)
     con = views.connect(arch.root)
@@ -52,4 +54,18 @@ def status(archive: str | Path) -> dict[str, Any]:
     if "baxel_labels" in existing and out["current"]:
         out["unassigned"] = con.sql(
             "select count(*) from baxel_labels where node is null").fetchall()[0][0]
+    pending: dict[str, Any] = {"failed_cubes": len(out["failed_cubes"]),
+                               "unassigned_baxels": out["unassigned"]}
+    if "baxels" in existing:
+        labelled = "(select distinct release, plateifu from labels)" if "labels" in existing \
+            else "(select null as release, null as plateifu where false)"
+        pending["unlabelled_cubes"] = con.sql(
+            f"select count(*) from (select distinct release, plateifu from baxels) "
+            f"anti join {labelled} using (release, plateifu)").fetchall()[0][0]
+    out["pending"] = pending
+    out["drift"] = []
+    if "drift" in existing and out["current"]:
+        out["drift"] = con.sql(
+            "select release, n_baxels, n_beyond_p99, frac_beyond_p99 from drift "
+            "where model_id = current_model() order by release").pl().to_dicts()
     return out

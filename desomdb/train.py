@@ -379,12 +379,31 @@ def _final_metrics(arch: Archive, model: Desom, train_rows: pl.DataFrame, x_eval
                                  seed=int(rng.integers(1_000_000_000)))
     x_fit, _ = load_rows(arch, fit_rows)
     pca = pca_baseline(x_fit, x_eval, w_eval)
+    with torch.no_grad():  # the training distribution of latent distances (drift threshold)
+        z_fit = torch.from_numpy(encode_all(model, x_fit, device)).to(device)
+        d_train = model.sq_distances(z_fit).min(dim=1).values.clamp_min(0).sqrt().cpu().numpy()
     return {"recon_mse_test": m["recon_mse"], "pca_mse_test": pca,
             "ae_over_pca": m["recon_mse"] / pca if pca > 0 else float("nan"),
             "qe": m["qe"], "te4": m["te4"], "te8": m["te8"],
             "frac_nodes_used": m["frac_nodes_used"], "n_eval": len(x_eval),
-            "distance_p99": float(np.percentile(d_best, 99)),
+            "distance_p99": float(np.percentile(d_train, 99)),
+            "distance_p99_test": float(np.percentile(d_best, 99)),
             "pca_components": int(min(PCA_COMPONENTS, len(x_fit) - 1))}
+
+
+#: Column types of a ``models`` row (fixed so that nulls never change a column's type).
+MODELS_SCHEMA = pa.schema([
+    ("kind", pa.string()), ("created_at", pa.string()), ("config", pa.string()),
+    ("data_spec", pa.string()), ("metrics", pa.string()), ("recon_mse", pa.float64()),
+    ("pca_mse", pa.float64()), ("qe", pa.float64()), ("te4", pa.float64()),
+    ("te8", pa.float64()), ("parent_model_id", pa.string()), ("artefact_path", pa.string()),
+    ("artefact_sha256", pa.string()), ("seed", pa.int64()),
+])
+
+
+def models_row(row: dict[str, Any]) -> pa.Table:
+    """One ``models`` registry row with :data:`MODELS_SCHEMA` types."""
+    return pa.Table.from_pylist([row], schema=MODELS_SCHEMA)
 
 
 def _register(writer: Writer, model_id: str, cfg: DesomConfig, selection: Selection,
@@ -401,7 +420,7 @@ def _register(writer: Writer, model_id: str, cfg: DesomConfig, selection: Select
         "parent_model_id": parent, "artefact_path": rel_artefact, "artefact_sha256": digest,
         "seed": cfg.seed,
     }
-    models = writer.stage_table("models", pa.Table.from_pylist([row]),
+    models = writer.stage_table("models", models_row(row),
                                 f"{paths.model_dir('models', model_id)}/model.parquet")
     splits = selection.rows.select("mangaid", "split").unique().sort("mangaid")
     split_file = writer.stage_table("splits", splits.to_arrow(),

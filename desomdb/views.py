@@ -136,8 +136,8 @@ def _create_views(con: duckdb.DuckDBPyConnection, present: set[str]) -> list[str
         for name, text in list(pending.items()):
             try:
                 con.execute(f"create or replace view {name} as {text}")
-            except duckdb.CatalogException:
-                continue  # an input table is not there (yet)
+            except (duckdb.CatalogException, duckdb.BinderException):
+                continue  # an input table (or a column of it) is not there (yet)
             created.append(name)
             pending.pop(name)
             progressed = True

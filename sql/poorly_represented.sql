@@ -1,7 +1,7 @@
 -- poorly_represented: baxels a DESOM-1 model represents poorly — latent distance to the
--- best-matching node above the 99th percentile of the distances of the model's held-out
--- training spectra (models.metrics distance_p99). Spectra like the training set land here
--- ~1 % of the time; many more (see the drift view) mean the data moved: retrain.
+-- best-matching node above the 99th percentile of the distances of its training spectra
+-- (models.metrics distance_p99, from up to 20,000 of them). ~1 % of spectra like the
+-- training set land here; many more (see the drift view) mean the data moved: retrain.
 with thresholds as (
     select model_id, cast(metrics ->> '$.distance_p99' as double) as distance_p99
     from models

@@ -1,4 +1,5 @@
 import hashlib
+import shutil
 
 import numpy as np
 import polars as pl
@@ -10,6 +11,7 @@ from click.testing import CliRunner
 
 from desomdb import dust, emission, geometry, manga, mock, templates
 from desomdb.cli import main
+from desomdb.errors import ConfigError
 from desomdb.mock_galaxy import draw_galaxy, population_truth, spaxel_model
 
 HDUS = ["PRIMARY", "FLUX", "IVAR", "MASK", "DISP", "PREDISP", "WAVE", "SPECRES", "SPECRESD",
@@ -183,3 +185,16 @@ def test_cli_mock_and_bad_ifu(tmp_path) -> None:
                                        "--ifu-sizes", "19", "--release", "DR17"])
     assert result.exit_code == 0, result.output
     assert list(tmp_path.glob("DR17/*/stack/manga-*-LOGCUBE.fits.gz"))
+
+
+def test_next_release_needs_the_previous_release_and_seed(mock_survey, tmp_path) -> None:
+    shutil.copytree(mock_survey.release_dir, tmp_path / "DR15")
+    with pytest.raises(ConfigError, match="--seed"):
+        mock.generate_survey(tmp_path, 3, "DR17", seed=8, ifu_sizes=(19,), progress=False,
+                             previous="DR15")
+    with pytest.raises(ConfigError, match="no earlier mock release"):
+        mock.generate_survey(tmp_path / "empty", 3, "DR17", seed=7, progress=False,
+                             previous="DR15")
+    with pytest.raises(ConfigError, match="fraction"):
+        mock.generate_survey(tmp_path, 3, "DR17", seed=7, ifu_sizes=(19,), progress=False,
+                             previous="DR15", reprocess=2.0)

@@ -196,3 +196,19 @@ def test_bf16_encoding_agrees_with_fp32(trained_archive) -> None:
     rows_ = np.arange(len(b16))
     err = np.linalg.norm(z32 - z16, axis=1)
     assert np.all(d32[rows_, b16] <= d32.min(axis=1) + 2 * err + 1e-5)
+
+
+def test_drift_threshold_is_the_training_p99(trained_archive) -> None:
+    """About 1 % of the training spectra lie beyond the stored distance_p99, by definition."""
+    arch, model_id, _ = trained_archive
+    con = views.connect(arch, model=model_id)
+    frac, n = con.sql(
+        "select avg((a.distance > cast(m.metrics ->> '$.distance_p99' as double))::int), "
+        "count(*) from assignments a join models m using (model_id) "
+        "join splits s using (model_id) join baxels b using (release, plateifu, bin_id) "
+        "where a.model_id = current_model() and s.mangaid = b.mangaid and s.split = 'train'"
+    ).fetchall()[0]
+    assert n > 0 and frac <= 0.01 + 1 / n  # at most the one spectrum above the p99 point
+    held_out, = con.sql("select frac_beyond_p99 from drift where model_id = current_model()"
+                        ).fetchall()[0]
+    assert held_out >= frac  # test galaxies are represented less well than training ones
