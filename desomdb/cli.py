@@ -434,15 +434,34 @@ def sql(archive: Path, query: str | None, fmt: str, output: Path | None, model_i
         click.echo(text)
 
 
+def _node_list(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--nodes takes comma-separated node numbers, e.g. 3,17; got {text!r}"
+                          ) from None
+
+
 @main.command()
 @click.argument("archive", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="folder for the figures (PNG + PDF) and index.html")
+@click.option("--model", "model_id", help="DESOM-1 model (default: current)")
+@click.option("--nodes", help="comma-separated nodes for Fig. 3/4/6 (default: youngest, "
+              "oldest and most populated)")
+@click.option("--galaxy", help="mangaid for Fig. 7 (default: the one with most baxels)")
 @_friendly_errors
-def report(archive: Path, out: Path) -> None:
-    """Write the paper's figures and a static HTML report.
+def report(archive: Path, out: Path, model_id: str | None, nodes: str | None,
+           galaxy: str | None) -> None:
+    """Write the paper's figures (PNG + PDF) and a static HTML page.
 
-    So far: decoded prototypes (Fig. 3), per-node median labels (Fig. 5), one
-    galaxy's fingerprint and bin map (Fig. 7) and training curves.
+    Figures: 3 (decoded prototypes), 4 (node templates), 5 (per-node median
+    labels), 6 (node label PDFs), 7 (a galaxy's fingerprint and bin map), 9/10/14
+    (DESOM-2 occupancy, decoded fingerprints, Sersic n and b/a), training curves,
+    and label accuracy against the truth of a mock survey. Open OUT/index.html in
+    a browser (no server needed).
 
     \b
     Example:
@@ -450,8 +469,35 @@ def report(archive: Path, out: Path) -> None:
     """
     from desomdb import report as report_mod
 
-    index = report_mod.build_report(archive, out)
+    index = report_mod.build_report(archive, out, model_id, _node_list(nodes), galaxy)
     click.echo(f"report: {index}")
+
+
+@main.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("figure")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="output file; the suffix (.png, .pdf, .svg) sets the format")
+@click.option("--model", "model_id", help="DESOM-1 model (default: current)")
+@click.option("--nodes", help="comma-separated nodes for Fig. 3/4/6")
+@click.option("--galaxy", help="mangaid for Fig. 7")
+@_friendly_errors
+def plot(archive: Path, figure: str, out: Path, model_id: str | None, nodes: str | None,
+         galaxy: str | None) -> None:
+    """Draw one figure of the report.
+
+    FIGURE is one of fig3_prototypes, fig4_templates, fig5_node_medians,
+    fig6_node_pdfs, fig7_fingerprint, fig9_desom2, fig10_desom2_protos,
+    fig14_morphology, training, accuracy.
+
+    \b
+    Example:
+      desomdb plot /tmp/archive fig6_node_pdfs --nodes 3,17 --out node_pdfs.pdf
+    """
+    from desomdb import report as report_mod
+
+    path = report_mod.plot(archive, figure, out, model_id, _node_list(nodes), galaxy)
+    click.echo(f"wrote {path}")
 
 
 @main.command()
@@ -583,6 +629,8 @@ def demo(out: Path, n_galaxies: int, workers: int, seed: int) -> None:
     click.echo(f"\narchive: {result.archive} (model {result.model_id})")
     click.echo(f"time: {total:.0f} s ({stages})")
     click.echo(f"query it: desomdb sql {result.archive} \"select * from node_summary\"")
+    if result.report is not None:
+        click.echo(f"report: {result.report} (open it in a browser)")
 
 
 if __name__ == "__main__":

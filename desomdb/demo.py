@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from desomdb import assign, fingerprint, ingest, labels, mock, model, train, views
+from desomdb import assign, fingerprint, ingest, labels, mock, model, report, train, views
 from desomdb.archive import Archive
 
 
@@ -27,6 +27,7 @@ class DemoResult:
     model_id: str
     seconds: dict[str, float] = field(default_factory=dict)
     queries: dict[str, Any] = field(default_factory=dict)
+    report: Path | None = None
 
 
 EXAMPLE_QUERIES = {
@@ -108,6 +109,10 @@ def run_demo(out: str | Path, n_galaxies: int = 12, seed: int = 0, workers: int 
     fingerprint.build(archive, model_id, progress=progress)
     seconds["fingerprints"] = time.perf_counter() - t
 
+    t = stage("report (figures + index.html)")
+    index = report.build_report(archive, out / "report")
+    seconds["report"] = time.perf_counter() - t
+
     con = views.connect(archive)
     queries = {title: con.sql(sql).pl() for title, sql in EXAMPLE_QUERIES.items()}
-    return DemoResult(out, archive, model_id, seconds, queries)
+    return DemoResult(out, archive, model_id, seconds, queries, index)

@@ -1,31 +1,75 @@
-"""``desomdb report``: the paper's main figures from the archive's views, and an HTML page.
+"""``desomdb report`` / ``desomdb plot``: the paper's figures from the archive's views.
 
-Figures written (PNG; colour-blind-safe ``cividis``/``viridis`` maps, labelled with units):
+Every figure is built from SQL over the views (what a user could query) and written as PNG
+and PDF; ``index.html`` (static, no server) shows them with captions. Colour maps are
+colour-blind safe (``cividis``, ``viridis``); the two-node overlays use the Okabe-Ito blue
+and orange. Wavelengths are rest-frame vacuum Å; fluxes are normalised by the 4050-4150 Å
+mean (``baxels.norm_flux``).
 
-- ``fig3_prototypes.png``: decoded prototype spectrum of every node on the map grid.
-- ``fig5_node_medians.png``: per-node median of each label (node_summary).
-- ``fig7_fingerprint.png``: one galaxy's fingerprint and its bin map coloured by node.
-- ``training.png``: held-out MSE, QE and TE during training of the current model.
+==================  =====================================================================
+name                content (paper figure)
+==================  =====================================================================
+fig3_prototypes     decoded prototype of every DESOM-1 node on the map grid, its co-added
+                    member spectrum behind it, chosen nodes framed (Fig. 3)
+fig4_templates      co-added high-S/N templates of chosen nodes (Fig. 4)
+fig5_node_medians   per-node median age, [M/H], log M*/L_r, E(B-V)_*, sSFR, d_BPT (Fig. 5)
+fig6_node_pdfs      label PDFs (node_labels histograms) of two nodes overlaid (Fig. 6)
+fig7_fingerprint    one galaxy's fingerprint and its bin map coloured by node (Fig. 7)
+fig9_desom2         DESOM-2 occupancy: galaxies per node (Fig. 9)
+fig10_desom2_protos decoded DESOM-2 prototypes = typical fingerprints (Fig. 10)
+fig14_morphology    median Sersic n and b/a of each DESOM-2 node's galaxies (Fig. 14)
+training            held-out MSE, QE and TE during training of the current model
+accuracy            pPXF labels against the mock truth (mock surveys only)
+==================  =====================================================================
 
-Missing so far (issue 9): Fig. 4, 6, 9/10/14 and the accuracy-vs-truth panel.
+Chosen nodes default to the youngest and the oldest well-populated node (median age) and
+the most populated one; the galaxy defaults to the one with most baxels.
 """
 
 from __future__ import annotations
 
 import html
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from desomdb import spectra, views
+from desomdb import emission, spectra, views
 from desomdb.archive import Archive
+from desomdb.errors import ConfigError
 from desomdb.train import load_model
 
 LABEL_UNITS = {"age_mw_gyr": "age [Gyr]", "mh_mw": "[M/H] [dex]",
                "log_ml_r": "log M*/L_r [dex]", "ebv_star": "E(B-V)_* [mag]",
                "log_ssfr": "log sSFR [yr^-1]", "d_bpt": "d_BPT [dex]"}
+#: Okabe-Ito colours (colour-blind safe) for overlaid nodes.
+NODE_COLOURS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7")
+#: Labels compared with the mock truth, and the flag a fit must pass for each.
+ACCURACY = {"age_mw_gyr": "chi2_ok", "mh_mw": "chi2_ok", "log_ml_r": "chi2_ok",
+            "ebv_star": "chi2_ok", "ebv_gas": "ssfr_ok", "log_ssfr": "ssfr_ok",
+            "d_bpt": "bpt_ok"}
+
+
+class FigureSkippedError(Exception):
+    """A figure whose inputs the archive does not have (the reason is the message)."""
+
+
+@dataclass
+class Context:
+    """What the figure functions read: the archive's views and the current model."""
+
+    arch: Archive
+    con: Any
+    model_id: str
+    rows: int
+    cols: int
+    payload: dict[str, Any]
+    nodes: list[int] = field(default_factory=list)
+    galaxy: str | None = None
 
 
 def _plt() -> Any:
@@ -37,67 +81,164 @@ def _plt() -> Any:
     return plt
 
 
-def fig_prototypes(con: Any, out: Path, rows: int, cols: int) -> Path:
+def _grid(df_rows: list[tuple[int, int, Any]], rows: int, cols: int) -> np.ndarray:
+    grid = np.full((rows, cols), np.nan)
+    for r, c, v in df_rows:
+        if v is not None:
+            grid[r, c] = v
+    return grid
+
+
+def default_nodes(con: Any, n_min: int = 5) -> list[int]:
+    """Pick the youngest and oldest well-populated node (median age) and the largest."""
+    df = con.sql("select node, n_members, median_age_mw_gyr as age from node_summary "
+                 "where n_members > 0 order by node").pl()
+    if df.height == 0:
+        return []
+    big = df.filter(df["n_members"] >= min(n_min, int(df["n_members"].max() or 0)))
+    aged = big.filter(big["age"].is_not_null())
+    picks: list[int] = []
+    if aged.height:
+        picks += [int(aged.sort("age")["node"][0]), int(aged.sort("age")["node"][-1])]
+    by_size = [int(n) for n in df.sort("n_members", descending=True)["node"]]
+    picks = list(dict.fromkeys([*picks, by_size[0]]))
+    for node in by_size:  # at least two nodes when the map has them (Fig. 6 overlays two)
+        if len(picks) >= 2:
+            break
+        if node not in picks:
+            picks.append(node)
+    return picks
+
+
+# ----------------------------------------------------------------------------- figures
+def fig3_prototypes(ctx: Context) -> Any:
     """Plot the decoded prototypes on the map grid (paper Fig. 3)."""
     plt = _plt()
-    nodes = con.sql("select node, decoded, n_members from nodes where model_id = "
-                    "current_model() order by node").fetchall()
+    nodes = ctx.con.sql("select node, decoded, coadd, n_members from nodes where model_id = "
+                        "current_model() order by node").fetchall()
+    if not nodes:
+        raise FigureSkippedError("no nodes table for the current model: run 'desomdb assign'")
     wave = spectra.rest_wave_aa()
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.1 * rows), sharex=True,
-                             squeeze=False)
-    for node, decoded, n in nodes:
-        ax = axes[node // cols][node % cols]
+    fig, axes = plt.subplots(ctx.rows, ctx.cols, figsize=(1.6 * ctx.cols, 1.1 * ctx.rows),
+                             sharex=True, squeeze=False)
+    for node, decoded, coadd, n in nodes:
+        ax = axes[node // ctx.cols][node % ctx.cols]
+        if n:
+            ax.plot(wave, np.asarray(coadd, dtype=float), lw=0.3, color="0.65")
         ax.plot(wave, np.asarray(decoded), lw=0.4, color="k")
-        ax.set_title(f"{node // cols},{node % cols} (n={n})", fontsize=5)
+        ax.set_title(f"{node // ctx.cols},{node % ctx.cols} (n={n})", fontsize=5)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("Decoded prototypes (normalised flux vs rest wavelength 3650-8950 Å)",
-                 fontsize=8)
-    path = out / "fig3_prototypes.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        if node in ctx.nodes:
+            colour = NODE_COLOURS[ctx.nodes.index(node) % len(NODE_COLOURS)]
+            for side in ax.spines.values():
+                side.set_edgecolor(colour)
+                side.set_linewidth(2)
+    fig.suptitle("Decoded prototypes (black) and co-added members (grey): normalised flux "
+                 "vs rest wavelength 3650-8950 Å; framed: nodes of Fig. 4/6", fontsize=8)
+    return fig
 
 
-def fig_node_medians(con: Any, out: Path, rows: int, cols: int) -> Path:
+def fig4_templates(ctx: Context) -> Any:
+    """Plot the co-added node templates of the chosen nodes (paper Fig. 4)."""
+    plt = _plt()
+    if not ctx.nodes:
+        raise FigureSkippedError("no populated nodes")
+    wave = spectra.rest_wave_aa()
+    fig, axes = plt.subplots(len(ctx.nodes), 1, figsize=(10, 2.2 * len(ctx.nodes)),
+                             sharex=True, squeeze=False)
+    for i, node in enumerate(ctx.nodes):
+        coadd, n = ctx.con.sql("select coadd, n_members from nodes where model_id = "
+                               "current_model() and node = ?", params=[node]).fetchall()[0]
+        ax = axes[i][0]
+        ax.plot(wave, np.asarray(coadd, dtype=float), lw=0.6,
+                color=NODE_COLOURS[i % len(NODE_COLOURS)])
+        for lam in emission.LINES_AA.values():
+            ax.axvline(lam, color="0.8", lw=0.5, zorder=0)
+        ax.set_ylabel("normalised flux")
+        ax.set_title(f"node {node} (row {node // ctx.cols}, col {node % ctx.cols}): "
+                     f"co-add of {n} baxels", fontsize=9)
+    axes[-1][0].set_xlabel("rest wavelength [Å, vacuum]; grey: emission lines fitted")
+    fig.tight_layout()
+    return fig
+
+
+def fig5_node_medians(ctx: Context) -> Any:
     """Plot per-node median labels on the map (paper Fig. 5)."""
     plt = _plt()
-    df = con.sql("select * from node_summary").pl()
+    df = ctx.con.sql("select * from node_summary").pl()
+    if df.height == 0:
+        raise FigureSkippedError("no node_summary for the current model")
     fig, axes = plt.subplots(2, 3, figsize=(10, 6.2))
     for ax, (label, unit) in zip(axes.ravel(), LABEL_UNITS.items(), strict=False):
-        grid = np.full((rows, cols), np.nan)
-        col = f"median_{label}"
-        for r in df.select("row", "col", col).iter_rows():
-            if r[2] is not None:
-                grid[r[0], r[1]] = r[2]
+        grid = _grid(list(df.select("row", "col", f"median_{label}").iter_rows()),
+                     ctx.rows, ctx.cols)
         im = ax.imshow(grid, cmap="cividis", origin="upper")
-        ax.set_title(unit, fontsize=9)
+        ax.set_title(f"median {unit}", fontsize=9)
         ax.set_xlabel("map column")
         ax.set_ylabel("map row")
         fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()
-    path = out / "fig5_node_medians.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def fig_fingerprint(con: Any, out: Path, rows: int, cols: int) -> Path:
+def fig6_node_pdfs(ctx: Context) -> Any:
+    """Plot the label PDFs of two nodes overlaid (paper Fig. 6)."""
+    plt = _plt()
+    pair = ctx.nodes[:2]
+    if len(pair) < 2:
+        raise FigureSkippedError("fewer than two populated nodes")
+    df = ctx.con.sql("select node, label, n, median, histogram, hist_lo, hist_hi "
+                     "from node_labels where model_id = current_model() and node in (?, ?)",
+                     params=pair).pl()
+    if df.height == 0:
+        raise FigureSkippedError("no node_labels: run 'desomdb label' then 'desomdb assign'")
+    fig, axes = plt.subplots(2, 3, figsize=(10, 5.6))
+    for ax, (label, unit) in zip(axes.ravel(), LABEL_UNITS.items(), strict=False):
+        for i, node in enumerate(pair):
+            sel = df.filter((df["node"] == node) & (df["label"] == label))
+            if sel.height == 0:
+                continue
+            hist = np.asarray(sel["histogram"][0], dtype=float)
+            lo, hi = float(sel["hist_lo"][0]), float(sel["hist_hi"][0])
+            edges = np.linspace(lo, hi, hist.size + 1)
+            dens = hist / max(hist.sum(), 1) / np.diff(edges)
+            ax.stairs(dens, edges, color=NODE_COLOURS[i], lw=1.5,
+                      label=f"node {node} (n={int(sel['n'][0])})")
+            ax.axvline(float(sel["median"][0]), color=NODE_COLOURS[i], ls="--", lw=1)
+        ax.set_xlabel(unit)
+        ax.set_ylabel("probability density")
+        ax.legend(fontsize=6)
+    fig.suptitle("Empirical label PDFs of two nodes (dashed: medians)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def fig7_fingerprint(ctx: Context) -> Any:
     """Plot one galaxy's fingerprint (colour: median radius) and bin map by node (Fig. 7)."""
     plt = _plt()
-    mangaid, plateifu, release = con.sql(
-        "select mangaid, plateifu, release from baxels group by all "
-        "order by count(*) desc limit 1").fetchall()[0]
-    fp = con.sql(f"select row, col, n_baxels, median_radius_re from galaxy_fingerprint "
-                 f"where mangaid = '{mangaid}'").fetchall()
-    counts = np.zeros((rows, cols))
-    radius = np.full((rows, cols), np.nan)
-    for r, c, n, rad in fp:
-        counts[r, c], radius[r, c] = n, rad
-    bm = con.sql(f"select m.x, m.y, a.node from bin_map m left join assignments a on "
-                 f"a.release = m.release and a.plateifu = m.plateifu and a.bin_id = m.bin_id "
-                 f"and a.model_id = current_model() where m.plateifu = '{plateifu}' "
-                 f"and m.release = '{release}'").fetchall()
+    if ctx.galaxy is None:
+        found = ctx.con.sql("select mangaid from baxels group by mangaid "
+                            "order by count(*) desc, mangaid limit 1").fetchall()
+        if not found:
+            raise FigureSkippedError("no baxels")
+        ctx.galaxy = str(found[0][0])
+    where = [ctx.galaxy]
+    cube = ctx.con.sql("select b.plateifu, b.release from baxels b join latest_cubes using "
+                       "(release, plateifu) where b.mangaid = ? group by all "
+                       "order by count(*) desc limit 1", params=where).fetchall()
+    if not cube:
+        raise ConfigError(f"galaxy {ctx.galaxy!r} is not in the archive; pick a mangaid "
+                          "from 'desomdb sql ARCHIVE \"select mangaid from galaxies\"'")
+    plateifu, release = cube[0]
+    fp = ctx.con.sql("select row, col, n_baxels, median_radius_re from galaxy_fingerprint "
+                     "where mangaid = ?", params=where).fetchall()
+    counts = _grid([(r, c, n) for r, c, n, _ in fp], ctx.rows, ctx.cols)
+    radius = _grid([(r, c, m) for r, c, _, m in fp], ctx.rows, ctx.cols)
+    bm = ctx.con.sql("select m.x, m.y, a.node from bin_map m left join assignments a on "
+                     "a.release = m.release and a.plateifu = m.plateifu and a.bin_id = m.bin_id "
+                     "and a.model_id = current_model() where m.plateifu = ? and m.release = ?",
+                     params=[plateifu, release]).fetchall()
     size = max(max(x for x, _, _ in bm), max(y for _, y, _ in bm)) + 1
     image = np.full((size, size), np.nan)
     for x, y, node in bm:
@@ -105,28 +246,103 @@ def fig_fingerprint(con: Any, out: Path, rows: int, cols: int) -> Path:
             image[y, x] = node
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.5))
     im1 = a1.imshow(radius, cmap="viridis", origin="upper")
-    for r in range(rows):
-        for c in range(cols):
-            if counts[r, c]:
+    for r in range(ctx.rows):
+        for c in range(ctx.cols):
+            if np.isfinite(counts[r, c]):
                 a1.text(c, r, f"{int(counts[r, c])}", ha="center", va="center", fontsize=6,
                         color="w")
-    a1.set_title(f"{mangaid}: baxels per node (colour: median R/R_e)", fontsize=9)
+    a1.set_title(f"{ctx.galaxy}: baxels per node (colour: median R/R_e)", fontsize=9)
+    a1.set_xlabel("map column")
+    a1.set_ylabel("map row")
     fig.colorbar(im1, ax=a1, label="median radius [R_e]")
     im2 = a2.imshow(image, cmap="cividis", origin="lower")
-    a2.set_title(f"{plateifu}: bin map coloured by node", fontsize=9)
+    a2.set_title(f"{plateifu} ({release}): bin map coloured by node", fontsize=9)
     a2.set_xlabel("spaxel x (RA axis)")
     a2.set_ylabel("spaxel y (Dec axis)")
     fig.colorbar(im2, ax=a2, label="node = row * n_cols + col")
     fig.tight_layout()
-    path = out / "fig7_fingerprint.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def fig_training(history: list[dict[str, float]], out: Path) -> Path:
+def _desom2(ctx: Context) -> tuple[str, Any]:
+    found = ctx.con.sql("select any_value(desom2_model_id) from fingerprints "
+                        "where model_id = current_model()").fetchall() \
+        if ctx.arch.files("fingerprints", model_id=ctx.model_id) else []
+    if not found or found[0][0] is None:
+        raise FigureSkippedError("no fingerprints/DESOM-2 for the current model: run "
+                            "'desomdb fingerprints'")
+    d2_id = str(found[0][0])
+    model, _ = load_model(ctx.arch, d2_id)
+    return d2_id, model
+
+
+def fig9_desom2(ctx: Context) -> Any:
+    """Plot the number of galaxies per DESOM-2 node (paper Fig. 9)."""
+    plt = _plt()
+    d2_id, m2 = _desom2(ctx)
+    occ = ctx.con.sql("select desom2_row, desom2_col, count(*) from fingerprints "
+                      "where model_id = current_model() group by all").fetchall()
+    grid = _grid(occ, m2.cfg.map_rows, m2.cfg.map_cols)
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    im = ax.imshow(np.nan_to_num(grid), cmap="viridis", origin="upper")
+    for (r, c), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+            ax.text(c, r, f"{int(v)}", ha="center", va="center", color="w", fontsize=8)
+    ax.set_title(f"{d2_id}: galaxies per node", fontsize=9)
+    ax.set_xlabel("DESOM-2 column")
+    ax.set_ylabel("DESOM-2 row")
+    fig.colorbar(im, ax=ax, label="galaxies")
+    fig.tight_layout()
+    return fig
+
+
+def fig10_desom2_protos(ctx: Context) -> Any:
+    """Plot decoded DESOM-2 prototypes: typical fingerprints on the DESOM-1 map (Fig. 10)."""
+    plt = _plt()
+    d2_id, m2 = _desom2(ctx)
+    with torch.no_grad():
+        images = m2.decode(m2.prototypes.detach()).cpu().numpy()
+    h, w = m2.cfg.input_shape
+    rows, cols = m2.cfg.map_rows, m2.cfg.map_cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
+    for k, img in enumerate(images):
+        ax = axes[k // cols][k % cols]
+        ax.imshow(img.reshape(h, w), cmap="cividis", origin="upper", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"{k // cols},{k % cols}", fontsize=6)
+    fig.suptitle(f"{d2_id}: decoded prototypes (normalised counts on the "
+                 f"{h}x{w} DESOM-1 map, 0-1)", fontsize=8)
+    return fig
+
+
+def fig14_morphology(ctx: Context) -> Any:
+    """Plot median Sersic n and b/a of each DESOM-2 node's galaxies (paper Fig. 14)."""
+    plt = _plt()
+    _, m2 = _desom2(ctx)
+    df = ctx.con.sql(
+        "with g as (select mangaid, any_value(nsa_sersic_n) as n, "
+        "any_value(nsa_elpetro_ba) as ba from galaxies group by 1) "
+        "select f.desom2_row, f.desom2_col, median(g.n), median(g.ba) from fingerprints f "
+        "join g using (mangaid) where f.model_id = current_model() group by all").fetchall()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    for ax, i, title in ((axes[0], 2, "median Sersic n"), (axes[1], 3, "median b/a")):
+        grid = _grid([(r[0], r[1], r[i]) for r in df], m2.cfg.map_rows, m2.cfg.map_cols)
+        im = ax.imshow(grid, cmap="cividis", origin="upper")
+        ax.set_title(f"{title} (NSA) per DESOM-2 node", fontsize=9)
+        ax.set_xlabel("DESOM-2 column")
+        ax.set_ylabel("DESOM-2 row")
+        fig.colorbar(im, ax=ax, label=title.split()[-1])
+    fig.tight_layout()
+    return fig
+
+
+def fig_training(ctx: Context) -> Any:
     """Plot held-out MSE, QE and TE against iteration."""
     plt = _plt()
+    history = ctx.payload["extra"].get("history") or []
+    if not history:
+        raise FigureSkippedError("the model artefact has no training history")
     its = [h["it"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
     for ax, key, ylabel in zip(axes, ("recon_mse", "qe", "te4"),
@@ -136,33 +352,142 @@ def fig_training(history: list[dict[str, float]], out: Path) -> Path:
         ax.set_xlabel("iteration")
         ax.set_ylabel(ylabel)
     fig.tight_layout()
-    path = out / "training.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def build_report(archive: str | Path, out: str | Path) -> Path:
-    """Write the figures and ``index.html`` into ``out``; return the HTML path."""
+def fig_accuracy(ctx: Context) -> Any:
+    """Plot pPXF labels against the mock truth, per label (mock surveys only)."""
+    plt = _plt()
+    if not (ctx.arch.has_table("truth") and ctx.arch.has_table("labels")):
+        raise FigureSkippedError("no truth table (not a mock survey) or no labels")
+    fig, axes = plt.subplots(2, 4, figsize=(13, 6.4))
+    for ax, (label, flag) in zip(axes.ravel(), ACCURACY.items(), strict=False):
+        df = ctx.con.sql(f"select l.{label} as fit, t.{label} as true from labels l join truth "
+                         f"t using (release, plateifu, bin_id) where l.status = 'ok' and "
+                         f"l.{flag} and isfinite(l.{label}) and isfinite(t.{label})").pl()
+        if df.height == 0:
+            ax.set_visible(False)
+            continue
+        fit, true = df["fit"].to_numpy(), df["true"].to_numpy()
+        d = fit - true
+        scatter = 1.4826 * np.median(np.abs(d - np.median(d)))
+        ax.scatter(true, fit, s=3, color="#0072B2", alpha=0.5)
+        lo, hi = float(min(true.min(), fit.min())), float(max(true.max(), fit.max()))
+        ax.plot([lo, hi], [lo, hi], color="k", lw=0.8)
+        unit = LABEL_UNITS.get(label, {"ebv_gas": "E(B-V)_gas [mag]"}.get(label, label))
+        ax.set_xlabel(f"true {unit}")
+        ax.set_ylabel(f"pPXF {unit}")
+        ax.set_title(f"offset {np.median(d):+.3f}, scatter {scatter:.3f} (n={d.size})",
+                     fontsize=8)
+    axes.ravel()[-1].set_visible(False)
+    fig.suptitle("Label accuracy against the mock truth (median offset, robust scatter)",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+#: name -> (function, caption)
+FIGURES: dict[str, tuple[Callable[[Context], Any], str]] = {
+    "fig3_prototypes": (fig3_prototypes, "Decoded prototype of every DESOM-1 node (black) "
+                        "and its co-added members (grey) on the map grid (paper Fig. 3)."),
+    "fig4_templates": (fig4_templates, "Co-added high-S/N templates of the chosen nodes "
+                       "(paper Fig. 4)."),
+    "fig5_node_medians": (fig5_node_medians, "Per-node median labels (paper Fig. 5)."),
+    "fig6_node_pdfs": (fig6_node_pdfs, "Empirical label PDFs of two nodes (paper Fig. 6)."),
+    "fig7_fingerprint": (fig7_fingerprint, "One galaxy's fingerprint coloured by median "
+                         "radius, and its bin map coloured by node (paper Fig. 7)."),
+    "fig9_desom2": (fig9_desom2, "DESOM-2 occupancy: galaxies per node (paper Fig. 9)."),
+    "fig10_desom2_protos": (fig10_desom2_protos, "Decoded DESOM-2 prototypes: typical "
+                            "fingerprints (paper Fig. 10)."),
+    "fig14_morphology": (fig14_morphology, "Median Sersic n and b/a per DESOM-2 node "
+                         "(paper Fig. 14)."),
+    "training": (fig_training, "Held-out reconstruction MSE, QE and TE during training."),
+    "accuracy": (fig_accuracy, "pPXF labels against the mock truth (mock surveys only)."),
+}
+
+
+def _context(archive: str | Path, model_id: str | None, nodes: list[int] | None,
+             galaxy: str | None) -> Context:
     arch = Archive(archive)
-    model_id = views.resolve_model(arch, None)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    model_id = views.resolve_model(arch, model_id)
     con = views.connect(arch.root, model=model_id)
     model, payload = load_model(arch, model_id)
-    rows, cols = model.cfg.map_rows, model.cfg.map_cols
-    figures = [fig_prototypes(con, out, rows, cols), fig_node_medians(con, out, rows, cols),
-               fig_fingerprint(con, out, rows, cols),
-               fig_training(payload["extra"]["history"], out)]
-    metrics = json.dumps(payload["metrics"], indent=1, sort_keys=True)
-    items = "\n".join(f'<figure><img src="{f.name}" alt="{f.stem}"><figcaption>{f.stem}'
-                      f"</figcaption></figure>" for f in figures)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>desomdb report "
-            f"{html.escape(model_id)}</title><style>body{{font-family:sans-serif;max-width:"
-            f"1100px;margin:auto}}img{{max-width:100%}}</style></head><body>"
-            f"<h1>desomdb report: {html.escape(model_id)}</h1>"
-            f"<p>Archive {html.escape(str(arch.root))}</p>{items}"
-            f"<h2>Metrics</h2><pre>{html.escape(metrics)}</pre></body></html>")
+    ctx = Context(arch, con, model_id, model.cfg.map_rows, model.cfg.map_cols, payload,
+                  galaxy=galaxy)
+    if nodes:
+        bad = [n for n in nodes if not 0 <= n < model.cfg.n_nodes]
+        if bad:
+            raise ConfigError(f"nodes {bad} are not on the {ctx.rows}x{ctx.cols} map of "
+                              f"{model_id} (0-{model.cfg.n_nodes - 1})")
+        ctx.nodes = list(nodes)
+    elif arch.files("nodes", model_id=model_id):
+        ctx.nodes = default_nodes(con)
+    return ctx
+
+
+def _save(fig: Any, *paths: Path) -> None:
+    plt = _plt()
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot(archive: str | Path, name: str, out: str | Path, model_id: str | None = None,
+         nodes: list[int] | None = None, galaxy: str | None = None) -> Path:
+    """Write one figure (format from the suffix of ``out``: .png, .pdf, .svg).
+
+    Raises
+    ------
+    ConfigError
+        Unknown figure name, or a figure the archive cannot make (the reason says why).
+    """
+    if name not in FIGURES:
+        raise ConfigError(f"unknown figure {name!r}; choose from {', '.join(FIGURES)}")
+    ctx = _context(archive, model_id, nodes, galaxy)
+    try:
+        fig = FIGURES[name][0](ctx)
+    except FigureSkippedError as exc:
+        raise ConfigError(f"cannot draw {name}: {exc}") from None
+    out = Path(out)
+    _save(fig, out)
+    return out
+
+
+def build_report(archive: str | Path, out: str | Path, model_id: str | None = None,
+                 nodes: list[int] | None = None, galaxy: str | None = None) -> Path:
+    """Write every figure (PNG + PDF) and ``index.html`` into ``out``; return the HTML path.
+
+    Figures whose inputs are missing (e.g. no DESOM-2 yet, or no truth) are listed on the
+    page with the reason instead of failing the report.
+    """
+    ctx = _context(archive, model_id, nodes, galaxy)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts, skipped = [], []
+    for name, (func, caption) in FIGURES.items():
+        try:
+            fig = func(ctx)
+        except FigureSkippedError as exc:
+            skipped.append(f"<li>{html.escape(name)}: {html.escape(str(exc))}</li>")
+            continue
+        _save(fig, out / f"{name}.png", out / f"{name}.pdf")
+        parts.append(f'<figure id="{name}"><img src="{name}.png" alt="{html.escape(caption)}">'
+                     f'<figcaption>{html.escape(caption)} <a href="{name}.pdf">PDF</a>'
+                     f"</figcaption></figure>")
+    metrics = json.dumps(ctx.payload["metrics"], indent=1, sort_keys=True)
+    missing = f"<h2>Not drawn</h2><ul>{''.join(skipped)}</ul>" if skipped else ""
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            f"<title>desomdb report {html.escape(ctx.model_id)}</title><style>"
+            f"body{{font-family:sans-serif;max-width:1100px;margin:auto;padding:0 1em}}"
+            f"img{{max-width:100%}}figure{{margin:2em 0}}</style></head><body>"
+            f"<h1>desomdb report: {html.escape(ctx.model_id)}</h1>"
+            f"<p>Archive {html.escape(str(ctx.arch.root))}; map {ctx.rows}x{ctx.cols}; "
+            f"chosen nodes {ctx.nodes}; galaxy {html.escape(str(ctx.galaxy))}.</p>"
+            f"{''.join(parts)}{missing}<h2>Model metrics</h2><pre>{html.escape(metrics)}</pre>"
+            f"</body></html>")
     index = out / "index.html"
-    index.write_text(page)
+    tmp = index.with_name("index.html.tmp")
+    tmp.write_text(page)
+    tmp.replace(index)
     return index
