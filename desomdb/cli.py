@@ -192,11 +192,13 @@ def label(archive: Path, release: str | None, workers: int, scheduler: str | Non
               help="SQL filter over the baxels view selecting training spectra")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32",
+              show_default=True, help="bf16: training forward passes under bfloat16 autocast")
 @click.option("--use", "make_current", is_flag=True,
               help="make the new model current (otherwise: 'desomdb model use')")
 @_friendly_errors
 def train(archive: Path, config: Path | None, preset: str, where: str, seed: int, device: str,
-          make_current: bool) -> None:
+          precision: str, make_current: bool) -> None:
     """Train a DESOM-1 on the archive's training baxels; prints the model id.
 
     \b
@@ -211,7 +213,7 @@ def train(archive: Path, config: Path | None, preset: str, where: str, seed: int
     from desomdb.archive import Archive
 
     overrides = json.loads(config.read_text()) if config else {}
-    cfg = model_mod.CONFIGS[preset](**{**overrides, "seed": seed})
+    cfg = model_mod.CONFIGS[preset](**{**overrides, "seed": seed, "precision": precision})
     model_id = train_mod.train(archive, cfg, where=where, device=device)
     if make_current:
         views_mod.set_current_model(Archive(archive), model_id)

@@ -64,6 +64,8 @@ class DesomConfig:
     eval_every: int = 250
     patience: int = 4
     seed: int = 0
+    #: "bf16": forward passes of training under bfloat16 autocast (losses and SOM in fp32).
+    precision: str = "fp32"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from desomdb import checkpoint, paths, spectra, views
 from desomdb.archive import Archive, Writer
-from desomdb.errors import ArchiveError, QueryError
+from desomdb.errors import ArchiveError, ConfigError, QueryError
 from desomdb.model import (
     Desom,
     DesomConfig,
@@ -259,6 +259,10 @@ def fit(
         opt.load_state_dict(resume["optimiser"])
         loop = resume["loop"]
     total = cfg.pretrain_iters + cfg.iterations
+    device_type = "cuda" if str(device).startswith("cuda") else "cpu"
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
+    bf16 = cfg.precision == "bf16"
     bar = tqdm(total=total, initial=loop["it"], desc=desc, disable=not progress)
     t_start = time.perf_counter() - loop["seconds"]
     if not loop["history"]:
@@ -272,8 +276,11 @@ def fit(
             init_prototypes(model, torch.from_numpy(latents).to(device), cfg.seed)
             loop["initialised"] = True
         xb, wb = (torch.from_numpy(a).to(device) for a in next(batches))
-        z = model.encode(xb)
-        loss_rec = masked_mse(xb, model.decode(z), wb)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            z = model.encode(xb)
+            x_hat = model.decode(z)
+        z = z.float()
+        loss_rec = masked_mse(xb, x_hat.float(), wb)
         loss = loss_rec
         som = torch.zeros(())
         temp = temperature(it - cfg.pretrain_iters, cfg)

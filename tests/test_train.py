@@ -4,10 +4,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from desomdb import assign, checkpoint, train, views
+from desomdb import assign, checkpoint, model, train, views
 from desomdb.archive import Archive
 from desomdb.cli import main
-from desomdb.errors import ModelError, QueryError
+from desomdb.errors import ConfigError, ModelError, QueryError
 
 
 def _frame(t) -> pl.DataFrame:
@@ -212,3 +212,24 @@ def test_drift_threshold_is_the_training_p99(trained_archive) -> None:
     held_out, = con.sql("select frac_beyond_p99 from drift where model_id = current_model()"
                         ).fetchall()[0]
     assert held_out >= frac  # test galaxies are represented less well than training ones
+
+
+def test_bf16_training_learns_and_is_recorded(labelled_archive, tmp_path) -> None:
+    import json
+    import shutil
+
+    from conftest import TINY
+
+    arch = tmp_path / "arch"
+    shutil.copytree(labelled_archive, arch)
+    cfg = model.compact_config(**{**TINY, "precision": "bf16"})
+    model_id = train.train(arch, cfg, where="true", progress=False)
+    _, payload = train.load_model(Archive(arch), model_id)
+    mse = [h["recon_mse"] for h in payload["extra"]["history"]]
+    assert mse[-1] < 0.7 * mse[0]
+    row = views.connect(arch).sql("select config from models where model_id = ?",
+                                  params=[model_id]).fetchall()[0][0]
+    assert json.loads(row)["precision"] == "bf16"
+    with pytest.raises(ConfigError, match="precision"):
+        train.train(arch, model.compact_config(**{**TINY, "precision": "fp8"}), where="true",
+                    progress=False)
