@@ -1,11 +1,14 @@
-"""The SOM stage alone: this project's batch-SOM step vs MiniSom on fixed latent vectors.
+"""The SOM stage alone: this project's batch-SOM step vs MiniSom, XPySom, quicksom.
 
 Run: python benchmarks/bench_som.py [--archive desomdb-demo/archive] [--epochs 10]
 Encodes the archive's spectra with its current DESOM-1 (fixed latents), then trains a
 15×15 map on them with (a) desomdb.model.som_step (mini-batches of 128, T 15 → 0.7) and
 (b) MiniSom (pip install minisom; online updates, sigma 7.5 → ~0, same number of
-sample presentations). Prints wall time, QE (mean Euclidean distance to the BMU) and TE with
-4- and 8-neighbour adjacency, computed by the same functions for both.
+sample presentations) and (c) XPySom (pip install xpysom; batch SOM, same epochs; numpy
+backend on a CPU) and (d) quicksom (pip install quicksom; torch mini-batches of 128, its
+own learning-rate/sigma schedule, same epochs). Prints wall time, QE (mean Euclidean
+distance to the BMU) and TE with 4- and 8-neighbour adjacency, computed by the same
+functions for all.
 """
 
 from __future__ import annotations
@@ -75,12 +78,42 @@ def main() -> None:
         w = ms.get_weights()  # (x, y, dim): node (i, j) -> our node i * size + j
         minisom_row = (t_ms, *metrics(z, w.reshape(size * size, dim), size))
 
+    try:
+        from xpysom import XPySom
+    except ImportError:
+        print("XPySom not installed: pip install xpysom")
+        xpy_row = None
+    else:  # batch SOM (numpy backend here; CuPy on a GPU), same epochs
+        xs = XPySom(size, size, dim, sigma=size / 2, learning_rate=0.5, random_seed=0)
+        t0 = time.perf_counter()
+        xs.random_weights_init(z)
+        xs.train(z, args.epochs)
+        t_xs = time.perf_counter() - t0
+        wx = np.asarray(xs.get_weights())
+        xpy_row = (t_xs, *metrics(z, wx.reshape(size * size, dim), size))
+
+    try:
+        import quicksom.som as quicksom_som
+    except ImportError:
+        print("quicksom not installed: pip install quicksom")
+        quick_row = None
+    else:  # torch mini-batch SOM (batch 128 as ours), same epochs, its default schedule
+        qs = quicksom_som.SOM(size, size, dim, n_epoch=args.epochs, device="cpu")
+        t0 = time.perf_counter()
+        qs.fit(dataset=torch.from_numpy(z), batch_size=128, n_epoch=args.epochs,
+               do_compute_all_dists=False, logfile=None, num_workers=0, print_each=10**9)
+        t_qs = time.perf_counter() - t0
+        wq = qs.centroids.detach().cpu().numpy().reshape(size * size, dim)
+        quick_row = (t_qs, *metrics(z, wq, size))
+
     print(f"{'SOM':<22}{'seconds':>9}{'QE':>9}{'TE4':>8}{'TE8':>8}")
     print(f"{'desomdb som_step':<22}{t_ours:>9.2f}{ours[0]:>9.3f}{ours[1]:>8.3f}{ours[2]:>8.3f}")
-    if minisom_row:
-        t, qe, te4, te8 = minisom_row
-        print(f"{'MiniSom (online)':<22}{t:>9.2f}{qe:>9.3f}{te4:>8.3f}{te8:>8.3f}")
-        print(f"time ratio MiniSom/desomdb: {t / t_ours:.1f}")
+    for name, row in (("MiniSom (online)", minisom_row), ("XPySom (batch)", xpy_row),
+                      ("quicksom (torch)", quick_row)):
+        if row:
+            t, qe, te4, te8 = row
+            print(f"{name:<22}{t:>9.2f}{qe:>9.3f}{te4:>8.3f}{te8:>8.3f}")
+            print(f"time ratio {name.split()[0]}/desomdb: {t / t_ours:.1f}")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,9 @@ def main() -> None:
             run("bench_desom.py", ["--archive", args.archive, "--compact-iterations",
                                    "200" if q else "800", "--paper-iterations",
                                    "20" if q else "120"])[1:6],
+        "peak memory of train/assign vs archive size":
+            run("bench_scale.py", ["--source", args.archive, "--sizes",
+                                   "6000,24000" if q else "24000,120000"])[1:],
     }
     try:
         import torch
@@ -55,8 +58,9 @@ def main() -> None:
         gpu = torch.cuda.is_available()
     except ImportError:  # pragma: no cover - torch is a dependency
         gpu = False
-    results["GPU training/assignment"] = [
-        "run bench_desom.py on the GPU machine" if gpu else "not run: no GPU on this machine"]
+    results["GPU training/assignment"] = (
+        run("bench_gpu.py", ["--device", "cuda"] + (["--quick"] if q else []))[-22:] if gpu
+        else ["not run: no GPU on this machine (benchmarks/bench_gpu.py is the GPU script)"])
     print("\n==== summary ====")
     for name, lines in results.items():
         print(f"\n{name}:")
