@@ -46,7 +46,8 @@ def main() -> None:
     """desomdb: MaNGA spectra on a Deep Embedded Self-Organizing Map, queried with SQL.
 
     \b
-    Pipeline: mock/ingest -> label -> train -> assign -> fingerprints -> desom2 -> sql/report.
+    Pipeline: mock/ingest -> label -> train -> assign -> fingerprints -> sql/report;
+    a new release: refresh.
     Example:
       desomdb demo --out /tmp/desomdb-demo
     """
@@ -398,7 +399,8 @@ def sql(archive: Path, query: str | None, fmt: str, output: Path | None, model_i
 
     Views: cubes, galaxies, baxels, spectra, bin_map, labels, truth, models,
     nodes, assignments, node_labels, fingerprints, splits, and baxel_labels,
-    node_summary, galaxy_fingerprint (columns in sql/schema.yml). DDL/DML is
+    node_summary, galaxy_fingerprint, latest_cubes, drift, poorly_represented
+    (columns in sql/schema.yml). DDL/DML is
     refused. For the plain DuckDB CLI: cd ARCHIVE && duckdb -cmd ".read setup.sql".
 
     \b
