@@ -20,12 +20,6 @@ class ConfigError(DesomdbError):
     exit_code = 2
 
 
-class NotImplementedYetError(DesomdbError):
-    """A command of the public interface whose stage has not been built yet."""
-
-    exit_code = 3
-
-
 class InputDataError(DesomdbError):
     """An input file (cube, drpall table, spectra file) is missing, corrupt or malformed."""
 
