@@ -137,34 +137,23 @@ class Archive:
         LockError
             If another process holds the lock.
         """
-        lock_path = self.root / paths.LOCK
-        fh = lock_path.open("a+")
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown process"
-            fh.close()
-            raise LockError(
-                f"{self.root} is being written by another desomdb process ({holder}); wait "
-                "for it to finish (the lock is released automatically when it exits)"
-            ) from None
-        try:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()}, '{command or ' '.join(sys.argv)}', since "
-                     f"{time.strftime('%Y-%m-%dT%H:%M:%S')}")
-            fh.flush()
+        with _exclusive(self.root / paths.LOCK, self.root, "written", command):
             writer = Writer(self)
             writer.collect_garbage()
             yield writer
             self._write_setup_sql()
-        finally:
-            fh.seek(0)
-            fh.truncate()
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-            fh.close()
 
+    @contextlib.contextmanager
+    def job_lock(self, job: str, command: str = "") -> Iterator[None]:
+        """Hold a lock for a multi-stage job (e.g. a refresh) between its writer sessions.
+
+        Raises
+        ------
+        LockError
+            If another process runs the same job on this archive.
+        """
+        with _exclusive(self.root / f"{paths.LOCK}.{job}", self.root, f"{job}ed", command):
+            yield
 
     def _write_setup_sql(self) -> None:
         """Regenerate ``setup.sql`` (views for the plain DuckDB CLI) after a writer's commits."""
@@ -253,6 +242,34 @@ class Writer:
                     removed.append(path)
         shutil.rmtree(self.root / paths.STAGING, ignore_errors=True)
         return removed
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, root: Path, what: str, command: str) -> Iterator[None]:
+    """Take an exclusive ``flock`` on ``lock_path`` (released by the kernel if we die)."""
+    fh = lock_path.open("a+")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown process"
+        fh.close()
+        raise LockError(
+            f"{root} is being {what} by another desomdb process ({holder}); wait "
+            "for it to finish (the lock is released automatically when it exits)"
+        ) from None
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}, '{command or ' '.join(sys.argv)}', since "
+                 f"{time.strftime('%Y-%m-%dT%H:%M:%S')}")
+        fh.flush()
+        yield
+    finally:
+        fh.seek(0)
+        fh.truncate()
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        fh.close()
 
 
 def write_parquet(table: pa.Table, path: Path) -> None:

@@ -100,8 +100,19 @@ def refresh(archive: str | Path, job: ingest.IngestJob, options: RefreshOptions 
     Returns
     -------
     RefreshReport
+
+    Raises
+    ------
+    LockError
+        If another refresh of this archive is running (each stage also takes the writer
+        lock, so no other writer runs during a stage).
     """
-    opts = options or RefreshOptions()
+    with Archive(archive, create=True).job_lock("refresh", "desomdb refresh"):
+        return _refresh(archive, job, options or RefreshOptions(), progress)
+
+
+def _refresh(archive: str | Path, job: ingest.IngestJob, opts: RefreshOptions,
+             progress: bool) -> RefreshReport:
     report = RefreshReport(job.release)
     report.ingest = ingest.ingest(archive, job, progress=progress)
     rel = report.ingest.release

@@ -200,8 +200,13 @@ def test_concurrent_refresh_is_refused(releases, tmp_path) -> None:
     root, dr17, _, _ = releases
     copy = tmp_path / "arch"
     shutil.copytree(root / "base", copy)
-    with Archive(copy).writer("another refresh"), pytest.raises(LockError, match="another"):
+    with Archive(copy).writer("another writer"), pytest.raises(LockError, match="another"):
         refresh.refresh(copy, dr17_job(dr17), opts(), progress=False)
+    # A refresh between two of its stages (no writer lock held) still excludes another one.
+    with Archive(copy).job_lock("refresh", "first refresh"), \
+            pytest.raises(LockError, match="refreshed by another desomdb process"):
+        refresh.refresh(copy, dr17_job(dr17), opts(), progress=False)
+    assert not Archive(copy).files("cubes", release="DR17")  # nothing was written
 
 
 def test_retrain_records_parent_reports_movement_and_never_switches(releases, refreshed,
