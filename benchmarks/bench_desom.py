@@ -11,37 +11,15 @@ from __future__ import annotations
 
 import argparse
 import resource
-import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
+from bench_gpu import throughput  # the one throughput measurement (sibling script)
 
 from desomdb import assign, model, train, views
 from desomdb.archive import Archive
-
-
-def throughput(preset: str) -> tuple[float, float]:
-    cfg = model.CONFIGS[preset]()
-    m = model.Desom(cfg)
-    x = torch.randn(128, 4544)
-    w = torch.ones_like(x)
-    with torch.no_grad():
-        m.encode(x)
-        t = time.perf_counter()
-        for _ in range(3):
-            m.encode(x)
-        enc = 3 * 128 / (time.perf_counter() - t)
-    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], 1e-3)
-    t = time.perf_counter()
-    for _ in range(3):
-        z = m.encode(x)
-        loss = model.masked_mse(x, m.decode(z), w) + 5e-4 * m.som_loss(z, 1.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return enc, 3 * 128 / (time.perf_counter() - t)
 
 
 def held_out(arch: Archive, preset: str, iterations: int, batch: int) -> dict[str, float]:
@@ -74,7 +52,8 @@ def main() -> None:
     parser.add_argument("--paper-iterations", type=int, default=120)
     args = parser.parse_args()
     print(f"torch threads: {torch.get_num_threads()}")
-    rates = {p: throughput(p) for p in ("compact", "paper")}
+    rates = {p: tuple(throughput(p, "cpu", "fp32", 3).values())
+             for p in ("compact", "paper")}
     for p, (enc, tr) in rates.items():
         print(f"{p:<8} encode {enc:8.0f} spectra/s   train {tr:6.0f} spectra/s")
     print(f"compact/paper: encode {rates['compact'][0] / rates['paper'][0]:.1f}x, "

@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from desomdb import paths, versions, views
 from desomdb.archive import Archive, StagedFile, Writer
+from desomdb.errors import ModelError
 from desomdb.model import Desom, DesomConfig, bmu_and_runner_up, desom2_config
 from desomdb.train import encode_all, evaluate, fit, galaxy_test_split, load_model, models_row
 
@@ -197,8 +197,8 @@ def build(archive: str | Path, model_id: str | None = None, cfg: DesomConfig | N
                                         metrics, {"history": loop["history"], "parent": model_id,
                                                   "normalisation": stats})
         state.unlink(missing_ok=True)
-        fp = _stage_fingerprints(writer, model_id, d2_id, m2, gal, counts, radius, stats,
-                                 test, device)
+        fp, _ = _stage_fingerprints(writer, model_id, d2_id, m2, gal, counts, radius, stats,
+                                    test, device)
         row = {"kind": "desom2", "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "config": json.dumps(cfg.to_dict(), sort_keys=True),
                "data_spec": json.dumps({"fingerprints_of": model_id,
@@ -219,8 +219,8 @@ def build(archive: str | Path, model_id: str | None = None, cfg: DesomConfig | N
 def _stage_fingerprints(writer: Writer, model_id: str, d2_id: str, m2: Desom,
                         gal: pl.DataFrame, counts: np.ndarray, radius: np.ndarray,
                         stats: dict[str, list[float]], test: np.ndarray,
-                        device: str) -> StagedFile:
-    """Assign galaxies to the DESOM-2 and stage the fingerprints table of ``model_id``."""
+                        device: str) -> tuple[StagedFile, pa.Table]:
+    """Assign galaxies to the DESOM-2; stage (and return) the fingerprints of ``model_id``."""
     x = normalise_for_desom2(counts, stats)
     z = encode_all(m2, x, device)
     with torch.no_grad():
@@ -246,8 +246,9 @@ def _stage_fingerprints(writer: Writer, model_id: str, d2_id: str, m2: Desom,
         "desom2_col": pa.array((best % cols).astype(np.int16)),
         "split": pa.array(np.where(test, "test", "train")),
     })
-    return writer.stage_table("fingerprints", table,
-                              f"{paths.model_dir('fingerprints', model_id)}/fingerprints.parquet")
+    staged = writer.stage_table(
+        "fingerprints", table, f"{paths.model_dir('fingerprints', model_id)}/fingerprints.parquet")
+    return staged, table
 
 
 def update(archive: str | Path, model_id: str | None = None, device: str = "cpu"
@@ -272,8 +273,6 @@ def update(archive: str | Path, model_id: str | None = None, device: str = "cpu"
         If the DESOM-2 was saved without its normalisation constants (rebuild it with
         ``desomdb fingerprints``).
     """
-    from desomdb.errors import ModelError
-
     arch = Archive(archive)
     model_id = views.resolve_model(arch, model_id)
     if not arch.files("fingerprints", model_id=model_id):
@@ -296,11 +295,10 @@ def update(archive: str | Path, model_id: str | None = None, device: str = "cpu"
     test = np.array([was[m] == "test" if m in was else t
                      for m, t in zip(gal["mangaid"], test, strict=True)])
     with arch.writer("desomdb fingerprints --update") as writer:
-        fp = _stage_fingerprints(writer, model_id, d2_id, m2, gal, counts, radius, stats,
-                                 test, device)
-        new = pl.from_arrow(pq.read_table(fp.staged, columns=["mangaid", "counts",
-                                                               "desom2_node"]))
+        fp, table = _stage_fingerprints(writer, model_id, d2_id, m2, gal, counts, radius,
+                                        stats, test, device)
         writer.commit(add=[fp])
+    new = pl.from_arrow(table.select(["mangaid", "counts", "desom2_node"]))
     assert isinstance(new, pl.DataFrame)
     both = new.join(old, on="mangaid", how="left", suffix="_old")
     before = both.filter(pl.col("desom2_node_old").is_not_null())

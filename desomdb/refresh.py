@@ -232,8 +232,8 @@ def compare_models(arch: Archive, old_id: str, new_id: str, min_members: int = 5
             width = np.maximum((g["p84"] - g["p16"]).to_numpy() / 2, 1e-6)
             shift = np.abs((g["median_new"] - g["median"]).to_numpy()) / width
             out["label_drift"][str(label)] = float(np.median(shift))
+    con = views.connect(arch.root)
     for key, model_id in (("drift_old", old_id), ("drift_new", new_id)):
-        con = views.connect(arch.root, model=model_id)
         out[key] = {r[0]: r[1] for r in con.sql(
             "select release, frac_beyond_p99 from drift where model_id = ?",
             params=[model_id]).fetchall()}

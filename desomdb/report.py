@@ -46,6 +46,7 @@ from desomdb.train import load_model
 LABEL_UNITS = {"age_mw_gyr": "age [Gyr]", "mh_mw": "[M/H] [dex]",
                "log_ml_r": "log M*/L_r [dex]", "ebv_star": "E(B-V)_* [mag]",
                "log_ssfr": "log sSFR [yr^-1]", "d_bpt": "d_BPT [dex]"}
+ACCURACY_UNITS = {**LABEL_UNITS, "ebv_gas": "E(B-V)_gas [mag]"}
 #: Okabe-Ito colours (colour-blind safe) for overlaid nodes.
 NODE_COLOURS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7")
 #: Labels compared with the mock truth, and the selection of each (the paper's label cuts;
@@ -73,6 +74,7 @@ class Context:
     payload: dict[str, Any]
     nodes: list[int] = field(default_factory=list)
     galaxy: str | None = None
+    desom2: tuple[str, Any] | None = None  # (id, model), loaded once for Fig. 9/10/14
 
 
 def _plt() -> Any:
@@ -268,15 +270,18 @@ def fig7_fingerprint(ctx: Context) -> Any:
 
 
 def _desom2(ctx: Context) -> tuple[str, Any]:
+    if ctx.desom2 is not None:
+        return ctx.desom2
     found = ctx.con.sql("select any_value(desom2_model_id) from fingerprints "
                         "where model_id = current_model()").fetchall() \
         if ctx.arch.files("fingerprints", model_id=ctx.model_id) else []
     if not found or found[0][0] is None:
         raise FigureSkippedError("no fingerprints/DESOM-2 for the current model: run "
-                            "'desomdb fingerprints'")
+                                 "'desomdb fingerprints'")
     d2_id = str(found[0][0])
     model, _ = load_model(ctx.arch, d2_id)
-    return d2_id, model
+    ctx.desom2 = (d2_id, model)
+    return ctx.desom2
 
 
 def fig9_desom2(ctx: Context) -> Any:
@@ -381,7 +386,7 @@ def fig_accuracy(ctx: Context) -> Any:
         ax.scatter(true, fit, s=3, color="#0072B2", alpha=0.5)
         lo, hi = float(min(true.min(), fit.min())), float(max(true.max(), fit.max()))
         ax.plot([lo, hi], [lo, hi], color="k", lw=0.8)
-        unit = LABEL_UNITS.get(label, {"ebv_gas": "E(B-V)_gas [mag]"}.get(label, label))
+        unit = ACCURACY_UNITS[label]
         ax.set_xlabel(f"true {unit}")
         ax.set_ylabel(f"pPXF {unit}")
         note = " (star-forming)" if label == "log_ssfr" else ""

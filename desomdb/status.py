@@ -57,11 +57,11 @@ def status(archive: str | Path) -> dict[str, Any]:
     pending: dict[str, Any] = {"failed_cubes": len(out["failed_cubes"]),
                                "unassigned_baxels": out["unassigned"]}
     if "baxels" in existing:
-        labelled = "(select distinct release, plateifu from labels)" if "labels" in existing \
-            else "(select null as release, null as plateifu where false)"
-        pending["unlabelled_cubes"] = con.sql(
-            f"select count(*) from (select distinct release, plateifu from baxels) "
-            f"anti join {labelled} using (release, plateifu)").fetchall()[0][0]
+        cubes = "(select distinct release, plateifu from baxels)"
+        if "labels" in existing:
+            cubes += " anti join (select distinct release, plateifu from labels) " \
+                     "using (release, plateifu)"
+        pending["unlabelled_cubes"] = con.sql(f"select count(*) from {cubes}").fetchall()[0][0]
     out["pending"] = pending
     out["drift"] = []
     if "drift" in existing and out["current"]:

@@ -47,6 +47,14 @@ def dr17_job(dr17: mock.SurveyResult) -> ingest.IngestJob:
                             config=ingest.IngestConfig(target_snr=40))
 
 
+def refresh_copy(archive: Path, dr17: mock.SurveyResult, tmp_path: Path,
+                 options: refresh.RefreshOptions) -> tuple[Path, refresh.RefreshReport]:
+    """Refresh a copy of ``archive`` with the DR17 release; return the copy and the report."""
+    copy = tmp_path / "arch"
+    shutil.copytree(archive, copy)
+    return copy, refresh.refresh(copy, dr17_job(dr17), options, progress=False)
+
+
 def tables(path: Path) -> dict[str, pl.DataFrame]:
     """Every table's rows, sorted, without wall-clock columns (file names ignored)."""
     arch = Archive(path)
@@ -180,10 +188,7 @@ def test_rerun_changes_nothing_and_status_reports_both_releases(releases, refres
                                                                  tmp_path) -> None:
     _root, dr17, _, _ = releases
     target, _ = refreshed
-    copy = tmp_path / "arch"
-    shutil.copytree(target, copy)
-    again = refresh.refresh(copy, dr17_job(dr17), opts(),
-                            progress=False)
+    copy, again = refresh_copy(target, dr17, tmp_path, opts())
     assert again.ingest is not None and again.ingest.n_skipped == 4
     assert again.assign["n_encoded"] == 0 and again.fingerprints["n_changed"] == 0
     a, b = tables(target), tables(copy)
@@ -213,10 +218,7 @@ def test_retrain_records_parent_reports_movement_and_never_switches(releases, re
                                                                     tmp_path) -> None:
     _root, dr17, model_id, _ = releases
     target, _ = refreshed
-    copy = tmp_path / "arch"
-    shutil.copytree(target, copy)
-    rep = refresh.refresh(copy, dr17_job(dr17), opts(retrain=True),
-                          progress=False)
+    copy, rep = refresh_copy(target, dr17, tmp_path, opts(retrain=True))
     new_id = rep.new_model_id
     assert new_id and new_id != model_id
     arch = Archive(copy)
