@@ -1,26 +1,40 @@
 """The archive directory: committed Parquet files, atomic commits, and the writer lock.
 
-A query sees exactly the files listed in ``_manifest.json``. A writer stages new files,
-moves them into their hive partition, then replaces the manifest in one ``os.replace`` — the
-commit. Files moved in but never committed (a killed job) are invisible and are deleted the
-next time a writer opens the archive; files a commit removes are deleted after it. So readers
-never see half a unit of work, and a rerun never duplicates rows.
+A query sees exactly the files the manifest lists. The manifest is a small top-level file,
+``_manifest.json`` (format version, generation, the segment of each table, superseded
+files), plus one immutable *segment* per table under ``_manifest.d/`` that lists the table's
+committed files with their size and sha256 recorded at commit. A writer stages new files,
+moves them into their hive partition, writes new segments for the tables it changed, then
+replaces ``_manifest.json`` in one ``os.replace`` — the commit. A commit therefore costs in
+proportion to the tables it touches, not to the archive.
+
+Files moved in but never committed (a killed job) are invisible and are deleted the next
+time a writer opens the archive. Files a commit drops are *superseded*, not deleted: a reader
+that planned its file list from an older manifest can still open them. They are deleted by a
+later commit once they have been superseded for at least :data:`RETAIN_SECONDS` and
+:data:`RETAIN_COMMITS` commits. So readers never see half a unit of work, and a rerun never
+duplicates rows.
 
 One writer at a time: :meth:`Archive.writer` takes an exclusive ``flock`` on ``_lock``; the
 kernel releases it if the process dies, so there are no stale locks.
+
+A folder that holds archive data but no valid manifest is *damaged*, never new: writers
+refuse it, and nothing is deleted (see ``desomdb check``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +45,15 @@ import pyarrow.parquet as pq
 from desomdb import paths
 from desomdb.errors import ArchiveError, LockError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this code reads (version 1 kept every table's file list inline, without
+#: checksums; the first commit rewrites it as version 2).
+READABLE_VERSIONS = (1, 2)
+#: A superseded file stays on disk at least this many seconds after the commit that dropped
+#: it (override with the environment variable ``DESOMDB_RETAIN_SECONDS``) ...
+RETAIN_SECONDS = 600.0
+#: ... and at least this many commits.
+RETAIN_COMMITS = 2
 
 
 @dataclass(frozen=True)
@@ -41,6 +63,38 @@ class StagedFile:
     table: str
     target: str  # relative to the archive root, e.g. "baxels/release=DR15/part-....parquet"
     staged: Path
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """What a commit recorded about one file: its size (bytes) and sha256 (hex).
+
+    Both are None for files committed by format version 1 (no record was kept).
+    """
+
+    size: int | None
+    sha256: str | None
+
+
+@dataclass
+class _Top:
+    """The parsed ``_manifest.json``."""
+
+    version: int
+    generation: int
+    segments: dict[str, str] = field(default_factory=dict)
+    superseded: list[dict[str, Any]] = field(default_factory=list)
+    inline: dict[str, list[str]] | None = None  # format version 1
+
+
+def retain_seconds() -> float:
+    """Seconds a superseded file is kept (``DESOMDB_RETAIN_SECONDS`` or the default)."""
+    value = os.environ.get("DESOMDB_RETAIN_SECONDS")
+    try:
+        return float(value) if value is not None else RETAIN_SECONDS
+    except ValueError:
+        raise ArchiveError(f"DESOMDB_RETAIN_SECONDS={value!r} is not a number of "
+                           "seconds") from None
 
 
 class Archive:
@@ -56,39 +110,120 @@ class Archive:
     Raises
     ------
     ArchiveError
-        If ``root`` holds no archive and ``create`` is False.
+        If ``root`` holds no archive and ``create`` is False, or holds archive data without a
+        valid manifest (damaged), or its manifest cannot be read.
     """
 
     def __init__(self, root: str | Path, create: bool = False):
         self.root = Path(root).expanduser().resolve()
-        if not (self.root / paths.MANIFEST).exists():
+        manifest = self.root / paths.MANIFEST
+        if not manifest.exists():
+            found = holds_archive_data(self.root)
+            if found:
+                raise ArchiveError(
+                    f"{self.root}: damaged archive: it holds archive data ({', '.join(found)}) "
+                    f"but no {paths.MANIFEST}, so desomdb cannot tell which files were "
+                    f"committed and will not write to it; restore {paths.MANIFEST} from a "
+                    "backup, or ingest into a new folder ('desomdb check ARCHIVE' lists "
+                    "what it finds)"
+                )
             if not create:
                 raise ArchiveError(
                     f"{self.root}: not a desomdb archive (no {paths.MANIFEST}); create one with "
                     "'desomdb ingest' or check the path"
                 )
-            self.root.mkdir(parents=True, exist_ok=True)
-            if not (self.root / paths.MANIFEST).exists():
-                write_json_atomic(
-                    self.root / paths.MANIFEST,
-                    {"format_version": FORMAT_VERSION, "generation": 0, "tables": {}},
-                )
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise _write_error(self.root, exc) from exc
+            write_json_atomic(manifest, {"format_version": FORMAT_VERSION, "generation": 0,
+                                         "segments": {}, "superseded": []})
+        self._top()  # fail early on a damaged manifest
 
     # ---------------------------------------------------------------- reading
-    def manifest(self) -> dict[str, Any]:
-        """Return the committed manifest (format_version, generation, tables -> relative paths)."""
-        with (self.root / paths.MANIFEST).open() as fh:
-            data: dict[str, Any] = json.load(fh)
-        if data.get("format_version") != FORMAT_VERSION:
+    def _top(self) -> _Top:
+        path = self.root / paths.MANIFEST
+        data = _load_json(path, self.root)
+        version = data.get("format_version")
+        if version not in READABLE_VERSIONS:
+            newer = isinstance(version, int) and version > FORMAT_VERSION
             raise ArchiveError(
-                f"{self.root / paths.MANIFEST}: format_version {data.get('format_version')} "
-                f"is not {FORMAT_VERSION}; upgrade desomdb"
+                f"{path}: format_version {version!r} is not one this desomdb reads "
+                f"({READABLE_VERSIONS}); "
+                + ("upgrade desomdb" if newer else _RESTORE_HINT.format(root=self.root))
             )
-        return data
+        generation = data.get("generation")
+        if not isinstance(generation, int) or generation < 0:
+            raise _damaged(path, self.root, "'generation' is not a non-negative integer")
+        if version == 1:
+            tables = data.get("tables")
+            if not isinstance(tables, dict) or not all(
+                    isinstance(v, list) and all(isinstance(f, str) for f in v)
+                    for v in tables.values()):
+                raise _damaged(path, self.root, "'tables' is not a mapping of file lists")
+            return _Top(1, generation, inline={str(k): list(v) for k, v in tables.items()})
+        segments = data.get("segments")
+        superseded = data.get("superseded")
+        if not isinstance(segments, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in segments.items()):
+            raise _damaged(path, self.root, "'segments' is not a mapping of table -> file")
+        if not isinstance(superseded, list) or not all(
+                isinstance(s, dict) and isinstance(s.get("path"), str) for s in superseded):
+            raise _damaged(path, self.root, "'superseded' is not a list of files")
+        return _Top(2, generation, dict(segments), list(superseded))
+
+    def _segment(self, top: _Top, table: str) -> dict[str, FileRecord]:
+        """Return the committed files of one table with their records."""
+        if top.inline is not None:
+            return {rel: FileRecord(None, None) for rel in top.inline.get(table, [])}
+        name = top.segments.get(table)
+        if name is None:
+            return {}
+        path = self.root / name
+        data = _load_json(path, self.root)
+        files = data.get("files")
+        if not isinstance(files, dict):
+            raise _damaged(path, self.root, "'files' is not a mapping")
+        out = {}
+        for rel, rec in files.items():
+            if not isinstance(rec, dict):
+                raise _damaged(path, self.root, f"the record of {rel} is not a mapping")
+            out[rel] = FileRecord(rec.get("size"), rec.get("sha256"))
+        return out
+
+    def _tables(self, top: _Top) -> list[str]:
+        return sorted(top.inline if top.inline is not None else top.segments)
+
+    def manifest(self) -> dict[str, Any]:
+        """Return the committed state.
+
+        Returns
+        -------
+        dict
+            ``format_version``, ``generation``, ``tables`` (table -> sorted relative paths),
+            ``records`` (relative path -> :class:`FileRecord`), ``superseded`` (relative
+            paths kept for readers of older manifests) and ``segments`` (manifest files).
+        """
+        top = self._top()
+        tables: dict[str, list[str]] = {}
+        records: dict[str, FileRecord] = {}
+        for table in self._tables(top):
+            seg = self._segment(top, table)
+            if seg:
+                tables[table] = sorted(seg)
+                records.update(seg)
+        return {"format_version": top.version, "generation": top.generation,
+                "tables": tables, "records": records,
+                "superseded": [s["path"] for s in top.superseded],
+                "segments": sorted(top.segments.values())}
+
+    def generation(self) -> int:
+        """Return the manifest generation (number of commits so far)."""
+        return self._top().generation
 
     def files(self, table: str, **partition: str) -> list[Path]:
         """List the committed files of ``table``, optionally of one partition (release="DR15")."""
-        rel = self.manifest()["tables"].get(table, [])
+        rel = sorted(self._segment(self._top(), table))
         if partition:
             (key, value), = partition.items()
             prefix = paths.partition_dir(table, key, value) + "/"
@@ -97,7 +232,7 @@ class Archive:
 
     def has_table(self, table: str) -> bool:
         """Whether ``table`` has any committed file."""
-        return bool(self.manifest()["tables"].get(table))
+        return bool(self._segment(self._top(), table))
 
     def dataset(self, table: str, **partition: str) -> ds.Dataset:
         """Open a pyarrow dataset over the committed files (hive partition columns included)."""
@@ -108,12 +243,15 @@ class Archive:
                 + (f" for {partition}" if partition else "")
                 + "; run the stage that writes it first (see 'desomdb --help')"
             )
-        return ds.dataset(
-            [str(f) for f in files],
-            format="parquet",
-            partitioning=ds.HivePartitioning.discover(infer_dictionary=False),
-            partition_base_dir=str(self.root / table),
-        )
+        try:
+            return ds.dataset(
+                [str(f) for f in files],
+                format="parquet",
+                partitioning=ds.HivePartitioning.discover(infer_dictionary=False),
+                partition_base_dir=str(self.root / table),
+            )
+        except (OSError, pa.ArrowException) as exc:
+            raise self._read_error(table, exc) from exc
 
     def read(
         self,
@@ -123,9 +261,18 @@ class Archive:
         **partition: str,
     ) -> pa.Table:
         """Read committed rows of ``table`` as a pyarrow Table."""
-        return self.dataset(table, **partition).to_table(
-            columns=list(columns) if columns is not None else None, filter=filter
-        )
+        dataset = self.dataset(table, **partition)
+        try:
+            return dataset.to_table(
+                columns=list(columns) if columns is not None else None, filter=filter
+            )
+        except (OSError, pa.ArrowException) as exc:
+            raise self._read_error(table, exc) from exc
+
+    def _read_error(self, table: str, exc: BaseException) -> ArchiveError:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return ArchiveError(f"{self.root}: cannot read committed table {table!r} ({first}); "
+                            f"run 'desomdb check {self.root}' to find the damaged file")
 
     # ---------------------------------------------------------------- writing
     @contextlib.contextmanager
@@ -141,7 +288,8 @@ class Archive:
             writer = Writer(self)
             writer.collect_garbage()
             yield writer
-            self._write_setup_sql()
+            shutil.rmtree(self.root / paths.STAGING, ignore_errors=True)
+            _after_commit(self)
 
     @contextlib.contextmanager
     def job_lock(self, job: str, command: str = "") -> Iterator[None]:
@@ -155,15 +303,37 @@ class Archive:
         with _exclusive(self.root / f"{paths.LOCK}.{job}", self.root, f"{job}ed", command):
             yield
 
-    def _write_setup_sql(self) -> None:
-        """Regenerate ``setup.sql`` (views for the plain DuckDB CLI) after a writer's commits."""
-        from desomdb import views
+    def writer_is_running(self) -> bool:
+        """Whether another process holds the writer lock right now."""
+        try:
+            fh = (self.root / paths.LOCK).open("a+")
+        except OSError:
+            return False
+        with fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            return False
 
-        text = views.setup_sql(self.root)
-        path = self.root / paths.SETUP_SQL
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(text)
-        tmp.replace(path)
+
+#: Called with the archive after every writer session (the views regenerate ``setup.sql``);
+#: set by :mod:`desomdb.views` so the archive does not import the views.
+_POST_COMMIT_HOOKS: list[Callable[[Archive], None]] = []
+
+
+def on_commit(hook: Callable[[Archive], None]) -> None:
+    """Register ``hook(archive)`` to run when a writer session ends."""
+    if hook not in _POST_COMMIT_HOOKS:
+        _POST_COMMIT_HOOKS.append(hook)
+
+
+def _after_commit(archive: Archive) -> None:
+    if not _POST_COMMIT_HOOKS:
+        import desomdb.views  # noqa: F401  (registers its hook)
+    for hook in _POST_COMMIT_HOOKS:
+        hook(archive)
 
 
 class Writer:
@@ -176,7 +346,10 @@ class Writer:
     def staging_dir(self, unit: str) -> Path:
         """Create a fresh folder under ``_staging`` for one unit of work."""
         path = self.root / paths.STAGING / unit
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _write_error(path, exc) from exc
         return path
 
     def stage_table(self, table: str, data: pa.Table, target: str) -> StagedFile:
@@ -190,7 +363,7 @@ class Writer:
         add: Sequence[StagedFile] = (),
         remove: Sequence[tuple[str, str]] = (),
     ) -> int:
-        """Atomically add staged files and remove committed ones.
+        """Atomically add staged files and supersede committed ones.
 
         Parameters
         ----------
@@ -202,52 +375,172 @@ class Writer:
         int
             The new manifest generation.
         """
-        manifest = self.archive.manifest()
-        tables: dict[str, list[str]] = manifest["tables"]
+        arch = self.archive
+        top = arch._top()
+        touched = {a.table for a in add} | {t for t, _ in remove}
+        if top.inline is not None:  # format 1: rewrite every table as a segment
+            touched |= set(top.inline)
+        segs = {t: arch._segment(top, t) for t in touched}
+        added = {a.target for a in add}
+        if len(added) != len(add):
+            dupes = sorted({a.target for a in add if [b.target for b in add].count(a.target) > 1})
+            raise ArchiveError(f"{self.root}: one commit adds {dupes[0]} twice; nothing was "
+                               "committed (this is a bug in the calling stage)")
         for item in add:
+            record = file_record(item.staged)
             dest = self.root / item.target
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            item.staged.replace(dest)
-        removed = set(remove)
-        for table, rel in removed:
-            if rel in tables.get(table, []):
-                tables[table].remove(rel)
-        for item in add:
-            listed = tables.setdefault(item.table, [])
-            if item.target not in listed:
-                listed.append(item.target)
-        for table in list(tables):
-            tables[table] = sorted(tables[table])
-            if not tables[table]:
-                del tables[table]
-        manifest["generation"] = int(manifest["generation"]) + 1
-        write_json_atomic(self.root / paths.MANIFEST, manifest)
-        keep = {item.target for item in add}
-        for _, rel in removed:
-            if rel not in keep:
-                (self.root / rel).unlink(missing_ok=True)
-        return int(manifest["generation"])
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                item.staged.replace(dest)
+            except OSError as exc:
+                raise _write_error(dest, exc) from exc
+            segs[item.table][item.target] = record
+        for table in segs:  # records missing since format 1
+            for rel, rec in segs[table].items():
+                if rec.sha256 is None and (self.root / rel).exists():
+                    segs[table][rel] = file_record(self.root / rel)
+        dropped: list[str] = []
+        for table, rel in sorted(set(remove)):
+            if rel in added:
+                continue
+            if segs[table].pop(rel, None) is not None:
+                dropped.append(rel)
+        generation = top.generation + 1
+        segments = dict(top.segments)
+        for table in sorted(touched):
+            old = segments.pop(table, None)
+            if old is not None:
+                dropped.append(old)
+            if segs[table]:
+                name = paths.manifest_segment(table, generation)
+                write_json_atomic(self.root / name, {
+                    "table": table,
+                    "files": {rel: {"size": r.size, "sha256": r.sha256}
+                              for rel, r in sorted(segs[table].items())},
+                })
+                segments[table] = name
+        now = time.time()
+        keep_for = retain_seconds()
+        superseded: list[dict[str, Any]] = []
+        expired: list[str] = []
+        for entry in top.superseded:
+            if entry["path"] in added:
+                continue  # re-committed under the same name
+            if (now - float(entry.get("time", 0)) >= keep_for
+                    and generation - int(entry.get("generation", 0)) >= RETAIN_COMMITS):
+                expired.append(str(entry["path"]))
+            else:
+                superseded.append(entry)
+        superseded.extend({"path": rel, "generation": generation, "time": now}
+                          for rel in dropped)
+        write_json_atomic(self.root / paths.MANIFEST, {
+            "format_version": FORMAT_VERSION, "generation": generation,
+            "segments": segments, "superseded": superseded,
+        })
+        for rel in expired:
+            (self.root / rel).unlink(missing_ok=True)
+        return generation
 
     def collect_garbage(self) -> list[Path]:
-        """Delete data files no commit lists (left by killed writers) and the staging area."""
-        committed = {f for files in self.archive.manifest()["tables"].values() for f in files}
+        """Delete files no commit lists (left by killed writers) and the staging area.
+
+        Committed and superseded files, and the manifest's segments, are kept.
+        """
+        keep = self.archive_files()
         removed = []
-        for table in paths.TABLES:
-            base = self.root / table
+        for folder in (*paths.TABLES, paths.MANIFEST_DIR):
+            base = self.root / folder
             if not base.is_dir():
                 continue
             for path in base.rglob("*"):
-                if path.is_file() and str(path.relative_to(self.root)) not in committed:
+                if path.is_file() and str(path.relative_to(self.root)) not in keep:
                     path.unlink()
                     removed.append(path)
         shutil.rmtree(self.root / paths.STAGING, ignore_errors=True)
         return removed
 
+    def archive_files(self) -> set[str]:
+        """Relative paths the manifest accounts for: committed, superseded, segments."""
+        return accounted_files(self.archive)
+
+
+def accounted_files(archive: Archive) -> set[str]:
+    """Relative paths the manifest accounts for: committed, superseded and its segments."""
+    m = archive.manifest()
+    return {*m["records"], *m["superseded"], *m["segments"]}
+
+
+def holds_archive_data(root: Path) -> list[str]:
+    """Names of archive data found in ``root`` (tables, artefacts, manifest segments)."""
+    names = (*paths.TABLES, paths.MANIFEST_DIR, paths.MODELS_DIR, paths.CURRENT_MODEL)
+    if not root.is_dir():
+        return []
+    found = []
+    for name in names:
+        p = root / name
+        if p.is_file() or (p.is_dir() and any(p.iterdir())):
+            found.append(name)
+    return found
+
+
+_RESTORE_HINT = ("restore it from a backup of the archive; desomdb will not guess which files "
+                 "were committed ('desomdb check {root}' lists what else is wrong)")
+
+
+def _damaged(path: Path, root: Path, why: str) -> ArchiveError:
+    return ArchiveError(f"{path}: damaged manifest ({why}); "
+                        + _RESTORE_HINT.format(root=root))
+
+
+def _load_json(path: Path, root: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise _damaged(path, root, "the file is missing") from None
+    except OSError as exc:
+        raise ArchiveError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _damaged(path, root, f"not valid JSON: {exc.msg} at line {exc.lineno}, "
+                                   "perhaps truncated") from None
+    if not isinstance(data, dict):
+        raise _damaged(path, root, "not a JSON object")
+    return data
+
+
+def file_record(path: Path) -> FileRecord:
+    """Size and sha256 of a file."""
+    try:
+        with path.open("rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        return FileRecord(path.stat().st_size, digest)
+    except OSError as exc:
+        raise ArchiveError(f"{path}: cannot read a file being committed ({exc.strerror or exc})"
+                           ) from exc
+
+
+def _write_error(path: Path, exc: OSError) -> ArchiveError:
+    """Make a one-line error for a failed write, naming the file and the fix."""
+    if exc.errno == errno.EROFS:
+        fix = ("the archive is on a read-only filesystem; query it with 'desomdb sql', or copy "
+               "it to a writable disk to change it")
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        fix = "no permission to write there; ask for write access or copy the archive"
+    elif exc.errno == errno.ENOSPC:
+        fix = "the disk is full; free space and rerun (committed data is unchanged)"
+    else:
+        fix = "nothing was committed; fix the cause and rerun"
+    return ArchiveError(f"{path}: cannot write ({exc.strerror or exc}); {fix}")
+
 
 @contextlib.contextmanager
 def _exclusive(lock_path: Path, root: Path, what: str, command: str) -> Iterator[None]:
     """Take an exclusive ``flock`` on ``lock_path`` (released by the kernel if we die)."""
-    fh = lock_path.open("a+")
+    try:
+        fh = lock_path.open("a+")
+    except OSError as exc:
+        raise _write_error(lock_path, exc) from exc
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -272,19 +565,53 @@ def _exclusive(lock_path: Path, root: Path, what: str, command: str) -> Iterator
         fh.close()
 
 
+def atomic_write(path: Path, write: Callable[[Path], None], fsync: bool = False) -> None:
+    """Write a file atomically: ``write(tmp)`` to a temporary name, then rename.
+
+    Parameters
+    ----------
+    path : Path
+        Final file name.
+    write : callable
+        Writes the content to the path it is given.
+    fsync : bool
+        Flush the temporary file to disk before the rename (for commit points).
+
+    Raises
+    ------
+    ArchiveError
+        If the write fails (read-only filesystem, permissions, full disk); the temporary
+        file is removed.
+    """
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        if fsync:
+            with tmp.open("rb") as fh:
+                os.fsync(fh.fileno())
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, exc) from exc
+
+
 def write_parquet(table: pa.Table, path: Path) -> None:
     """Write a Parquet file atomically (temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=4096)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd",
+                                                   row_group_size=4096))
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (fsync'ed temporary file, then rename)."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with tmp.open("w") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+    text = json.dumps(data, indent=1, sort_keys=True)
+    atomic_write(path, lambda tmp: _write_text(tmp, text), fsync=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file atomically (temporary name, then rename)."""
+    atomic_write(path, lambda tmp: _write_text(tmp, text))
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text)

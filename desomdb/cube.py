@@ -67,6 +67,8 @@ class Cube:
     drp3qual: int
     drp_version: str
     wcs: WCS
+    #: Name of the LSF extension read: ``DISP`` (DR15 layout) or ``LSFPOST`` (DR17 layout).
+    lsf_hdu: str = "DISP"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -193,4 +195,5 @@ def read_cube(path: str | Path) -> Cube:
         drp3qual=drp3qual,
         drp_version=drp_version,
         wcs=wcs,
+        lsf_hdu=lsf_name,
     )

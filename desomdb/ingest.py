@@ -344,6 +344,8 @@ class IngestReport:
     n_skipped: int = 0
     n_carried: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    #: Identical copies of a cube found under other paths, ingested once.
+    n_duplicates: int = 0
     n_baxels: int = 0
 
     @property
@@ -373,9 +375,7 @@ def _cube_task(task: dict[str, Any]) -> list[dict[str, Any]]:
                 out.append(outcome)
                 continue
             cube = read_cube(path)
-            if item["drp"] is None:
-                raise InputDataError(f"{path}: plateifu {cube.plateifu} is not in the drpall "
-                                     "table; pass the drpall of this release")
+            check_identity(cube, item["plateifu"], item["drp"], task["release"])
             sp_truth = None
             if truth_all is not None:
                 sp_truth = truth_all.filter(pl.col("plateifu") == cube.plateifu)
@@ -398,6 +398,57 @@ def _cube_task(task: dict[str, Any]) -> list[dict[str, Any]]:
             outcome.update(status="failed", error=_readable(exc))
         out.append(outcome)
     return out
+
+
+def check_identity(cube: Cube, plateifu: str, drp: dict[str, Any] | None,
+                   release: str) -> None:
+    """Check that a cube's file name, header and drpall row name one cube of ``release``.
+
+    Parameters
+    ----------
+    cube : Cube
+    plateifu : str
+        The plateifu its file name gives (``manga-<plate>-<ifu>-LOGCUBE...``).
+    drp : dict or None
+        The drpall row found under that plateifu.
+    release : str
+        The release being ingested (``DR15``, ``DR17``).
+
+    Raises
+    ------
+    InputDataError
+        When the header's PLATEIFU or MANGAID disagrees with the file name or the drpall row,
+        when the drpall has no row, or when the file declares another release's DRP version or
+        layout.
+    """
+    path = cube.path
+    if cube.plateifu != plateifu:
+        raise InputDataError(
+            f"{path}: header PLATEIFU {cube.plateifu} differs from the file name's {plateifu}; "
+            "the file was renamed or is another cube — rename it to match its header or "
+            "re-download it")
+    if drp is None:
+        raise InputDataError(f"{path}: plateifu {plateifu} is not in the drpall table; pass "
+                             "the drpall of this release")
+    drp_mangaid = str(drp.get("mangaid", "")).strip()
+    if drp_mangaid and cube.mangaid and drp_mangaid != cube.mangaid:
+        raise InputDataError(
+            f"{path}: header MANGAID {cube.mangaid} differs from the drpall row's {drp_mangaid} "
+            f"for {plateifu}; use the drpall of the cube's release")
+    rel = manga.release(release)
+    declared = cube.drp_version.strip()
+    if declared and declared != rel.drp_version:
+        owner = next((r.name for r in manga.RELEASES.values() if r.drp_version == declared),
+                     None)
+        raise InputDataError(
+            f"{path}: the file declares DRP version {declared}"
+            + (f" ({owner})" if owner else "")
+            + f", not {rel.drp_version} ({rel.name}); ingest it with --release "
+            + (owner if owner else "matching its DRP version"))
+    if not declared and cube.lsf_hdu != rel.lsf_post:
+        raise InputDataError(
+            f"{path}: the file has the {cube.lsf_hdu} extension, not {rel.lsf_post} of the "
+            f"{rel.name} layout; ingest it with the release it belongs to")
 
 
 def _readable(exc: Exception) -> str:
@@ -439,9 +490,19 @@ def ingest(
     with arch.writer("desomdb ingest") as writer:
         existing = _existing_cubes(arch, rel)
         carry = _carry_sources(arch, rel) if job.reuse else {}
+        pending_refusals: list[dict[str, Any]] = []
         staging = writer.staging_dir("ingest")
         items: list[dict[str, Any]] = []
-        for path in cube_paths:
+        unique, refused = _one_file_per_cube(cube_paths)
+        report.n_duplicates = len(cube_paths) - len(unique) - sum(len(v) for v in refused.values())
+        for plateifu, (error, files) in sorted(refused.items()):
+            prev = existing.get(plateifu)
+            report.failed.append((plateifu, error))
+            if prev is None or prev["status"] != "ok":  # never replace good rows by a refusal
+                pending_refusals.append({"path": str(files[0]), "plateifu": plateifu,
+                                         "status": "failed", "error": error,
+                                         "reported": True})
+        for path in unique:
             plateifu = _plateifu_from_name(path)
             prev = existing.get(plateifu)
             items.append({
@@ -455,10 +516,10 @@ def ingest(
         batches = [items[i : i + size] for i in range(0, len(items), size)]
         tasks = [
             {"cubes": batch, "config": asdict(job.config), "staging": str(staging),
-             "truth": truth_path}
+             "truth": truth_path, "release": rel}
             for batch in batches
         ]
-        pending: list[dict[str, Any]] = []
+        pending: list[dict[str, Any]] = list(pending_refusals)
         last = [time.monotonic()]
 
         def on_result(_: int, outcomes: list[dict[str, Any]]) -> None:
@@ -481,6 +542,38 @@ def ingest(
     report.n_baxels = int(arch.read("baxels", columns=["bin_id"], release=rel).num_rows) \
         if arch.files("baxels", release=rel) else 0
     return report
+
+
+def _one_file_per_cube(
+    cube_paths: list[Path],
+) -> tuple[list[Path], dict[str, tuple[str, list[Path]]]]:
+    """Pick one file per plateifu: identical copies are ingested once, differing ones refused.
+
+    Returns
+    -------
+    unique : list of Path
+        The files to ingest (the first of identical copies).
+    refused : dict
+        plateifu -> (readable reason, its files) for plateifus found in several files with
+        different contents (the rest of the batch still lands).
+    """
+    by_name: dict[str, list[Path]] = {}
+    for path in cube_paths:
+        by_name.setdefault(_plateifu_from_name(path), []).append(path)
+    unique: list[Path] = []
+    refused: dict[str, tuple[str, list[Path]]] = {}
+    for plateifu, files in by_name.items():
+        if len(files) == 1:
+            unique.append(files[0])
+            continue
+        sums = {f: file_checksum(f) for f in files}
+        if len(set(sums.values())) == 1:
+            unique.append(files[0])
+            continue
+        listed = ", ".join(str(f) for f in files)
+        refused[plateifu] = (f"{plateifu} is in {len(files)} files with different contents "
+                             f"({listed}); keep one of them and rerun", files)
+    return sorted(unique), refused
 
 
 def _plateifu_from_name(path: Path) -> str:
@@ -622,7 +715,7 @@ def _commit_outcomes(
         adds.append(cube_row)
         if o["status"] == "ok":
             report.n_ingested += 1
-        else:
+        elif not o.get("reported"):
             report.failed.append((plateifu, o.get("error", "")))
     if not adds:
         return
@@ -638,7 +731,7 @@ def _rows_to_replace(
     arch = writer.archive
     removes: list[tuple[str, str]] = []
     rewrites: list[StagedFile] = []
-    gen = arch.manifest()["generation"]
+    gen = arch.generation()
     for table in (*NARROW_TABLES, "spectra", "galaxies", "labels"):
         for f in arch.files(table, release=release):
             rel = str(f.relative_to(arch.root))
@@ -675,7 +768,7 @@ def finalize_release(
     Idempotent: rerunning gives identical tables.
     """
     arch = writer.archive
-    gen = int(arch.manifest()["generation"]) + 1
+    gen = arch.generation() + 1
     adds: list[StagedFile] = []
     removes: list[tuple[str, str]] = []
     for table in NARROW_TABLES:

@@ -181,7 +181,8 @@ def test_bad_inputs_fail_alone(ingest_survey, tmp_path) -> None:
     cubes_t = df(Archive(tmp_path / "arch").read("cubes")).sort("plateifu")
     status = dict(zip(cubes_t["plateifu"], cubes_t["status"], strict=True))
     errors = dict(zip(cubes_t["plateifu"], cubes_t["error"], strict=True))
-    assert status["9999-1901"] == "failed" and "not in the drpall" in errors["9999-1901"]
+    # The stray is another cube's file renamed: its header disagrees with its name.
+    assert status["9999-1901"] == "failed" and "header PLATEIFU" in errors["9999-1901"]
     bad_pifu = gz.name.split("-", 1)[1].removesuffix("-LOGCUBE.fits.gz")
     assert status[bad_pifu] == "failed" and "truncated or corrupt" in errors[bad_pifu]
     assert status[pifu] == "failed" and "outside" in errors[pifu]
@@ -255,3 +256,118 @@ def test_spectra_files_are_compact(ingested) -> None:
     assert len(arch.files("baxels")) == 1  # narrow tables compacted per release
     for f in arch.files("spectra"):
         assert pq.ParquetFile(f).metadata.num_rows > 0
+
+
+def _set_header(path: Path, **cards: str | float) -> None:
+    """Rewrite primary-header cards of a gzipped mock cube."""
+    from astropy.io import fits
+
+    from desomdb import mock
+
+    with fits.open(path) as hdul:
+        hdul.verify("silentfix")
+        for key, value in cards.items():
+            hdul[0].header[key] = value
+        copy = fits.HDUList([h.copy() for h in hdul])
+    mock.write_cube(copy, path)
+
+
+def _survey_copy(ingest_survey, tmp_path) -> tuple[Path, list[Path]]:
+    survey = tmp_path / "DR15"
+    shutil.copytree(ingest_survey.release_dir, survey)
+    return survey, sorted(survey.glob("*/stack/*LOGCUBE.fits.gz"))
+
+
+def _cli_ingest(archive: Path, cubes: Path, drpall: Path, release: str = "DR15"):
+    return CliRunner().invoke(main, ["ingest", str(archive), "--cubes", str(cubes),
+                                     "--drpall", str(drpall), "--release", release,
+                                     "--workers", "1"])
+
+
+def _status(archive: Path) -> dict[str, tuple[str, str]]:
+    t = df(Archive(archive).read("cubes"))
+    return {r["plateifu"]: (r["status"], r["error"]) for r in t.iter_rows(named=True)}
+
+
+def test_header_and_drpall_must_agree_with_the_file_name(ingest_survey, tmp_path) -> None:
+    survey, gzs = _survey_copy(ingest_survey, tmp_path)
+    drpall = survey / "drpall-v2_4_3.fits"
+    # A cube not in the drpall whose header agrees with its name.
+    stray = gzs[0].parent / "manga-9999-1901-LOGCUBE.fits.gz"
+    shutil.copy(gzs[0], stray)
+    _set_header(stray, PLATEIFU="9999-1901")
+    # A cube whose header names another plateifu than its file (seen: rows keyed by the
+    # header, the cube row by the file name — a duplicate key and a row owning nothing).
+    renamed_pifu = gzs[1].name.split("-", 1)[1].removesuffix("-LOGCUBE.fits.gz")
+    _set_header(gzs[1], PLATEIFU="9999-1902")
+    result = _cli_ingest(tmp_path / "arch", survey, drpall)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    status = _status(tmp_path / "arch")
+    assert status["9999-1901"][0] == "failed" and "not in the drpall" in status["9999-1901"][1]
+    assert status[renamed_pifu][0] == "failed"
+    assert "header PLATEIFU 9999-1902 differs" in status[renamed_pifu][1]
+    assert "9999-1902" not in status
+    bax = df(Archive(tmp_path / "arch").read("baxels"))
+    assert set(bax["plateifu"]) == {p for p, (st, _) in status.items() if st == "ok"}
+
+
+def test_mangaid_must_agree_with_the_drpall(ingest_survey, tmp_path) -> None:
+    survey, gzs = _survey_copy(ingest_survey, tmp_path)
+    _set_header(gzs[0], MANGAID="1-999999")
+    result = _cli_ingest(tmp_path / "arch", survey, survey / "drpall-v2_4_3.fits")
+    assert result.exit_code == 1
+    pifu = gzs[0].name.split("-", 1)[1].removesuffix("-LOGCUBE.fits.gz")
+    assert "MANGAID 1-999999 differs" in _status(tmp_path / "arch")[pifu][1]
+
+
+def test_one_cube_in_two_folders(ingest_survey, tmp_path) -> None:
+    survey, gzs = _survey_copy(ingest_survey, tmp_path)
+    drpall = survey / "drpall-v2_4_3.fits"
+    same = survey / "copy" / gzs[0].name
+    same.parent.mkdir()
+    shutil.copy(gzs[0], same)
+    report = ingest.ingest(tmp_path / "a", make_job(ingest_survey, cubes=survey),
+                           progress=False)
+    assert report.ok and report.n_ingested == 3 and report.n_duplicates == 1
+    assert df(Archive(tmp_path / "a").read("cubes")).height == 3
+
+    # Different contents under one plateifu: both refused, the rest lands, nothing stray.
+    _set_header(same, EBVGAL=0.5)
+    result = _cli_ingest(tmp_path / "b", survey, drpall)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    pifu = gzs[0].name.split("-", 1)[1].removesuffix("-LOGCUBE.fits.gz")
+    status = _status(tmp_path / "b")
+    assert status[pifu][0] == "failed" and "different contents" in status[pifu][1]
+    assert sorted(st for st, _ in status.values()) == ["failed", "ok", "ok"]
+    from desomdb.check import check
+
+    assert check(tmp_path / "b").ok
+
+    # Into an archive that already holds the cube: the good rows stay.
+    before = df(Archive(tmp_path / "a").read("baxels")).height
+    result = _cli_ingest(tmp_path / "a", survey, drpall)
+    assert result.exit_code == 1 and "different contents" in result.output
+    assert _status(tmp_path / "a")[pifu][0] == "ok"
+    assert df(Archive(tmp_path / "a").read("baxels")).height == before
+
+
+def test_a_cube_of_another_release_is_refused(ingest_survey, tmp_path) -> None:
+    from desomdb import mock
+    from desomdb.mock_galaxy import draw_galaxy
+
+    survey, gzs = _survey_copy(ingest_survey, tmp_path)
+    pifu = gzs[0].name.split("-", 1)[1].removesuffix("-LOGCUBE.fits.gz")
+    params = next(p for p in (draw_galaxy(i, 21, (19, 37)) for i in range(3))
+                  if p.plateifu == pifu)
+    hdul, _ = mock.render_cube(params, manga.release("DR17"))
+    mock.write_cube(hdul, gzs[0])
+    result = _cli_ingest(tmp_path / "arch", survey, survey / "drpall-v2_4_3.fits")
+    assert result.exit_code == 1
+    status, error = _status(tmp_path / "arch")[pifu]
+    assert status == "failed" and "v3_1_1" in error and "DR17" in error
+    # No version card: the layout (LSFPOST) still gives it away.
+    with_card = gzs[0]
+    _set_header(with_card, VERSDRP3="")
+    result = _cli_ingest(tmp_path / "arch2", survey, survey / "drpall-v2_4_3.fits")
+    status, error = _status(tmp_path / "arch2")[pifu]
+    assert status == "failed" and "LSFPOST" in error
