@@ -354,7 +354,7 @@ class Writer:
 
     def stage_table(self, table: str, data: pa.Table, target: str) -> StagedFile:
         """Write ``data`` to a staged Parquet file that will commit to ``target``."""
-        staged = self.staging_dir(table) / Path(target).name
+        staged = self.staging_dir("tables") / target  # unique per target
         write_parquet(data, staged)
         return StagedFile(table, target, staged)
 

@@ -683,7 +683,8 @@ def _commit_outcomes(
         if o["status"] == "carried":
             files, row = _carry_files(writer, release, o)
             adds.extend(files)
-            row.update(source_path=o["path"], ingested_at=now, carried_from=o["from_release"])
+            row.update(source_path=o["path"], ingested_at=now, carried_from=o["from_release"],
+                       release_ordinal=manga.release(release).ordinal)
             adds.append(writer.stage_table("cubes", _cube_row(row),
                                            f"{paths.release_dir('cubes', release)}/{name}"))
             report.n_carried += 1
@@ -706,6 +707,7 @@ def _commit_outcomes(
             "error": o.get("error", ""),
             "ingested_at": now,
             "pipeline_version": __version__,
+            "release_ordinal": manga.release(release).ordinal,
             "carried_from": None,
         }
         cube_row = writer.stage_table(

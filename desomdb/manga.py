@@ -51,6 +51,9 @@ class Release:
     drp_version: str
     lsf_post: str
     lsf_pre: str
+    #: Position in the survey's sequence (later releases are larger). Recorded with every
+    #: ``cubes`` row, so "newest release" never depends on how names sort ("DR9" > "DR17").
+    ordinal: int
 
     @property
     def drpall_name(self) -> str:
@@ -59,8 +62,8 @@ class Release:
 
 
 RELEASES: dict[str, Release] = {
-    "DR15": Release("DR15", "v2_4_3", "DISP", "PREDISP"),
-    "DR17": Release("DR17", "v3_1_1", "LSFPOST", "LSFPRE"),
+    "DR15": Release("DR15", "v2_4_3", "DISP", "PREDISP", 15),
+    "DR17": Release("DR17", "v3_1_1", "LSFPOST", "LSFPRE", 17),
 }
 
 

@@ -4,24 +4,37 @@ A galaxy observed in DR15 and again in DR17 has one cube per release; both stay 
 (releases are partitions, never overwritten). Model-wide products — node co-adds, node label
 PDFs, fingerprints and training sets — use each plateifu once, from the newest release in
 which it was ingested successfully, so a cube carried unchanged into a new release is not
-counted twice. Releases are ordered as in :data:`desomdb.manga.RELEASES` (DR15 < DR17).
-The SQL view ``latest_cubes`` applies the same rule.
+counted twice. Releases are ordered by ``cubes.release_ordinal``, recorded at ingest from
+:data:`desomdb.manga.RELEASES` (DR15 = 15 < DR17 = 17). The rule itself lives in one place,
+the SQL view ``latest_cubes``; the functions here read that view.
 """
 
 from __future__ import annotations
 
 import polars as pl
 
-from desomdb import manga
 from desomdb.archive import Archive
 
 
 def release_order(arch: Archive) -> list[str]:
-    """Return the archive's releases, oldest first."""
-    present = {f.split("/")[1].split("=", 1)[1]
-               for f in arch.manifest()["tables"].get("cubes", [])}
-    known = list(manga.RELEASES)
-    return sorted(present, key=lambda r: (known.index(r) if r in known else len(known), r))
+    """Return the archive's releases, oldest first (by their recorded ordinal).
+
+    Releases without a recorded ordinal (rows from before it was recorded) come first,
+    by name — the order the ``latest_cubes`` view uses.
+    """
+    if not arch.has_table("cubes"):
+        return []
+    from desomdb import views
+
+    con = views.connect(arch.root, raw=True)
+    try:
+        rows = con.sql(
+            "select release from cubes as c group by release order by "
+            "max(cast(to_json(c) ->> 'release_ordinal' as integer)) nulls first, release"
+        ).fetchall()
+    finally:
+        con.close()
+    return [str(r[0]) for r in rows]
 
 
 def latest_cubes(arch: Archive) -> pl.DataFrame:
@@ -30,18 +43,19 @@ def latest_cubes(arch: Archive) -> pl.DataFrame:
     Returns
     -------
     polars.DataFrame
-        Columns release, plateifu (empty when nothing is ingested).
+        Columns release, plateifu (empty when nothing is ingested), sorted by plateifu.
     """
-    rank = {r: i for i, r in enumerate(release_order(arch))}
-    if not rank:
-        return pl.DataFrame(schema={"release": pl.Utf8, "plateifu": pl.Utf8})
-    cubes = pl.from_arrow(arch.read("cubes", columns=["release", "plateifu", "status"]))
-    assert isinstance(cubes, pl.DataFrame)
-    return (cubes.filter(pl.col("status") == "ok")
-            .with_columns(pl.col("release").replace_strict(rank, return_dtype=pl.Int32)
-                          .alias("_rank"))
-            .sort("_rank").group_by("plateifu").last()
-            .select("release", "plateifu").sort("plateifu"))
+    empty = pl.DataFrame(schema={"release": pl.Utf8, "plateifu": pl.Utf8})
+    if not arch.has_table("cubes"):
+        return empty
+    from desomdb import views
+
+    con = views.connect(arch.root, raw=True)
+    try:
+        out = con.sql("select release, plateifu from latest_cubes order by plateifu").pl()
+    finally:
+        con.close()
+    return out if out.height else empty
 
 
 def keep_latest(arch: Archive, rows: pl.DataFrame) -> pl.DataFrame:

@@ -4,9 +4,7 @@
 -- near 0.01 is expected; well above it says: retrain on the new data ('desomdb refresh
 -- ARCHIVE ... --retrain'). Low-S/N baxels (not trainable) lie farther from every node.
 with thresholds as (
-    select model_id, cast(metrics ->> '$.distance_p99' as double) as distance_p99
-    from models
-    where kind = 'desom1'
+    select model_id, distance_p99 from model_thresholds
 ),
 
 final as (

@@ -1,7 +1,10 @@
 -- galaxy_fingerprint: one row per galaxy (mangaid) and occupied node of the current model:
--- how many of the galaxy's baxels (all its cubes summed) fall on that node.
+-- how many of the galaxy's baxels fall on that node — each plateifu in its newest release
+-- (latest_cubes), summed over the galaxy's plateifus, as in the fingerprints table.
 with galaxy_baxels as (
-    select release, plateifu, bin_id, mangaid, radius_re from baxels
+    select b.release, b.plateifu, b.bin_id, b.mangaid, b.radius_re
+    from baxels as b
+    inner join latest_cubes as l using (release, plateifu)
 ),
 
 current_assignments as (

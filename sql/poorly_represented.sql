@@ -3,9 +3,7 @@
 -- (models.metrics distance_p99, from up to 20,000 of them). ~1 % of spectra like the
 -- training set land here; many more (see the drift view) mean the data moved: retrain.
 with thresholds as (
-    select model_id, cast(metrics ->> '$.distance_p99' as double) as distance_p99
-    from models
-    where kind = 'desom1'
+    select model_id, distance_p99 from model_thresholds
 ),
 
 final as (

@@ -321,3 +321,20 @@ def test_killed_refresh_reruns_to_the_same_archive(releases, refreshed, tmp_path
             keys = [c for c in ("model_id", "release", "plateifu", "bin_id") if c in df.columns]
             assert df.select(keys).is_duplicated().sum() == 0, name
         assert not list((copy / "_staging").glob("**/*.parquet"))
+
+
+def test_galaxy_fingerprint_view_agrees_with_the_fingerprints_table(refreshed) -> None:
+    """Both mean: each plateifu in its newest release, summed over a galaxy's plateifus."""
+    target, report = refreshed
+    con = views.connect(target)
+    view = con.sql("select mangaid, node, n_baxels from galaxy_fingerprint").pl()
+    table = con.sql("select mangaid, counts from fingerprints "
+                    "where model_id = current_model()").pl()
+    from_table = {(r["mangaid"], node): n for r in table.iter_rows(named=True)
+                  for node, n in enumerate(r["counts"]) if n}
+    from_view = {(r["mangaid"], r["node"]): r["n_baxels"] for r in view.iter_rows(named=True)}
+    assert from_view == from_table
+    # The carried cube is in both releases: counted once.
+    both = con.sql("select count(*) from (select plateifu from cubes where status = 'ok' "
+                   "group by plateifu having count(*) > 1)").fetchall()[0][0]
+    assert both >= 1
