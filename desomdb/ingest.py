@@ -13,8 +13,7 @@ import hashlib
 import os
 import shutil
 import time
-import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +23,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from astropy.table import Table
-from scipy import sparse
 
 from desomdb import binning, dust, geometry, manga, paths, runner, spectra, versions
 from desomdb import truth as truth_mod
 from desomdb._version import __version__
 from desomdb.archive import Archive, StagedFile, Writer
 from desomdb.cube import Cube, read_cube
-from desomdb.errors import ConfigError, InputDataError
+from desomdb.errors import InputDataError
+from desomdb.jobs import IngestConfig, IngestJob
+from desomdb.jobs import load_job as load_job  # the job file's reader, re-exported
 
 #: Redshifts (exclusive, inclusive) for which the LOGCUBE's observed 3621.6-10353.8 Å
 #: covers the rest-frame 3650-8950 Å grid.
@@ -40,98 +40,6 @@ DRPALL_COLUMNS = ("plateifu", "mangaid", "objra", "objdec", "z", "nsa_z", "nsa_s
                   "nsa_elpetro_ba", "nsa_elpetro_phi", "nsa_elpetro_th50_r",
                   "nsa_elpetro_mass", "drp3qual", "mngtarg1")
 NARROW_TABLES = ("cubes", "baxels", "bin_map", "truth")
-
-
-@dataclass
-class IngestConfig:
-    """Binning and quality parameters of an ingest job.
-
-    Job-file sections ``[binning]`` and ``[quality]``.
-    """
-
-    target_snr: float = 20.0
-    min_spaxel_snr: float = 2.0
-    min_good_bins: int = 3900
-    train_min_snr: float = 10.0
-    tail_fraction: float = 0.005
-
-
-@dataclass
-class IngestJob:
-    """What to ingest: a release's cubes and drpall, and how."""
-
-    release: str
-    cubes: str
-    drpall: str
-    truth: str | None = None
-    workers: int = 2
-    cubes_per_task: int = 2
-    scheduler: str | None = None
-    config: IngestConfig = field(default_factory=IngestConfig)
-    #: Carry cubes unchanged since an earlier release over (same checksum and drpall inputs)
-    #: instead of processing them again.
-    reuse: bool = True
-
-
-#: Keys of a job file's ``[refresh]`` section (read by :func:`desomdb.refresh.load_job`).
-REFRESH_KEYS = ("retrain", "label_max_per_cube", "device", "fingerprints")
-
-
-def load_job(path: str | Path) -> IngestJob:
-    """Read and validate a TOML job file (see ``ingest/dr15.toml``).
-
-    Relative paths are resolved against the job file's folder.
-
-    Raises
-    ------
-    ConfigError
-        Unknown sections or keys, missing keys, or wrong types; the message names them.
-    """
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read job file ({exc})") from exc
-    allowed = {"job", "binning", "quality", "run", "refresh"}
-    unknown = set(data) - allowed
-    if unknown:
-        raise ConfigError(
-            f"{path}: unknown section(s) {sorted(unknown)}; allowed {sorted(allowed)}"
-        )
-    job_keys = {"release", "cubes", "drpall", "truth"}
-    run_keys = {"workers", "cubes_per_task", "scheduler", "reuse"}
-    cfg_keys = {f.name for f in fields(IngestConfig)}
-    sections = {"job": job_keys, "run": run_keys, "binning": cfg_keys, "quality": cfg_keys,
-                "refresh": set(REFRESH_KEYS)}
-    for section, keys in sections.items():
-        bad = set(data.get(section, {})) - keys
-        if bad:
-            raise ConfigError(f"{path}: unknown key(s) {sorted(bad)} in [{section}]; "
-                              f"allowed {sorted(keys)}")
-    job = data.get("job", {})
-    missing = [k for k in ("release", "cubes", "drpall") if k not in job]
-    if missing:
-        raise ConfigError(f"{path}: [job] needs {missing}")
-
-    def resolve(value: str | None) -> str | None:
-        if value is None:
-            return None
-        p = Path(value).expanduser()
-        return str(p if p.is_absolute() else (path.parent / p))
-
-    cfg = IngestConfig(**{**data.get("binning", {}), **data.get("quality", {})})
-    run = data.get("run", {})
-    return IngestJob(
-        release=str(job["release"]),
-        cubes=str(resolve(job["cubes"])),
-        drpall=str(resolve(job["drpall"])),
-        truth=resolve(job.get("truth")),
-        workers=int(run.get("workers", 2)),
-        cubes_per_task=int(run.get("cubes_per_task", 2)),
-        scheduler=run.get("scheduler"),
-        config=cfg,
-        reuse=bool(run.get("reuse", True)),
-    )
 
 
 def find_cubes(spec: str | Path) -> list[Path]:
@@ -255,30 +163,20 @@ def process_cube(
     flat_bin = bins.bin_id.ravel()
     used = np.flatnonzero(flat_bin >= 0)
     n_wave = cube.wave.size
-    f2 = flux.reshape(n_wave, -1)[:, used].astype(np.float64)
-    iv2 = ivar.reshape(n_wave, -1)[:, used].astype(np.float64)
-    g2 = cube.good.reshape(n_wave, -1)[:, used]
-    member = sparse.csr_matrix(
-        (np.ones(used.size), (flat_bin[used], np.arange(used.size))), shape=(bins.n_bins, used.size)
-    )
-    n_members = np.asarray(member.sum(axis=1)).ravel()
-    n_good = (member @ g2.T.astype(np.float64)).T  # (n_wave, n_bins)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        var = np.where(g2, 1.0 / np.where(iv2 > 0, iv2, 1.0), 0.0)
-        scale = np.where(n_good > 0, n_members[None, :] / n_good, 0.0)
-        flux_sum = (member @ np.where(g2, f2, 0.0).T).T * scale
-        var_sum = (member @ var.T).T * scale**2
-        var_sum *= binning.law_correction(n_members)[None, :] ** 2
-        ivar_sum = np.where(var_sum > 0, 1.0 / var_sum, 0.0)
-    good_sum = (n_good * 2 >= n_members[None, :]) & (n_good > 0)
+    flux_sum, ivar_sum, good_sum, n_members = spectra.coadd(
+        flux.reshape(n_wave, -1)[:, used].astype(np.float64),
+        ivar.reshape(n_wave, -1)[:, used].astype(np.float64),
+        cube.good.reshape(n_wave, -1)[:, used], flat_bin[used], bins.n_bins)
+    ivar_sum /= binning.law_correction(n_members)[None, :] ** 2
     flux_r, ivar_r, mask_r = spectra.resample_to_rest(cube.wave, flux_sum, ivar_sum, good_sum, z)
     norm = spectra.norm_flux(flux_r, mask_r)
 
     dra, ddec = cube.sky_offsets()
     w = np.clip(signal.ravel()[used], 1e-30, None)
-    wsum = member @ w
-    cx = (member @ (dra.ravel()[used] * w)) / wsum
-    cy = (member @ (ddec.ravel()[used] * w)) / wsum
+    idx = flat_bin[used]
+    wsum = np.bincount(idx, weights=w, minlength=bins.n_bins)
+    cx = np.bincount(idx, weights=dra.ravel()[used] * w, minlength=bins.n_bins) / wsum
+    cy = np.bincount(idx, weights=ddec.ravel()[used] * w, minlength=bins.n_bins) / wsum
     radius = geometry.elliptical_radius(
         cx, cy, float(drp["nsa_elpetro_phi"]), float(drp["nsa_elpetro_ba"])
     ) / float(drp["nsa_elpetro_th50_r"])

@@ -21,7 +21,6 @@ and DESOM-2, and reports how far the map moved. The new model is never made curr
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,19 +29,10 @@ import numpy as np
 import polars as pl
 
 from desomdb import assign as assign_mod
-from desomdb import fingerprint, ingest, labels, paths, versions, views
+from desomdb import fingerprint, ingest, jobs, labels, paths, versions, views
 from desomdb.archive import Archive, write_json_atomic
+from desomdb.jobs import RefreshOptions
 from desomdb.model import DesomConfig
-
-
-@dataclass
-class RefreshOptions:
-    """What a refresh does after ingesting (job-file section ``[refresh]``)."""
-
-    retrain: bool = False
-    label_max_per_cube: int | None = None
-    device: str = "cpu"
-    fingerprints: bool = True
 
 
 @dataclass
@@ -67,21 +57,8 @@ class RefreshReport:
                     and (self.labels is None or not self.labels.failed_cubes))
 
 
-def load_job(path: str | Path) -> tuple[ingest.IngestJob, RefreshOptions]:
-    """Read a refresh job file: an ingest job plus an optional ``[refresh]`` section.
-
-    See ``ingest/dr17_refresh.toml``.
-    """
-    job = ingest.load_job(path)
-    with Path(path).open("rb") as fh:
-        section = tomllib.load(fh).get("refresh", {})
-    opts = RefreshOptions(
-        retrain=bool(section.get("retrain", False)),
-        label_max_per_cube=section.get("label_max_per_cube"),
-        device=str(section.get("device", "cpu")),
-        fingerprints=bool(section.get("fingerprints", True)),
-    )
-    return job, opts
+#: Read a refresh job file (an ingest job plus ``[refresh]``; see ``ingest/dr17_refresh.toml``).
+load_job = jobs.load_refresh_job
 
 
 def refresh(archive: str | Path, job: ingest.IngestJob, options: RefreshOptions | None = None,

@@ -185,35 +185,47 @@ def observed_to_rest(
 
 
 def coadd(
-    flux: np.ndarray, ivar: np.ndarray, good: np.ndarray, members: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sum the spectra of one bin's spaxels, correcting for pixels some members lack.
+    flux: np.ndarray, ivar: np.ndarray, good: np.ndarray, bin_of: np.ndarray, n_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sum the spectra of each bin's spaxels, correcting for pixels some members lack.
+
+    Where only ``n_good`` of a bin's ``n`` members are good at a wavelength, the sum of the
+    good ones is scaled by ``n / n_good`` (and its variance by the square), so a bin's flux
+    does not dip where a member is masked. Masked pixels carry weight zero.
 
     Parameters
     ----------
     flux, ivar : ndarray, shape (n_wave, n_spaxels)
+        Flux density (any unit) and its inverse variance.
     good : ndarray of bool, shape (n_wave, n_spaxels)
-    members : ndarray of int
-        Column indices of the bin's spaxels.
+    bin_of : ndarray of int, shape (n_spaxels,)
+        Bin index of every spaxel, 0 ... n_bins - 1.
+    n_bins : int
 
     Returns
     -------
-    flux_sum, ivar_sum : ndarray, shape (n_wave,)
-        Sum over members (scaled by n/n_good where some are bad) and its inverse variance
-        *without* the covariance correction (apply :func:`binning.law_correction`).
-    good_sum : ndarray of bool, shape (n_wave,)
-        True where at least half the members are good.
+    flux_sum, ivar_sum : ndarray, shape (n_wave, n_bins), float64
+        Scaled sums and their inverse variance *without* the covariance correction (multiply
+        the variance by :func:`desomdb.binning.law_correction` squared); ivar 0 where no
+        member is good.
+    good_sum : ndarray of bool, shape (n_wave, n_bins)
+        True where at least half the members (and at least one) are good.
+    n_members : ndarray, shape (n_bins,), float64
     """
-    f, iv, g = flux[:, members], ivar[:, members], good[:, members]
-    n = members.size
-    n_good = g.sum(axis=1)
+    n_spaxels = bin_of.size
+    member = sparse.csr_matrix(
+        (np.ones(n_spaxels), (bin_of, np.arange(n_spaxels))), shape=(n_bins, n_spaxels))
+    n_members = np.asarray(member.sum(axis=1)).ravel()
+    g = good.astype(np.float64)
+    n_good = (member @ g.T).T
     with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.where(n_good > 0, n / n_good, 0.0)
-        var = np.where(g, 1.0 / np.where(iv > 0, iv, 1.0), 0.0).sum(axis=1) * scale**2
-        flux_sum = np.where(g, f, 0.0).sum(axis=1) * scale
-        ivar_sum = np.where(var > 0, 1.0 / var, 0.0)
-    good_sum = n_good * 2 >= n
-    return flux_sum, np.where(good_sum, ivar_sum, 0.0), good_sum & (n_good > 0)
+        var = np.where(good, 1.0 / np.where(ivar > 0, ivar, 1.0), 0.0)
+        scale = np.where(n_good > 0, n_members[None, :] / n_good, 0.0)
+        flux_sum = (member @ np.where(good, flux, 0.0).T).T * scale
+        var_sum = (member @ var.T).T * scale**2
+        ivar_sum = np.where(var_sum > 0, 1.0 / var_sum, 0.0)
+    good_sum = (n_good * 2 >= n_members[None, :]) & (n_good > 0)
+    return flux_sum, ivar_sum, good_sum, n_members
 
 
 def norm_flux(flux_rest: np.ndarray, mask: np.ndarray) -> np.ndarray:

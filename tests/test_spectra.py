@@ -83,10 +83,36 @@ def test_coadd_sums_and_corrects_for_missing_members() -> None:
     good = np.ones((5, 4), dtype=bool)
     good[0, 0] = False
     good[1, :3] = False
-    f, iv, g = spectra.coadd(flux, ivar, good, np.arange(4))
-    assert f[2] == pytest.approx(4.0) and iv[2] == pytest.approx(1.0)
-    assert f[0] == pytest.approx(4.0)  # 3 good members, scaled by 4/3
-    assert not g[1] and iv[1] == 0
+    f, iv, g, n = spectra.coadd(flux, ivar, good, np.zeros(4, dtype=int), 1)
+    assert n[0] == 4
+    assert f[2, 0] == pytest.approx(4.0) and iv[2, 0] == pytest.approx(1.0)
+    assert f[0, 0] == pytest.approx(4.0)  # 3 good members, scaled by 4/3
+    assert not g[1, 0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_coadd_of_many_bins_equals_each_bin_alone(n_bins: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_spaxels = n_bins + 5
+    bin_of = np.concatenate([np.arange(n_bins), rng.integers(0, n_bins, 5)])
+    flux = rng.normal(size=(7, n_spaxels))
+    ivar = rng.uniform(0.5, 2, size=(7, n_spaxels))
+    good = rng.random((7, n_spaxels)) > 0.3
+    f, iv, g, n = spectra.coadd(flux, ivar, good, bin_of, n_bins)
+    for b in range(n_bins):
+        sel = bin_of == b
+        fb, ivb, gb, nb = spectra.coadd(flux[:, sel], ivar[:, sel], good[:, sel],
+                                        np.zeros(sel.sum(), dtype=int), 1)
+        np.testing.assert_allclose(f[:, b], fb[:, 0])
+        np.testing.assert_allclose(iv[:, b], ivb[:, 0])
+        assert (g[:, b] == gb[:, 0]).all() and n[b] == nb[0] == sel.sum()
+        # Masked pixels never leak: the sum uses good members only.
+        m = good[:, sel]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            direct = np.where(m, flux[:, sel], 0).sum(1) * sel.sum() / m.sum(1)
+        ok = m.sum(1) > 0
+        np.testing.assert_allclose(f[ok, b], direct[ok])
 
 
 def test_norm_flux_window() -> None:

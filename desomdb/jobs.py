@@ -1,0 +1,176 @@
+"""Job files users run (``ingest/*.toml``): a typed schema, validated on load.
+
+A job file has the sections ``[job]`` (what: release, cubes, drpall, truth), ``[binning]``
+and ``[quality]`` (how the cubes are binned and flagged), ``[run]`` (where: workers, Dask
+scheduler) and, for ``desomdb refresh``, ``[refresh]``. Each section accepts exactly its own
+keys with their types (pydantic), so a misspelt key or a key in the wrong section is an
+error that names the file, the section and the key. Relative paths are resolved against the
+job file's folder.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from desomdb.errors import ConfigError
+
+
+@dataclass
+class IngestConfig:
+    """Binning and quality parameters of an ingest job (sections ``[binning]``, ``[quality]``)."""
+
+    target_snr: float = 20.0
+    min_spaxel_snr: float = 2.0
+    min_good_bins: int = 3900
+    train_min_snr: float = 10.0
+    tail_fraction: float = 0.005
+
+
+@dataclass
+class IngestJob:
+    """What to ingest: a release's cubes and drpall, and how."""
+
+    release: str
+    cubes: str
+    drpall: str
+    truth: str | None = None
+    workers: int = 2
+    cubes_per_task: int = 2
+    scheduler: str | None = None
+    config: IngestConfig = field(default_factory=IngestConfig)
+    #: Carry cubes unchanged since an earlier release over (same checksum and drpall inputs)
+    #: instead of processing them again.
+    reuse: bool = True
+
+
+@dataclass
+class RefreshOptions:
+    """What a refresh does after ingesting (section ``[refresh]``)."""
+
+    retrain: bool = False
+    label_max_per_cube: int | None = None
+    device: str = "cpu"
+    fingerprints: bool = True
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Job(_Section):
+    release: str
+    cubes: str
+    drpall: str
+    truth: str | None = None
+
+
+class _Binning(_Section):
+    target_snr: float = Field(20.0, gt=0)
+    min_spaxel_snr: float = Field(2.0, ge=0)
+
+
+class _Quality(_Section):
+    min_good_bins: int = Field(3900, ge=0)
+    train_min_snr: float = Field(10.0, ge=0)
+    tail_fraction: float = Field(0.005, ge=0, lt=0.5)
+
+
+class _Run(_Section):
+    workers: int = Field(2, ge=1)
+    cubes_per_task: int = Field(2, ge=1)
+    scheduler: str | None = None
+    reuse: bool = True
+
+
+class _Refresh(_Section):
+    retrain: bool = False
+    label_max_per_cube: int | None = Field(None, ge=1)
+    device: Literal["cpu", "cuda"] = "cpu"
+    fingerprints: bool = True
+
+
+class _JobFile(_Section):
+    job: _Job
+    binning: _Binning = _Binning()
+    quality: _Quality = _Quality()
+    run: _Run = _Run()
+    refresh: _Refresh = _Refresh()
+
+
+def _validated(path: Path) -> _JobFile:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read job file ({exc})") from exc
+    try:
+        return _JobFile.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = err["loc"]
+            section = f"[{where[0]}]" if where else "the file"
+            key = ".".join(str(x) for x in where[1:])
+            if err["type"] == "extra_forbidden":
+                allowed = sorted(_allowed(str(where[0])) if len(where) > 1 else
+                                 _JobFile.model_fields)
+                what = (f"unknown key(s) [{key!r}] in {section}; allowed {allowed}" if key else
+                        f"unknown section(s) [{str(where[0])!r}]; allowed {allowed}")
+            elif err["type"] == "missing":
+                what = (f"{section} needs {key!r}" if key else f"needs a {section} section")
+            else:
+                what = f"{section} {key}: {err['msg'].lower()} (got {err.get('input')!r})"
+            problems.append(what)
+        raise ConfigError(f"{path}: " + "; ".join(problems)) from None
+
+
+def _allowed(section: str) -> list[str]:
+    model = _JobFile.model_fields.get(section)
+    if model is None or model.annotation is None:
+        return []
+    return list(getattr(model.annotation, "model_fields", {}))
+
+
+def load_job(path: str | Path) -> IngestJob:
+    """Read and validate an ingest job file (see ``ingest/dr15.toml``).
+
+    Raises
+    ------
+    ConfigError
+        Unreadable TOML, unknown sections or keys, missing keys, or wrong types or ranges;
+        the one-line message names the file, section and key.
+    """
+    return load_refresh_job(path)[0]
+
+
+def load_refresh_job(path: str | Path) -> tuple[IngestJob, RefreshOptions]:
+    """Read and validate a refresh job file: an ingest job plus ``[refresh]``.
+
+    See ``ingest/dr17_refresh.toml``.
+    """
+    path = Path(path)
+    spec = _validated(path)
+
+    def resolve(value: str | None) -> str | None:
+        if value is None:
+            return None
+        p = Path(value).expanduser()
+        return str(p if p.is_absolute() else (path.parent / p))
+
+    job = IngestJob(
+        release=spec.job.release,
+        cubes=str(resolve(spec.job.cubes)),
+        drpall=str(resolve(spec.job.drpall)),
+        truth=resolve(spec.job.truth),
+        workers=spec.run.workers,
+        cubes_per_task=spec.run.cubes_per_task,
+        scheduler=spec.run.scheduler,
+        config=IngestConfig(**spec.binning.model_dump(), **spec.quality.model_dump()),
+        reuse=spec.run.reuse,
+    )
+    opts = RefreshOptions(**spec.refresh.model_dump())
+    return job, opts
