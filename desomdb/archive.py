@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -440,6 +441,97 @@ class Writer:
         for rel in expired:
             (self.root / rel).unlink(missing_ok=True)
         return generation
+
+    def compact(
+        self,
+        table: str,
+        release: str,
+        sort_by: Sequence[str],
+        transform: Callable[[pa.Table], pa.Table] | None = None,
+    ) -> tuple[list[StagedFile], list[tuple[str, str]]]:
+        """Stage one file holding every committed row of a release partition.
+
+        Parameters
+        ----------
+        table, release : str
+            The partition.
+        sort_by : sequence of str
+            Row order of the compacted file.
+        transform : callable, optional
+            Applied to the concatenated rows (e.g. release-wide quality flags).
+
+        Returns
+        -------
+        add, remove : list
+            Pass both to :meth:`commit` (one commit may compact several tables).
+        """
+        files = self.archive.files(table, release=release)
+        if not files:
+            return [], []
+        parts = [pq.read_table(f) for f in files]
+        data = pa.concat_tables(parts, promote_options="permissive")
+        data = data.sort_by([(c, "ascending") for c in sort_by if c in data.column_names])
+        if transform is not None:
+            data = transform(data)
+        name = paths.compact_name(self.archive.generation() + 1)
+        staged = self.stage_table(table, data, paths.release_file(table, release, name))
+        return [staged], [(table, str(f.relative_to(self.root))) for f in files]
+
+    def replace_cube_rows(
+        self, release: str, plateifus: set[str], keep: set[str]
+    ) -> tuple[list[StagedFile], list[tuple[str, str]]]:
+        """Earlier rows of re-ingested cubes of ``release``, in every table that holds them.
+
+        Per-cube part files of those cubes are dropped; compacted files are rewritten
+        without their rows; their assignments under every model are dropped (the current
+        model assigns the new version again).
+
+        Parameters
+        ----------
+        release : str
+        plateifus : set of str
+            The cubes being replaced.
+        keep : set of str
+            Relative paths the same commit adds (never dropped).
+
+        Returns
+        -------
+        add, remove : list
+            Rewritten compacted files to add, and files to drop, for :meth:`commit`.
+        """
+        arch = self.archive
+        adds: list[StagedFile] = []
+        removes: list[tuple[str, str]] = []
+        name = paths.compact_name(arch.generation() + 1)
+        values = pa.array(sorted(plateifus), pa.string())
+        for table in paths.RELEASE_TABLES:
+            for f in arch.files(table, release=release):
+                rel = str(f.relative_to(self.root))
+                if rel in keep:
+                    continue
+                part = paths.parse_part_name(f.name)
+                if part is not None:
+                    if part[0] in plateifus:
+                        removes.append((table, rel))
+                    continue
+                if table == "galaxies":
+                    continue  # rebuilt from the drpall when the release is finalised
+                rows = pq.read_table(f)
+                hit = pc.is_in(rows.column("plateifu"), value_set=values)
+                if pc.any(hit).as_py():
+                    removes.append((table, rel))
+                    adds.append(self.stage_table(table, rows.filter(pc.invert(hit)),
+                                                 paths.release_file(table, release, name)))
+        for f in arch.files("assignments"):
+            rel = str(f.relative_to(self.root))
+            try:
+                of_release, spectra_name = paths.parse_assignment_part_name(f.name)
+            except ValueError:
+                continue
+            part = paths.parse_part_name(spectra_name)
+            if rel not in keep and of_release == release and part and part[0] in plateifus:
+                removes.append(("assignments", rel))
+        return adds, removes
 
     def collect_garbage(self) -> list[Path]:
         """Delete files no commit lists (left by killed writers) and the staging area.

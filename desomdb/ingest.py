@@ -401,7 +401,7 @@ def ingest(
                                          "status": "failed", "error": error,
                                          "reported": True})
         for path in unique:
-            plateifu = _plateifu_from_name(path)
+            plateifu = manga.plateifu_from_filename(path.name)
             prev = existing.get(plateifu)
             items.append({
                 "path": str(path),
@@ -457,7 +457,7 @@ def _one_file_per_cube(
     """
     by_name: dict[str, list[Path]] = {}
     for path in cube_paths:
-        by_name.setdefault(_plateifu_from_name(path), []).append(path)
+        by_name.setdefault(manga.plateifu_from_filename(path.name), []).append(path)
     unique: list[Path] = []
     refused: dict[str, tuple[str, list[Path]]] = {}
     for plateifu, files in by_name.items():
@@ -472,13 +472,6 @@ def _one_file_per_cube(
         refused[plateifu] = (f"{plateifu} is in {len(files)} files with different contents "
                              f"({listed}); keep one of them and rerun", files)
     return sorted(unique), refused
-
-
-def _plateifu_from_name(path: Path) -> str:
-    parts = path.name.split("-")
-    if len(parts) < 4 or parts[0] != "manga":
-        return path.name
-    return f"{parts[1]}-{parts[2]}"
 
 
 def _existing_cubes(arch: Archive, release: str) -> dict[str, dict[str, Any]]:
@@ -542,16 +535,17 @@ def _carry_files(writer: Writer, release: str, o: dict[str, Any]) -> tuple[list[
     only = pc.field("plateifu") == plateifu
     for table in ("spectra", "labels"):
         for f in arch.files(table, release=src):
-            if f.name.startswith(f"part-{plateifu}-"):
+            part = paths.parse_part_name(f.name)
+            if part is not None and part[0] == plateifu:
                 _link_or_copy(f, unit / f"{table}-{f.name}")
-                staged.append(StagedFile(table, f"{paths.release_dir(table, release)}/{f.name}",
+                staged.append(StagedFile(table, paths.release_file(table, release, f.name),
                                          unit / f"{table}-{f.name}"))
     for table in ("baxels", "bin_map", "truth"):
         if arch.files(table, release=src):
             rows = arch.read(table, filter=only, release=src).drop_columns(["release"])
             if rows.num_rows:
                 staged.append(writer.stage_table(
-                    table, rows, f"{paths.release_dir(table, release)}/{name}"))
+                    table, rows, paths.release_file(table, release, name)))
     source = arch.read("cubes", filter=only, release=src).drop_columns(["release"]).to_pylist()
     return staged, source[0]
 
@@ -584,11 +578,11 @@ def _commit_outcomes(
             row.update(source_path=o["path"], ingested_at=now, carried_from=o["from_release"],
                        release_ordinal=manga.release(release).ordinal)
             adds.append(writer.stage_table("cubes", _cube_row(row),
-                                           f"{paths.release_dir('cubes', release)}/{name}"))
+                                           paths.release_file("cubes", release, name)))
             report.n_carried += 1
             continue
         for table, staged in o.get("files", {}).items():
-            adds.append(StagedFile(table, f"{paths.release_dir(table, release)}/{name}",
+            adds.append(StagedFile(table, paths.release_file(table, release, name),
                                    Path(staged)))
         row = {
             "plateifu": plateifu,
@@ -610,7 +604,7 @@ def _commit_outcomes(
         }
         cube_row = writer.stage_table(
             "cubes", _cube_row(row),
-            f"{paths.release_dir('cubes', release)}/{name}",
+            paths.release_file("cubes", release, name),
         )
         adds.append(cube_row)
         if o["status"] == "ok":
@@ -619,42 +613,9 @@ def _commit_outcomes(
             report.failed.append((plateifu, o.get("error", "")))
     if not adds:
         return
-    removes, rewrites = _rows_to_replace(writer, release, replaced, {a.target for a in adds})
+    rewrites, removes = writer.replace_cube_rows(release, replaced, {a.target for a in adds})
     writer.commit(add=adds + rewrites, remove=removes)
     shutil.rmtree(writer.root / paths.STAGING / "carry", ignore_errors=True)
-
-
-def _rows_to_replace(
-    writer: Writer, release: str, plateifus: set[str], new_targets: set[str]
-) -> tuple[list[tuple[str, str]], list[StagedFile]]:
-    """Earlier rows of re-ingested cubes: per-cube files to drop, compacted files to rewrite."""
-    arch = writer.archive
-    removes: list[tuple[str, str]] = []
-    rewrites: list[StagedFile] = []
-    gen = arch.generation()
-    for table in (*NARROW_TABLES, "spectra", "galaxies", "labels"):
-        for f in arch.files(table, release=release):
-            rel = str(f.relative_to(arch.root))
-            if rel in new_targets:
-                continue
-            name = f.name
-            if name.startswith("part-"):
-                if any(name.startswith(f"part-{p}-") for p in plateifus):
-                    removes.append((table, rel))
-            elif table != "galaxies":
-                t = pl.read_parquet(f)
-                keep = t.filter(~pl.col("plateifu").is_in(list(plateifus)))
-                if keep.height != t.height:
-                    removes.append((table, rel))
-                    target = f"{paths.release_dir(table, release)}/compact-{gen + 1}.parquet"
-                    rewrites.append(writer.stage_table(table, keep.to_arrow(), target))
-    # Per-cube rows derived from the replaced versions (assignments under every model).
-    for f in arch.files("assignments"):
-        rel = str(f.relative_to(arch.root))
-        if rel not in new_targets and any(
-                f.name.startswith(f"release={release}-part-{p}-") for p in plateifus):
-            removes.append(("assignments", rel))
-    return removes, rewrites
 
 
 def finalize_release(
@@ -668,23 +629,14 @@ def finalize_release(
     Idempotent: rerunning gives identical tables.
     """
     arch = writer.archive
-    gen = arch.generation() + 1
     adds: list[StagedFile] = []
     removes: list[tuple[str, str]] = []
     for table in NARROW_TABLES:
-        files = arch.files(table, release=release)
-        if not files:
-            continue
-        data = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
-        keys = ["plateifu", "bin_id"] if "bin_id" in data.columns else ["plateifu"]
-        if table == "bin_map":
-            keys = ["plateifu", "y", "x"]
-        data = data.sort(keys)
-        if table == "baxels":
-            data = _quality_flags(data, cfg)
-        target = f"{paths.release_dir(table, release)}/compact-{gen}.parquet"
-        adds.append(writer.stage_table(table, data.to_arrow(), target))
-        removes.extend((table, str(f.relative_to(arch.root))) for f in files)
+        keys = ("plateifu", "y", "x") if table == "bin_map" else paths.TABLE_KEYS[table][1:]
+        transform = (lambda t: _quality_flags(t, cfg)) if table == "baxels" else None
+        staged, dropped = writer.compact(table, release, keys, transform)
+        adds += staged
+        removes += dropped
     cubes_files = arch.files("cubes", release=release)
     if cubes_files:
         ingested = set(pl.concat([pl.read_parquet(f, columns=["plateifu"])
@@ -692,7 +644,8 @@ def finalize_release(
         rows = [drpall[p] for p in sorted(ingested) if p in drpall]
         if rows:
             galaxies = pl.DataFrame(rows).rename({"objra": "ra", "objdec": "dec"})
-            target = f"{paths.release_dir('galaxies', release)}/compact-{gen}.parquet"
+            target = paths.release_file("galaxies", release,
+                                        paths.compact_name(arch.generation() + 1))
             adds.append(writer.stage_table("galaxies", galaxies.to_arrow(), target))
             removes.extend(
                 ("galaxies", str(f.relative_to(arch.root)))
@@ -702,7 +655,10 @@ def finalize_release(
         writer.commit(add=adds, remove=removes)
 
 
-def _quality_flags(baxels: pl.DataFrame, cfg: IngestConfig) -> pl.DataFrame:
+def _quality_flags(table: pa.Table, cfg: IngestConfig) -> pa.Table:
+    """Set the paper's release-wide tail flags and ``trainable`` on a release's baxels."""
+    baxels = pl.from_arrow(table)
+    assert isinstance(baxels, pl.DataFrame)
     low = baxels["min_norm_flux"].drop_nans().quantile(cfg.tail_fraction)
     high = baxels["max_norm_flux_off_lines"].drop_nans().quantile(1 - cfg.tail_fraction)
     low = -np.inf if low is None else low
@@ -714,4 +670,4 @@ def _quality_flags(baxels: pl.DataFrame, cfg: IngestConfig) -> pl.DataFrame:
     ).with_columns(
         ~(pl.col("flag_few_good") | pl.col("flag_low_snr") | pl.col("flag_bad_norm")
           | pl.col("flag_low_min_flux") | pl.col("flag_high_flux")).alias("trainable")
-    )
+    ).to_arrow()

@@ -117,3 +117,15 @@ def pixel_width_aa(wave_aa: np.ndarray) -> np.ndarray:
 def cube_filename(plate: int, ifudsgn: int) -> str:
     """``manga-<plate>-<ifudsgn>-LOGCUBE.fits.gz``."""
     return f"manga-{plate}-{ifudsgn}-LOGCUBE.fits.gz"
+
+
+def plateifu_from_filename(name: str) -> str:
+    """Return the ``<plate>-<ifudsgn>`` of a LOGCUBE file name (inverse of cube_filename).
+
+    A name that is not ``manga-...`` is returned whole, so a stray file fails under its own
+    name.
+    """
+    parts = name.split("-")
+    if len(parts) < 4 or parts[0] != "manga":
+        return name
+    return f"{parts[1]}-{parts[2]}"

@@ -19,6 +19,7 @@ Layout::
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 MANIFEST = "_manifest.json"
@@ -73,9 +74,111 @@ def model_dir(table: str, model_id: str) -> str:
     return partition_dir(table, "model_id", model_id)
 
 
+def release_file(table: str, release: str, name: str) -> str:
+    """Relative path of a file in a release partition of ``table``."""
+    return f"{release_dir(table, release)}/{name}"
+
+
+def model_file(table: str, model_id: str, name: str | None = None) -> str:
+    """Relative path of a file in a model partition of ``table``.
+
+    Without ``name``, the table's one file per model (see :data:`MODEL_FILE_NAMES`).
+    """
+    return f"{model_dir(table, model_id)}/{name or MODEL_FILE_NAMES[table]}"
+
+
+#: The single file a model writes for these per-model tables.
+MODEL_FILE_NAMES = {"models": "model.parquet", "splits": "splits.parquet",
+                    "nodes": "nodes.parquet", "node_labels": "node_labels.parquet",
+                    "fingerprints": "fingerprints.parquet"}
+
+
+def parse_partition(rel: str) -> tuple[str, str, str]:
+    """Inverse of :func:`partition_dir` for a committed file.
+
+    ``"baxels/release=DR15/compact-3.parquet"`` -> ``("baxels", "release", "DR15")``.
+
+    Raises
+    ------
+    ValueError
+        If ``rel`` is not ``<table>/<key>=<value>/<name>``.
+    """
+    parts = rel.split("/")
+    if len(parts) < 3 or "=" not in parts[1]:
+        raise ValueError(f"{rel!r} is not <table>/<key>=<value>/<file>")
+    key, value = parts[1].split("=", 1)
+    return parts[0], key, value
+
+
+def compact_name(generation: int) -> str:
+    """File name of a partition's compacted rows, written at manifest ``generation``."""
+    return f"compact-{generation}.parquet"
+
+
 def cube_part_name(plateifu: str, checksum: str) -> str:
-    """File name of one cube's rows in a per-cube part file."""
+    """File name of one cube's rows in a per-cube part file (ingest tables)."""
     return f"part-{plateifu}-{checksum[:12]}.parquet"
+
+
+def label_part_name(plateifu: str, fitter: str) -> str:
+    """File name of one cube's labels by one fitter."""
+    return f"part-{plateifu}-{fitter}.parquet"
+
+
+_PART = re.compile(r"^part-([^-/]+-[^-/]+)-([^/]+)\.parquet$")
+
+
+def parse_part_name(name: str) -> tuple[str, str] | None:
+    """Inverse of :func:`cube_part_name` / :func:`label_part_name`.
+
+    Returns
+    -------
+    (plateifu, rest) or None
+        ``rest`` is the checksum prefix or fitter id; None for other files (compacted ones).
+    """
+    m = _PART.match(name)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def assignment_part_name(release: str, spectra_name: str) -> str:
+    """File name of the assignments of one spectra part file (one cube of one release)."""
+    return f"release={release}-{spectra_name}"
+
+
+def parse_assignment_part_name(name: str) -> tuple[str, str]:
+    """Inverse of :func:`assignment_part_name`: ``(release, spectra part file name)``.
+
+    Raises
+    ------
+    ValueError
+        For a name that :func:`assignment_part_name` did not make.
+    """
+    head, sep, spectra_name = name.partition("-")
+    if not head.startswith("release=") or not sep:
+        raise ValueError(f"{name!r} is not an assignment part file name")
+    return head.removeprefix("release="), spectra_name
+
+
+def checkpoint_name(model_id: str, digest: str) -> str:
+    """File name of a model's final checkpoint: id and content-hash prefix."""
+    return f"{model_id}-{digest[:16]}.pt"
+
+
+def parse_checkpoint_name(name: str) -> tuple[str, str]:
+    """Inverse of :func:`checkpoint_name`: ``(model_id, digest prefix)``."""
+    stem = name.removesuffix(".pt")
+    model_id, _, digest = stem.rpartition("-")
+    return model_id, digest
+
+
+def train_state_path(root: Path, model_id: str) -> Path:
+    """Resumable training state of a model being trained."""
+    return artefact_dir(root, model_id) / "train_state.pt"
+
+
+def comparison_path(root: Path, new_id: str, old_id: str) -> Path:
+    """Movement report of a retrained model against its parent."""
+    return artefact_dir(root, new_id) / f"comparison-{old_id}.json"
 
 
 def artefact_dir(root: Path, model_id: str) -> Path:
