@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from desomdb import ingest, manga, mock
+from desomdb import baxels, ingest, manga, mock
 from desomdb.cube import read_cube
 from desomdb.mock_galaxy import draw_galaxy
 
@@ -42,7 +42,7 @@ def read_decompressed(path: Path) -> float:
 
 def full_ingest(path: Path, drp: dict) -> tuple[float, int]:
     t = time.perf_counter()
-    tables = ingest.process_cube(read_cube(path), drp, ingest.IngestConfig())
+    tables = baxels.process_cube(read_cube(path), drp, ingest.IngestConfig())
     return time.perf_counter() - t, tables.baxels.num_rows
 
 

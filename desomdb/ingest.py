@@ -1,16 +1,17 @@
 """Ingest DRP LOGCUBEs into the archive: cubes -> Voronoi baxels -> rest-frame spectra.
 
-The science of one cube is :func:`process_cube` (pure: arrays in, tables out). The job
-(:func:`ingest`) runs it over many cubes on a process pool or a Dask cluster, commits each
-cube's rows atomically, skips cubes already ingested with the same checksum, records failed
-cubes with a readable reason, and finally compacts the release's narrow tables and sets the
-paper's release-wide quality flags.
+The science of one cube is :func:`desomdb.baxels.process_cube` (pure: arrays in, tables
+out); carrying unchanged cubes into a new release is :mod:`desomdb.carry`; replacing and
+compacting rows are methods of the archive's writer. The job (:func:`ingest`) runs the
+science over many cubes on a process pool or a Dask cluster, commits each cube's rows
+atomically, skips cubes already ingested with the same checksum, records failed cubes with a
+readable reason, and finally compacts the release's narrow tables and sets the paper's
+release-wide quality flags.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,22 +21,17 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from astropy.table import Table
 
-from desomdb import binning, dust, geometry, manga, paths, runner, spectra, versions
-from desomdb import truth as truth_mod
+from desomdb import baxels, carry, manga, paths, runner
 from desomdb._version import __version__
 from desomdb.archive import Archive, StagedFile, Writer
-from desomdb.cube import Cube, read_cube
+from desomdb.cube import read_cube
 from desomdb.errors import InputDataError
 from desomdb.jobs import IngestConfig, IngestJob
 from desomdb.jobs import load_job as load_job  # the job file's reader, re-exported
 
-#: Redshifts (exclusive, inclusive) for which the LOGCUBE's observed 3621.6-10353.8 Å
-#: covers the rest-frame 3650-8950 Å grid.
-Z_MIN, Z_MAX = 0.0, 10353.8 / 8950.0 - 1
 DRPALL_COLUMNS = ("plateifu", "mangaid", "objra", "objdec", "z", "nsa_z", "nsa_sersic_n",
                   "nsa_elpetro_ba", "nsa_elpetro_phi", "nsa_elpetro_th50_r",
                   "nsa_elpetro_mass", "drp3qual", "mngtarg1")
@@ -103,134 +99,6 @@ def file_checksum(path: Path) -> str:
     return h.hexdigest()
 
 
-# --------------------------------------------------------------------------- science
-@dataclass
-class CubeTables:
-    """The rows one cube contributes: baxels, spectra, bin_map (and truth for mocks)."""
-
-    n_spaxels: int
-    baxels: pa.Table
-    spectra: pa.Table
-    bin_map: pa.Table
-    truth: pa.Table | None
-    binning_method: str
-
-
-def process_cube(
-    cube: Cube,
-    drp: dict[str, Any],
-    cfg: IngestConfig,
-    spaxel_truth: pl.DataFrame | None = None,
-) -> CubeTables:
-    """Bin, co-add and resample one cube.
-
-    Parameters
-    ----------
-    cube : Cube
-    drp : dict
-        The cube's drpall row (``z``, ``nsa_elpetro_phi``, ``nsa_elpetro_ba``,
-        ``nsa_elpetro_th50_r``).
-    cfg : IngestConfig
-    spaxel_truth : polars.DataFrame, optional
-        Mock-survey truth rows of this cube.
-
-    Returns
-    -------
-    CubeTables
-
-    Raises
-    ------
-    InputDataError
-        Redshift outside the usable range, a critical DRP3QUAL, or no spaxel with S/N ≥ 2.
-    """
-    z = float(drp["z"])
-    if not np.isfinite(z) or not (Z_MIN < z <= Z_MAX):
-        raise InputDataError(
-            f"{cube.path}: drpall z = {z} is outside {Z_MIN}-{Z_MAX:.4f}, where the LOGCUBE "
-            f"covers rest-frame {spectra.REST_MIN_AA:.0f}-{spectra.REST_MAX_AA:.0f} Å"
-        )
-    if cube.drp3qual & manga.DRP3QUAL_CRITICAL:
-        raise InputDataError(f"{cube.path}: DRP3QUAL has the CRITICAL bit set; cube unusable")
-    mw = dust.milky_way_transmission(cube.wave, cube.ebvgal)[:, None, None]
-    flux = cube.flux / mw
-    ivar = cube.ivar * mw**2
-    signal, noise = binning.spaxel_signal_noise(flux, ivar, cube.good, cube.wave)
-    bins = binning.voronoi_bins(signal, noise, cfg.target_snr, cfg.min_spaxel_snr)
-    if bins.n_bins == 0:
-        raise InputDataError(
-            f"{cube.path}: no spaxel reaches S/N {cfg.min_spaxel_snr} in the g band; nothing to bin"
-        )
-    flat_bin = bins.bin_id.ravel()
-    used = np.flatnonzero(flat_bin >= 0)
-    n_wave = cube.wave.size
-    flux_sum, ivar_sum, good_sum, n_members = spectra.coadd(
-        flux.reshape(n_wave, -1)[:, used].astype(np.float64),
-        ivar.reshape(n_wave, -1)[:, used].astype(np.float64),
-        cube.good.reshape(n_wave, -1)[:, used], flat_bin[used], bins.n_bins)
-    ivar_sum /= binning.law_correction(n_members)[None, :] ** 2
-    flux_r, ivar_r, mask_r = spectra.resample_to_rest(cube.wave, flux_sum, ivar_sum, good_sum, z)
-    norm = spectra.norm_flux(flux_r, mask_r)
-
-    dra, ddec = cube.sky_offsets()
-    w = np.clip(signal.ravel()[used], 1e-30, None)
-    idx = flat_bin[used]
-    wsum = np.bincount(idx, weights=w, minlength=bins.n_bins)
-    cx = np.bincount(idx, weights=dra.ravel()[used] * w, minlength=bins.n_bins) / wsum
-    cy = np.bincount(idx, weights=ddec.ravel()[used] * w, minlength=bins.n_bins) / wsum
-    radius = geometry.elliptical_radius(
-        cx, cy, float(drp["nsa_elpetro_phi"]), float(drp["nsa_elpetro_ba"])
-    ) / float(drp["nsa_elpetro_th50_r"])
-    good_bins = mask_r == 0
-    n_good_bins = good_bins.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        normed = flux_r / norm[:, None]
-        min_norm = np.where(good_bins, normed, np.inf).min(axis=1)
-        off_lines = good_bins & ~spectra.emission_line_bins()[None, :]
-        max_off = np.where(off_lines, normed, -np.inf).max(axis=1)
-    bin_ids = np.arange(bins.n_bins, dtype=np.int32)
-    ident = {
-        "plateifu": pa.array([cube.plateifu] * bins.n_bins),
-        "bin_id": pa.array(bin_ids),
-    }
-    baxels = pa.table({
-        **ident,
-        "mangaid": pa.array([cube.mangaid] * bins.n_bins),
-        "n_spaxels": pa.array(bins.n_spaxels.astype(np.int32)),
-        "x_arcsec": pa.array(cx.astype(np.float32)),
-        "y_arcsec": pa.array(cy.astype(np.float32)),
-        "radius_re": pa.array(radius.astype(np.float32)),
-        "snr": pa.array(bins.snr.astype(np.float32)),
-        "norm_flux": pa.array(norm.astype(np.float32)),
-        "n_good": pa.array(n_good_bins.astype(np.int32)),
-        "min_norm_flux": pa.array(np.where(np.isfinite(min_norm), min_norm, np.nan)
-                                  .astype(np.float32)),
-        "max_norm_flux_off_lines": pa.array(np.where(np.isfinite(max_off), max_off, np.nan)
-                                            .astype(np.float32)),
-        "flag_few_good": pa.array(n_good_bins < cfg.min_good_bins),
-        "flag_low_snr": pa.array(bins.snr < cfg.train_min_snr),
-        "flag_bad_norm": pa.array(~(np.isfinite(norm) & (norm > 0))),
-    })
-    spec = pa.table({
-        **ident,
-        "flux": spectra.to_list_column(flux_r),
-        "ivar": spectra.to_list_column(ivar_r),
-        "mask": spectra.to_list_column(mask_r, pa.uint8()),
-    })
-    covered = cube.good.any(axis=0)
-    yy, xx = np.nonzero(covered)
-    bin_map = pa.table({
-        "plateifu": pa.array([cube.plateifu] * xx.size),
-        "x": pa.array(xx.astype(np.int16)),
-        "y": pa.array(yy.astype(np.int16)),
-        "bin_id": pa.array(bins.bin_id[yy, xx].astype(np.int32)),
-    })
-    truth_table = None
-    if spaxel_truth is not None and spaxel_truth.height:
-        agg = truth_mod.aggregate(spaxel_truth, pl.from_arrow(bin_map))  # type: ignore[arg-type]
-        truth_table = agg.with_columns(pl.lit(cube.plateifu).alias("plateifu")).to_arrow()
-    return CubeTables(int(covered.sum()), baxels, spec, bin_map, truth_table, bins.method)
-
-
 # --------------------------------------------------------------------------- the job
 @dataclass
 class IngestReport:
@@ -267,18 +135,19 @@ def _cube_task(task: dict[str, Any]) -> list[dict[str, Any]]:
                 outcome["status"] = "skipped"
                 out.append(outcome)
                 continue
-            carry = item.get("carry")
-            if carry and carry["checksum"] == checksum and _same_drp(carry["drp"], item["drp"]):
-                outcome.update(status="carried", from_release=carry["release"])
+            source = item.get("carry")
+            if (source and source["checksum"] == checksum
+                    and carry.same_drp(source["drp"], item["drp"])):
+                outcome.update(status="carried", from_release=source["release"])
                 out.append(outcome)
                 continue
             cube = read_cube(path)
-            check_identity(cube, item["plateifu"], item["drp"], task["release"])
+            baxels.check_identity(cube, item["plateifu"], item["drp"], task["release"])
             sp_truth = None
             if truth_all is not None:
                 sp_truth = truth_all.filter(pl.col("plateifu") == cube.plateifu)
             outcome.update(ra=cube.objra, dec=cube.objdec, z=float(item["drp"]["z"]))
-            tables = process_cube(cube, item["drp"], cfg, sp_truth)
+            tables = baxels.process_cube(cube, item["drp"], cfg, sp_truth)
             unit = Path(task["staging"]) / f"{cube.plateifu}-{checksum[:12]}"
             unit.mkdir(parents=True, exist_ok=True)
             files = {}
@@ -296,57 +165,6 @@ def _cube_task(task: dict[str, Any]) -> list[dict[str, Any]]:
             outcome.update(status="failed", error=_readable(exc))
         out.append(outcome)
     return out
-
-
-def check_identity(cube: Cube, plateifu: str, drp: dict[str, Any] | None,
-                   release: str) -> None:
-    """Check that a cube's file name, header and drpall row name one cube of ``release``.
-
-    Parameters
-    ----------
-    cube : Cube
-    plateifu : str
-        The plateifu its file name gives (``manga-<plate>-<ifu>-LOGCUBE...``).
-    drp : dict or None
-        The drpall row found under that plateifu.
-    release : str
-        The release being ingested (``DR15``, ``DR17``).
-
-    Raises
-    ------
-    InputDataError
-        When the header's PLATEIFU or MANGAID disagrees with the file name or the drpall row,
-        when the drpall has no row, or when the file declares another release's DRP version or
-        layout.
-    """
-    path = cube.path
-    if cube.plateifu != plateifu:
-        raise InputDataError(
-            f"{path}: header PLATEIFU {cube.plateifu} differs from the file name's {plateifu}; "
-            "the file was renamed or is another cube — rename it to match its header or "
-            "re-download it")
-    if drp is None:
-        raise InputDataError(f"{path}: plateifu {plateifu} is not in the drpall table; pass "
-                             "the drpall of this release")
-    drp_mangaid = str(drp.get("mangaid", "")).strip()
-    if drp_mangaid and cube.mangaid and drp_mangaid != cube.mangaid:
-        raise InputDataError(
-            f"{path}: header MANGAID {cube.mangaid} differs from the drpall row's {drp_mangaid} "
-            f"for {plateifu}; use the drpall of the cube's release")
-    rel = manga.release(release)
-    declared = cube.drp_version.strip()
-    if declared and declared != rel.drp_version:
-        owner = next((r.name for r in manga.RELEASES.values() if r.drp_version == declared),
-                     None)
-        raise InputDataError(
-            f"{path}: the file declares DRP version {declared}"
-            + (f" ({owner})" if owner else "")
-            + f", not {rel.drp_version} ({rel.name}); ingest it with --release "
-            + (owner if owner else "matching its DRP version"))
-    if not declared and cube.lsf_hdu != rel.lsf_post:
-        raise InputDataError(
-            f"{path}: the file has the {cube.lsf_hdu} extension, not {rel.lsf_post} of the "
-            f"{rel.name} layout; ingest it with the release it belongs to")
 
 
 def _readable(exc: Exception) -> str:
@@ -387,7 +205,7 @@ def ingest(
 
     with arch.writer("desomdb ingest") as writer:
         existing = _existing_cubes(arch, rel)
-        carry = _carry_sources(arch, rel) if job.reuse else {}
+        sources = carry.carry_sources(arch, rel) if job.reuse else {}
         pending_refusals: list[dict[str, Any]] = []
         staging = writer.staging_dir("ingest")
         items: list[dict[str, Any]] = []
@@ -408,7 +226,7 @@ def ingest(
                 "plateifu": plateifu,
                 "drp": drpall.get(plateifu),
                 "existing_checksum": prev["checksum"] if prev and prev["status"] == "ok" else None,
-                "carry": carry.get(plateifu),
+                "carry": sources.get(plateifu),
             })
         size = max(1, job.cubes_per_task)
         batches = [items[i : i + size] for i in range(0, len(items), size)]
@@ -481,75 +299,6 @@ def _existing_cubes(arch: Archive, release: str) -> dict[str, dict[str, Any]]:
     return {r["plateifu"]: r for r in t.to_pylist()}
 
 
-DRP_KEYS_USED = ("z", "nsa_elpetro_phi", "nsa_elpetro_ba", "nsa_elpetro_th50_r")
-
-
-def _same_drp(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
-    """Whether two drpall rows agree on every column the ingest uses."""
-    if a is None or b is None:
-        return False
-    return all(np.isclose(float(a[k]), float(b[k]), rtol=1e-9, atol=0) for k in DRP_KEYS_USED)
-
-
-def _carry_sources(arch: Archive, release: str) -> dict[str, dict[str, Any]]:
-    """Per plateifu, its newest successfully ingested version in another release.
-
-    A cube of the new release with the same checksum and the same drpall inputs is carried
-    over from there (rows copied, files hard-linked) instead of being processed again.
-    """
-    out: dict[str, dict[str, Any]] = {}
-    for rel in versions.release_order(arch):
-        if rel == release or not arch.files("galaxies", release=rel):
-            continue
-        cubes = arch.read("cubes", columns=["plateifu", "checksum", "status"], release=rel)
-        gal = {r["plateifu"]: r for r in arch.read(
-            "galaxies", columns=["plateifu", *DRP_KEYS_USED], release=rel).to_pylist()}
-        for row in cubes.to_pylist():
-            if row["status"] == "ok" and row["plateifu"] in gal:
-                out[row["plateifu"]] = {"release": rel, "checksum": row["checksum"],
-                                        "drp": gal[row["plateifu"]]}
-    return out
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link an immutable committed file into staging (copy where links are refused)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.unlink(missing_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
-def _carry_files(writer: Writer, release: str, o: dict[str, Any]) -> tuple[list[StagedFile],
-                                                                            dict[str, Any]]:
-    """Stage an unchanged cube's rows of its source release under ``release``.
-
-    Returns the staged files and the source ``cubes`` row.
-    """
-    arch = writer.archive
-    src, plateifu = o["from_release"], o["plateifu"]
-    name = paths.cube_part_name(plateifu, o["checksum"])
-    unit = writer.staging_dir(f"carry/{plateifu}")
-    staged: list[StagedFile] = []
-    only = pc.field("plateifu") == plateifu
-    for table in ("spectra", "labels"):
-        for f in arch.files(table, release=src):
-            part = paths.parse_part_name(f.name)
-            if part is not None and part[0] == plateifu:
-                _link_or_copy(f, unit / f"{table}-{f.name}")
-                staged.append(StagedFile(table, paths.release_file(table, release, f.name),
-                                         unit / f"{table}-{f.name}"))
-    for table in ("baxels", "bin_map", "truth"):
-        if arch.files(table, release=src):
-            rows = arch.read(table, filter=only, release=src).drop_columns(["release"])
-            if rows.num_rows:
-                staged.append(writer.stage_table(
-                    table, rows, paths.release_file(table, release, name)))
-    source = arch.read("cubes", filter=only, release=src).drop_columns(["release"]).to_pylist()
-    return staged, source[0]
-
-
 def _cube_row(row: dict[str, Any]) -> pa.Table:
     """One ``cubes`` row as a table (``carried_from`` typed string even when null)."""
     t = pa.Table.from_pylist([row])
@@ -573,7 +322,7 @@ def _commit_outcomes(
         name = paths.cube_part_name(plateifu, checksum)
         replaced.add(plateifu)
         if o["status"] == "carried":
-            files, row = _carry_files(writer, release, o)
+            files, row = carry.carry_files(writer, release, o)
             adds.extend(files)
             row.update(source_path=o["path"], ingested_at=now, carried_from=o["from_release"],
                        release_ordinal=manga.release(release).ordinal)

@@ -70,36 +70,36 @@ class _Job(_Section):
 
 
 class _Binning(_Section):
-    target_snr: float = Field(20.0, gt=0)
-    min_spaxel_snr: float = Field(2.0, ge=0)
+    target_snr: float = Field(default=20.0, gt=0)
+    min_spaxel_snr: float = Field(default=2.0, ge=0)
 
 
 class _Quality(_Section):
-    min_good_bins: int = Field(3900, ge=0)
-    train_min_snr: float = Field(10.0, ge=0)
-    tail_fraction: float = Field(0.005, ge=0, lt=0.5)
+    min_good_bins: int = Field(default=3900, ge=0)
+    train_min_snr: float = Field(default=10.0, ge=0)
+    tail_fraction: float = Field(default=0.005, ge=0, lt=0.5)
 
 
 class _Run(_Section):
-    workers: int = Field(2, ge=1)
-    cubes_per_task: int = Field(2, ge=1)
+    workers: int = Field(default=2, ge=1)
+    cubes_per_task: int = Field(default=2, ge=1)
     scheduler: str | None = None
     reuse: bool = True
 
 
 class _Refresh(_Section):
     retrain: bool = False
-    label_max_per_cube: int | None = Field(None, ge=1)
+    label_max_per_cube: int | None = Field(default=None, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"
     fingerprints: bool = True
 
 
 class _JobFile(_Section):
     job: _Job
-    binning: _Binning = _Binning()
-    quality: _Quality = _Quality()
-    run: _Run = _Run()
-    refresh: _Refresh = _Refresh()
+    binning: _Binning = Field(default_factory=_Binning)
+    quality: _Quality = Field(default_factory=_Quality)
+    run: _Run = Field(default_factory=_Run)
+    refresh: _Refresh = Field(default_factory=_Refresh)
 
 
 def _validated(path: Path) -> _JobFile:
