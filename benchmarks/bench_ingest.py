@@ -19,7 +19,7 @@ from astropy.io import fits
 
 from desomdb import baxels, ingest, manga, mock
 from desomdb.cube import read_cube
-from desomdb.mock_galaxy import draw_galaxy
+from desomdb.mock.galaxy import draw_galaxy
 
 
 def read_only(path: Path) -> float:

@@ -16,8 +16,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from desomdb import binning, dust, geometry, manga, spectra
-from desomdb import truth as truth_mod
+from desomdb import binning, dust, geometry, manga, sidecar, spectra
 from desomdb.cube import Cube
 from desomdb.errors import InputDataError
 from desomdb.jobs import IngestConfig
@@ -43,6 +42,7 @@ def process_cube(
     drp: dict[str, Any],
     cfg: IngestConfig,
     spaxel_truth: pl.DataFrame | None = None,
+    truth_rules: dict[str, list[Any]] | None = None,
 ) -> CubeTables:
     """Bin, co-add and resample one cube.
 
@@ -54,7 +54,9 @@ def process_cube(
         ``nsa_elpetro_th50_r``).
     cfg : IngestConfig
     spaxel_truth : polars.DataFrame, optional
-        Mock-survey truth rows of this cube.
+        Per-spaxel truth rows of this cube (a mock survey's sidecar file).
+    truth_rules : dict, optional
+        How they aggregate per bin (:mod:`desomdb.sidecar`); required with ``spaxel_truth``.
 
     Returns
     -------
@@ -147,8 +149,9 @@ def process_cube(
         "bin_id": pa.array(bins.bin_id[yy, xx].astype(np.int32)),
     })
     truth_table = None
-    if spaxel_truth is not None and spaxel_truth.height:
-        agg = truth_mod.aggregate(spaxel_truth, pl.from_arrow(bin_map))  # type: ignore[arg-type]
+    if spaxel_truth is not None and spaxel_truth.height and truth_rules:
+        agg = sidecar.aggregate(spaxel_truth, pl.from_arrow(bin_map),  # type: ignore[arg-type]
+                                truth_rules)
         truth_table = agg.with_columns(pl.lit(cube.plateifu).alias("plateifu")).to_arrow()
     return CubeTables(int(covered.sum()), baxels, spec, bin_map, truth_table, bins.method)
 

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from astropy.table import Table
 
-from desomdb import baxels, carry, manga, paths, runner
+from desomdb import baxels, carry, manga, paths, runner, sidecar
 from desomdb._version import __version__
 from desomdb.archive import Archive, StagedFile, Writer
 from desomdb.cube import read_cube
@@ -123,7 +123,7 @@ class IngestReport:
 def _cube_task(task: dict[str, Any]) -> list[dict[str, Any]]:
     """Worker: ingest a batch of cubes into staged Parquet files; one outcome per cube."""
     cfg = IngestConfig(**task["config"])
-    truth_all = pl.read_parquet(task["truth"]) if task["truth"] else None
+    truth_all, truth_rules = sidecar.read(task["truth"]) if task["truth"] else (None, None)
     out = []
     for item in task["cubes"]:
         path = Path(item["path"])
@@ -147,7 +147,7 @@ def _cube_task(task: dict[str, Any]) -> list[dict[str, Any]]:
             if truth_all is not None:
                 sp_truth = truth_all.filter(pl.col("plateifu") == cube.plateifu)
             outcome.update(ra=cube.objra, dec=cube.objdec, z=float(item["drp"]["z"]))
-            tables = baxels.process_cube(cube, item["drp"], cfg, sp_truth)
+            tables = baxels.process_cube(cube, item["drp"], cfg, sp_truth, truth_rules)
             unit = Path(task["staging"]) / f"{cube.plateifu}-{checksum[:12]}"
             unit.mkdir(parents=True, exist_ok=True)
             files = {}

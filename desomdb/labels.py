@@ -53,13 +53,13 @@ import pyarrow.parquet as pq
 
 from desomdb import dust, emission, manga, paths, runner, spectra, templates
 from desomdb.archive import Archive, StagedFile
+from desomdb.constants import COSMOLOGY, FWHM_PER_SIGMA, L_SUN_ERG_S, MPC_CM
 from desomdb.errors import ArchiveError, ConfigError
 
 FITTER = "ppxf-miuscat-v1"
 SN_MIN = 2.0
 CHI2_MAX = 2.0
 MIN_GOOD_PIXELS = 1000
-L_SUN_ERG_S = 3.828e33
 LINE_KEYS = {"hb": "Hbeta", "oiii5007": "OIII5007", "ha": "Halpha", "nii6583": "NII6583"}
 _PPXF_NAMES = {"hb": "Hbeta", "oiii5007": "[OIII]5007_d", "ha": "Halpha",
                "nii6583": "[NII]6583_d"}
@@ -86,7 +86,7 @@ def _rest_fwhm(z: float) -> Any:
 
     def fwhm(lam_rest: np.ndarray) -> np.ndarray:
         lam_obs = np.asarray(lam_rest) * (1 + z)
-        return np.asarray(2.3548 * manga.lsf_sigma_aa(lam_obs) / (1 + z))
+        return np.asarray(FWHM_PER_SIGMA * manga.lsf_sigma_aa(lam_obs) / (1 + z))
 
     return fwhm
 
@@ -209,8 +209,6 @@ def fit_spectrum(
         row["mh_mw"] = float((current * sps.metal_grid).sum() / current.sum())
         row["log_ml_r"] = float(np.log10(sps.mass_to_light(weights, band="SDSS/r", quiet=True)))
     # Initial mass per unit weight: galaxy units × norm_flux × 1e-17 × 4π D_L² / L_sun.
-    from desomdb.mock import COSMOLOGY, MPC_CM
-
     d_l = COSMOLOGY.luminosity_distance(z).value * MPC_CM
     flux_to_lum = norm_flux * 1e-17 * 4 * np.pi * d_l**2  # erg/s per (galaxy unit × Å)
     mstar = current.sum() / setup.mass_scale * flux_to_lum / L_SUN_ERG_S

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from desomdb import constants
 from desomdb.errors import ConfigError
 
 #: LOGCUBE spectral grid: vacuum Å, log10-spaced.
 N_WAVE = 4563
 WAVE0_AA = 3621.59598486
 DLOG10 = 1e-4
-C_KMS = 299792.458
+C_KMS = constants.C_KMS
 SPAXEL_ARCSEC = 0.5
 FLUX_UNIT = "1E-17 erg/s/cm^2/Ang/spaxel"
 

@@ -140,7 +140,7 @@ def test_changed_cube_is_replaced_atomically(ingested, ingest_survey, tmp_path) 
     gz = sorted((survey / "DR15").glob("*/stack/*.fits.gz"))[0]
     plateifu = gz.name.split("-", 1)[1].removesuffix("-LOGCUBE.fits.gz")
     from desomdb import mock
-    from desomdb.mock_galaxy import draw_galaxy
+    from desomdb.mock.galaxy import draw_galaxy
     # Re-process: same galaxy, different noise realisation (new checksum).
     params = next(p for p in (draw_galaxy(i, 21, (19, 37)) for i in range(3))
                   if p.plateifu == plateifu)
@@ -353,7 +353,7 @@ def test_one_cube_in_two_folders(ingest_survey, tmp_path) -> None:
 
 def test_a_cube_of_another_release_is_refused(ingest_survey, tmp_path) -> None:
     from desomdb import mock
-    from desomdb.mock_galaxy import draw_galaxy
+    from desomdb.mock.galaxy import draw_galaxy
 
     survey, gzs = _survey_copy(ingest_survey, tmp_path)
     pifu = gzs[0].name.split("-", 1)[1].removesuffix("-LOGCUBE.fits.gz")

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from desomdb import dust, emission, geometry, manga, mock, templates
 from desomdb.cli import main
 from desomdb.errors import ConfigError
-from desomdb.mock_galaxy import draw_galaxy, population_truth, spaxel_model
+from desomdb.mock.galaxy import draw_galaxy, population_truth, spaxel_model
 
 HDUS = ["PRIMARY", "FLUX", "IVAR", "MASK", "DISP", "PREDISP", "WAVE", "SPECRES", "SPECRESD",
         "OBSINFO", "GIMG", "RIMG", "IIMG", "ZIMG"]
@@ -155,9 +155,9 @@ def test_emission_lines_conserve_flux() -> None:
     lib = templates.load()
     model = spaxel_model(p, lib, np.array([10, 12]), np.array([10, 11]), np.array([0.5, -1.0]),
                          np.array([0.3, 0.8]), np.random.default_rng(0))
-    flux = {k: v * mock._line_flux_scale(p.z) for k, v in model.lines_lum.items()}
+    flux = {k: v * mock.survey._line_flux_scale(p.z) for k, v in model.lines_lum.items()}
     wave = manga.wave_obs_aa()
-    spec = mock._line_spectra(p, model, flux, wave)
+    spec = mock.survey._line_spectra(p, model, flux, wave)
     for name in ("Hbeta", "OIII5007", "Halpha"):
         lam = emission.LINES_AA[name] * (1 + p.z) * (1 + model.velocity_kms / manga.C_KMS)
         trans = dust.nebular_transmission(emission.LINES_AA[name], model.ebv_gas)[:, 0]
@@ -169,7 +169,7 @@ def test_emission_lines_conserve_flux() -> None:
 
 def test_correlated_noise_needs_the_law_correction() -> None:
     rng = np.random.default_rng(0)
-    noise = mock._correlated_noise(rng, (400, 40, 40))
+    noise = mock.survey._correlated_noise(rng, (400, 40, 40))
     assert noise[:, 10:30, 10:30].std() == pytest.approx(1.0, rel=0.05)
     block = noise[:, 10:20, 10:20].sum(axis=(1, 2))  # n = 100 spaxels
     ratio = block.std() / np.sqrt(100)

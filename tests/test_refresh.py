@@ -325,7 +325,7 @@ def test_killed_refresh_reruns_to_the_same_archive(releases, refreshed, tmp_path
 
 def test_galaxy_fingerprint_view_agrees_with_the_fingerprints_table(refreshed) -> None:
     """Both mean: each plateifu in its newest release, summed over a galaxy's plateifus."""
-    target, report = refreshed
+    target, _ = refreshed
     con = views.connect(target)
     view = con.sql("select mangaid, node, n_baxels from galaxy_fingerprint").pl()
     table = con.sql("select mangaid, counts from fingerprints "

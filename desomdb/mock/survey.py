@@ -7,7 +7,7 @@ Layout written (as on the SDSS archive)::
     OUT/<release>/truth-<release>.parquet
 
 The cube format follows the DRP data model (see :mod:`desomdb.manga`); the physics is in
-:mod:`desomdb.mock_galaxy`. Noise: per-pixel variance = source/G + sky(λ)² (G = 20000 in flux
+:mod:`desomdb.mock.galaxy`. Noise: per-pixel variance = source/G + sky(λ)² (G = 20000 in flux
 units of 1e-17 erg/s/cm^2/Å), spatially correlated by a Gaussian kernel of 1.18 spaxels so
 that the noise of an n-spaxel sum is underestimated by ~4.2 at large n, as Law et al. (2016)
 found for MaNGA; IVAR is the per-spaxel variance the DRP would report (no covariance).
@@ -31,17 +31,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from astropy.cosmology import FlatLambdaCDM
 from astropy.io import fits
 from astropy.table import Table
 
-from desomdb import dust, emission, geometry, manga, runner, templates
+from desomdb import dust, emission, geometry, manga, runner, sidecar, templates
+from desomdb.constants import COSMOLOGY, FWHM_PER_SIGMA, L_SUN_ERG_S, MPC_CM
 from desomdb.errors import ConfigError
-from desomdb.mock_galaxy import GalaxyParams, SpaxelModel, draw_galaxy, spaxel_model
+from desomdb.mock.galaxy import GalaxyParams, SpaxelModel, draw_galaxy, spaxel_model
+from desomdb.mock.truth import RULES as TRUTH_RULES
 
-COSMOLOGY = FlatLambdaCDM(H0=70.0, Om0=0.3)
-L_SUN_ERG_S = 3.828e33
-MPC_CM = 3.0856775814913673e24
 NOISE_GAIN = 20000.0
 SKY_SIGMA = 0.005
 COVARIANCE_SIGMA_SPAXELS = 1.18
@@ -142,7 +140,7 @@ def generate_survey(
     report.raise_if_failed("mock survey generation")
     truth = pa.concat_tables([*copied, *report.results], promote_options="default")
     truth_path = release_dir / f"truth-{rel.name}.parquet"
-    _atomic_parquet(truth, truth_path)
+    _atomic_parquet(sidecar.with_rules(truth, TRUTH_RULES), truth_path)
     drpall_path = release_dir / rel.drpall_name
     _write_drpall(params, drpall_path)
     return SurveyResult(release_dir, drpall_path, truth_path, len(params))
@@ -213,7 +211,7 @@ def render_cube(p: GalaxyParams, rel: manga.Release,
         PRIMARY, FLUX, IVAR, MASK, LSF post/pre, WAVE, SPECRES, SPECRESD, PRESPECRES,
         PRESPECRESD, OBSINFO, GIMG, RIMG, IIMG, ZIMG.
     truth : pyarrow.Table
-        One row per covered spaxel (see :mod:`desomdb.mock_galaxy` for units).
+        One row per covered spaxel (see :mod:`desomdb.mock.galaxy` for units).
     """
     lib = templates.load()
     rng = np.random.default_rng([p.seed, p.index, 2] + ([variant] if variant else []))
@@ -297,7 +295,7 @@ def _stellar_spectra(
     k = np.arange(-pad, manga.N_WAVE + pad)
     lam_rest = manga.WAVE0_AA * 10.0 ** (manga.DLOG10 * k) / (1 + p.z)
     lsf_rest = manga.lsf_sigma_aa(lam_rest * (1 + p.z)) / (1 + p.z)
-    lsf_tpl = np.interp(lam_rest, lib.lam_vac_aa, lib.fwhm_aa) / 2.3548
+    lsf_tpl = np.interp(lam_rest, lib.lam_vac_aa, lib.fwhm_aa) / FWHM_PER_SIGMA
     n_tpl = lib.templates.shape[1] * lib.templates.shape[2]
     flat_w = model.weights.reshape(model.weights.shape[0], n_tpl)
     out = np.empty((flat_w.shape[0], manga.N_WAVE))
@@ -387,7 +385,7 @@ def _add_foreground_star(
     star_obs *= rng.uniform(0.5, 3.0) * np.median(galaxy_spectra.max(axis=0)) / np.median(star_obs)
     yy, xx = np.mgrid[0:n, 0:n]
     r = np.hypot(xx - cx, yy - cy) * manga.SPAXEL_ARCSEC
-    psf = np.exp(-0.5 * (r / (2.5 / 2.3548)) ** 2)
+    psf = np.exp(-0.5 * (r / (2.5 / FWHM_PER_SIGMA)) ** 2)
     cube += star_obs[:, None, None] * (psf * covered)[None]
     return np.asarray((r < 3.0) & covered)
 

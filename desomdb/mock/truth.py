@@ -1,0 +1,34 @@
+"""How a mock survey's per-spaxel truth becomes per-baxel truth (the ``truth`` table).
+
+Conventions (DESIGN.md): age and [M/H] weighted by stellar mass; M*/L_r = ΣM / ΣL_r;
+E(B-V) and kinematics weighted by r-band light; SFR and line fluxes summed; log sSFR =
+log10(ΣSFR / ΣM) with the floor -14; d_BPT from the summed line fluxes. The mock stores these
+rules in its truth file (:mod:`desomdb.sidecar`), and ingest applies them without knowing
+about mocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from desomdb.mock.galaxy import LOG_SSFR_FLOOR
+
+LINE_COLUMNS = ("flux_hbeta", "flux_oiii5007", "flux_halpha", "flux_nii6583")
+
+#: Output column -> sidecar aggregation rule, in the truth table's column order.
+RULES: dict[str, list[Any]] = {
+    "galaxy_type": ["first", "galaxy_type"],
+    "n_spaxels": ["count"],
+    "age_mw_gyr": ["wmean", "age_mw_gyr", "mstar_msun"],
+    "mh_mw": ["wmean", "mh_mw", "mstar_msun"],
+    "log_ml_r": ["log10_ratio", "mstar_msun", "l_r_lsun"],
+    "ebv_star": ["wmean", "ebv_star", "l_r_lsun"],
+    "ebv_gas": ["wmean", "ebv_gas", "l_r_lsun"],
+    "vel_kms": ["wmean", "vel_kms", "l_r_lsun"],
+    "sigma_kms": ["wmean", "sigma_kms", "l_r_lsun"],
+    "mstar_msun": ["sum", "mstar_msun"],
+    "radius_re": ["mean", "radius_re"],
+    **{c: ["sum", c] for c in LINE_COLUMNS},
+    "log_ssfr": ["log10_ratio", "sfr_msun_yr", "mstar_msun", LOG_SSFR_FLOOR],
+    "d_bpt": ["d_bpt", "flux_nii6583", "flux_halpha", "flux_oiii5007", "flux_hbeta"],
+}
