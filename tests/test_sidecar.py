@@ -19,9 +19,10 @@ def test_rules_travel_with_the_file_and_aggregate_per_bin(tmp_path) -> None:
         "nii": [1.0, 1.0, 1.0, 1.0], "ha": [3.0, 3.0, 3.0, 3.0],
         "oiii": [1.0, 1.0, 1.0, 1.0], "hb": [1.0, 1.0, 1.0, 1.0],
     })
-    rules: dict[str, list] = {"kind": ["first", "kind"], "n": ["count"], "age": ["wmean", "age", "m"],
-             "ml": ["log10_ratio", "m", "lum"], "ssfr": ["log10_ratio", "sfr", "m", -14.0],
-             "m": ["sum", "m"], "d": ["d_bpt", "nii", "ha", "oiii", "hb"]}
+    rules: dict[str, list] = {
+        "kind": ["first", "kind"], "n": ["count"], "age": ["wmean", "age", "m"],
+        "ml": ["log10_ratio", "m", "lum"], "ssfr": ["log10_ratio", "sfr", "m", -14.0],
+        "m": ["sum", "m"], "d": ["d_bpt", "nii", "ha", "oiii", "hb"]}
     pq.write_table(sidecar.with_rules(spaxels, rules), tmp_path / "s.parquet")
     frame, read_rules = sidecar.read(tmp_path / "s.parquet")
     assert read_rules == rules
