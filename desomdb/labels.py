@@ -102,24 +102,18 @@ def fit_setup(z_bucket: float) -> FitSetup:
     """
     from ppxf import ppxf_util
 
-    lib = templates.load()
+    full = templates.load()
     wave = spectra.rest_wave_aa()
     velscale = manga.C_KMS * np.log(wave[1] / wave[0])
+    # Every second age up to 14.2 Gyr (96 templates): pPXF cost grows with the template count.
+    young_enough = np.flatnonzero(full.ages_gyr <= 14.2)
+    keep = np.zeros(full.ages_gyr.size, dtype=bool)
+    keep[young_enough[::2]] = True
+    lib = full.with_ages(keep)
     lam_fwhm = lib.lam_vac_aa
     fwhm_gal = {"lam": lam_fwhm, "fwhm": _rest_fwhm(z_bucket)(lam_fwhm)}
-    keep_ages = lib.ages_gyr[(lib.ages_gyr <= 14.2)][::2]
     sps = lib.sps_lib(velscale, fwhm_gal=fwhm_gal,
-                      age_range=[keep_ages[0], keep_ages[-1]],
                       lam_range=[wave[0] / 1.02, wave[-1] * 1.02])
-    # Keep every second age (96 templates): pPXF cost grows with the template count.
-    age_sel = np.isin(np.round(sps.age_grid[:, 0], 4), np.round(keep_ages, 4))
-    sps.templates = sps.templates[:, age_sel, :]
-    sps.templates_full = sps.templates_full[:, age_sel, :]
-    sps.age_grid = sps.age_grid[age_sel]
-    sps.metal_grid = sps.metal_grid[age_sel]
-    sps.flux = sps.flux[age_sel]
-    sps.mass_no_gas_grid = sps.mass_no_gas_grid[age_sel]
-    sps.n_ages = int(age_sel.sum())
     reg_dim = sps.templates.shape[1:]
     stars = sps.templates.reshape(sps.templates.shape[0], -1)
     with contextlib.redirect_stdout(io.StringIO()):  # it prints the line list
@@ -318,7 +312,7 @@ def label(
     """
     arch = Archive(archive)
     manifest_tables = arch.manifest()["tables"]
-    releases = sorted({f.split("/")[1].split("=", 1)[1] for f in manifest_tables.get("baxels", [])})
+    releases = sorted({paths.parse_partition(f)[2] for f in manifest_tables.get("baxels", [])})
     if release is not None:
         release = manga.release(release).name
         if release not in releases:
@@ -353,7 +347,7 @@ def label(
                 if max_per_cube is not None and group.height > max_per_cube:
                     keep = np.linspace(0, group.height - 1, max_per_cube).round().astype(int)
                     group = group[np.unique(keep)]
-                name = f"part-{pifu}-{FITTER}.parquet"
+                name = paths.label_part_name(pifu, FITTER)
                 tasks.append({
                     "plateifu": pifu, "z": float(z_of[pifu]),
                     "spectra_file": str(spec_files[pifu]),

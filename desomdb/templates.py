@@ -25,6 +25,9 @@ with permission in the ``ppxf`` 8.2.6 source package. Rebuild with
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -32,7 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from astropy import units as u
 
+from desomdb.constants import L_SUN_ERG_S
 from desomdb.errors import TemplateLibraryError
 
 LIBRARY_FILE = "miuscat_ssp_vacuum.npz"
@@ -71,6 +76,35 @@ class TemplateLibrary:
     metals_mh: np.ndarray
     masses: np.ndarray
     ml_r_table: np.ndarray
+
+    def with_ages(self, keep: np.ndarray) -> TemplateLibrary:
+        """Return the library restricted to the ages where ``keep`` is True.
+
+        pPXF builds its template grid from a file, so the subset is written once (content
+        addressed, atomically) to the temporary folder and loaded from there; pPXF's objects
+        are never edited after they are built.
+
+        Parameters
+        ----------
+        keep : ndarray of bool, shape (n_age,)
+        """
+        keep = np.asarray(keep, dtype=bool)
+        if keep.all():
+            return self
+        with np.load(self.path) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        for key in ("templates",):
+            arrays[key] = arrays[key][:, keep]
+        for key in ("ages", "masses", "ml_r_table"):
+            if key in arrays:
+                arrays[key] = arrays[key][keep]
+        digest = hashlib.sha256(self.path.read_bytes() + keep.tobytes()).hexdigest()[:16]
+        out = Path(tempfile.gettempdir()) / f"desomdb-templates-{digest}.npz"
+        if not out.is_file():
+            tmp = out.with_name(f"{out.stem}.tmp{os.getpid()}.npz")
+            np.savez(tmp, **arrays)
+            tmp.replace(out)
+        return load(out)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -172,7 +206,6 @@ def _r_band_luminosity(path: Path) -> np.ndarray:
     )
     solar = ppxf_util.synthetic_photometry(sun_lam, sun_flux, "SDSS/r", quiet=True)
     # Templates are L_sun/Å at the source; the solar spectrum is erg/s/cm^2/Å at 10 pc.
-    ten_pc_cm = 3.085677581491367e19
-    l_sun_erg_s = 3.828e33
-    flux_at_10pc = spec.flux * l_sun_erg_s / (4 * np.pi * ten_pc_cm**2)
+    ten_pc_cm = float((10 * u.pc).to(u.cm).value)
+    flux_at_10pc = spec.flux * L_SUN_ERG_S / (4 * np.pi * ten_pc_cm**2)
     return np.asarray(flux_at_10pc / solar.flux).reshape(lib.shape)
