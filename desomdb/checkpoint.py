@@ -3,6 +3,14 @@
 A checkpoint is a ``torch.save`` of ``{"format_version", "config", "state", "metrics",
 "extra"}``. The final artefact of a model is named ``<model_id>-<sha256[:16]>.pt``; loading
 recomputes the hash and refuses a file that does not match its name.
+
+A training (resume) checkpoint holds what a killed run needs to continue *bit-identically*:
+model, optimiser, loop state (with the number of batches drawn, so the data stream can be
+replayed to the same position) and every random-number state (torch CPU/CUDA, numpy global
+and the data stream's generator, python). Its format is versioned apart from the artefact's.
+
+Both load with ``torch.load(weights_only=True)``: tensors and plain containers only, so a
+tampered file cannot run code.
 """
 
 from __future__ import annotations
@@ -10,15 +18,20 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from desomdb.errors import ModelError
 from desomdb.model import Desom, DesomConfig
 
+#: Format of final model artefacts.
 FORMAT_VERSION = 1
+#: Format of training checkpoints; 2 added the random-number states and the batch count.
+RESUME_FORMAT_VERSION = 2
 
 
 def _serialise(model: Desom, metrics: dict[str, Any], extra: dict[str, Any]) -> bytes:
@@ -49,26 +62,84 @@ def save(model: Desom, folder: Path, model_id: str, metrics: dict[str, Any],
     return path, digest
 
 
+def rng_states(data_rng: np.random.Generator) -> dict[str, Any]:
+    """Every random-number state a training run draws from, as plain types and tensors.
+
+    Parameters
+    ----------
+    data_rng : numpy.random.Generator
+        The generator that shuffles the training data.
+    """
+    # The legacy global generator too: a dependency may draw from it during training.
+    name, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)  # noqa: NPY002
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy_global": [str(name), np.asarray(keys).tolist(), int(pos), int(has_gauss),
+                         float(gauss)],
+        "numpy_data": data_rng.bit_generator.state,
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_states(states: dict[str, Any], data_rng: np.random.Generator) -> None:
+    """Set the random-number states saved by :func:`rng_states`."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available() \
+            and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    name, keys, pos, has_gauss, gauss = states["numpy_global"]
+    np.random.set_state(  # noqa: NPY002 - restoring the legacy global state is the point
+        (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    data_rng.bit_generator.state = states["numpy_data"]
+    random.setstate(states["python"])
+
+
 def save_resume_state(path: Path, model: Desom, optimiser: torch.optim.Optimizer,
-                      state: dict[str, Any]) -> None:
-    """Write a training checkpoint (model + optimiser + loop state) atomically."""
+                      loop: dict[str, Any], rng: dict[str, Any]) -> None:
+    """Write a training checkpoint atomically.
+
+    Parameters
+    ----------
+    path : Path
+    model : Desom
+    optimiser : torch.optim.Optimizer
+    loop : dict
+        The training loop's state (plain types), including ``batches`` drawn so far.
+    rng : dict
+        :func:`rng_states` at the same moment.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save({"format_version": FORMAT_VERSION, "config": model.cfg.to_dict(),
+    torch.save({"format_version": RESUME_FORMAT_VERSION, "config": model.cfg.to_dict(),
                 "state": model.state_dict(), "optimiser": optimiser.state_dict(),
-                "loop": state}, tmp)
+                "loop": loop, "rng": rng}, tmp)
     tmp.replace(path)
 
 
 def load_resume_state(path: Path) -> dict[str, Any] | None:
-    """Read a training checkpoint, or None if there is none."""
+    """Read a training checkpoint, or None if there is none.
+
+    Raises
+    ------
+    ModelError
+        If the file is unreadable or was written in another format (e.g. by an older
+        desomdb, without the random-number states an exact resume needs).
+    """
     if not path.exists():
         return None
     try:
-        data: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a checkpoint cut short by a crash is not fatal: start over
+        data: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types; all mean the same to the user
+        # Checkpoints are written to a temporary name and renamed, so a kill never leaves a
+        # half-written one: an unreadable file is damaged or not a checkpoint at all.
         raise ModelError(f"{path}: unreadable training checkpoint ({exc}); delete it to restart "
                          "training from scratch") from exc
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if version != RESUME_FORMAT_VERSION:
+        raise ModelError(f"{path}: training checkpoint format {version} is not "
+                         f"{RESUME_FORMAT_VERSION} (an older desomdb wrote it, so it cannot be "
+                         "resumed exactly); delete it to restart training from scratch")
     return data
 
 
@@ -96,9 +167,15 @@ def load(path: str | Path, device: str = "cpu") -> tuple[Desom, dict[str, Any]]:
     if not path.stem.endswith(digest[:16]):
         raise ModelError(f"{path}: content hash {digest[:16]} does not match the file name; "
                          "the artefact is corrupt — retrain or restore it")
-    payload = torch.load(io.BytesIO(data), map_location=device, weights_only=False)
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise ModelError(f"{path}: checkpoint format {payload.get('format_version')} is not "
+    try:
+        payload = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    except Exception as exc:  # torch.load raises many types; all mean the same to the user
+        raise ModelError(f"{path}: cannot read the model artefact as tensors and plain values "
+                         f"({exc}); it is damaged or not a desomdb artefact — retrain or restore "
+                         "it") from exc
+    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        version = payload.get("format_version") if isinstance(payload, dict) else None
+        raise ModelError(f"{path}: checkpoint format {version} is not "
                          f"{FORMAT_VERSION}; upgrade desomdb")
     model = Desom(DesomConfig.from_dict(payload["config"]))
     model.load_state_dict(payload["state"])

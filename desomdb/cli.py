@@ -8,6 +8,7 @@ the process with a non-zero exit code.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _friendly_errors(func: F) -> F:
+    """Print errors as one ``desomdb: error:`` line and exit non-zero (no traceback).
+
+    Errors desomdb raises on purpose carry their own message. Anything else (a file that
+    vanished, a damaged Parquet file, a bug) still gets one line naming what failed; set
+    ``DESOMDB_DEBUG=1`` to see the traceback.
+    """
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -29,8 +36,24 @@ def _friendly_errors(func: F) -> F:
         except DesomdbError as exc:
             click.echo(f"desomdb: error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if os.environ.get("DESOMDB_DEBUG"):
+                raise
+            click.echo(f"desomdb: error: {_unexpected(exc)}", err=True)
+            sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _unexpected(exc: Exception) -> str:
+    """One line for an error desomdb did not raise itself."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename:
+        text = f"{exc.filename}: {exc.strerror or text}"
+    return (f"{text[:400]} ({type(exc).__name__}); if an archive is involved, run "
+            "'desomdb check ARCHIVE'; rerun with DESOMDB_DEBUG=1 to see the traceback")
 
 
 def pl_config() -> Any:
@@ -79,14 +102,32 @@ def mock(out: Path, n_galaxies: int, release: str, seed: int, workers: int,
     """
     import desomdb.mock as mock_mod
 
-    sizes = tuple(int(s) for s in ifu_sizes.split(",") if s.strip())
     result = mock_mod.generate_survey(
         out, n_galaxies=n_galaxies, release=release, seed=seed, workers=workers,
-        ifu_sizes=sizes, scheduler=scheduler, previous=previous, reprocess=reprocess,
+        ifu_sizes=_ifu_sizes(ifu_sizes), scheduler=scheduler, previous=previous,
+        reprocess=reprocess,
     )
     click.echo(f"wrote {result.n_cubes} cubes to {result.release_dir}")
     click.echo(f"drpall: {result.drpall_path}")
     click.echo(f"truth:  {result.truth_path}")
+
+
+def _ifu_sizes(text: str) -> tuple[int, ...]:
+    """Parse --ifu-sizes ("19,37") into fibre counts."""
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes:
+        raise ConfigError(f"--ifu-sizes takes comma-separated fibre counts, e.g. 19,37; "
+                          f"got {text!r}")
+    return sizes
+
+
+#: The per-cube pPXF limit, one option for label, refresh and demo.
+_label_max_per_cube = click.option(
+    "--label-max-per-cube", type=int,
+    help="fit at most this many baxels per cube, evenly spaced (quick looks; default: all)")
 
 
 @main.command()
@@ -114,7 +155,7 @@ def ingest(archive: Path, jobfile: Path | None, cubes: str | None, drpall: Path 
 
     \b
     Example:
-      desomdb ingest /tmp/archive --cubes /tmp/survey/DR15 \
+      desomdb ingest /tmp/archive --cubes /tmp/survey/DR15 \\
         --drpall /tmp/survey/DR15/drpall-v2_4_3.fits --release DR15
     """
     from desomdb import ingest as ingest_mod
@@ -150,6 +191,9 @@ def _echo_ingest(report: Any) -> None:
                f"{report.n_carried} carried over unchanged from an earlier release, "
                f"{report.n_skipped} already present, {len(report.failed)} failed; "
                f"{report.n_baxels} baxels in the release")
+    if report.n_duplicates:
+        click.echo(f"  {report.n_duplicates} identical copies of cubes found under other paths "
+                   "were ingested once")
     for plateifu, error in report.failed:
         click.echo(f"  failed {plateifu}: {error}", err=True)
 
@@ -159,8 +203,10 @@ def _echo_ingest(report: Any) -> None:
 @click.option("--release", help="only this release")
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--scheduler", help="Dask scheduler address tcp://HOST:PORT")
+@_label_max_per_cube
 @_friendly_errors
-def label(archive: Path, release: str | None, workers: int, scheduler: str | None) -> None:
+def label(archive: Path, release: str | None, workers: int, scheduler: str | None,
+          label_max_per_cube: int | None) -> None:
     """Fit every baxel with pPXF and write the labels table.
 
     Cubes already labelled are skipped; a failed fit is recorded per baxel
@@ -168,11 +214,12 @@ def label(archive: Path, release: str | None, workers: int, scheduler: str | Non
 
     \b
     Example:
-      desomdb label /tmp/archive --release DR15 --workers 2
+      desomdb label /tmp/archive --release DR15 --workers 2 --label-max-per-cube 20
     """
     from desomdb import labels as labels_mod
 
-    report = labels_mod.label(archive, release=release, workers=workers, scheduler=scheduler)
+    report = labels_mod.label(archive, release=release, workers=workers, scheduler=scheduler,
+                              max_per_cube=label_max_per_cube)
     rate = report.n_fits / report.fit_seconds if report.fit_seconds else 0.0
     click.echo(f"{report.n_cubes} cubes labelled, {report.n_skipped_cubes} already done; "
                f"{report.n_fits} baxels in labels ({report.n_failed_fits} failed fits; "
@@ -251,22 +298,32 @@ def assign(archive: Path, model_id: str | None, device: str, precision: str) -> 
 @click.option("--model", "model_id", help="model id (default: the current model)")
 @click.option("--output", type=click.Path(path_type=Path),
               help="write all columns to this .parquet or .csv file")
+@click.option("--min-good-bins", type=int,
+              help="spectra with fewer good rest-frame bins (of 4544) get no node; the "
+                   "reason column says why  [default: 1000]")
 @_friendly_errors
 def predict(archive: Path, spectra_file: Path, model_id: str | None,
-            output: Path | None) -> None:
+            output: Path | None, min_good_bins: int | None) -> None:
     """Predict node and label distributions for new spectra.
 
     SPECTRA_FILE is a FITS file in the MaNGA DAP test-spectra layout (WAVE,
-    FLUX, IVAR, MASK, Z; observed frame) or a Parquet file with the archive's
-    spectra columns (flux, mask[, norm_flux]; rest frame).
+    FLUX, IVAR, MASK, Z; observed frame, log-spaced vacuum grid) or a Parquet
+    file with the archive's spectra columns (flux, mask[, ivar, norm_flux,
+    wave_rest_aa]; rest frame, 4544 log-spaced bins 3650-8950 Å, vacuum).
+    Spectra with too few good bins, or none in the 4050-4150 Å normalisation
+    window, get no node and a reason.
 
     \b
     Example:
       desomdb predict /tmp/archive tests/data/MaNGA_test_spectra.fits.gz
     """
+    import polars as pl
+
     from desomdb import predict as predict_mod
 
-    df = predict_mod.predict(archive, spectra_file, model_id)
+    df = predict_mod.predict(archive, spectra_file, model_id,
+                             min_good_bins=predict_mod.MIN_GOOD_BINS if min_good_bins is None
+                             else min_good_bins)
     if output is not None:
         if output.suffix == ".csv":
             df.drop([c for c, t in df.schema.items() if t.is_nested()]).write_csv(output)
@@ -275,9 +332,12 @@ def predict(archive: Path, spectra_file: Path, model_id: str | None,
         click.echo(f"wrote {df.height} predictions to {output}")
     show = [c for c in ("index", "node", "row", "col", "distance", "out_of_distribution",
                         "age_mw_gyr_median", "log_ml_r_median", "log_ssfr_median",
-                        "d_bpt_median") if c in df.columns]
+                        "d_bpt_median", "reason") if c in df.columns]
     with pl_config():
         click.echo(df.select(show))
+    for index, reason in df.filter(pl.col("reason").is_not_null()).select(
+            "index", "reason").iter_rows():
+        click.echo(f"spectrum {index}: no node ({reason})", err=True)
     click.echo(f"{df['seconds_per_spectrum'][0] * 1e3:.2f} ms per spectrum (encode + assign)")
 
 
@@ -317,8 +377,7 @@ def fingerprints(archive: Path, model_id: str | None, device: str) -> None:
 @click.option("--truth", type=click.Path(path_type=Path),
               help="mock truth Parquet (default: truth-<release>.parquet beside drpall, if any)")
 @click.option("--cubes-per-task", type=int, default=2, show_default=True)
-@click.option("--label-max-per-cube", type=int,
-              help="fit at most this many baxels per new cube (quick looks; default: all)")
+@_label_max_per_cube
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="device for assignment/training (default: cpu or the job file's)")
 @click.option("--no-fingerprints", is_flag=True, help="leave fingerprints and DESOM-2 alone")
@@ -339,7 +398,7 @@ def refresh(archive: Path, jobfile: Path | None, cubes: str | None, drpall: Path
 
     \b
     Example:
-      desomdb refresh /tmp/archive --cubes /tmp/survey/DR17 \
+      desomdb refresh /tmp/archive --cubes /tmp/survey/DR17 \\
         --drpall /tmp/survey/DR17/drpall-v3_1_1.fits --release DR17
     """
     from desomdb import refresh as refresh_mod
@@ -380,8 +439,20 @@ def refresh(archive: Path, jobfile: Path | None, cubes: str | None, drpall: Path
             click.echo(f"  node-median drift of {label}: {shift:.2f} x the node's 1-sigma width")
     for note in report.notes:
         click.echo(note)
+    _echo_stale_report(archive)
     if not report.ok:
         sys.exit(1)
+
+
+def _echo_stale_report(archive: Path) -> None:
+    """After a write: say if the archive's last report no longer shows it."""
+    from desomdb.archive import Archive
+    from desomdb.report import report_state
+
+    rep = report_state(Archive(archive))
+    if rep is not None and rep["stale"]:
+        click.echo(f"the report {rep['index']} is out of date; redraw it with 'desomdb report "
+                   f"{archive} --out {Path(rep['index']).parent}'")
 
 
 @main.command()
@@ -400,8 +471,10 @@ def sql(archive: Path, query: str | None, fmt: str, output: Path | None, model_i
     Views: cubes, galaxies, baxels, spectra, bin_map, labels, truth, models,
     nodes, assignments, node_labels, fingerprints, splits, and baxel_labels,
     node_summary, galaxy_fingerprint, latest_cubes, drift, poorly_represented
-    (columns in sql/schema.yml). DDL/DML is
-    refused. For the plain DuckDB CLI: cd ARCHIVE && duckdb -cmd ".read setup.sql".
+    (columns in sql/schema.yml). QUERY must be one SELECT (or EXPLAIN of one);
+    anything else, and reading files outside the archive, is refused. --model
+    must be a registered model. For the plain DuckDB CLI:
+    cd ARCHIVE && duckdb -cmd ".read setup.sql".
 
     \b
     Example:
@@ -506,9 +579,45 @@ def plot(archive: Path, figure: str, out: Path, model_id: str | None, nodes: str
 
 @main.command()
 @click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--repair", is_flag=True,
+              help="delete what a killed writer left (uncommitted and staged files); committed "
+                   "files and rows are never touched")
+@click.option("--no-checksums", is_flag=True,
+              help="compare file sizes only (skip reading every byte for sha256)")
+@_friendly_errors
+def check(archive: Path, repair: bool, no_checksums: bool) -> None:
+    """Verify an archive: committed files, checksums, keys, assignments and views.
+
+    Exits 1 and lists the problems when anything is wrong.
+
+    \b
+    Example:
+      desomdb check /data/manga-desom
+      desomdb check /data/manga-desom --repair
+    """
+    from desomdb.check import check as run_check
+
+    report = run_check(archive, repair=repair, checksums=not no_checksums)
+    for rel in report.repaired:
+        click.echo(f"repaired: deleted {rel}")
+    for problem in report.problems:
+        click.echo(f"{problem.kind}: {problem.message}")
+    if not report.ok:
+        click.echo(f"desomdb: error: {report.root}: {len(report.problems)} problem(s) found",
+                   err=True)
+        sys.exit(1)
+    click.echo(f"{report.root}: ok ({report.n_files} committed files verified"
+               + (", sha256 compared" if not no_checksums else ", sizes only") + ")")
+
+
+@main.command()
+@click.argument("archive", type=click.Path(path_type=Path))
 @_friendly_errors
 def status(archive: Path) -> None:
-    """Show releases, cube counts by status, pending work and models.
+    """Show releases, cube counts by status, pending work, models, and the last report.
+
+    Says when the last 'desomdb report' no longer shows the archive (a
+    refresh, label or model switch since) and how to redraw it.
 
     \b
     Example:
@@ -538,6 +647,13 @@ def status(archive: Path) -> None:
         click.echo(f"drift {d['release']}: {d['n_beyond_p99']} of {d['n_baxels']} baxels "
                    f"({100 * d['frac_beyond_p99']:.1f} %, ~1 % expected) beyond the current "
                    "model's training p99 distance")
+    rep = info["report"]
+    if rep is None and info["current"]:
+        click.echo("no report yet: 'desomdb report ARCHIVE --out DIR'")
+    elif rep is not None:
+        rerun = f"desomdb report {info['archive']} --out {Path(rep['index']).parent}"
+        click.echo(f"report: {rep['index']} ({rep['drawn_at']}): "
+                   + (f"STALE, {rep['stale']}; rerun '{rerun}'" if rep["stale"] else "current"))
 
 
 @main.group()
@@ -610,21 +726,31 @@ def model_list(archive: Path) -> None:
 @click.option("--galaxies", "n_galaxies", type=int, default=12, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--ifu-sizes", default="19,37", show_default=True,
+              help="comma-separated IFU fibre counts to draw from (as 'desomdb mock')")
+@click.option("--map-size", type=int, default=6, show_default=True,
+              help="DESOM-1 map is N x N nodes (train's map_rows = map_cols; the paper: 15)")
+@click.option("--label-max-per-cube", type=int, default=20, show_default=True,
+              help="fit at most this many baxels per cube, evenly spaced (as label/refresh)")
 @_friendly_errors
-def demo(out: Path, n_galaxies: int, workers: int, seed: int) -> None:
+def demo(out: Path, n_galaxies: int, workers: int, seed: int, ifu_sizes: str, map_size: int,
+         label_max_per_cube: int) -> None:
     """Run the whole pipeline on a generated mock survey.
 
     mock -> ingest -> pPXF labels -> DESOM-1 -> assign -> fingerprints/DESOM-2,
-    then a few SQL queries. Scaled to minutes on 2 cores: 19/37-fibre IFUs, a
-    6x6 map, a short schedule, 20 pPXF fits per cube.
+    then a few SQL queries. Scaled to minutes on 2 cores by default: 19/37-fibre
+    IFUs, a 6x6 map, a short schedule, 20 pPXF fits per cube.
 
     \b
     Example:
       desomdb demo --out /tmp/desomdb-demo --galaxies 12
+      desomdb demo --out /tmp/demo-big --ifu-sizes 19,37,61 --map-size 8
     """
     from desomdb import demo as demo_mod
 
-    result = demo_mod.run_demo(out, n_galaxies=n_galaxies, seed=seed, workers=workers)
+    result = demo_mod.run_demo(out, n_galaxies=n_galaxies, seed=seed, workers=workers,
+                               ifu_sizes=_ifu_sizes(ifu_sizes), map_size=map_size,
+                               labels_per_cube=label_max_per_cube)
     with pl_config():
         for title, df in result.queries.items():
             click.echo(f"\n-- {title}\n{df}")

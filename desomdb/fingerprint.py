@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,15 @@ from desomdb import paths, versions, views
 from desomdb.archive import Archive, StagedFile, Writer
 from desomdb.errors import ModelError
 from desomdb.model import Desom, DesomConfig, bmu_and_runner_up, desom2_config
-from desomdb.train import encode_all, evaluate, fit, galaxy_test_split, load_model, models_row
+from desomdb.train import (
+    BatchStream,
+    encode_all,
+    evaluate,
+    fit,
+    galaxy_test_split,
+    load_model,
+    models_row,
+)
 
 TEST_FRACTION = 0.2
 
@@ -129,14 +136,10 @@ def galaxy_counts(arch: Archive, model_id: str, n_nodes: int
     return fingerprint_matrix(a, b, n_nodes)
 
 
-def _batches(x: np.ndarray, batch: int, rng: np.random.Generator
-             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _batches(x: np.ndarray, batch: int, rng: np.random.Generator) -> BatchStream:
+    """Endless shuffled batches of in-memory fingerprints (weights 1), resumable."""
     w = np.ones_like(x)
-    while True:
-        perm = rng.permutation(len(x))
-        for s in range(0, max(len(x) - batch, 0) + 1, batch):
-            sel = perm[s : s + batch]
-            yield x[sel], w[sel]
+    return BatchStream([len(x)], lambda _groups: (x, w), batch, rng, buffer_rows=len(x))
 
 
 def build(archive: str | Path, model_id: str | None = None, cfg: DesomConfig | None = None,

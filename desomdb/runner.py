@@ -1,25 +1,41 @@
 """Run independent tasks serially, on a local process pool, or on a Dask cluster.
 
 One task failing never stops the others: its error is recorded (with the task's label) and
-the rest of the batch still lands. Workers run single-threaded BLAS, since the parallelism is
-across tasks.
+the rest of the batch still lands. Tasks run with one BLAS/torch thread on every path (serial
+included), since the parallelism is across tasks and one pPXF fit is fastest on one thread.
+
+Local pool workers die with the process that started them: a ``kill -9`` of ``desomdb label``
+must not leave workers of ~0.5 GB each running for hours. On Linux each worker asks the
+kernel for SIGKILL when its parent dies (``prctl(PR_SET_PDEATHSIG)``); checking the parent
+pid right after that call catches a parent that died first, and a thread polling it covers
+other systems. Dask workers belong to the user's cluster, not to this process, and are left
+alone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
+import sys
+import threading
+import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from desomdb.errors import DesomdbError
+from desomdb.progress import progress_bar
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+#: ``prctl`` option number from <linux/prctl.h>.
+_PR_SET_PDEATHSIG = 1
+#: How often a worker's watchdog thread checks that its parent is alive, seconds.
+PARENT_POLL_S = 0.5
 
 
 @dataclass
@@ -47,17 +63,53 @@ class RunReport:
 
 
 def _single_thread_init() -> None:
+    """Limit this process to one BLAS/OpenMP and one torch thread (a pool or Dask worker)."""
     for var in _THREAD_VARS:
         os.environ[var] = "1"
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    import torch
     from threadpoolctl import threadpool_limits
 
+    torch.set_num_threads(1)
     threadpool_limits(1)
+
+
+@contextlib.contextmanager
+def _single_threaded() -> Iterator[None]:
+    """One BLAS/OpenMP and one torch thread while serial tasks run here; restored after."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    n_torch = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(n_torch)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Make this worker die as soon as the process ``parent_pid`` that started it dies."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}")
+    if os.getppid() != parent_pid:  # the parent died before the prctl call took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="desomdb-parent-watchdog", daemon=True).start()
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Set up a local pool worker: die with the parent, run one thread."""
+    _exit_with_parent(parent_pid)
+    _single_thread_init()
 
 
 def _call(func: Callable[[Any], Any], task: Any) -> tuple[bool, Any]:
@@ -95,7 +147,7 @@ def run_tasks(
     desc : str
         Progress-bar label.
     progress : bool
-        Show a tqdm progress bar.
+        Show progress (:func:`desomdb.progress.progress_bar`).
     labels : sequence of str, optional
         Human-readable task names used in failure records (default: the task index).
     on_result : callable, optional
@@ -109,7 +161,7 @@ def run_tasks(
     names = list(labels) if labels is not None else [str(i) for i in range(len(tasks))]
     results: list[Any] = [None] * len(tasks)
     failures: list[TaskFailure] = []
-    bar = tqdm(total=len(tasks), desc=desc, disable=not progress, unit="task")
+    bar = progress_bar(len(tasks), desc, unit="task", enabled=progress)
 
     def record(i: int, ok: bool, value: Any) -> None:
         if ok:
@@ -124,13 +176,17 @@ def run_tasks(
         if scheduler:
             _run_dask(func, tasks, scheduler, record)
         elif workers <= 1 or len(tasks) <= 1:
-            for i, task in enumerate(tasks):
-                ok, value = _call(func, task)
-                record(i, ok, value)
+            with _single_threaded():
+                for i, task in enumerate(tasks):
+                    ok, value = _call(func, task)
+                    record(i, ok, value)
         else:
             ctx = get_context("spawn")
+            # PDEATHSIG fires when the *thread* that started a worker exits; the pool starts
+            # workers from submit(), i.e. from this thread, which outlives the pool.
             with ProcessPoolExecutor(
-                max_workers=workers, mp_context=ctx, initializer=_single_thread_init
+                max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                initargs=(os.getpid(),),
             ) as pool:
                 futures = {pool.submit(_call, func, t): i for i, t in enumerate(tasks)}
                 for fut in as_completed(futures):

@@ -4,7 +4,10 @@ The training set is a SQL filter over ``baxels`` (default: ``trainable``, i.e. t
 cuts), each cube in its newest release only (``latest_cubes``). Galaxies (mangaid) are split
 train/test with a seeded hash, so no galaxy is in both; the split is stored in ``splits``.
 Spectra stream from the per-cube Parquet files in shuffled chunks (bounded memory). A killed
-run resumes from its last checkpoint.
+run resumes from its last checkpoint bit-identically: the checkpoint holds every random-number
+state and the number of batches drawn, and :class:`BatchStream` replays the shuffle to that
+position without reading data, so a resumed model equals an uninterrupted one (same id, same
+weights, same metrics).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +25,10 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm.auto import tqdm
 
 from desomdb import checkpoint, paths, spectra, views
 from desomdb.archive import Archive, Writer
-from desomdb.errors import ArchiveError, ConfigError, QueryError
+from desomdb.errors import ArchiveError, ConfigError, ModelError, QueryError
 from desomdb.model import (
     Desom,
     DesomConfig,
@@ -38,6 +40,7 @@ from desomdb.model import (
     temperature,
     topographic_error,
 )
+from desomdb.progress import progress_bar
 
 DEFAULT_WHERE = "trainable"
 TEST_FRACTION = 0.2
@@ -139,31 +142,98 @@ def load_rows(arch: Archive, rows: pl.DataFrame) -> tuple[np.ndarray, np.ndarray
     return np.concatenate(xs)[idx], np.concatenate(ws)[idx]
 
 
+def _shuffle_plan(sizes: Sequence[int], batch_size: int, rng: np.random.Generator,
+                  buffer_rows: int) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+    """Draw the shuffle of an endless batch stream, without the data.
+
+    Each epoch visits the groups in a random order, buffering groups until ``buffer_rows``
+    rows, and cuts a random permutation of each buffer into batches.
+
+    Yields
+    ------
+    groups : tuple of int
+        Indices into ``sizes`` of the groups in the current buffer, in buffer order.
+    rows : ndarray of int, shape (<= batch_size,)
+        Row indices into that buffer forming one batch.
+    """
+    while True:
+        order = rng.permutation(len(sizes))
+        buf: list[int] = []
+        n_buf = 0
+        for j, k in enumerate(order):
+            buf.append(int(k))
+            n_buf += int(sizes[k])
+            if n_buf >= buffer_rows or j == len(order) - 1:
+                perm = rng.permutation(n_buf)
+                for s in range(0, max(n_buf - batch_size, 0) + 1, batch_size):
+                    yield tuple(buf), perm[s : s + batch_size]
+                buf, n_buf = [], 0
+
+
+class BatchStream:
+    """Endless shuffled batches ``(x, w)`` that a resumed training can fast-forward.
+
+    The shuffle depends only on ``rng`` and the group sizes, so :meth:`skip` replays the
+    draws of ``n`` batches without reading any data, leaving the stream (and ``rng``) exactly
+    where an uninterrupted run had them.
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        Rows per group (e.g. per cube).
+    load : callable
+        ``load(groups)`` returns ``(x, w)`` of those groups' rows concatenated in that order,
+        each shape (n_rows, ...), float32.
+    batch_size : int
+    rng : numpy.random.Generator
+        Drawn from by this stream only.
+    buffer_rows : int
+        Rows shuffled together (bounds memory).
+    """
+
+    def __init__(self, sizes: Sequence[int],
+                 load: Callable[[tuple[int, ...]], tuple[np.ndarray, np.ndarray]],
+                 batch_size: int, rng: np.random.Generator, buffer_rows: int = 8192):
+        self.rng = rng
+        #: Number of batches drawn (or skipped) so far.
+        self.position = 0
+        self._plan = _shuffle_plan(sizes, batch_size, rng, buffer_rows)
+        self._load = load
+        self._groups: tuple[int, ...] | None = None
+        self._x = self._w = np.zeros((0, 0), np.float32)
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+        groups, rows = next(self._plan)
+        if groups != self._groups:
+            self._x, self._w = self._load(groups)
+            self._groups = groups
+        self.position += 1
+        return self._x[rows], self._w[rows]
+
+    def skip(self, n: int) -> None:
+        """Draw ``n`` batches' worth of shuffling without loading data."""
+        for _ in range(n):
+            next(self._plan)
+        self.position += n
+        self._groups = None
+
+
 def stream_batches(arch: Archive, rows: pl.DataFrame, batch_size: int, rng: np.random.Generator,
-                   buffer_rows: int = 8192) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                   buffer_rows: int = 8192) -> BatchStream:
     """Endless shuffled batches, reading a few cubes at a time (memory ~ buffer_rows)."""
     files = spectra_files(arch)
     groups = dict(rows.group_by("release", "plateifu"))
     keys = list(groups)
-    while True:
-        order = rng.permutation(len(keys))
-        buf_x: list[np.ndarray] = []
-        buf_w: list[np.ndarray] = []
-        n_buf = 0
-        for j, k in enumerate(order):
-            release, plateifu = keys[k]
-            group = groups[keys[k]]
-            x, w = _cube_rows(files[(str(release), str(plateifu))], group)
-            buf_x.append(x)
-            buf_w.append(w)
-            n_buf += len(x)
-            if n_buf >= buffer_rows or j == len(order) - 1:
-                bx, bw = np.concatenate(buf_x), np.concatenate(buf_w)
-                perm = rng.permutation(len(bx))
-                for s in range(0, max(len(bx) - batch_size, 0) + 1, batch_size):
-                    sel = perm[s : s + batch_size]
-                    yield bx[sel], bw[sel]
-                buf_x, buf_w, n_buf = [], [], 0
+
+    def load(which: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        parts = [_cube_rows(files[(str(keys[k][0]), str(keys[k][1]))], groups[keys[k]])
+                 for k in which]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    return BatchStream([groups[k].height for k in keys], load, batch_size, rng, buffer_rows)
 
 
 def pca_baseline(x_train: np.ndarray, x_test: np.ndarray, w_test: np.ndarray,
@@ -228,7 +298,7 @@ def evaluate(model: Desom, x: np.ndarray, w: np.ndarray, device: str) -> dict[st
 
 def fit(
     model: Desom,
-    batches: Iterator[tuple[np.ndarray, np.ndarray]],
+    batches: BatchStream,
     x_eval: np.ndarray,
     w_eval: np.ndarray,
     device: str,
@@ -240,35 +310,54 @@ def fit(
     """Train a DESOM jointly (AE pre-training, prototype initialisation, AE + SOM).
 
     The one training loop for DESOM-1 (spectra) and DESOM-2 (fingerprints). Evaluates on
-    ``x_eval`` every ``eval_every`` iterations, checkpoints to ``state_path`` (a killed run
-    resumes from there), and stops early once the SOM has finished shrinking and the
-    held-out MSE has not improved by 0.5 % for ``patience`` evaluations.
+    ``x_eval`` every ``eval_every`` iterations, checkpoints to ``state_path``, and stops early
+    once the SOM has finished shrinking and the held-out MSE has not improved by 0.5 % for
+    ``patience`` evaluations.
+
+    A killed run started again with a fresh ``batches`` stream (same seed) continues from the
+    checkpoint exactly as if it had never stopped: model, optimiser, every random-number state
+    and the stream position are restored.
 
     Returns
     -------
     dict
-        The loop state: ``it``, ``history`` (metrics per evaluation), ``seconds``.
+        The loop state: ``it``, ``history`` (metrics per evaluation), ``seconds``,
+        ``batches`` (drawn from the stream), ``resumed_at`` (iterations resumed from).
+
+    Raises
+    ------
+    ModelError
+        If the checkpoint is unreadable, from an older format, or does not belong to this
+        data stream.
     """
     cfg = model.cfg
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     resume = checkpoint.load_resume_state(state_path)
     loop: dict[str, Any] = {"it": 0, "best": float("inf"), "stale": 0, "history": [],
-                            "seconds": 0.0, "initialised": initialised}
+                            "seconds": 0.0, "initialised": initialised, "stopped": False,
+                            "batches": 0, "resumed_at": []}
     if resume is not None:
         model.load_state_dict(resume["state"])
         opt.load_state_dict(resume["optimiser"])
         loop = resume["loop"]
+        batches.skip(loop["batches"] - batches.position)
+        if batches.rng.bit_generator.state != resume["rng"]["numpy_data"]:
+            raise ModelError(f"{state_path}: replaying {loop['batches']} batches does not "
+                             "reproduce the checkpoint's data order (the training data or its "
+                             "seed changed); delete the checkpoint to restart training")
+        checkpoint.restore_rng_states(resume["rng"], batches.rng)
+        loop["resumed_at"].append(loop["it"])
     total = cfg.pretrain_iters + cfg.iterations
     device_type = "cuda" if str(device).startswith("cuda") else "cpu"
     if cfg.precision not in ("fp32", "bf16"):
         raise ConfigError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
     bf16 = cfg.precision == "bf16"
-    bar = tqdm(total=total, initial=loop["it"], desc=desc, disable=not progress)
+    bar = progress_bar(total, desc, initial=loop["it"], enabled=progress)
     t_start = time.perf_counter() - loop["seconds"]
     if not loop["history"]:
         loop["history"].append({**evaluate(model, x_eval, w_eval, device), "it": 0})
     model.train()
-    while loop["it"] < total:
+    while loop["it"] < total and not loop["stopped"]:
         it = loop["it"]
         if it == cfg.pretrain_iters and not loop["initialised"]:
             sample = [next(batches)[0] for _ in range(max(2, cfg.n_nodes // cfg.batch_size + 1))]
@@ -304,10 +393,13 @@ def fit(
                 loop["best"], loop["stale"] = m["recon_mse"], 0
             elif som_done:
                 loop["stale"] += 1
+            # Early stopping (held-out MSE has plateaued) is part of the saved state, so a
+            # run killed after stopping does not train on when resumed.
+            loop["stopped"] = som_done and loop["stale"] >= cfg.patience
             loop["seconds"] = time.perf_counter() - t_start
-            checkpoint.save_resume_state(state_path, model, opt, loop)
-            if som_done and loop["stale"] >= cfg.patience:
-                break  # held-out MSE has plateaued (early stopping)
+            loop["batches"] = batches.position
+            checkpoint.save_resume_state(state_path, model, opt, loop,
+                                         checkpoint.rng_states(batches.rng))
     bar.close()
     loop["seconds"] = time.perf_counter() - t_start
     return loop
@@ -370,7 +462,9 @@ def train(
         metrics.update(iterations_run=loop["it"], train_seconds=seconds,
                        train_spectra_per_s=loop["it"] * cfg.batch_size / max(seconds, 1e-9))
         artefact, digest = checkpoint.save(model, paths.artefact_dir(arch.root, model_id),
-                                           model_id, metrics, {"history": loop["history"]})
+                                           model_id, metrics,
+                                           {"history": loop["history"],
+                                            "resumed_at": loop["resumed_at"]})
         _register(writer, model_id, cfg, selection, metrics, artefact, digest, parent_model_id)
         state_path.unlink(missing_ok=True)
     return model_id

@@ -2,7 +2,10 @@
 
 ``connect(archive)`` returns an in-memory DuckDB connection whose views read exactly the
 committed Parquet files (the manifest), with hive partition columns (``release``,
-``model_id``). Derived views from ``sql/`` are added on top when present.
+``model_id``). Derived views from ``sql/`` are added on top when present. The connection is
+read-only (:class:`ReadOnlyConnection`: every statement passes
+:func:`desomdb.guard.check_read_only`, and the connection is sandboxed to the archive folder);
+``connect(archive, raw=True)`` gives the plain DuckDB connection instead.
 """
 
 from __future__ import annotations
@@ -10,13 +13,14 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import duckdb
 
 from desomdb import paths
-from desomdb.archive import Archive, write_json_atomic
+from desomdb.archive import Archive, on_commit, write_json_atomic, write_text_atomic
 from desomdb.errors import ModelError, QueryError
+from desomdb.guard import check_read_only, sandbox, syntax_error_message
 
 
 def current_model(archive: Archive, kind: str = "desom1") -> str | None:
@@ -24,7 +28,15 @@ def current_model(archive: Archive, kind: str = "desom1") -> str | None:
     path = archive.root / paths.CURRENT_MODEL
     if not path.exists():
         return None
-    data: dict[str, Any] = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: damaged ({exc}); set the current model again with "
+                         "'desomdb model use ID' (see 'desomdb model list')") from None
+    if not isinstance(data, dict) or not all(
+            isinstance(v, str) or v is None for v in data.values()):
+        raise ModelError(f"{path}: not a mapping of kind -> model id; set the current "
+                         "model again with 'desomdb model use ID'")
     value = data.get(kind)
     return str(value) if value else None
 
@@ -38,7 +50,12 @@ def set_current_model(archive: Archive, model_id: str, kind: str = "desom1") -> 
     if known[model_id] != kind:
         raise ModelError(f"{model_id} is a {known[model_id]} model, not {kind}")
     path = archive.root / paths.CURRENT_MODEL
-    data = json.loads(path.read_text()) if path.exists() else {}
+    try:
+        data = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        data = {}  # damaged: rewritten below with the model the user names
+    if not isinstance(data, dict):
+        data = {}
     data[kind] = model_id
     write_json_atomic(path, data)
 
@@ -58,9 +75,10 @@ def resolve_model(archive: Archive, model_id: str | None, kind: str = "desom1") 
         if model_id is None:
             raise ModelError(f"{archive.root}: no current {kind} model; train one with "
                              "'desomdb train' or pick one with --model")
-    if model_id not in registered_models(archive):
-        raise ModelError(f"{archive.root}: model {model_id!r} is not registered; see "
-                         "'desomdb model list'")
+    known = registered_models(archive)
+    if model_id not in known:
+        raise ModelError(f"{archive.root}: model {model_id!r} is not registered; registered: "
+                         f"{', '.join(sorted(known)) or 'none'} (see 'desomdb model list')")
     return model_id
 
 
@@ -87,7 +105,104 @@ def _statements(archive: Archive, model: str | None, relative: bool) -> list[str
     return stmts
 
 
-def connect(archive: str | Path, model: str | None = None) -> duckdb.DuckDBPyConnection:
+class ReadOnlyConnection:
+    """A sandboxed DuckDB connection over the archive's views that runs only read-only SQL.
+
+    ``sql``/``query``/``execute`` pass each query through
+    :func:`desomdb.guard.check_read_only` before DuckDB sees it, and the connection is
+    confined to the archive folder (:func:`desomdb.guard.sandbox`). Results are the usual
+    DuckDB relations (``.pl()``, ``.arrow()``, ``.fetchall()``). A sandboxed connection does
+    not find Python DataFrames by name: ``con.register("t", df)`` them first. The guard covers
+    SQL given to this object; a relation's own methods (``rel.query``, ``rel.to_parquet``)
+    are plain DuckDB.
+    """
+
+    def __init__(self, con: duckdb.DuckDBPyConnection):
+        self._con = con
+
+    def sql(self, query: str, *, alias: str = "", params: object = None
+            ) -> duckdb.DuckDBPyRelation:
+        """Check ``query`` and return its relation (as ``DuckDBPyConnection.sql``)."""
+        return self._con.sql(check_read_only(query), alias=alias, params=params)
+
+    query = sql
+
+    def execute(self, query: str, parameters: object = None) -> ReadOnlyConnection:
+        """Check and run ``query``; fetch its rows with ``fetchall()`` and friends."""
+        self._con.execute(check_read_only(query), parameters)
+        return self
+
+    def fetchall(self) -> list[Any]:
+        """Return the rows of the last ``execute`` as tuples."""
+        return self._con.fetchall()
+
+    def fetchone(self) -> Any:
+        """Return the next row of the last ``execute`` (None when done)."""
+        return self._con.fetchone()
+
+    def fetchmany(self, size: int = 1) -> list[Any]:
+        """Return the next ``size`` rows of the last ``execute``."""
+        return self._con.fetchmany(size)
+
+    def fetchdf(self) -> Any:
+        """Return the last ``execute``'s result as a pandas DataFrame."""
+        return self._con.fetchdf()
+
+    df = fetchdf
+
+    def fetchnumpy(self) -> dict[str, Any]:
+        """Return the last ``execute``'s result as a dict of numpy arrays."""
+        return dict(self._con.fetchnumpy())
+
+    @property
+    def description(self) -> Any:
+        """Return the DB-API column description of the last ``execute``."""
+        return self._con.description
+
+    def table(self, name: str) -> duckdb.DuckDBPyRelation:
+        """Return the relation of a view (``con.table("baxels")``)."""
+        return self._con.table(name)
+
+    def register(self, view_name: str, python_object: object) -> ReadOnlyConnection:
+        """Make a DataFrame or Arrow table queryable as ``view_name`` (in memory only)."""
+        self._con.register(view_name, python_object)
+        return self
+
+    def unregister(self, view_name: str) -> ReadOnlyConnection:
+        """Drop a name made by :meth:`register`."""
+        self._con.unregister(view_name)
+        return self
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._con.close()
+
+    def __enter__(self) -> ReadOnlyConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        raise AttributeError(f"desomdb.connect() gives a read-only connection without {name!r}"
+                             "; desomdb.connect(archive, raw=True) gives the plain DuckDB "
+                             "connection (which can change the archive's files)")
+
+
+@overload
+def connect(archive: str | Path, model: str | None = None, raw: Literal[False] = False
+            ) -> ReadOnlyConnection: ...
+
+
+@overload
+def connect(archive: str | Path, model: str | None = None, *, raw: Literal[True]
+            ) -> duckdb.DuckDBPyConnection: ...
+
+
+def connect(archive: str | Path, model: str | None = None, raw: bool = False
+            ) -> ReadOnlyConnection | duckdb.DuckDBPyConnection:
     """Open a DuckDB connection with a view for every table of the archive.
 
     Parameters
@@ -95,27 +210,41 @@ def connect(archive: str | Path, model: str | None = None) -> duckdb.DuckDBPyCon
     archive : str or Path
     model : str, optional
         The DESOM-1 model that model-dependent convenience views use (default: the
-        archive's current model). Change it later with :func:`use_model`.
+        archive's current model); it must be registered. Change it later with
+        :func:`use_model`.
+    raw : bool
+        Return the plain DuckDB connection: no statement check, no sandbox. You can damage
+        the archive with it (``COPY ... TO`` a committed file, say); for debugging only.
 
     Returns
     -------
-    duckdb.DuckDBPyConnection
-        In-memory; it holds only views, so the archive's files cannot be changed
-        through it.
+    ReadOnlyConnection or duckdb.DuckDBPyConnection
+        In-memory, holding only views. By default a :class:`ReadOnlyConnection`: one
+        read-only statement per call; files outside the archive folder, extensions, ATTACH
+        and settings are refused.
+
+    Raises
+    ------
+    ModelError
+        If ``model`` is given and not registered (the message lists the registered ones).
     """
     arch = Archive(archive)
+    chosen = resolve_model(arch, model) if model is not None else current_model(arch)
     con = duckdb.connect(":memory:")
-    chosen = model if model is not None else current_model(arch)
     for stmt in _statements(arch, chosen, relative=False):
         con.execute(stmt)
     present = {t for t in paths.TABLES if arch.files(t)}
     _create_views(con, present)
-    return con
+    if raw:
+        return con
+    sandbox(con, [arch.root])
+    return ReadOnlyConnection(con)
 
 
-def use_model(con: duckdb.DuckDBPyConnection, model_id: str | None) -> None:
+def use_model(con: ReadOnlyConnection | duckdb.DuckDBPyConnection, model_id: str | None) -> None:
     """Set the DESOM-1 model that convenience views (``baxel_labels`` ...) use."""
-    con.execute(f"create or replace macro current_model() as {_quote(model_id)}")
+    raw = con._con if isinstance(con, ReadOnlyConnection) else con
+    raw.execute(f"create or replace macro current_model() as {_quote(model_id)}")
 
 
 def _quote(value: str | None) -> str:
@@ -165,23 +294,32 @@ def setup_sql(archive: str | Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def query(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation:
-    """Run a read-only query; refuse DDL/DML and explain unknown names.
+def write_setup_sql(archive: Archive) -> None:
+    """Regenerate ``setup.sql`` (views for the plain DuckDB CLI) after a writer's commits."""
+    write_text_atomic(archive.root / paths.SETUP_SQL, setup_sql(archive.root))
+
+
+on_commit(write_setup_sql)
+
+
+def query(con: ReadOnlyConnection | duckdb.DuckDBPyConnection, sql: str
+          ) -> duckdb.DuckDBPyRelation:
+    """Run one read-only query; refuse anything else and explain unknown names.
 
     Raises
     ------
     QueryError
-        For statements other than SELECT/WITH/DESCRIBE/SHOW/EXPLAIN/SUMMARIZE/PRAGMA,
-        or when DuckDB reports an unknown table or column (the message lists what exists).
+        If :func:`desomdb.guard.check_read_only` refuses ``sql`` (a syntax error, more than
+        one statement, anything but a SELECT or an EXPLAIN of one), if it reads a file
+        outside the archive, or when DuckDB reports an unknown table or column (the message
+        lists what exists).
     """
-    stripped = sql.strip().rstrip(";").lstrip("(").lower()
-    first = stripped.split(None, 1)[0] if stripped else ""
-    if first not in {"select", "with", "describe", "show", "explain", "summarize", "from",
-                     "values", "table"}:
-        raise QueryError(f"only read-only queries are allowed (got {first.upper() or 'nothing'}"
-                         "); the archive is changed only by desomdb commands")
+    check_read_only(sql)
     try:
         return con.sql(sql)
+    except duckdb.PermissionException as exc:
+        raise QueryError(f"{str(exc).splitlines()[0]} (desomdb queries read only the "
+                         "archive's files, through its views)") from exc
     except duckdb.CatalogException as exc:
         views = sorted(r[0] for r in con.sql(
             "select view_name from duckdb_views() where not internal").fetchall())
@@ -189,5 +327,5 @@ def query(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation:
     except duckdb.BinderException as exc:
         raise QueryError(f"{exc}\n(use 'describe <view>' to list a view's columns)") from exc
     except duckdb.ParserException as exc:
-        raise QueryError(str(exc)) from exc
+        raise QueryError(syntax_error_message(exc)) from exc
 

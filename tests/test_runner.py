@@ -30,3 +30,86 @@ def test_failures_are_recorded_and_the_rest_lands(workers: int) -> None:
 def test_unreachable_scheduler_is_a_clear_error() -> None:
     with pytest.raises(DesomdbError, match="cannot reach the Dask scheduler"):
         runner.run_tasks(_square_or_fail, [1], scheduler="tcp://127.0.0.1:1", progress=False)
+
+
+def _thread_counts(_: int) -> tuple[int, int]:
+    import torch
+    from threadpoolctl import threadpool_info
+
+    blas = max((p["num_threads"] for p in threadpool_info()), default=1)
+    return torch.get_num_threads(), blas
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tasks_run_single_threaded_on_every_path(workers: int) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        report = runner.run_tasks(_thread_counts, [0, 1], workers=workers, progress=False)
+        assert report.results == [(1, 1), (1, 1)]
+        assert torch.get_num_threads() == 2  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(before)
+
+
+_ORPHAN_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+from desomdb import runner
+
+def park(folder):
+    (Path(folder) / str(os.getpid())).touch()
+    time.sleep(300)
+
+if __name__ == "__main__":
+    runner.run_tasks(park, [sys.argv[1]] * 2, workers=2, progress=False)
+"""
+
+
+def _alive(proc) -> bool:
+    """Running and not a zombie (a dead orphan may wait a while for its reaper)."""
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_pool_workers_die_with_a_killed_parent(tmp_path) -> None:
+    """``kill -9`` of the parent takes its busy pool workers with it (issue #16)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = tmp_path / "orphans.py"
+    script.write_text(_ORPHAN_SCRIPT)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    parent = subprocess.Popen([sys.executable, str(script), str(pids)])
+    workers: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(pids.iterdir())) < 2 and time.monotonic() < deadline:
+            assert parent.poll() is None, "the parent script failed"
+            time.sleep(0.1)
+        workers = [psutil.Process(int(p.name)) for p in pids.iterdir()]
+        assert len(workers) == 2 and all(w.ppid() == parent.pid for w in workers)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        alive = workers
+        deadline = time.monotonic() + 5
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+            alive = [w for w in alive if _alive(w)]
+        assert not alive, f"workers {[w.pid for w in alive]} outlived their parent"
+    finally:
+        parent.kill()
+        for w in workers:
+            if w.is_running():
+                w.kill()

@@ -120,53 +120,160 @@ def test_cli_model_list_and_use(trained_archive) -> None:
     assert bad.exit_code != 0 and "no registered model" in bad.output
 
 
-def test_predict_real_spectra(trained_archive) -> None:
-    from pathlib import Path
-
-    arch_path, _, cfg = trained_archive
-    data = Path(__file__).parent / "data" / "MaNGA_test_spectra.fits.gz"
-    result = CliRunner().invoke(main, ["predict", str(arch_path), str(data), "--output",
-                                       str(arch_path.parent / "pred.parquet")])
-    assert result.exit_code == 0, result.output
-    df = pl.read_parquet(arch_path.parent / "pred.parquet")
-    assert df.height == 8 and df["node"].is_between(0, cfg.n_nodes - 1).all()
-    assert "log_ml_r_median" in df.columns and "ms per spectrum" in result.output
-    assert df["n_good"][5] == 0  # the off-IFU spectrum: no good pixels
+_TRAIN_SCRIPT = """
+import json, sys
+from desomdb import model, train
+train.train(sys.argv[1], model.compact_config(**json.loads(sys.argv[2])), where="true",
+            progress=False)
+"""
+#: Metrics that measure the wall clock, the one thing a resumed run may not reproduce.
+_TIMING = {"train_seconds", "train_spectra_per_s"}
 
 
-def test_killed_training_resumes_from_its_checkpoint(labelled_archive, tmp_path) -> None:
+def test_training_killed_with_sigkill_resumes_bit_identically(trained_archive, labelled_archive,
+                                                              tmp_path) -> None:
+    """``kill -9`` mid-training, then train again: the same id, weights and metrics as an
+    uninterrupted run (issue #16)."""
+    import json
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
     from conftest import TINY
 
-    from desomdb import model
+    from desomdb import paths
 
-    cfg = model.compact_config(**TINY)
-    arch = Archive(labelled_archive)
-    rows = train.select_training(arch, "true", 0).rows
-    x, w = train.load_rows(arch, rows.head(20))
-
-    class KilledError(Exception):
-        pass
-
-    def dies_after(n: int):
-        for i, batch in enumerate(train.stream_batches(arch, rows, cfg.batch_size,
-                                                       np.random.default_rng(0))):
-            if i >= n:
-                raise KilledError
-            yield batch
-
-    state = tmp_path / "train_state.pt"
-    torch.manual_seed(0)
-    with pytest.raises(KilledError):
-        train.fit(model.Desom(cfg), dies_after(70), x, w, "cpu", state, progress=False)
-    saved = torch.load(state, weights_only=False)["loop"]["it"]
+    _, model_id, cfg = trained_archive  # the uninterrupted run of the same training
+    arch = tmp_path / "arch"
+    shutil.copytree(labelled_archive, arch)
+    state = paths.artefact_dir(arch, model_id) / "train_state.pt"
+    proc = subprocess.Popen([sys.executable, "-c", _TRAIN_SCRIPT, str(arch), json.dumps(TINY)])
+    try:
+        deadline = time.monotonic() + 300
+        while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    finally:
+        proc.kill()
+    saved = torch.load(state, weights_only=True)
     total = cfg.pretrain_iters + cfg.iterations
-    assert 0 < saved < total
-    loop = train.fit(model.Desom(cfg), train.stream_batches(
-        arch, rows, cfg.batch_size, np.random.default_rng(1)), x, w, "cpu", state,
-        progress=False)
-    assert loop["it"] == total
-    its = [h["it"] for h in loop["history"]]
-    assert its == sorted(set(its)) and its[0] == 0  # one history, continued, no restart
+    assert 0 < saved["loop"]["it"] < total and saved["loop"]["batches"] > 0
+    assert model_id not in views.registered_models(Archive(arch))
+
+    assert train.train(arch, cfg, where="true", progress=False) == model_id
+    resumed, r_meta = train.load_model(Archive(arch), model_id)
+    reference, ref_meta = train.load_model(Archive(trained_archive[0]), model_id)
+    for k, v in reference.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    drop = lambda m: {k: v for k, v in m.items() if k not in _TIMING}  # noqa: E731
+    assert drop(r_meta["metrics"]) == drop(ref_meta["metrics"])
+    assert r_meta["extra"]["history"] == ref_meta["extra"]["history"]
+    assert r_meta["extra"]["resumed_at"] == [saved["loop"]["it"]]
+    assert ref_meta["extra"]["resumed_at"] == []
+    assert not state.exists()
+
+
+class _KilledError(Exception):
+    pass
+
+
+class _DyingStream(train.BatchStream):
+    """A batch stream whose process 'dies' when it reaches ``limit`` batches."""
+
+    limit = 0
+
+    def __next__(self):
+        if self.position >= self.limit:
+            raise _KilledError
+        return super().__next__()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: tiny networks on a busy machine train ~10x faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _desom2_setup():
+    cfg = model.desom2_config(map_rows=2, map_cols=2, input_shape=(4, 4), iterations=60,
+                              decay_iters=40, pretrain_iters=20, eval_every=20, batch_size=8,
+                              patience=50)
+    x = np.random.default_rng(3).random((40, 16), dtype=np.float32)
+    return cfg, x
+
+
+def _desom2_fit(cfg, x, state, stream=None):
+    from desomdb import fingerprint
+
+    torch.manual_seed(cfg.seed)  # as fingerprint.build does
+    m = model.Desom(cfg)
+    stream = stream or fingerprint._batches(x, cfg.batch_size, np.random.default_rng(cfg.seed))
+    loop = train.fit(m, stream, x, np.ones_like(x), "cpu", state, progress=False)
+    return m, loop
+
+
+def test_desom2_training_resumes_bit_identically(tmp_path, one_thread) -> None:
+    import random
+
+    cfg, x = _desom2_setup()
+    reference, ref_loop = _desom2_fit(cfg, x, tmp_path / "a.pt")
+    dying = _DyingStream([len(x)], lambda _: (x, np.ones_like(x)), cfg.batch_size,
+                         np.random.default_rng(cfg.seed), buffer_rows=len(x))
+    dying.limit = 50  # past the first checkpoint (it 20) and the prototype initialisation
+    with pytest.raises(_KilledError):
+        _desom2_fit(cfg, x, tmp_path / "b.pt", dying)
+    torch.manual_seed(999)  # what the crashed process drew must not matter
+    np.random.seed(1)  # noqa: NPY002
+    random.seed(2)
+    resumed, loop = _desom2_fit(cfg, x, tmp_path / "b.pt")
+    assert loop["resumed_at"] == [40] and loop["it"] == ref_loop["it"]
+    assert loop["history"] == ref_loop["history"] and loop["batches"] == ref_loop["batches"]
+    for k, v in reference.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_checkpoint_of_another_stream_or_format_is_refused(tmp_path, one_thread) -> None:
+    cfg, x = _desom2_setup()
+    state = tmp_path / "state.pt"
+    dying = _DyingStream([len(x)], lambda _: (x, np.ones_like(x)), cfg.batch_size,
+                         np.random.default_rng(cfg.seed), buffer_rows=len(x))
+    dying.limit = 30
+    with pytest.raises(_KilledError):
+        _desom2_fit(cfg, x, state, dying)
+    other_seed = train.BatchStream([len(x)], lambda _: (x, np.ones_like(x)), cfg.batch_size,
+                                   np.random.default_rng(cfg.seed + 1), buffer_rows=len(x))
+    with pytest.raises(ModelError, match="does not reproduce the checkpoint's data order"):
+        _desom2_fit(cfg, x, state, other_seed)
+    old = torch.load(state, weights_only=True)
+    torch.save({**old, "format_version": 1}, state)  # as desomdb wrote before the RNG states
+    with pytest.raises(ModelError, match=r"format 1 is not 2.*delete it"):
+        _desom2_fit(cfg, x, state)
+    state.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="unreadable training checkpoint"):
+        _desom2_fit(cfg, x, state)
+
+
+def test_artefact_with_pickled_objects_is_refused(tmp_path) -> None:
+    """Artefacts load with weights_only=True: a pickled object is refused, not executed."""
+    import hashlib
+    import io
+
+    cfg, _ = _desom2_setup()
+    buf = io.BytesIO()
+    torch.save({"format_version": checkpoint.FORMAT_VERSION, "config": cfg.to_dict(),
+                "state": model.Desom(cfg).state_dict(), "metrics": {"qe": np.float64(1)},
+                "extra": {}}, buf)
+    digest = hashlib.sha256(buf.getvalue()).hexdigest()
+    path = tmp_path / f"desom2-x-{digest[:16]}.pt"
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(ModelError, match="cannot read the model artefact"):
+        checkpoint.load(path)
 
 
 def test_status_summarises_the_archive(trained_archive) -> None:

@@ -8,7 +8,7 @@ from desomdb.archive import Archive
 
 
 def _cubes(w, release: str, ordinal: int | None, plateifus: list[str]):
-    cols = {"plateifu": plateifus, "status": ["ok"] * len(plateifus)}
+    cols: dict[str, list] = {"plateifu": plateifus, "status": ["ok"] * len(plateifus)}
     if ordinal is not None:
         cols["release_ordinal"] = [ordinal] * len(plateifus)
     return w.stage_table("cubes", pa.table(cols), f"cubes/release={release}/c.parquet")

@@ -15,7 +15,8 @@ from desomdb.errors import QueryError
 SQL = Path(__file__).parent.parent / "sql"
 PUBLIC = ["cubes", "galaxies", "baxels", "spectra", "bin_map", "labels", "models", "nodes",
           "assignments", "node_labels", "fingerprints", "splits", "truth", "baxel_labels",
-          "node_summary", "galaxy_fingerprint", "latest_cubes", "poorly_represented", "drift"]
+          "node_summary", "galaxy_fingerprint", "latest_cubes", "poorly_represented", "drift",
+          "model_thresholds"]
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +90,19 @@ def test_cli_sql_formats(full_archive, tmp_path) -> None:
     assert js.exit_code == 0 and js.output.lstrip().startswith("[")
     bad = CliRunner().invoke(main, ["sql", str(arch), "delete from baxels"])
     assert bad.exit_code != 0 and "only read-only" in bad.output
+
+
+def test_cli_sql_unknown_model_lists_the_registered_ones(full_archive) -> None:
+    arch, model_id, _, d2 = full_archive
+    result = CliRunner().invoke(main, ["sql", str(arch), "select count(node) from baxel_labels",
+                                       "--model", "desom1-typo"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("desomdb: error: ") and "'desom1-typo' is not registered" in line
+    assert f"registered: {', '.join(sorted([model_id, d2]))} " in line
+    ok = CliRunner().invoke(main, ["sql", str(arch), "select count(node) from baxel_labels",
+                                   "--model", model_id])
+    assert ok.exit_code == 0, ok.output
 
 
 def test_plain_duckdb_cli(full_archive, tmp_path) -> None:
