@@ -20,11 +20,11 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm.auto import tqdm
 
 from desomdb import paths, spectra, versions, views
 from desomdb.archive import Archive, StagedFile, Writer
 from desomdb.model import Desom, bmu_and_runner_up
+from desomdb.progress import track
 from desomdb.train import encode_all, load_model, normalised, spectra_files
 
 #: Labels summarised per node, with their fixed histogram range and bin count.
@@ -107,8 +107,8 @@ def assign(archive: str | Path, model_id: str | None = None, device: str = "cpu"
         for name, f in done.items():
             by_content.setdefault(name.split("-", 1)[1], f)
         pending: list[StagedFile] = []
-        for (release, plateifu), f in tqdm(sorted(files.items()), desc=f"assign {model_id}",
-                                           disable=not progress, unit="cube"):
+        for (release, plateifu), f in track(sorted(files.items()), f"assign {model_id}",
+                                            unit="cube", enabled=progress):
             name = f"release={release}-{f.name}"
             latest = (release, plateifu) in current
             if name in done and not latest:
