@@ -18,7 +18,7 @@ import polars as pl
 import torch
 from bench_gpu import throughput  # the one throughput measurement (sibling script)
 
-from desomdb import assign, model, train, views
+from desomdb import assign, model, registry, train
 from desomdb.archive import Archive
 
 
@@ -65,7 +65,7 @@ def main() -> None:
         print(f"{preset:<8} {its} iterations x {batch} ({r['seconds']:.0f} s): held-out MSE "
               f"{r['mse']:.4f} vs PCA-256 {r['pca']:.4f} (AE/PCA {r['mse'] / r['pca']:.2f}); "
               f"{r['n_train']} train / {r['n_test']} test spectra")
-    mid = views.current_model(arch)
+    mid = registry.current_model(arch)
     if mid:
         out = assign.assign(arch.root, mid, progress=False)
         print(f"assignment (re-reading existing rows, encoding new): {out}")

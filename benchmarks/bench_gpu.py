@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from desomdb import assign, ingest, mock, model, train, views
+from desomdb import assign, ingest, mock, model, registry, train, views
 from desomdb.archive import Archive
 
 
@@ -112,7 +112,7 @@ def main() -> None:
     t = time.perf_counter()
     model_id = train.train(arch_path, cfg, device=dev, progress=False)
     train_s = time.perf_counter() - t
-    views.set_current_model(Archive(arch_path), model_id)
+    registry.set_current_model(Archive(arch_path), model_id)
     metrics = json.loads(views.connect(arch_path).sql(
         "select metrics from models where model_id = ?", params=[model_id]).fetchall()[0][0])
     out = assign.assign(arch_path, model_id, device=dev, progress=False)

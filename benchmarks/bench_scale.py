@@ -91,7 +91,7 @@ if stage == "train":
     cfg = model.compact_config(iterations=300, decay_iters=240, pretrain_iters=60,
                                eval_every=100, map_rows=15, map_cols=15)
     mid = train.train(root, cfg, progress=False)
-    views.set_current_model(Archive(root), mid)
+    registry.set_current_model(Archive(root), mid)
     extra = {}
 else:
     out = assign.assign(root, progress=False)

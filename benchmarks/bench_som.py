@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from desomdb import model, train, views
+from desomdb import inference, model, registry, train
 from desomdb.archive import Archive
 
 
@@ -39,10 +39,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=15)
     args = parser.parse_args()
     arch = Archive(args.archive)
-    m1, _ = train.load_model(arch, views.resolve_model(arch, None))
+    m1, _ = registry.load_model(arch, registry.resolve_model(arch, None))
     rows = train.select_training(arch, "true", 0).rows
     x, _ = train.load_rows(arch, rows)
-    z = train.encode_all(m1, x, "cpu")
+    z = inference.encode_all(m1, x, "cpu")
     n, dim = z.shape
     size = args.size
     presentations = args.epochs * n

@@ -235,6 +235,15 @@ class Archive:
         """Whether ``table`` has any committed file."""
         return bool(self._segment(self._top(), table))
 
+    def cube_files(self, table: str) -> dict[tuple[str, str], Path]:
+        """Per-cube part files of a release table: ``(release, plateifu) -> file``."""
+        out = {}
+        for f in self.files(table):
+            part = paths.parse_part_name(f.name)
+            if part is not None:
+                out[(paths.parse_partition(str(f.relative_to(self.root)))[2], part[0])] = f
+        return out
+
     def dataset(self, table: str, **partition: str) -> ds.Dataset:
         """Open a pyarrow dataset over the committed files (hive partition columns included)."""
         files = self.files(table, **partition)

@@ -21,11 +21,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from desomdb import paths, spectra, versions, views
+from desomdb import paths, registry, spectra, versions
 from desomdb.archive import Archive, StagedFile, Writer
-from desomdb.model import Desom, bmu_and_runner_up
+from desomdb.inference import encode_all, nearest_nodes, normalised
+from desomdb.model import Desom
 from desomdb.progress import track
-from desomdb.train import encode_all, load_model, normalised, spectra_files
+from desomdb.registry import load_model
 
 #: Labels summarised per node, with their fixed histogram range and bin count.
 LABEL_EDGES: dict[str, tuple[float, float, int]] = {
@@ -54,22 +55,17 @@ def assign_table(model: Desom, table: pa.Table, norm: np.ndarray, device: str = 
         The normalised spectra and weights (for node co-adds).
     """
     x, w = normalised(table, norm)
-    z = encode_all(model, x, device, precision=precision)
-    with torch.no_grad():
-        d2 = model.sq_distances(torch.from_numpy(z).to(device)).cpu().numpy()
-    best, second = bmu_and_runner_up(d2)
-    cols = model.cfg.map_cols
-    dist = np.sqrt(np.maximum(d2[np.arange(len(best)), best], 0.0))
-    adjacent = (np.abs(best // cols - second // cols) + np.abs(best % cols - second % cols)) == 1
+    found = nearest_nodes(model, encode_all(model, x, device, precision=precision), device)
     rows = pa.table({
         "bin_id": table.column("bin_id"),
-        "node": pa.array(best.astype(np.int16)),
-        "row": pa.array((best // cols).astype(np.int16)),
-        "col": pa.array((best % cols).astype(np.int16)),
-        "second_node": pa.array(second.astype(np.int16)),
-        "distance": pa.array(dist.astype(np.float32)),
-        "is_adjacent": pa.array(adjacent),
+        "node": pa.array(found.best.astype(np.int16)),
+        "row": pa.array(found.row.astype(np.int16)),
+        "col": pa.array(found.col.astype(np.int16)),
+        "second_node": pa.array(found.second.astype(np.int16)),
+        "distance": pa.array(found.distance),
+        "is_adjacent": pa.array(found.adjacent),
     })
+    best = found.best
     return rows, best, x, w
 
 
@@ -88,9 +84,9 @@ def assign(archive: str | Path, model_id: str | None = None, device: str = "cpu"
     import time
 
     arch = Archive(archive)
-    model_id = views.resolve_model(arch, model_id)
+    model_id = registry.resolve_model(arch, model_id)
     model, _ = load_model(arch, model_id, device)
-    files = spectra_files(arch)
+    files = arch.cube_files("spectra")
     bax = pl.from_arrow(arch.read("baxels", columns=["release", "plateifu", "bin_id", "norm_flux"]))
     assert isinstance(bax, pl.DataFrame)
     norms = {(str(k[0]), str(k[1])): g for k, g in bax.group_by("release", "plateifu")}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import duckdb
 
-from desomdb import paths
+from desomdb import paths, registry
 from desomdb.archive import Archive, accounted_files, holds_archive_data
 from desomdb.errors import ArchiveError, DesomdbError
 
@@ -225,12 +225,11 @@ def _check_views(arch: Archive) -> list[Problem]:
 
 
 def _check_current_model(arch: Archive) -> list[Problem]:
-    from desomdb import views
 
     try:
         for kind in ("desom1", "desom2"):
-            model_id = views.current_model(arch, kind)
-            if model_id is not None and model_id not in views.registered_models(arch):
+            model_id = registry.current_model(arch, kind)
+            if model_id is not None and model_id not in registry.registered_models(arch):
                 return [Problem("current-model", paths.CURRENT_MODEL,
                                 f"{arch.root / paths.CURRENT_MODEL}: current {kind} model "
                                 f"{model_id!r} is not registered; pick one with 'desomdb "

@@ -256,15 +256,15 @@ def train(archive: Path, config: Path | None, preset: str, where: str, seed: int
     import json
 
     from desomdb import model as model_mod
+    from desomdb import registry as registry_mod
     from desomdb import train as train_mod
-    from desomdb import views as views_mod
     from desomdb.archive import Archive
 
     overrides = json.loads(config.read_text()) if config else {}
     cfg = model_mod.CONFIGS[preset](**{**overrides, "seed": seed, "precision": precision})
     model_id = train_mod.train(archive, cfg, where=where, device=device)
     if make_current:
-        views_mod.set_current_model(Archive(archive), model_id)
+        registry_mod.set_current_model(Archive(archive), model_id)
     click.echo(model_id)
 
 
@@ -679,12 +679,12 @@ def model_use(archive: Path, model_id: str, kind: str) -> None:
     Example:
       desomdb model use /tmp/archive desom1-3f2a9c
     """
-    from desomdb import views as views_mod
+    from desomdb import registry as registry_mod
     from desomdb.archive import Archive
 
     arch = Archive(archive)
-    before = views_mod.current_model(arch, kind)
-    views_mod.set_current_model(arch, model_id, kind)
+    before = registry_mod.current_model(arch, kind)
+    registry_mod.set_current_model(arch, model_id, kind)
     click.echo(f"current {kind} model: {model_id} (was {before})")
 
 
@@ -698,10 +698,11 @@ def model_list(archive: Path) -> None:
     Example:
       desomdb model list /tmp/archive
     """
+    from desomdb import registry as registry_mod
     from desomdb import views as views_mod
 
     con = views_mod.connect(archive)
-    current = {views_mod.current_model(views_mod.Archive(archive), k) for k in ("desom1",
+    current = {registry_mod.current_model(views_mod.Archive(archive), k) for k in ("desom1",
                                                                                 "desom2")}
     try:
         rows = con.sql("select model_id, kind, created_at, parent_model_id, recon_mse, pca_mse,"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +23,13 @@ import polars as pl
 import pyarrow as pa
 import torch
 
-from desomdb import paths, versions, views
+from desomdb import paths, registry, versions, views
 from desomdb.archive import Archive, StagedFile, Writer
 from desomdb.errors import ModelError
-from desomdb.model import Desom, DesomConfig, bmu_and_runner_up, desom2_config
-from desomdb.train import (
-    BatchStream,
-    encode_all,
-    evaluate,
-    fit,
-    galaxy_test_split,
-    load_model,
-    models_row,
-)
+from desomdb.inference import encode_all, nearest_nodes
+from desomdb.model import Desom, DesomConfig, desom2_config
+from desomdb.registry import load_model
+from desomdb.train import BatchStream, evaluate, fit, galaxy_test_split
 
 TEST_FRACTION = 0.2
 
@@ -163,7 +156,7 @@ def build(archive: str | Path, model_id: str | None = None, cfg: DesomConfig | N
         The DESOM-2 model id.
     """
     arch = Archive(archive)
-    model_id = views.resolve_model(arch, model_id)
+    model_id = registry.resolve_model(arch, model_id)
     m1, _ = load_model(arch, model_id, device)
     gal, counts, radius = galaxy_counts(arch, model_id, m1.cfg.n_nodes)
     stats = normalisation_stats(counts)
@@ -178,16 +171,15 @@ def build(archive: str | Path, model_id: str | None = None, cfg: DesomConfig | N
     digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()
                             + model_id.encode() + counts.tobytes()).hexdigest()[:10]
     d2_id = f"desom2-{digest}"
-    if d2_id in views.registered_models(arch) and arch.files("fingerprints", model_id=model_id):
+    if d2_id in registry.registered_models(arch) and arch.files("fingerprints", model_id=model_id):
         done = arch.read("fingerprints", columns=["desom2_model_id"], model_id=model_id)
         if done.column(0)[0].as_py() == d2_id:
             return d2_id  # idempotent: already built from the same counts and configuration
     torch.manual_seed(cfg.seed)
-    from desomdb import checkpoint
 
     with arch.writer("desomdb fingerprints") as writer:
         m2 = Desom(cfg).to(device)
-        state = paths.artefact_dir(arch.root, d2_id) / "train_state.pt"
+        state = paths.train_state_path(arch.root, d2_id)
         loop = fit(m2, _batches(train_x, min(cfg.batch_size, len(train_x)),
                                 np.random.default_rng(cfg.seed)),
                    eval_x, np.ones_like(eval_x), device, state, desc=f"train {d2_id}",
@@ -196,26 +188,16 @@ def build(archive: str | Path, model_id: str | None = None, cfg: DesomConfig | N
                                    evaluate(m2, eval_x, np.ones_like(eval_x), device).items()}
         metrics.update(n_galaxies=int(gal.height), n_test=int(test.sum()),
                        train_seconds=loop["seconds"])
-        artefact, sha = checkpoint.save(m2, paths.artefact_dir(arch.root, d2_id), d2_id,
-                                        metrics, {"history": loop["history"], "parent": model_id,
-                                                  "normalisation": stats})
-        state.unlink(missing_ok=True)
         fp, _ = _stage_fingerprints(writer, model_id, d2_id, m2, gal, counts, radius, stats,
                                     test, device)
-        row = {"kind": "desom2", "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "config": json.dumps(cfg.to_dict(), sort_keys=True),
-               "data_spec": json.dumps({"fingerprints_of": model_id,
-                                        "normalisation": "clip 99.9 pct, node 0-1, galaxy 0-1",
-                                        "test_fraction": TEST_FRACTION, "seed": cfg.seed}),
-               "metrics": json.dumps(metrics, sort_keys=True),
-               "recon_mse": metrics["recon_mse_test"], "pca_mse": None,
-               "qe": metrics["qe_test"], "te4": metrics["te4_test"], "te8": metrics["te8_test"],
-               "parent_model_id": model_id,
-               "artefact_path": str(artefact.relative_to(arch.root)), "artefact_sha256": sha,
-               "seed": cfg.seed}
-        reg = writer.stage_table("models", models_row(row),
-                                 f"{paths.model_dir('models', d2_id)}/model.parquet")
-        writer.commit(add=[fp, reg])
+        registry.save_and_register(
+            writer, d2_id, m2, cfg,
+            {"fingerprints_of": model_id,
+             "normalisation": "clip 99.9 pct, node 0-1, galaxy 0-1",
+             "test_fraction": TEST_FRACTION, "seed": cfg.seed},
+            metrics, {"history": loop["history"], "parent": model_id, "normalisation": stats},
+            model_id, also=[fp])
+        state.unlink(missing_ok=True)
     return d2_id
 
 
@@ -225,10 +207,7 @@ def _stage_fingerprints(writer: Writer, model_id: str, d2_id: str, m2: Desom,
                         device: str) -> tuple[StagedFile, pa.Table]:
     """Assign galaxies to the DESOM-2; stage (and return) the fingerprints of ``model_id``."""
     x = normalise_for_desom2(counts, stats)
-    z = encode_all(m2, x, device)
-    with torch.no_grad():
-        d2 = m2.sq_distances(torch.from_numpy(z).to(device)).cpu().numpy()
-    best, _ = bmu_and_runner_up(d2)
+    best = nearest_nodes(m2, encode_all(m2, x, device), device).best
     with np.errstate(invalid="ignore", divide="ignore"):
         frac = counts / counts.sum(axis=1, keepdims=True)
         rad = radius / radius.sum(axis=1, keepdims=True)
@@ -250,7 +229,7 @@ def _stage_fingerprints(writer: Writer, model_id: str, d2_id: str, m2: Desom,
         "split": pa.array(np.where(test, "test", "train")),
     })
     staged = writer.stage_table(
-        "fingerprints", table, f"{paths.model_dir('fingerprints', model_id)}/fingerprints.parquet")
+        "fingerprints", table, paths.model_file("fingerprints", model_id))
     return staged, table
 
 
@@ -277,7 +256,7 @@ def update(archive: str | Path, model_id: str | None = None, device: str = "cpu"
         ``desomdb fingerprints``).
     """
     arch = Archive(archive)
-    model_id = views.resolve_model(arch, model_id)
+    model_id = registry.resolve_model(arch, model_id)
     if not arch.files("fingerprints", model_id=model_id):
         return {}
     old = pl.from_arrow(arch.read("fingerprints", columns=["mangaid", "counts", "desom2_model_id",
@@ -324,7 +303,7 @@ def separation_report(archive: str | Path, model_id: str | None = None) -> dict[
         a random assignment with the same node sizes.
     """
     arch = Archive(archive)
-    model_id = views.resolve_model(arch, model_id)
+    model_id = registry.resolve_model(arch, model_id)
     con = views.connect(arch.root, model=model_id)
     df = con.sql(
         "select f.mangaid, f.desom2_node, any_value(g.nsa_sersic_n) as n, "

@@ -36,7 +36,7 @@ import duckdb
 from intake.readers.datatypes import SQLQuery
 from intake.readers.readers import BaseReader
 
-from desomdb import paths, views
+from desomdb import paths, registry, views
 from desomdb.archive import Archive
 from desomdb.errors import ConfigError
 from desomdb.guard import sandbox
@@ -123,8 +123,8 @@ def check_parameters(archive: str | Path, release: str, model: str
             raise ConfigError(f"{arch.root}: release {release!r} matches none of the archive's "
                               f"releases ({', '.join(known) or 'none'}); give one of them, a "
                               "LIKE pattern such as 'DR1%', or '%' for all")
-    model_id = (views.current_model(arch) if model == "current"
-                else views.resolve_model(arch, model))
+    model_id = (registry.current_model(arch) if model == "current"
+                else registry.resolve_model(arch, model))
     return arch, release, model_id
 
 

@@ -25,14 +25,13 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 from astropy.io import fits
 
-from desomdb import manga, spectra, views
+from desomdb import manga, registry, spectra
 from desomdb.archive import Archive
 from desomdb.errors import ConfigError, InputDataError
-from desomdb.model import bmu_and_runner_up
-from desomdb.train import encode_all, load_model
+from desomdb.inference import encode_all, nearest_nodes
+from desomdb.registry import load_model
 
 #: Default fewest good rest-frame bins (of 4544) for a spectrum to get a node. The paper
 #: trains on spectra with at least 3900; with fewer than ~1000 the encoder sees mostly the
@@ -261,7 +260,7 @@ def predict(archive: str | Path, spectra_file: str | Path, model_id: str | None 
         raise ConfigError(f"min_good_bins must be between 0 and {spectra.N_REST}, got "
                           f"{min_good_bins}")
     arch = Archive(archive)
-    model_id = views.resolve_model(arch, model_id)
+    model_id = registry.resolve_model(arch, model_id)
     model, payload = load_model(arch, model_id, device)
     spec = read_spectra_file(spectra_file)
     n_good, reasons = screen(spec, min_good_bins)
@@ -272,12 +271,9 @@ def predict(archive: str | Path, spectra_file: str | Path, model_id: str | None 
     t0 = time.perf_counter()
     if ok.any():
         x, _ = spectra.normalise(spec.flux[ok], spec.mask[ok], spec.norm[ok])
-        z = encode_all(model, x, device)
-        with torch.no_grad():
-            d2 = model.sq_distances(torch.from_numpy(z).to(device)).cpu().numpy()
-        best_ok, _ = bmu_and_runner_up(d2)
-        best[ok] = best_ok
-        dist[ok] = np.sqrt(np.maximum(d2[np.arange(len(best_ok)), best_ok], 0))
+        found = nearest_nodes(model, encode_all(model, x, device), device)
+        best[ok] = found.best
+        dist[ok] = found.distance
     seconds = time.perf_counter() - t0
     p99 = payload["metrics"].get("distance_p99", np.inf)
     cols = model.cfg.map_cols

@@ -29,7 +29,7 @@ import numpy as np
 import polars as pl
 
 from desomdb import assign as assign_mod
-from desomdb import fingerprint, ingest, jobs, labels, paths, versions, views
+from desomdb import fingerprint, ingest, jobs, labels, paths, registry, versions, views
 from desomdb.archive import Archive, write_json_atomic
 from desomdb.jobs import RefreshOptions
 from desomdb.model import DesomConfig
@@ -98,7 +98,7 @@ def _refresh(archive: str | Path, job: ingest.IngestJob, opts: RefreshOptions,
         report.labels = labels.label(arch.root, release=rel, workers=job.workers,
                                      scheduler=job.scheduler, progress=progress,
                                      max_per_cube=opts.label_max_per_cube)
-    current = views.current_model(arch)
+    current = registry.current_model(arch)
     if current is None:
         report.notes.append("no current DESOM-1 model: train one ('desomdb train') and make "
                             "it current ('desomdb model use') to assign the new spectra")
@@ -158,7 +158,7 @@ def retrain(arch: Archive, parent_id: str, device: str = "cpu", progress: bool =
     """
     from desomdb import train as train_mod
 
-    parent, _ = train_mod.load_model(arch, parent_id, device)
+    parent, _ = registry.load_model(arch, parent_id, device)
     spec = arch.read("models", columns=["data_spec"], model_id=parent_id).column(0)[0].as_py()
     where = json.loads(spec).get("where", train_mod.DEFAULT_WHERE)
     cfg = warm_start_config(parent.cfg, parent_id)

@@ -22,17 +22,15 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from desomdb import checkpoint, paths, spectra, views
-from desomdb.archive import Archive, Writer
-from desomdb.errors import ArchiveError, ConfigError, ModelError, QueryError
+from desomdb import checkpoint, inference, paths, registry, views
+from desomdb.archive import Archive
+from desomdb.errors import ArchiveError, ConfigError, ModelError
 from desomdb.model import (
     Desom,
     DesomConfig,
-    bmu_and_runner_up,
     init_prototypes,
     masked_mse,
     quantization_error,
@@ -103,33 +101,17 @@ def select_training(arch: Archive, where: str = DEFAULT_WHERE, seed: int = 0) ->
     return Selection(df.join(gal, on="mangaid"), where, seed)
 
 
-def spectra_files(arch: Archive) -> dict[tuple[str, str], Path]:
-    """(release, plateifu) -> the Parquet file with that cube's spectra."""
-    out = {}
-    for f in arch.files("spectra"):
-        release = f.parent.name.split("=", 1)[1]
-        plateifu = f.name.split("-", 1)[1].rsplit("-", 1)[0]
-        out[(release, plateifu)] = f
-    return out
-
-
-def normalised(table: pa.Table, norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised flux (masked bins 0) and weights (0 masked, 1 good), float32 (n, 4544)."""
-    return spectra.normalise(spectra.from_list_column(table.column("flux")),
-                             spectra.from_list_column(table.column("mask")), norm)
-
-
 def _cube_rows(file: Path, group: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Normalised spectra and weights of one cube's selected baxels, in ``group`` order."""
     t = pq.read_table(file)
     pos = {int(b): i for i, b in enumerate(t.column("bin_id").to_numpy())}
-    return normalised(t.take([pos[int(b)] for b in group["bin_id"]]),
+    return inference.normalised(t.take([pos[int(b)] for b in group["bin_id"]]),
                       group["norm_flux"].to_numpy())
 
 
 def load_rows(arch: Archive, rows: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Normalised spectra and weights of the given rows, in their order."""
-    files = spectra_files(arch)
+    files = arch.cube_files("spectra")
     xs, ws, order = [], [], []
     for (release, plateifu), group in rows.with_row_index("_i").group_by(
         "release", "plateifu", maintain_order=True
@@ -224,7 +206,7 @@ class BatchStream:
 def stream_batches(arch: Archive, rows: pl.DataFrame, batch_size: int, rng: np.random.Generator,
                    buffer_rows: int = 8192) -> BatchStream:
     """Endless shuffled batches, reading a few cubes at a time (memory ~ buffer_rows)."""
-    files = spectra_files(arch)
+    files = arch.cube_files("spectra")
     groups = dict(rows.group_by("release", "plateifu"))
     keys = list(groups)
 
@@ -259,23 +241,6 @@ def model_id_for(cfg: DesomConfig, selection: Selection, arch: Archive) -> str:
     return f"{cfg.kind}-{h.hexdigest()[:10]}"
 
 
-@torch.no_grad()
-def encode_all(model: Desom, x: np.ndarray, device: str, batch: int = 1024,
-               precision: str = "fp32") -> np.ndarray:
-    """Latent vectors of normalised spectra (n, 4544) -> (n, latent), float32.
-
-    ``precision="bf16"`` runs the encoder under bfloat16 autocast: 1.7× faster for the
-    compact network on this CPU (1.1× for the paper network), latents within ~0.5 %.
-    """
-    device_type = "cuda" if str(device).startswith("cuda") else "cpu"
-    out = []
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        for s in range(0, len(x), batch):
-            z = model.encode(torch.from_numpy(x[s : s + batch]).to(device))
-            out.append(z.float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.cfg.latent), np.float32)
-
-
 def evaluate(model: Desom, x: np.ndarray, w: np.ndarray, device: str) -> dict[str, float]:
     """Reconstruction MSE, QE, TE (4 and 8 neighbours) and node usage on a sample."""
     model.eval()
@@ -283,16 +248,15 @@ def evaluate(model: Desom, x: np.ndarray, w: np.ndarray, device: str) -> dict[st
         xt, wt = torch.from_numpy(x).to(device), torch.from_numpy(w).to(device)
         z = model.encode(xt)
         mse = float(masked_mse(xt, model.decode(z), wt))
-        d2 = model.sq_distances(z).cpu().numpy()
-    best, second = bmu_and_runner_up(d2)
+    found = inference.nearest_nodes(model, z.cpu().numpy(), device)
     cols = model.cfg.map_cols
     model.train()
     return {
         "recon_mse": mse,
-        "qe": quantization_error(d2[np.arange(len(best)), best]),
-        "te4": topographic_error(best, second, cols, 4),
-        "te8": topographic_error(best, second, cols, 8),
-        "frac_nodes_used": float(np.unique(best).size / model.cfg.n_nodes),
+        "qe": quantization_error(found.distance.astype(np.float64) ** 2),
+        "te4": topographic_error(found.best, found.second, cols, 4),
+        "te8": topographic_error(found.best, found.second, cols, 8),
+        "frac_nodes_used": float(np.unique(found.best).size / model.cfg.n_nodes),
     }
 
 
@@ -361,7 +325,7 @@ def fit(
         it = loop["it"]
         if it == cfg.pretrain_iters and not loop["initialised"]:
             sample = [next(batches)[0] for _ in range(max(2, cfg.n_nodes // cfg.batch_size + 1))]
-            latents = encode_all(model, np.concatenate(sample), device)
+            latents = inference.encode_all(model, np.concatenate(sample), device)
             init_prototypes(model, torch.from_numpy(latents).to(device), cfg.seed)
             loop["initialised"] = True
         xb, wb = (torch.from_numpy(a).to(device) for a in next(batches))
@@ -440,7 +404,7 @@ def train(
     rng = np.random.default_rng(cfg.seed)
     selection = select_training(arch, where, cfg.seed)
     model_id = model_id_for(cfg, selection, arch)
-    if model_id in views.registered_models(arch):
+    if model_id in registry.registered_models(arch):
         return model_id  # idempotent: the same data and configuration give the same model
     train_rows = selection.rows.filter(pl.col("split") == "train")
     test_rows = selection.rows.filter(pl.col("split") == "test")
@@ -452,7 +416,7 @@ def train(
         model = Desom(cfg).to(device)
         if init_state is not None:
             model.load_state_dict(init_state)
-        state_path = paths.artefact_dir(arch.root, model_id) / "train_state.pt"
+        state_path = paths.train_state_path(arch.root, model_id)
         batches = stream_batches(arch, train_rows, cfg.batch_size, rng)
         loop = fit(model, batches, x_eval, w_eval, device, state_path,
                    desc=f"train {model_id}", progress=progress,
@@ -461,11 +425,13 @@ def train(
         metrics = _final_metrics(arch, model, train_rows, x_eval, w_eval, device, rng)
         metrics.update(iterations_run=loop["it"], train_seconds=seconds,
                        train_spectra_per_s=loop["it"] * cfg.batch_size / max(seconds, 1e-9))
-        artefact, digest = checkpoint.save(model, paths.artefact_dir(arch.root, model_id),
-                                           model_id, metrics,
-                                           {"history": loop["history"],
-                                            "resumed_at": loop["resumed_at"]})
-        _register(writer, model_id, cfg, selection, metrics, artefact, digest, parent_model_id)
+        splits = selection.rows.select("mangaid", "split").unique().sort("mangaid")
+        split_file = writer.stage_table("splits", splits.to_arrow(),
+                                        paths.model_file("splits", model_id))
+        registry.save_and_register(
+            writer, model_id, model, cfg, selection.spec(), metrics,
+            {"history": loop["history"], "resumed_at": loop["resumed_at"]},
+            parent_model_id, also=[split_file])
         state_path.unlink(missing_ok=True)
     return model_id
 
@@ -473,16 +439,15 @@ def train(
 def _final_metrics(arch: Archive, model: Desom, train_rows: pl.DataFrame, x_eval: np.ndarray,
                    w_eval: np.ndarray, device: str, rng: np.random.Generator) -> dict[str, Any]:
     m = evaluate(model, x_eval, w_eval, device)
-    with torch.no_grad():
-        z = model.encode(torch.from_numpy(x_eval).to(device))
-        d_best = model.sq_distances(z).min(dim=1).values.clamp_min(0).sqrt().cpu().numpy()
+    d_best = inference.nearest_nodes(
+        model, inference.encode_all(model, x_eval, device), device).distance
     fit_rows = train_rows.sample(min(N_PCA_FIT, train_rows.height),
                                  seed=int(rng.integers(1_000_000_000)))
     x_fit, _ = load_rows(arch, fit_rows)
     pca = pca_baseline(x_fit, x_eval, w_eval)
-    with torch.no_grad():  # the training distribution of latent distances (drift threshold)
-        z_fit = torch.from_numpy(encode_all(model, x_fit, device)).to(device)
-        d_train = model.sq_distances(z_fit).min(dim=1).values.clamp_min(0).sqrt().cpu().numpy()
+    # The training distribution of latent distances (the drift threshold).
+    d_train = inference.nearest_nodes(
+        model, inference.encode_all(model, x_fit, device), device).distance
     return {"recon_mse_test": m["recon_mse"], "pca_mse_test": pca,
             "ae_over_pca": m["recon_mse"] / pca if pca > 0 else float("nan"),
             "qe": m["qe"], "te4": m["te4"], "te8": m["te8"],
@@ -490,49 +455,3 @@ def _final_metrics(arch: Archive, model: Desom, train_rows: pl.DataFrame, x_eval
             "distance_p99": float(np.percentile(d_train, 99)),
             "distance_p99_test": float(np.percentile(d_best, 99)),
             "pca_components": int(min(PCA_COMPONENTS, len(x_fit) - 1))}
-
-
-#: Column types of a ``models`` row (fixed so that nulls never change a column's type).
-MODELS_SCHEMA = pa.schema([
-    ("kind", pa.string()), ("created_at", pa.string()), ("config", pa.string()),
-    ("data_spec", pa.string()), ("metrics", pa.string()), ("recon_mse", pa.float64()),
-    ("pca_mse", pa.float64()), ("qe", pa.float64()), ("te4", pa.float64()),
-    ("te8", pa.float64()), ("parent_model_id", pa.string()), ("artefact_path", pa.string()),
-    ("artefact_sha256", pa.string()), ("seed", pa.int64()),
-])
-
-
-def models_row(row: dict[str, Any]) -> pa.Table:
-    """One ``models`` registry row with :data:`MODELS_SCHEMA` types."""
-    return pa.Table.from_pylist([row], schema=MODELS_SCHEMA)
-
-
-def _register(writer: Writer, model_id: str, cfg: DesomConfig, selection: Selection,
-              metrics: dict[str, Any], artefact: Path, digest: str,
-              parent: str | None) -> None:
-    rel_artefact = str(artefact.relative_to(writer.root))
-    row = {
-        "kind": cfg.kind, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "config": json.dumps(cfg.to_dict(), sort_keys=True),
-        "data_spec": json.dumps(selection.spec(), sort_keys=True),
-        "metrics": json.dumps(metrics, sort_keys=True),
-        "recon_mse": metrics.get("recon_mse_test"), "pca_mse": metrics.get("pca_mse_test"),
-        "qe": metrics.get("qe"), "te4": metrics.get("te4"), "te8": metrics.get("te8"),
-        "parent_model_id": parent, "artefact_path": rel_artefact, "artefact_sha256": digest,
-        "seed": cfg.seed,
-    }
-    models = writer.stage_table("models", models_row(row),
-                                f"{paths.model_dir('models', model_id)}/model.parquet")
-    splits = selection.rows.select("mangaid", "split").unique().sort("mangaid")
-    split_file = writer.stage_table("splits", splits.to_arrow(),
-                                    f"{paths.model_dir('splits', model_id)}/splits.parquet")
-    writer.commit(add=[models, split_file])
-
-
-def load_model(arch: Archive, model_id: str, device: str = "cpu") -> tuple[Desom, dict[str, Any]]:
-    """Load a registered model's artefact (hash-verified)."""
-    t = arch.read("models", columns=["artefact_path"], model_id=model_id)
-    if t.num_rows != 1:
-        raise QueryError(f"model {model_id} has {t.num_rows} registry rows")
-    return checkpoint.load(arch.root / t.column("artefact_path")[0].as_py(), device)
-

@@ -10,7 +10,6 @@ read-only (:class:`ReadOnlyConnection`: every statement passes
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -18,68 +17,10 @@ from typing import Any, Literal, overload
 import duckdb
 
 from desomdb import paths
-from desomdb.archive import Archive, on_commit, write_json_atomic, write_text_atomic
-from desomdb.errors import ModelError, QueryError
+from desomdb.archive import Archive, on_commit, write_text_atomic
+from desomdb.errors import QueryError
 from desomdb.guard import check_read_only, sandbox, syntax_error_message
-
-
-def current_model(archive: Archive, kind: str = "desom1") -> str | None:
-    """Return the archive's current model id of ``kind`` (None if none was made current)."""
-    path = archive.root / paths.CURRENT_MODEL
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path}: damaged ({exc}); set the current model again with "
-                         "'desomdb model use ID' (see 'desomdb model list')") from None
-    if not isinstance(data, dict) or not all(
-            isinstance(v, str) or v is None for v in data.values()):
-        raise ModelError(f"{path}: not a mapping of kind -> model id; set the current "
-                         "model again with 'desomdb model use ID'")
-    value = data.get(kind)
-    return str(value) if value else None
-
-
-def set_current_model(archive: Archive, model_id: str, kind: str = "desom1") -> None:
-    """Make ``model_id`` the current model of ``kind`` (explicit, reversible)."""
-    known = registered_models(archive)
-    if model_id not in known:
-        raise ModelError(f"{archive.root}: no registered model {model_id!r}; registered: "
-                         f"{sorted(known) or 'none'} (see 'desomdb model list')")
-    if known[model_id] != kind:
-        raise ModelError(f"{model_id} is a {known[model_id]} model, not {kind}")
-    path = archive.root / paths.CURRENT_MODEL
-    try:
-        data = json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, json.JSONDecodeError):
-        data = {}  # damaged: rewritten below with the model the user names
-    if not isinstance(data, dict):
-        data = {}
-    data[kind] = model_id
-    write_json_atomic(path, data)
-
-
-def registered_models(archive: Archive) -> dict[str, str]:
-    """model_id -> kind of every registered model."""
-    if not archive.has_table("models"):
-        return {}
-    t = archive.read("models", columns=["model_id", "kind"])
-    return dict(zip(t.column("model_id").to_pylist(), t.column("kind").to_pylist(), strict=True))
-
-
-def resolve_model(archive: Archive, model_id: str | None, kind: str = "desom1") -> str:
-    """``model_id`` if given (and registered), else the current model; clear errors."""
-    if model_id is None:
-        model_id = current_model(archive, kind)
-        if model_id is None:
-            raise ModelError(f"{archive.root}: no current {kind} model; train one with "
-                             "'desomdb train' or pick one with --model")
-    known = registered_models(archive)
-    if model_id not in known:
-        raise ModelError(f"{archive.root}: model {model_id!r} is not registered; registered: "
-                         f"{', '.join(sorted(known)) or 'none'} (see 'desomdb model list')")
-    return model_id
+from desomdb.registry import current_model, resolve_model
 
 
 def _file_list(files: list[str]) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from desomdb import ingest, mock
+from desomdb import ingest, mock, registry
 
 
 @pytest.fixture(scope="session")
@@ -73,14 +73,14 @@ TINY = {"iterations": 120, "decay_iters": 80, "pretrain_iters": 40, "eval_every"
 @pytest.fixture(scope="session")
 def trained_archive(labelled_archive: Path, tmp_path_factory: pytest.TempPathFactory):
     """A copy of the labelled archive with a tiny DESOM-1 trained, made current, assigned."""
-    from desomdb import assign, model, train, views
+    from desomdb import assign, model, train
     from desomdb.archive import Archive
 
     arch = tmp_path_factory.mktemp("trained") / "arch"
     shutil.copytree(labelled_archive, arch)
     cfg = model.compact_config(**TINY)
     model_id = train.train(arch, cfg, where="true", progress=False)
-    views.set_current_model(Archive(arch), model_id)
+    registry.set_current_model(Archive(arch), model_id)
     assign.assign(arch, progress=False)
     return arch, model_id, cfg
 

@@ -2,7 +2,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from desomdb import fingerprint, views
+from desomdb import fingerprint, registry, views
 from desomdb.archive import Archive
 
 
@@ -64,4 +64,4 @@ def test_one_galaxy_query_is_direct(with_fingerprints) -> None:
     rows = con.sql(f"select node, n_baxels from galaxy_fingerprint where mangaid = '{mangaid}'"
                    ).pl()
     assert rows["n_baxels"].sum() > 0
-    assert views.current_model(Archive(arch_path)) is not None
+    assert registry.current_model(Archive(arch_path)) is not None

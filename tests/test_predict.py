@@ -10,7 +10,7 @@ import pytest
 from astropy.io import fits
 from click.testing import CliRunner
 
-from desomdb import predict, spectra, train
+from desomdb import predict, spectra
 from desomdb.archive import Archive
 from desomdb.cli import main
 from desomdb.errors import ConfigError, InputDataError
@@ -31,7 +31,7 @@ def _write_parquet(path: Path, flux: np.ndarray, mask: np.ndarray, **extra) -> P
 def bad_spectra(trained_archive, tmp_path_factory) -> Path:
     """One good archive spectrum, then one of each class the network cannot judge."""
     arch_path, _, _ = trained_archive
-    t = pq.read_table(sorted(train.spectra_files(Archive(arch_path)).values())[0])
+    t = pq.read_table(sorted(Archive(arch_path).cube_files("spectra").values())[0])
     flux = spectra.from_list_column(t.column("flux"))[:1].astype(np.float64)
     mask = spectra.from_list_column(t.column("mask"))[:1].copy()
     wave = spectra.rest_wave_aa()

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from polars.testing import assert_frame_equal
 
-from desomdb import ingest, mock, refresh, status, views
+from desomdb import ingest, mock, refresh, registry, status, views
 from desomdb.archive import Archive
 from desomdb.cli import main
 from desomdb.errors import LockError
@@ -149,8 +149,8 @@ def test_fingerprints_follow_without_retraining(releases, refreshed) -> None:
     target, report = refreshed
     f = report.fingerprints
     assert f["desom2_model_id"] == d2 and f["n_galaxies"] == 4 and f["n_new"] == 2
-    assert set(views.registered_models(Archive(target))) == \
-        set(views.registered_models(Archive(root / "base")))  # no model trained
+    assert set(registry.registered_models(Archive(target))) == \
+        set(registry.registered_models(Archive(root / "base")))  # no model trained
     old = tables(root / "base")["fingerprints"]
     new = tables(target)["fingerprints"]
     assert new.height == 4 and set(old["mangaid"]) < set(new["mangaid"])
@@ -222,7 +222,7 @@ def test_retrain_records_parent_reports_movement_and_never_switches(releases, re
     new_id = rep.new_model_id
     assert new_id and new_id != model_id
     arch = Archive(copy)
-    assert views.current_model(arch) == model_id  # never switched silently
+    assert registry.current_model(arch) == model_id  # never switched silently
     con = views.connect(copy)
     parent, spec = con.sql("select parent_model_id, config from models where model_id = ?",
                            params=[new_id]).fetchall()[0]
@@ -253,9 +253,9 @@ def test_retrain_records_parent_reports_movement_and_never_switches(releases, re
     assert arch.files("fingerprints", model_id=new_id)  # its own fingerprints and DESOM-2
     # Switching is one explicit, reversible step.
     assert CliRunner().invoke(main, ["model", "use", str(copy), new_id]).exit_code == 0
-    assert views.current_model(arch) == new_id
+    assert registry.current_model(arch) == new_id
     assert CliRunner().invoke(main, ["model", "use", str(copy), model_id]).exit_code == 0
-    assert views.current_model(arch) == model_id
+    assert registry.current_model(arch) == model_id
 
 
 def test_refresh_job_file(tmp_path) -> None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from desomdb import assign, checkpoint, model, train, views
+from desomdb import assign, checkpoint, inference, model, registry, train, views
 from desomdb.archive import Archive
 from desomdb.cli import main
 from desomdb.errors import ConfigError, ModelError, QueryError
@@ -24,12 +24,12 @@ def test_model_is_registered_with_metrics(trained_archive) -> None:
     for key in ("recon_mse", "pca_mse", "qe", "te4", "te8"):
         assert np.isfinite(row[key]), key
     assert row["artefact_sha256"] and row["artefact_path"].endswith(".pt")
-    assert views.current_model(Archive(arch_path)) == model_id
+    assert registry.current_model(Archive(arch_path)) == model_id
 
 
 def test_loss_decreases(trained_archive) -> None:
     arch_path, model_id, _ = trained_archive
-    _, payload = train.load_model(Archive(arch_path), model_id)
+    _, payload = registry.load_model(Archive(arch_path), model_id)
     history = payload["extra"]["history"]
     assert history[-1]["recon_mse"] < history[0]["recon_mse"]
 
@@ -44,8 +44,8 @@ def test_split_is_by_galaxy(trained_archive) -> None:
 def test_reload_is_bit_identical(trained_archive) -> None:
     arch_path, model_id, _ = trained_archive
     arch = Archive(arch_path)
-    m1, _ = train.load_model(arch, model_id)
-    m2, _ = train.load_model(arch, model_id)
+    m1, _ = registry.load_model(arch, model_id)
+    m2, _ = registry.load_model(arch, model_id)
     for k, v in m1.state_dict().items():
         assert torch.equal(v, m2.state_dict()[k])
     x = torch.randn(3, 4544)
@@ -161,11 +161,11 @@ def test_training_killed_with_sigkill_resumes_bit_identically(trained_archive, l
     saved = torch.load(state, weights_only=True)
     total = cfg.pretrain_iters + cfg.iterations
     assert 0 < saved["loop"]["it"] < total and saved["loop"]["batches"] > 0
-    assert model_id not in views.registered_models(Archive(arch))
+    assert model_id not in registry.registered_models(Archive(arch))
 
     assert train.train(arch, cfg, where="true", progress=False) == model_id
-    resumed, r_meta = train.load_model(Archive(arch), model_id)
-    reference, ref_meta = train.load_model(Archive(trained_archive[0]), model_id)
+    resumed, r_meta = registry.load_model(Archive(arch), model_id)
+    reference, ref_meta = registry.load_model(Archive(trained_archive[0]), model_id)
     for k, v in reference.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
     drop = lambda m: {k: v for k, v in m.items() if k not in _TIMING}  # noqa: E731
@@ -288,11 +288,11 @@ def test_status_summarises_the_archive(trained_archive) -> None:
 def test_bf16_encoding_agrees_with_fp32(trained_archive) -> None:
     arch_path, model_id, _ = trained_archive
     arch = Archive(arch_path)
-    m, _ = train.load_model(arch, model_id)
+    m, _ = registry.load_model(arch, model_id)
     rows = train.select_training(arch, "true", 0).rows
     x, _ = train.load_rows(arch, rows)
-    z32 = train.encode_all(m, x, "cpu")
-    z16 = train.encode_all(m, x, "cpu", precision="bf16")
+    z32 = inference.encode_all(m, x, "cpu")
+    z16 = inference.encode_all(m, x, "cpu", precision="bf16")
     assert z16.dtype == np.float32
     assert np.linalg.norm(z32 - z16) / np.linalg.norm(z32) < 0.02
     with torch.no_grad():
@@ -331,7 +331,7 @@ def test_bf16_training_learns_and_is_recorded(labelled_archive, tmp_path) -> Non
     shutil.copytree(labelled_archive, arch)
     cfg = model.compact_config(**{**TINY, "precision": "bf16"})
     model_id = train.train(arch, cfg, where="true", progress=False)
-    _, payload = train.load_model(Archive(arch), model_id)
+    _, payload = registry.load_model(Archive(arch), model_id)
     mse = [h["recon_mse"] for h in payload["extra"]["history"]]
     assert mse[-1] < 0.7 * mse[0]
     row = views.connect(arch).sql("select config from models where model_id = ?",
