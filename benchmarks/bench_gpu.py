@@ -122,8 +122,8 @@ def main() -> None:
                "recon_mse_test": metrics["recon_mse_test"],
                "pca256_mse_test": metrics["pca_mse_test"],
                "ae_over_pca": metrics["ae_over_pca"], "qe": metrics["qe"],
-               "te4": metrics["te4"], "assign_spectra_per_s": out["spectra_per_s"],
-               "seconds_per_10k_spectra": 1e4 / out["spectra_per_s"],
+               "te4": metrics["te4"], "assign_spectra_per_s": out.spectra_per_s,
+               "seconds_per_10k_spectra": 1e4 / out.spectra_per_s,
                "paper_cpu_seconds_per_10k": 150.0, "gpu_peak_mb": peak,
                "host_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     print(json.dumps(summary))

@@ -95,7 +95,7 @@ if stage == "train":
     extra = {}
 else:
     out = assign.assign(root, progress=False)
-    extra = {"spectra_per_s": out["spectra_per_s"], "n": out["n_assigned"]}
+    extra = {"spectra_per_s": out.spectra_per_s, "n": out.n_assigned}
 print(json.dumps({"stage": stage, "seconds": time.perf_counter() - t,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   **extra}))

@@ -12,6 +12,7 @@ edges fixed per label so node PDFs are comparable.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,33 @@ def assign_table(model: Desom, table: pa.Table, norm: np.ndarray, device: str = 
     return rows, best, x, w
 
 
+@dataclass(frozen=True)
+class AssignReport:
+    """Outcome of :func:`assign`.
+
+    Attributes
+    ----------
+    model_id : str
+    n_assigned : int
+        Baxels of the current version of each cube on the map (those in the node co-adds).
+    n_encoded : int
+        Spectra encoded by this run (0 on a rerun).
+    n_cubes : int
+    seconds : float
+    spectra_per_s : float
+        Encoding throughput of this run (NaN when nothing was encoded).
+    """
+
+    model_id: str
+    n_assigned: int
+    n_encoded: int
+    n_cubes: int
+    seconds: float
+    spectra_per_s: float
+
+
 def assign(archive: str | Path, model_id: str | None = None, device: str = "cpu",
-           progress: bool = True, precision: str = "fp32") -> dict[str, Any]:
+           progress: bool = True, precision: str = "fp32") -> AssignReport:
     """Assign every baxel of every release with a DESOM-1 model; write nodes/node_labels.
 
     Resumable: cubes already assigned under this model are not re-encoded (their rows are
@@ -143,9 +169,8 @@ def assign(archive: str | Path, model_id: str | None = None, device: str = "cpu"
         seconds = time.perf_counter() - t0
         _write_nodes(writer, model, model_id, counts, sum_x, sum_w, device)
         _write_node_labels(writer, arch, model_id)
-    return {"model_id": model_id, "n_assigned": int(counts.sum()), "n_encoded": n_encoded,
-            "n_cubes": len(files), "seconds": seconds,
-            "spectra_per_s": n_encoded / seconds if seconds > 0 else float("nan")}
+    return AssignReport(model_id, int(counts.sum()), n_encoded, len(files), seconds,
+                        n_encoded / seconds if seconds > 0 else float("nan"))
 
 
 def _write_nodes(writer: Writer, model: Desom, model_id: str, counts: np.ndarray,

@@ -7,6 +7,7 @@ the process with a non-zero exit code.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -90,22 +91,29 @@ def main() -> None:
               "its galaxies first, some cubes re-processed, the rest copied unchanged")
 @click.option("--reprocess", type=float, default=0.25, show_default=True,
               help="with --previous: fraction of its cubes re-processed (new checksum)")
+@click.option("--library", type=click.Choice(["miuscat", "bc03"]), default="miuscat",
+              show_default=True,
+              help="SSP library to render from: miuscat (the one the fits use: accuracy is an "
+              "upper limit) or bc03 (a second library the fits never see; truth weighted by "
+              "initial mass)")
 @_friendly_errors
 def mock(out: Path, n_galaxies: int, release: str, seed: int, workers: int,
-         scheduler: str | None, ifu_sizes: str, previous: str | None, reprocess: float) -> None:
+         scheduler: str | None, ifu_sizes: str, previous: str | None, reprocess: float,
+         library: str) -> None:
     """Generate a mock MaNGA survey (DRP LOGCUBEs + drpall + truth) with known labels.
 
     \b
     Example:
       desomdb mock /tmp/survey --galaxies 20 --release DR15 --seed 1
       desomdb mock /tmp/survey --galaxies 30 --release DR17 --seed 1 --previous DR15
+      desomdb mock /tmp/bc03 --galaxies 8 --release DR15 --seed 1 --library bc03
     """
     import desomdb.mock as mock_mod
 
     result = mock_mod.generate_survey(
         out, n_galaxies=n_galaxies, release=release, seed=seed, workers=workers,
         ifu_sizes=_ifu_sizes(ifu_sizes), scheduler=scheduler, previous=previous,
-        reprocess=reprocess,
+        reprocess=reprocess, library=library,
     )
     click.echo(f"wrote {result.n_cubes} cubes to {result.release_dir}")
     click.echo(f"drpall: {result.drpall_path}")
@@ -288,8 +296,8 @@ def assign(archive: Path, model_id: str | None, device: str, precision: str) -> 
     from desomdb import assign as assign_mod
 
     out = assign_mod.assign(archive, model_id, device=device, precision=precision)
-    click.echo(f"{out['model_id']}: {out['n_assigned']} baxels in {out['n_cubes']} cubes "
-               f"({out['n_encoded']} encoded now, {out['spectra_per_s']:.0f} spectra/s)")
+    click.echo(f"{out.model_id}: {out.n_assigned} baxels in {out.n_cubes} cubes "
+               f"({out.n_encoded} encoded now, {out.spectra_per_s:.0f} spectra/s)")
 
 
 @main.command()
@@ -360,8 +368,10 @@ def fingerprints(archive: Path, model_id: str | None, device: str) -> None:
 
     d2 = fingerprint.build(archive, model_id, device=device)
     click.echo(f"DESOM-2 model: {d2}")
-    for key, value in fingerprint.separation_report(archive, model_id).items():
-        click.echo(f"  {key}: {value:.3f}")
+    sep = fingerprint.separation_report(archive, model_id)
+    for key, value in dataclasses.asdict(sep).items():
+        if value is not None:
+            click.echo(f"  {key}: {value:.3f}")
 
 
 @main.command()
@@ -418,24 +428,24 @@ def refresh(archive: Path, jobfile: Path | None, cubes: str | None, drpall: Path
         click.echo(f"labels: {report.labels.n_cubes} cubes fitted, "
                    f"{report.labels.n_skipped_cubes} already labelled")
     if report.assign:
-        click.echo(f"assigned with {report.model_id}: {report.assign['n_encoded']} spectra "
-                   f"encoded now, {report.assign['n_assigned']} current baxels in the map")
+        click.echo(f"assigned with {report.model_id}: {report.assign.n_encoded} spectra "
+                   f"encoded now, {report.assign.n_assigned} current baxels in the map")
     if report.fingerprints:
         f = report.fingerprints
-        click.echo(f"fingerprints: {f['n_galaxies']} galaxies ({f['n_new']} new, "
-                   f"{f['n_changed']} changed), DESOM-2 {f['desom2_model_id']}: "
-                   f"{f['n_moved']} earlier galaxies changed node")
+        click.echo(f"fingerprints: {f.n_galaxies} galaxies ({f.n_new} new, "
+                   f"{f.n_changed} changed), DESOM-2 {f.desom2_model_id}: "
+                   f"{f.n_moved} earlier galaxies changed node")
     if report.drift:
         d = report.drift
-        click.echo(f"drift in {d['release']}: {d['n_beyond_p99']} of {d['n_baxels']} baxels "
-                   f"({100 * d['frac_beyond_p99']:.1f} %, ~1 % expected) beyond the model's "
+        click.echo(f"drift in {d.release}: {d.n_beyond_p99} of {d.n_baxels} baxels "
+                   f"({100 * d.frac_beyond_p99:.1f} %, ~1 % expected) beyond the model's "
                    "training p99 distance (views drift, poorly_represented)")
     if report.comparison:
         c = report.comparison
         click.echo(f"retrained {report.new_model_id} (parent {report.model_id}): node changed "
-                   f"for {100 * c['frac_node_changed']:.1f} % of {c['n_baxels']} baxels, "
-                   f"{100 * c['frac_moved_beyond_neighbour']:.1f} % beyond a neighbour")
-        for label, shift in sorted(c["label_drift"].items()):
+                   f"for {100 * c.frac_node_changed:.1f} % of {c.n_baxels} baxels, "
+                   f"{100 * c.frac_moved_beyond_neighbour:.1f} % beyond a neighbour")
+        for label, shift in sorted(c.label_drift.items()):
             click.echo(f"  node-median drift of {label}: {shift:.2f} x the node's 1-sigma width")
     for note in report.notes:
         click.echo(note)
@@ -458,8 +468,11 @@ def _echo_stale_report(archive: Path) -> None:
 @main.command()
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.argument("query", required=False)
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]),
-              default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet", "fits",
+                                                   "votable"]),
+              default="table", show_default=True,
+              help="parquet, fits and votable (need --output) carry units, descriptions "
+                   "and provenance")
 @click.option("--output", type=click.Path(path_type=Path), help="write to this file")
 @click.option("--model", "model_id", help="model for the convenience views (default: current)")
 @click.option("--setup", is_flag=True, help="print the DuckDB CLI setup script instead")
@@ -470,15 +483,17 @@ def sql(archive: Path, query: str | None, fmt: str, output: Path | None, model_i
 
     Views: cubes, galaxies, baxels, spectra, bin_map, labels, truth, models,
     nodes, assignments, node_labels, fingerprints, splits, and baxel_labels,
-    node_summary, galaxy_fingerprint, latest_cubes, drift, poorly_represented
-    (columns in sql/schema.yml). QUERY must be one SELECT (or EXPLAIN of one);
+    node_summary, galaxy_fingerprint, galaxy_summary, latest_cubes, drift,
+    poorly_represented (columns in sql/schema.yml). QUERY must be one SELECT (or EXPLAIN of one);
     anything else, and reading files outside the archive, is refused. --model
     must be a registered model. For the plain DuckDB CLI:
-    cd ARCHIVE && duckdb -cmd ".read setup.sql".
+    cd ARCHIVE && duckdb -cmd ".read setup.sql". cone(ra_deg, dec_deg,
+    radius_arcsec) lists the galaxies within a radius.
 
     \b
     Example:
       desomdb sql /tmp/archive "select node, median(age_mw_gyr) from baxel_labels group by node"
+      desomdb sql /tmp/archive "select * from galaxy_summary" --format fits --output gal.fits
     """
     from desomdb import views as views_mod
 
@@ -487,10 +502,18 @@ def sql(archive: Path, query: str | None, fmt: str, output: Path | None, model_i
         return
     if not query:
         raise ConfigError("give a QUERY (or --setup)")
+    if fmt in ("parquet", "fits", "votable"):
+        from desomdb import export
+
+        if output is None:
+            raise ConfigError(f"--format {fmt} needs --output FILE")
+        done = export.export_query(archive, query, output, fmt, model_id)
+        click.echo(f"wrote {done.n_rows} rows to {output}")
+        if done.dropped:
+            click.echo(f"left out (nested columns {fmt} cannot hold): {', '.join(done.dropped)}")
+        return
     con = views_mod.connect(archive, model=model_id)
     rel = views_mod.query(con, query)
-    if fmt == "parquet" and output is None:
-        raise ConfigError("--format parquet needs --output FILE")
     df = rel.pl()
     if fmt == "table":
         with pl_config():
@@ -500,15 +523,68 @@ def sql(archive: Path, query: str | None, fmt: str, output: Path | None, model_i
         text = flat.write_csv()
     elif fmt == "json":
         text = df.write_json()
-    if fmt == "parquet":
-        assert output is not None
-        df.write_parquet(output)
-        click.echo(f"wrote {df.height} rows to {output}")
-    elif output is not None:
+    if output is not None:
         output.write_text(text)
         click.echo(f"wrote {df.height} rows to {output}")
     else:
         click.echo(text)
+
+
+@main.command("export-hats")
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--model", "model_id", help="DESOM-1 model of the node columns (default: current)")
+@click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
+@_friendly_errors
+def export_hats(archive: Path, out: Path, model_id: str | None, overwrite: bool) -> None:
+    """Write the galaxies as a HATS catalog (hats-import) for LSDB cross-matches.
+
+    One row per cube in its newest release: RA/Dec, redshift, drpall columns,
+    median labels, fingerprint peak node and DESOM-2 node (the galaxy_summary
+    view), with units in the Parquet metadata and provenance in
+    hats.properties. Needs the 'hats' extra: pip install "desomdb[hats]".
+
+    \b
+    Example:
+      desomdb export-hats /tmp/archive /tmp/desomdb_galaxies
+      python -c "import lsdb; print(lsdb.open_catalog('/tmp/desomdb_galaxies'))"
+    """
+    from desomdb import export_hats as hats_mod
+
+    done = hats_mod.export_hats(archive, out, model=model_id, overwrite=overwrite)
+    click.echo(f"wrote {done.n_rows} galaxies to {done.path} (HATS; model "
+               f"{done.provenance.model_id})")
+    if done.n_without_position:
+        click.echo(f"left out {done.n_without_position} galaxies without RA/Dec")
+
+
+@main.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("plateifu")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="output FITS file (overwritten)")
+@click.option("--release", help="data release (default: the cube's newest)")
+@click.option("--model", "model_id", help="DESOM-1 model of the NODE image (default: current)")
+@_friendly_errors
+def maps(archive: Path, plateifu: str, out: Path, release: str | None,
+         model_id: str | None) -> None:
+    """Write one galaxy's label maps as FITS images with the cube's WCS.
+
+    Extensions BIN_ID, SNR, NODE, CHI2_RED and one per label (AGE_MW_GYR,
+    MH_MW, LOG_ML_R, EBV_STAR, EBV_GAS, LOG_SSFR, D_BPT, VEL, SIGMA; NaN where
+    the fit fails the label's cut) on the cube's spaxel grid, each with the
+    cube's celestial WCS and BUNIT, so they overlay the cube in DS9.
+
+    \b
+    Example:
+      desomdb maps /tmp/archive 8131-6102 --out manga-8131-6102-DESOM-MAPS.fits
+      ds9 -multiframe manga-8131-6102-DESOM-MAPS.fits
+    """
+    from desomdb import maps as maps_mod
+
+    done = maps_mod.write_maps(archive, plateifu, out, release=release, model=model_id)
+    click.echo(f"wrote {done.path}: {done.plateifu} ({done.release}), "
+               f"{len(done.extensions)} images: {', '.join(done.extensions)}")
 
 
 def _node_list(text: str | None) -> list[int] | None:

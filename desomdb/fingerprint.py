@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import polars as pl
 import pyarrow as pa
 import torch
 
-from desomdb import paths, registry, versions, views
+from desomdb import paths, registry, views
 from desomdb.archive import Archive, StagedFile, Writer
 from desomdb.errors import ModelError
 from desomdb.inference import encode_all, nearest_nodes
@@ -32,40 +33,6 @@ from desomdb.registry import load_model
 from desomdb.train import BatchStream, evaluate, fit, galaxy_test_split
 
 TEST_FRACTION = 0.2
-
-
-def fingerprint_matrix(assignments: pl.DataFrame, baxels: pl.DataFrame,
-                       n_nodes: int) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
-    """Count each galaxy's baxels per node.
-
-    Parameters
-    ----------
-    assignments : polars.DataFrame
-        release, plateifu, bin_id, node.
-    baxels : polars.DataFrame
-        release, plateifu, bin_id, mangaid, radius_re.
-    n_nodes : int
-
-    Returns
-    -------
-    galaxies : polars.DataFrame
-        mangaid, n_baxels, n_cubes (sorted by mangaid).
-    counts : ndarray, shape (n_galaxies, n_nodes), int64
-    radius : ndarray, shape (n_galaxies, n_nodes), float64
-        Σ radius_re of the galaxy's baxels on each node.
-    """
-    joined = assignments.join(baxels, on=["release", "plateifu", "bin_id"])
-    gal = joined.group_by("mangaid").agg(
-        pl.len().alias("n_baxels"), pl.col("plateifu").n_unique().alias("n_cubes")
-    ).sort("mangaid")
-    index = {m: i for i, m in enumerate(gal["mangaid"])}
-    rows = np.array([index[m] for m in joined["mangaid"]])
-    nodes = joined["node"].to_numpy().astype(int)
-    counts = np.zeros((gal.height, n_nodes), dtype=np.int64)
-    radius = np.zeros((gal.height, n_nodes))
-    np.add.at(counts, (rows, nodes), 1)
-    np.add.at(radius, (rows, nodes), np.nan_to_num(joined["radius_re"].to_numpy()))
-    return gal, counts, radius
 
 
 def normalisation_stats(counts: np.ndarray,
@@ -116,17 +83,36 @@ def normalise_for_desom2(counts: np.ndarray, stats: dict[str, list[float]] | Non
 
 def galaxy_counts(arch: Archive, model_id: str, n_nodes: int
                   ) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
-    """Fingerprint counts of every galaxy under a DESOM-1 model (see :func:`fingerprint_matrix`).
+    """Count each galaxy's baxels per node under a DESOM-1 model (the galaxy_fingerprint view).
 
-    Each cube is used once, in its newest release (:mod:`desomdb.versions`).
+    Each cube is used once, in its newest release (``latest_cubes``); a galaxy's cubes are
+    summed.
+
+    Returns
+    -------
+    galaxies : polars.DataFrame
+        mangaid, n_baxels, n_cubes (sorted by mangaid).
+    counts : ndarray, shape (n_galaxies, n_nodes), int64
+    radius : ndarray, shape (n_galaxies, n_nodes), float64
+        Σ radius_re of the galaxy's baxels on each node.
     """
-    a = pl.from_arrow(arch.read("assignments", columns=["release", "plateifu", "bin_id", "node"],
-                                model_id=model_id))
-    b = pl.from_arrow(arch.read("baxels", columns=["release", "plateifu", "bin_id", "mangaid",
-                                                   "radius_re"]))
-    assert isinstance(a, pl.DataFrame) and isinstance(b, pl.DataFrame)
-    a = versions.keep_latest(arch, a.drop("model_id", strict=False))
-    return fingerprint_matrix(a, b, n_nodes)
+    con = views.connect(arch.root, model=model_id)
+    try:
+        df = con.sql("select mangaid, node, n_baxels, sum_radius_re, n_cubes "
+                     "from galaxy_fingerprint order by mangaid, node").pl()
+    finally:
+        con.close()
+    gal = df.group_by("mangaid").agg(pl.col("n_baxels").sum(), pl.col("n_cubes").first()
+                                     ).sort("mangaid")
+    index = {m: i for i, m in enumerate(gal["mangaid"])}
+    rows = np.array([index[m] for m in df["mangaid"]], dtype=np.int64)
+    nodes = df["node"].to_numpy().astype(np.int64)
+    counts = np.zeros((gal.height, n_nodes), dtype=np.int64)
+    radius = np.zeros((gal.height, n_nodes))
+    counts[rows, nodes] = df["n_baxels"].to_numpy()
+    radius[rows, nodes] = df["sum_radius_re"].to_numpy()
+    return gal.with_columns(pl.col("n_baxels").cast(pl.Int64), pl.col("n_cubes").cast(pl.Int32)
+                            ), counts, radius
 
 
 def _batches(x: np.ndarray, batch: int, rng: np.random.Generator) -> BatchStream:
@@ -233,8 +219,41 @@ def _stage_fingerprints(writer: Writer, model_id: str, d2_id: str, m2: Desom,
     return staged, table
 
 
+@dataclass(frozen=True)
+class UpdateReport:
+    """Outcome of :func:`update`.
+
+    Attributes
+    ----------
+    desom2_model_id : str
+    n_galaxies : int
+    n_new : int
+        Galaxies not fingerprinted before.
+    n_changed : int
+        Earlier galaxies whose counts changed.
+    n_moved : int
+        Earlier galaxies whose DESOM-2 node changed.
+    """
+
+    desom2_model_id: str
+    n_galaxies: int
+    n_new: int
+    n_changed: int
+    n_moved: int
+
+
+@dataclass(frozen=True)
+class SeparationReport:
+    """How well DESOM-2 nodes group galaxies (see :func:`separation_report`)."""
+
+    sersic_n_spread: float
+    ba_spread: float
+    type_purity: float | None = None
+    type_purity_random: float | None = None
+
+
 def update(archive: str | Path, model_id: str | None = None, device: str = "cpu"
-           ) -> dict[str, Any]:
+           ) -> UpdateReport | None:
     """Recompute a DESOM-1 model's fingerprints and assign them to its existing DESOM-2.
 
     For an archive that gained cubes (``desomdb refresh``): no retraining; new galaxies are
@@ -244,10 +263,8 @@ def update(archive: str | Path, model_id: str | None = None, device: str = "cpu"
 
     Returns
     -------
-    dict
-        ``desom2_model_id``, ``n_galaxies``, ``n_new`` (galaxies not fingerprinted before),
-        ``n_changed`` (galaxies whose counts changed), ``n_moved`` (of those before: DESOM-2
-        node changed). Empty when the model has no fingerprints yet.
+    UpdateReport or None
+        None when the model has no fingerprints yet.
 
     Raises
     ------
@@ -258,7 +275,7 @@ def update(archive: str | Path, model_id: str | None = None, device: str = "cpu"
     arch = Archive(archive)
     model_id = registry.resolve_model(arch, model_id)
     if not arch.files("fingerprints", model_id=model_id):
-        return {}
+        return None
     old = pl.from_arrow(arch.read("fingerprints", columns=["mangaid", "counts", "desom2_model_id",
                                                            "desom2_node", "split"],
                                   model_id=model_id))
@@ -286,17 +303,16 @@ def update(archive: str | Path, model_id: str | None = None, device: str = "cpu"
     before = both.filter(pl.col("desom2_node_old").is_not_null())
     changed = sum(1 for a, b in zip(before["counts"], before["counts_old"], strict=True)
                   if list(a) != list(b))
-    return {"desom2_model_id": d2_id, "n_galaxies": new.height,
-            "n_new": new.height - before.height, "n_changed": changed,
-            "n_moved": int((before["desom2_node"] != before["desom2_node_old"]).sum())}
+    return UpdateReport(d2_id, new.height, new.height - before.height, changed,
+                        int((before["desom2_node"] != before["desom2_node_old"]).sum()))
 
 
-def separation_report(archive: str | Path, model_id: str | None = None) -> dict[str, Any]:
+def separation_report(archive: str | Path, model_id: str | None = None) -> SeparationReport:
     """How well DESOM-2 nodes group galaxies by Sersic n, b/a and (mocks) true type.
 
     Returns
     -------
-    dict
+    SeparationReport
         ``sersic_n_spread`` / ``ba_spread``: median within-node robust spread over the global
         one (< 1 means nodes group similar galaxies); ``type_purity``: mean fraction of a
         node's galaxies sharing its majority true type (mock surveys only), and the same for
@@ -310,21 +326,22 @@ def separation_report(archive: str | Path, model_id: str | None = None) -> dict[
         "any_value(g.nsa_elpetro_ba) as ba from fingerprints f "
         "join galaxies g using (mangaid) where f.model_id = current_model() group by all"
     ).pl()
-    out: dict[str, Any] = {}
-    for col, key in (("n", "sersic_n_spread"), ("ba", "ba_spread")):
+    spread = {}
+    for col in ("n", "ba"):
         glob = _mad(df[col].to_numpy())
         within = [_mad(g[col].to_numpy()) for _, g in df.group_by("desom2_node") if g.height > 1]
-        out[key] = float(np.median(within) / glob) if within and glob > 0 else float("nan")
+        spread[col] = float(np.median(within) / glob) if within and glob > 0 else float("nan")
+    purity = purity_random = None
     if arch.has_table("truth"):
         t = con.sql("select distinct mangaid, galaxy_type from truth join baxels "
                     "using (release, plateifu, bin_id)").pl()
         j = df.join(t, on="mangaid")
-        out["type_purity"] = _purity(j["desom2_node"].to_numpy(), j["galaxy_type"].to_numpy())
+        purity = _purity(j["desom2_node"].to_numpy(), j["galaxy_type"].to_numpy())
         rng = np.random.default_rng(0)
-        out["type_purity_random"] = float(np.mean([
+        purity_random = float(np.mean([
             _purity(rng.permutation(j["desom2_node"].to_numpy()), j["galaxy_type"].to_numpy())
             for _ in range(200)]))
-    return out
+    return SeparationReport(spread["n"], spread["ba"], purity, purity_random)
 
 
 def _mad(v: np.ndarray) -> float:

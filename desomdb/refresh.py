@@ -21,7 +21,7 @@ and DESOM-2, and reports how far the map moved. The new model is never made curr
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +43,11 @@ class RefreshReport:
     ingest: ingest.IngestReport | None = None
     labels: labels.LabelReport | None = None
     model_id: str | None = None
-    assign: dict[str, Any] = field(default_factory=dict)
-    fingerprints: dict[str, Any] = field(default_factory=dict)
-    drift: dict[str, Any] = field(default_factory=dict)
+    assign: assign_mod.AssignReport | None = None
+    fingerprints: fingerprint.UpdateReport | None = None
+    drift: DriftSummary | None = None
     new_model_id: str | None = None
-    comparison: dict[str, Any] = field(default_factory=dict)
+    comparison: ModelComparison | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -121,12 +121,45 @@ def _refresh(archive: str | Path, job: ingest.IngestJob, opts: RefreshOptions,
     return report
 
 
-def drift_summary(arch: Archive, model_id: str, release: str) -> dict[str, Any]:
-    """Return the ``drift`` view's row for one model and release (empty if none)."""
+@dataclass(frozen=True)
+class DriftSummary:
+    """One row of the ``drift`` view: how many baxels of a release a model represents poorly.
+
+    ``frac_*`` near 0.01 for spectra like the training set is expected; well above it says
+    the data moved (retrain).
+    """
+
+    model_id: str
+    release: str
+    n_baxels: int
+    n_beyond_p99: int
+    frac_beyond_p99: float
+    n_trainable: int
+    n_trainable_beyond_p99: int
+    frac_trainable_beyond_p99: float | None
+    distance_p99: float
+
+
+def drift_summary(arch: Archive, model_id: str, release: str) -> DriftSummary | None:
+    """Return the ``drift`` view's row for one model and release (None if none)."""
     con = views.connect(arch.root, model=model_id)
     rows = con.sql("select * from drift where model_id = ? and release = ?",
                    params=[model_id, release]).pl()
-    return rows.to_dicts()[0] if rows.height else {}
+    return DriftSummary(**rows.to_dicts()[0]) if rows.height else None
+
+
+@dataclass(frozen=True)
+class ModelComparison:
+    """How far a retrained map moved from its parent (see :func:`compare_models`)."""
+
+    old_model_id: str
+    new_model_id: str
+    n_baxels: int
+    frac_node_changed: float
+    frac_moved_beyond_neighbour: float
+    label_drift: dict[str, float]
+    drift_old: dict[str, float]
+    drift_new: dict[str, float]
 
 
 def warm_start_config(parent: DesomConfig, parent_id: str) -> DesomConfig:
@@ -167,12 +200,12 @@ def retrain(arch: Archive, parent_id: str, device: str = "cpu", progress: bool =
 
 
 def compare_models(arch: Archive, old_id: str, new_id: str, min_members: int = 5,
-                   save: bool = True) -> dict[str, Any]:
+                   save: bool = True) -> ModelComparison:
     """How far a retrained map moved from its parent, on the baxels both assigned.
 
     Returns
     -------
-    dict
+    ModelComparison
         ``n_baxels``; ``frac_node_changed`` (best node differs); ``frac_moved_beyond_neighbour``
         (grid distance > 1); ``label_drift``: per label, the median over nodes (with
         ``min_members`` in both) of |median_new − median_old| in units of the old node's half
@@ -214,7 +247,7 @@ def compare_models(arch: Archive, old_id: str, new_id: str, min_members: int = 5
         out[key] = {r[0]: r[1] for r in con.sql(
             "select release, frac_beyond_p99 from drift where model_id = ?",
             params=[model_id]).fetchall()}
+    result = ModelComparison(**out)
     if save:
-        write_json_atomic(paths.artefact_dir(arch.root, new_id) / f"comparison-{old_id}.json",
-                          out)
-    return out
+        write_json_atomic(paths.comparison_path(arch.root, new_id, old_id), asdict(result))
+    return result

@@ -135,7 +135,7 @@ def test_new_release_is_assigned_once_per_cube(refreshed) -> None:
     assert assigned == n17
     fresh = con.sql("select count(*) from baxels join cubes using (release, plateifu) "
                     "where release = 'DR17' and carried_from is null").fetchall()[0][0]
-    assert report.assign["n_encoded"] == fresh  # the carried cube was not re-encoded
+    assert report.assign.n_encoded == fresh  # the carried cube was not re-encoded
     # Node sizes count each cube once, in its newest release.
     latest = con.sql("select count(*) from baxels join latest_cubes using (release, plateifu)"
                      ).fetchall()[0][0]
@@ -148,7 +148,8 @@ def test_fingerprints_follow_without_retraining(releases, refreshed) -> None:
     root, _, _model_id, d2 = releases
     target, report = refreshed
     f = report.fingerprints
-    assert f["desom2_model_id"] == d2 and f["n_galaxies"] == 4 and f["n_new"] == 2
+    assert f is not None
+    assert f.desom2_model_id == d2 and f.n_galaxies == 4 and f.n_new == 2
     assert set(registry.registered_models(Archive(target))) == \
         set(registry.registered_models(Archive(root / "base")))  # no model trained
     old = tables(root / "base")["fingerprints"]
@@ -176,12 +177,12 @@ def test_drift_counts_spectra_beyond_the_training_p99(refreshed) -> None:
                    "where model_id = current_model()").fetchall()[0]
     d = con.sql("select distance from assignments where model_id = current_model() and "
                 "release = 'DR17'").pl()["distance"].to_numpy()
-    assert report.drift["n_baxels"] == d.size
-    assert report.drift["n_beyond_p99"] == int((d > p99).sum())
+    assert report.drift.n_baxels == d.size
+    assert report.drift.n_beyond_p99 == int((d > p99).sum())
     listed = con.sql("select count(*) from poorly_represented where release = 'DR17' and "
                      "model_id = current_model()").fetchall()[0][0]
-    assert listed == report.drift["n_beyond_p99"]
-    assert np.isclose(report.drift["frac_beyond_p99"], (d > p99).mean())
+    assert listed == report.drift.n_beyond_p99
+    assert np.isclose(report.drift.frac_beyond_p99, (d > p99).mean())
 
 
 def test_rerun_changes_nothing_and_status_reports_both_releases(releases, refreshed,
@@ -190,7 +191,8 @@ def test_rerun_changes_nothing_and_status_reports_both_releases(releases, refres
     target, _ = refreshed
     copy, again = refresh_copy(target, dr17, tmp_path, opts())
     assert again.ingest is not None and again.ingest.n_skipped == 4
-    assert again.assign["n_encoded"] == 0 and again.fingerprints["n_changed"] == 0
+    assert again.assign is not None and again.fingerprints is not None
+    assert again.assign.n_encoded == 0 and again.fingerprints.n_changed == 0
     a, b = tables(target), tables(copy)
     assert a.keys() == b.keys()
     for name in a:
@@ -228,25 +230,26 @@ def test_retrain_records_parent_reports_movement_and_never_switches(releases, re
                            params=[new_id]).fetchall()[0]
     assert parent == model_id and json.loads(spec)["extra"]["warm_start_of"] == model_id
     c = rep.comparison
-    assert c["n_baxels"] == con.sql("select count(*) from baxels join latest_cubes "
+    assert c is not None
+    assert c.n_baxels == con.sql("select count(*) from baxels join latest_cubes "
                                     "using (release, plateifu)").fetchall()[0][0]
-    assert 0 <= c["frac_moved_beyond_neighbour"] <= c["frac_node_changed"] <= 1
+    assert 0 <= c.frac_moved_beyond_neighbour <= c.frac_node_changed <= 1
     # The measures are zero for a model against itself and positive for the child.
     same = refresh.compare_models(arch, model_id, model_id, min_members=1, save=False)
-    assert same["frac_node_changed"] == 0 and same["label_drift"]
-    assert all(v == 0 for v in same["label_drift"].values())
+    assert same.frac_node_changed == 0 and same.label_drift
+    assert all(v == 0 for v in same.label_drift.values())
     moved = refresh.compare_models(arch, model_id, new_id, min_members=1, save=False)
-    assert moved["frac_node_changed"] == c["frac_node_changed"] > 0
-    assert all(v >= 0 for v in moved["label_drift"].values())
+    assert moved.frac_node_changed == c.frac_node_changed > 0
+    assert all(v >= 0 for v in moved.label_drift.values())
     # The drift of one label, recomputed from the two node_labels tables.
     nl = con.sql("select o.median as m_old, n.median as m_new, (o.p84 - o.p16) / 2 as half "
                  "from node_labels o join node_labels n using (node, label) "
                  "where o.model_id = ? and n.model_id = ? and label = 'log_ml_r'",
                  params=[model_id, new_id]).pl()
     expect = np.median(np.abs(nl["m_new"] - nl["m_old"]) / np.maximum(nl["half"], 1e-6))
-    assert np.isclose(moved["label_drift"]["log_ml_r"], expect)
+    assert np.isclose(moved.label_drift["log_ml_r"], expect)
     saved = json.loads((copy / "artefacts" / new_id / f"comparison-{model_id}.json").read_text())
-    assert saved["frac_node_changed"] == c["frac_node_changed"]
+    assert saved["frac_node_changed"] == c.frac_node_changed
     n_all = con.sql("select count(*) from baxels").fetchall()[0][0]
     assert con.sql("select count(*) from assignments where model_id = ?",
                    params=[new_id]).fetchall()[0][0] == n_all

@@ -101,9 +101,9 @@ def test_node_labels_match_a_direct_aggregation(trained_archive) -> None:
 def test_rerun_assign_resumes_without_duplicates(trained_archive) -> None:
     arch_path, _model_id, _ = trained_archive
     out = assign.assign(arch_path, progress=False)
-    assert out["n_encoded"] == 0
+    assert out.n_encoded == 0
     con = views.connect(arch_path)
-    assert con.sql("select count(*) from assignments").fetchall()[0][0] == out["n_assigned"]
+    assert con.sql("select count(*) from assignments").fetchall()[0][0] == out.n_assigned
 
 
 def test_bad_training_filter(trained_archive) -> None:
