@@ -127,11 +127,11 @@ def assign(archive: str | Path, model_id: str | None = None, device: str = "cpu"
         done = {f.name: f for f in arch.files("assignments", model_id=model_id)}
         by_content: dict[str, Path] = {}  # spectra file name -> an assignment of it
         for name, f in done.items():
-            by_content.setdefault(name.split("-", 1)[1], f)
+            by_content.setdefault(paths.parse_assignment_part_name(name)[1], f)
         pending: list[StagedFile] = []
         for (release, plateifu), f in track(sorted(files.items()), f"assign {model_id}",
                                             unit="cube", enabled=progress):
-            name = f"release={release}-{f.name}"
+            name = paths.assignment_part_name(release, f.name)
             latest = (release, plateifu) in current
             if name in done and not latest:
                 continue  # an older version: assigned, and not part of the node co-adds
@@ -149,13 +149,13 @@ def assign(archive: str | Path, model_id: str | None = None, device: str = "cpu"
                 best = rows.column("node").to_numpy()
                 x, w = normalised(table, norm)
                 pending.append(writer.stage_table(
-                    "assignments", rows, f"{paths.model_dir('assignments', model_id)}/{name}"))
+                    "assignments", rows, paths.model_file("assignments", model_id, name)))
             else:
                 rows, best, x, w = assign_table(model, table, norm, device, precision)
                 rows = rows.append_column("plateifu", pa.array([plateifu] * rows.num_rows))
                 rows = rows.append_column("release", pa.array([release] * rows.num_rows))
                 pending.append(writer.stage_table(
-                    "assignments", rows, f"{paths.model_dir('assignments', model_id)}/{name}"))
+                    "assignments", rows, paths.model_file("assignments", model_id, name)))
                 n_encoded += rows.num_rows
             if len(pending) >= 32:
                 writer.commit(add=pending)
@@ -191,7 +191,7 @@ def _write_nodes(writer: Writer, model: Desom, model_id: str, counts: np.ndarray
         "decoded": spectra.to_list_column(decoded),
         "coadd": spectra.to_list_column(coadd),
     })
-    target = f"{paths.model_dir('nodes', model_id)}/nodes.parquet"
+    target = paths.model_file("nodes", model_id)
     old = [("nodes", str(f.relative_to(writer.root)))
            for f in writer.archive.files("nodes", model_id=model_id)]
     writer.commit(add=[writer.stage_table("nodes", table, target)],
@@ -241,5 +241,5 @@ def _write_node_labels(writer: Writer, arch: Archive, model_id: str) -> None:
     assert isinstance(a, pl.DataFrame) and isinstance(lab, pl.DataFrame)
     a = versions.keep_latest(arch, a.drop("model_id", strict=False))
     table = node_label_table(a, lab)
-    target = f"{paths.model_dir('node_labels', model_id)}/node_labels.parquet"
+    target = paths.model_file("node_labels", model_id)
     writer.commit(add=[writer.stage_table("node_labels", table.to_arrow(), target)])

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from desomdb import paths
 from desomdb.errors import ModelError
 from desomdb.model import Desom, DesomConfig
 
@@ -55,7 +56,7 @@ def save(model: Desom, folder: Path, model_id: str, metrics: dict[str, Any],
     data = _serialise(model, metrics, extra or {})
     digest = hashlib.sha256(data).hexdigest()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{model_id}-{digest[:16]}.pt"
+    path = folder / paths.checkpoint_name(model_id, digest)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_bytes(data)
     tmp.replace(path)
@@ -164,7 +165,7 @@ def load(path: str | Path, device: str = "cpu") -> tuple[Desom, dict[str, Any]]:
                          "artefacts folder deleted?")
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
-    if not path.stem.endswith(digest[:16]):
+    if paths.parse_checkpoint_name(path.name)[1] != digest[:16]:
         raise ModelError(f"{path}: content hash {digest[:16]} does not match the file name; "
                          "the artefact is corrupt — retrain or restore it")
     try:

@@ -171,6 +171,21 @@ def parse_checkpoint_name(name: str) -> tuple[str, str]:
     return model_id, digest
 
 
+def staged_cube_dir(staging: Path, plateifu: str, checksum: str) -> Path:
+    """Folder in which a worker stages one cube's tables (inside ``_staging``)."""
+    return staging / f"{plateifu}-{checksum[:12]}"
+
+
+def staged_table_file(unit: Path, table: str) -> Path:
+    """One table's staged rows inside a staging folder."""
+    return unit / f"{table}.parquet"
+
+
+def truth_sidecar_name(release: str) -> str:
+    """File name of a mock survey's per-spaxel truth, written beside its drpall table."""
+    return f"truth-{release}.parquet"
+
+
 def train_state_path(root: Path, model_id: str) -> Path:
     """Resumable training state of a model being trained."""
     return artefact_dir(root, model_id) / "train_state.pt"
