@@ -146,16 +146,18 @@ def _cube_task(task: dict[str, Any]) -> list[dict[str, Any]]:
             sp_truth = None
             if truth_all is not None:
                 sp_truth = truth_all.filter(pl.col("plateifu") == cube.plateifu)
-            outcome.update(ra=cube.objra, dec=cube.objdec, z=float(item["drp"]["z"]))
+            outcome.update(ra=cube.objra, dec=cube.objdec, z=float(item["drp"]["z"]),
+                           n_x=cube.shape[1], n_y=cube.shape[0],
+                           wcs_header=cube.wcs.to_header_string())
             tables = baxels.process_cube(cube, item["drp"], cfg, sp_truth, truth_rules)
-            unit = Path(task["staging"]) / f"{cube.plateifu}-{checksum[:12]}"
+            unit = paths.staged_cube_dir(Path(task["staging"]), cube.plateifu, checksum)
             unit.mkdir(parents=True, exist_ok=True)
             files = {}
             for name in ("baxels", "spectra", "bin_map", "truth"):
                 table = getattr(tables, name)
                 if table is None:
                     continue
-                target = unit / f"{name}.parquet"
+                target = paths.staged_table_file(unit, name)
                 pq.write_table(table, target, compression="zstd")
                 files[name] = str(target)
             outcome.update(status="ok", files=files, n_spaxels=tables.n_spaxels,
@@ -200,7 +202,7 @@ def ingest(
     report = IngestReport(rel, len(cube_paths))
     truth_path = job.truth
     if truth_path is None:
-        guess = Path(job.drpall).parent / f"truth-{rel}.parquet"
+        guess = Path(job.drpall).parent / paths.truth_sidecar_name(rel)
         truth_path = str(guess) if guess.exists() else None
 
     with arch.writer("desomdb ingest") as writer:
@@ -339,6 +341,9 @@ def _commit_outcomes(
             "ra": o.get("ra", float("nan")),
             "dec": o.get("dec", float("nan")),
             "z": o.get("z", float("nan")),
+            "n_x": o.get("n_x", 0),
+            "n_y": o.get("n_y", 0),
+            "wcs_header": o.get("wcs_header", ""),
             "source_path": o["path"],
             "checksum": o.get("checksum", ""),
             "n_spaxels": o.get("n_spaxels", 0),

@@ -34,6 +34,12 @@ def view_sql() -> dict[str, str]:
             if p.name.endswith(".sql") and p.name != "setup.sql"}
 
 
+def macro_sql() -> dict[str, str]:
+    """Read the table macros (``sql/macros/``, e.g. ``cone``): name -> CREATE MACRO text."""
+    folder = resources.files("desomdb.sql").joinpath("macros")
+    return {p.name[:-4]: p.read_text() for p in folder.iterdir() if p.name.endswith(".sql")}
+
+
 def _statements(archive: Archive, model: str | None, relative: bool) -> list[str]:
     """SET VARIABLE + CREATE VIEW statements for every table and derived view."""
     tables = archive.manifest()["tables"]
@@ -193,7 +199,7 @@ def _quote(value: str | None) -> str:
 
 
 def _create_views(con: duckdb.DuckDBPyConnection, present: set[str]) -> list[str]:
-    """Create base views for present tables, then derived views whose inputs exist."""
+    """Create base views for present tables, derived views and macros whose inputs exist."""
     defs = view_sql()
     created = []
     for table in paths.TABLES:
@@ -213,6 +219,12 @@ def _create_views(con: duckdb.DuckDBPyConnection, present: set[str]) -> list[str
             progressed = True
         if not progressed:
             break
+    for name, text in macro_sql().items():  # table macros bind their views when created
+        try:
+            con.execute(text)
+        except (duckdb.CatalogException, duckdb.BinderException):
+            continue
+        created.append(name)
     return created
 
 
@@ -231,7 +243,9 @@ def setup_sql(archive: str | Path) -> str:
     for stmt in _statements(arch, current_model(arch), relative=False):
         con.execute(stmt)
     made = _create_views(con, {t for t in paths.TABLES if arch.files(t)})
-    lines += [f"create or replace view {name} as {defs[name].strip()};" for name in made]
+    macros = macro_sql()
+    lines += [macros[name].strip() + ";" if name in macros
+              else f"create or replace view {name} as {defs[name].strip()};" for name in made]
     return "\n".join(lines) + "\n"
 
 

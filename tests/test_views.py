@@ -2,10 +2,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pytest
 import yaml
+from astropy import units as u
+from astropy.coordinates import SkyCoord
 from click.testing import CliRunner
 
 from desomdb import views
@@ -16,7 +20,7 @@ SQL = Path(__file__).parent.parent / "sql"
 PUBLIC = ["cubes", "galaxies", "baxels", "spectra", "bin_map", "labels", "models", "nodes",
           "assignments", "node_labels", "fingerprints", "splits", "truth", "baxel_labels",
           "node_summary", "galaxy_fingerprint", "latest_cubes", "poorly_represented", "drift",
-          "model_thresholds"]
+          "model_thresholds", "galaxy_summary"]
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +118,57 @@ def test_plain_duckdb_cli(full_archive, tmp_path) -> None:
     assert setup.exists()  # regenerated after every writer
     moved = tmp_path / "moved"
     shutil.copytree(arch, moved)  # relative paths: the archive can move
+    ra, dec = views.connect(arch).sql("select ra, dec from galaxies limit 1").fetchall()[0]
     out = subprocess.run([exe, "-csv", "-noheader", "-c", ".read setup.sql", "-c",
-                          "select count(*) from baxel_labels"], cwd=moved,
+                          "select count(*) from baxel_labels", "-c",
+                          f"select count(*) from cone({ra!r}, {dec!r}, 1)"], cwd=moved,
                          capture_output=True, text=True, check=True)
     n = views.connect(arch).sql("select count(*) from baxel_labels").fetchall()[0][0]
-    assert out.stdout.strip().splitlines()[-1] == str(n)
+    assert out.stdout.strip().splitlines()[-2:] == [str(n), "1"]
+
+
+def _separation_arcsec(ra0: float, dec0: float, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    return SkyCoord(ra0, dec0, unit="deg").separation(SkyCoord(ra, dec, unit="deg")).arcsec
+
+
+@pytest.mark.parametrize(("ra0", "dec0", "radius"), [
+    (15.0, 0.0, 5.0), (0.0005, 10.0, 60.0), (359.9995, -20.0, 60.0), (120.0, 89.99, 90.0),
+    (200.0, -45.0, 3600.0),
+])
+def test_cone_returns_what_astropy_separation_returns(ra0, dec0, radius) -> None:
+    # the macro's own SQL over synthetic galaxies around the centre (RA wrap, pole included)
+    rng = np.random.default_rng(int(ra0 * 7 + dec0))
+    n = 400
+    r = radius * 2 * np.sqrt(rng.uniform(0, 1, n)) / 3600
+    theta = rng.uniform(0, 2 * np.pi, n)
+    centre = SkyCoord(ra0, dec0, unit="deg")
+    points = centre.directional_offset_by(theta * u.rad, r * u.deg)
+    ra, dec = points.ra.deg, points.dec.deg
+    con = duckdb.connect()
+    con.register("points", pa.table({"id": np.arange(n), "ra": ra, "dec": dec}))
+    con.execute("create view galaxies as select * from points")
+    con.execute(views.macro_sql()["cone"])
+    got = con.sql(f"select id, sep_arcsec from cone({ra0!r}, {dec0!r}, {radius!r})").fetchall()
+    sep = _separation_arcsec(ra0, dec0, ra, dec)
+    clear = np.abs(sep - radius) > 1e-6  # a point on the rim may fall either side
+    assert {i for i, _ in got if clear[i]} == set(np.flatnonzero((sep <= radius) & clear))
+    assert np.allclose([s for _, s in got], sep[[i for i, _ in got]], rtol=0, atol=1e-6)
+    assert [s for _, s in got] == sorted(s for _, s in got)  # nearest first
+    assert 0 < len(got) < n
+
+
+def test_cone_is_defined_by_connect(full_archive) -> None:
+    arch, _, _, _ = full_archive
+    con = views.connect(arch)
+    rows = con.sql("select plateifu, ra, dec from galaxies order by plateifu").fetchall()
+    plateifu, ra, dec = rows[0]
+    got = con.sql(f"select plateifu, sep_arcsec from cone({ra!r}, {dec!r} + 2 / 3600, 5)"
+                  ).fetchall()
+    assert [p for p, _ in got] == [plateifu]
+    assert got[0][1] == pytest.approx(2.0, abs=1e-6)
+    seps = _separation_arcsec(ra, dec, np.array([r[1] for r in rows]),
+                           np.array([r[2] for r in rows]))
+    radius = float(seps.max()) + 1
+    everything = con.sql(f"select count(*) from cone({ra!r}, {dec!r}, {radius!r})"
+                         ).fetchall()[0][0]
+    assert everything == len(rows)
