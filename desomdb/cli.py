@@ -212,9 +212,15 @@ def _echo_ingest(report: Any) -> None:
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--scheduler", help="Dask scheduler address tcp://HOST:PORT")
 @_label_max_per_cube
+@click.option("--line-sn", type=float, default=3.0, show_default=True,
+              help="S/N an emission line needs to count as detected (published E(B-V)_gas, "
+              "BPT class, clean flags)")
+@click.option("--line-an", type=float, default=3.0, show_default=True,
+              help="amplitude over residual noise a line needs (guards against absorption "
+              "residuals from template mismatch)")
 @_friendly_errors
 def label(archive: Path, release: str | None, workers: int, scheduler: str | None,
-          label_max_per_cube: int | None) -> None:
+          label_max_per_cube: int | None, line_sn: float, line_an: float) -> None:
     """Fit every baxel with pPXF and write the labels table.
 
     Cubes already labelled are skipped; a failed fit is recorded per baxel
@@ -224,10 +230,12 @@ def label(archive: Path, release: str | None, workers: int, scheduler: str | Non
     Example:
       desomdb label /tmp/archive --release DR15 --workers 2 --label-max-per-cube 20
     """
+    from desomdb import emission
     from desomdb import labels as labels_mod
 
     report = labels_mod.label(archive, release=release, workers=workers, scheduler=scheduler,
-                              max_per_cube=label_max_per_cube)
+                              max_per_cube=label_max_per_cube,
+                              gate=emission.LineGate(sn_min=line_sn, an_min=line_an))
     rate = report.n_fits / report.fit_seconds if report.fit_seconds else 0.0
     click.echo(f"{report.n_cubes} cubes labelled, {report.n_skipped_cubes} already done; "
                f"{report.n_fits} baxels in labels ({report.n_failed_fits} failed fits; "
@@ -298,6 +306,10 @@ def assign(archive: Path, model_id: str | None, device: str, precision: str) -> 
     out = assign_mod.assign(archive, model_id, device=device, precision=precision)
     click.echo(f"{out.model_id}: {out.n_assigned} baxels in {out.n_cubes} cubes "
                f"({out.n_encoded} encoded now, {out.spectra_per_s:.0f} spectra/s)")
+    if out.index is not None and (out.index.n_added or out.index.n_removed):
+        ix = out.index
+        click.echo(f"similarity index: {ix.n_vectors} baxels (+{ix.n_added} -{ix.n_removed}"
+                   f"{', rebuilt' if ix.rebuilt else ''}, {ix.seconds:.1f} s)")
 
 
 @main.command()
@@ -347,6 +359,48 @@ def predict(archive: Path, spectra_file: Path, model_id: str | None,
             "index", "reason").iter_rows():
         click.echo(f"spectrum {index}: no node ({reason})", err=True)
     click.echo(f"{df['seconds_per_spectrum'][0] * 1e3:.2f} ms per spectrum (encode + assign)")
+
+
+@main.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--baxel", help="a baxel of the archive, PLATEIFU:BIN (its cube's newest release)")
+@click.option("--spectra", "spectra_file", type=click.Path(path_type=Path),
+              help="a spectra file as 'desomdb predict' reads it (FITS or Parquet)")
+@click.option("--index", "index", type=int, default=0, show_default=True,
+              help="which spectrum of --spectra (0-based row)")
+@click.option("--galaxy", help="a galaxy (mangaid): nearest galaxies by fingerprint")
+@click.option("-k", "k", type=int, default=10, show_default=True, help="neighbours to list")
+@click.option("--model", "model_id", help="DESOM-1 model id (default: the current model)")
+@click.option("--exact", is_flag=True, help="exact search instead of the HNSW index")
+@_friendly_errors
+def similar(archive: Path, baxel: str | None, spectra_file: Path | None, index: int,
+            galaxy: str | None, k: int, model_id: str | None, exact: bool) -> None:
+    """Find the spectra (baxels) or galaxies most like a given one.
+
+    Baxels: nearest in the DESOM-1 latent space (Euclidean), among the
+    current version of each cube (latest_cubes); the query baxel itself comes
+    first. Galaxies: nearest by the Hellinger distance between their
+    fingerprints (distributions over DESOM-1 nodes). Uses the model's HNSW
+    indexes (built by assign and fingerprints); searches exactly, and says so,
+    when an index is missing or out of date.
+
+    \b
+    Examples:
+      desomdb similar /tmp/archive --baxel 8485-1901:12 -k 5
+      desomdb similar /tmp/archive --spectra tests/data/MaNGA_test_spectra.fits.gz --index 2
+      desomdb similar /tmp/archive --galaxy 1-209232
+    """
+    from desomdb import similar as similar_mod
+
+    found = similar_mod.similar(archive, baxel=baxel, spectra_file=spectra_file, index=index,
+                                galaxy=galaxy, k=k, model_id=model_id, exact=exact)
+    click.echo(f"{found.query}: {found.kind} nearest under {found.model_id} "
+               f"({found.metric})")
+    with pl_config():
+        click.echo(found.table)
+    click.echo(f"{found.method} search: {found.seconds * 1e3:.2f} ms")
+    if found.note:
+        click.echo(f"note: {found.note}", err=True)
 
 
 @main.command()
@@ -777,14 +831,13 @@ def model_list(archive: Path) -> None:
     from desomdb import registry as registry_mod
     from desomdb import views as views_mod
 
-    con = views_mod.connect(archive)
-    current = {registry_mod.current_model(views_mod.Archive(archive), k) for k in ("desom1",
-                                                                                "desom2")}
-    try:
+    arch = views_mod.Archive(archive)
+    current = {registry_mod.current_model(arch, k) for k in ("desom1", "desom2")}
+    rows = []
+    if arch.has_table("models"):
+        con = views_mod.connect(archive)
         rows = con.sql("select model_id, kind, created_at, parent_model_id, recon_mse, pca_mse,"
                        " qe, te4, te8 from models order by created_at").fetchall()
-    except Exception:
-        rows = []
     if not rows:
         click.echo("no models registered; train one with 'desomdb train'")
         return

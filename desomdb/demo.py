@@ -1,8 +1,8 @@
 """``desomdb demo``: the whole pipeline on a generated mock survey, in minutes on 2 cores.
 
-Scaled down so it fits in a few minutes, and says so: small IFUs (19 and 37 fibres), a
-map of ``map_size``² nodes instead of 15×15, a short training schedule, and pPXF labels for
-``labels_per_cube`` baxels per cube (evenly spaced) instead of all of them.
+Scaled down so it fits in a few minutes, and says so: small IFUs (19 and 37 fibres by
+default), a map of ``map_size``² nodes instead of 15×15, a short training schedule, and pPXF
+labels for ``labels_per_cube`` baxels per cube (evenly spaced) instead of all of them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from desomdb import assign, fingerprint, ingest, labels, mock, model, report, train, views
+from desomdb import assign, fingerprint, ingest, labels, mock, model, registry, report, train, views
 from desomdb.archive import Archive
 
 
@@ -47,7 +47,7 @@ EXAMPLE_QUERIES = {
 
 def run_demo(out: str | Path, n_galaxies: int = 12, seed: int = 0, workers: int = 2,
              map_size: int = 6, labels_per_cube: int = 20, iterations: int = 600,
-             progress: bool = True) -> DemoResult:
+             progress: bool = True, ifu_sizes: tuple[int, ...] = (19, 37)) -> DemoResult:
     """Run mock -> ingest -> label -> train -> assign (-> fingerprints) -> queries.
 
     Parameters
@@ -60,10 +60,12 @@ def run_demo(out: str | Path, n_galaxies: int = 12, seed: int = 0, workers: int 
     map_size : int
         DESOM-1 map is ``map_size`` × ``map_size`` (the paper: 15).
     labels_per_cube : int
-        pPXF fits per cube.
+        pPXF fits per cube (``desomdb demo --label-max-per-cube``).
     iterations : int
         Joint training iterations (after 150 autoencoder pre-training iterations).
     progress : bool
+    ifu_sizes : tuple of int
+        IFU fibre counts the mock survey draws from (small IFUs keep it fast).
 
     Returns
     -------
@@ -80,7 +82,7 @@ def run_demo(out: str | Path, n_galaxies: int = 12, seed: int = 0, workers: int 
 
     t = stage(f"mock survey: {n_galaxies} galaxies")
     survey = mock.generate_survey(out / "survey", n_galaxies, "DR15", seed=seed,
-                                  workers=workers, ifu_sizes=(19, 37), progress=progress)
+                                  workers=workers, ifu_sizes=ifu_sizes, progress=progress)
     seconds["mock"] = time.perf_counter() - t
 
     t = stage("ingest")
@@ -98,7 +100,7 @@ def run_demo(out: str | Path, n_galaxies: int = 12, seed: int = 0, workers: int 
                                decay_iters=int(iterations * 0.8), pretrain_iters=150,
                                batch_size=64, eval_every=100, seed=seed)
     model_id = train.train(archive, cfg, progress=progress)
-    views.set_current_model(Archive(archive), model_id)
+    registry.set_current_model(Archive(archive), model_id)
     seconds["train"] = time.perf_counter() - t
 
     t = stage("assign every baxel")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from desomdb import views
+from desomdb import registry, views
 from desomdb.archive import Archive
 
 
@@ -20,14 +20,18 @@ def status(archive: str | Path) -> dict[str, Any]:
         kind, parent and whether current; ``unassigned``: baxels without a node under the
         current DESOM-1 model; ``pending``: failed cubes, cubes without labels and
         unassigned baxels; ``drift``: per release, baxels beyond the current model's
-        training p99 distance (the ``drift`` view).
+        training p99 distance (the ``drift`` view); ``report``: the last ``desomdb report``
+        (:func:`desomdb.report.report_state`: where it is and why it is stale, if it is),
+        or None.
     """
+    from desomdb.report import report_state
+
     arch = Archive(archive)
     con = views.connect(arch.root)
     existing = {r[0] for r in con.sql("select view_name from duckdb_views()").fetchall()}
     out: dict[str, Any] = {"archive": str(arch.root), "releases": {}, "failed_cubes": [],
                            "models": [], "unassigned": None,
-                           "current": views.current_model(arch)}
+                           "current": registry.current_model(arch)}
     if "cubes" in existing:
         for release, stat, n in con.sql(
                 "select release, status, count(*) from cubes group by all order by all"
@@ -46,7 +50,7 @@ def status(archive: str | Path) -> dict[str, Any]:
             out["releases"][release]["labelled"] = n
             out["releases"][release]["failed_fits"] = failed
     if "models" in existing:
-        current = {views.current_model(arch, k) for k in ("desom1", "desom2")}
+        current = {registry.current_model(arch, k) for k in ("desom1", "desom2")}
         out["models"] = [
             {"model_id": m, "kind": k, "parent": p, "created_at": c, "current": m in current}
             for m, k, p, c in con.sql("select model_id, kind, parent_model_id, created_at "
@@ -68,4 +72,5 @@ def status(archive: str | Path) -> dict[str, Any]:
         out["drift"] = con.sql(
             "select release, n_baxels, n_beyond_p99, frac_beyond_p99 from drift "
             "where model_id = current_model() order by release").pl().to_dicts()
+    out["report"] = report_state(arch)
     return out

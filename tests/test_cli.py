@@ -42,3 +42,54 @@ def test_refresh_without_a_job_says_what_is_missing(tmp_path) -> None:
     assert result.exit_code != 0
     assert "--cubes" in result.output and "JOBFILE" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("path", [p for p, _ in _all_commands(main)], ids=" ".join)
+def test_help_examples_keep_their_line_continuations(path: tuple[str, ...]) -> None:
+    output = CliRunner().invoke(main, [*path, "--help"]).output
+    example = output.split("Example")[1].split("Options:")[0].splitlines()[1:]
+    for line, following in zip(example, [*example[1:], ""], strict=True):
+        assert "   " not in line.strip(), f"a gap in {line!r}"  # a swallowed backslash-newline
+        if line.endswith("\\"):
+            assert following.startswith("      --"), (line, following)
+
+
+@pytest.mark.parametrize("command", ["ingest", "refresh"])
+def test_wrapped_examples_show_the_backslash(command: str) -> None:
+    lines = CliRunner().invoke(main, [command, "--help"]).output.splitlines()
+    (i,) = [i for i, line in enumerate(lines) if line.strip().startswith(f"desomdb {command}")]
+    assert lines[i].endswith(" \\") and lines[i + 1].strip().startswith("--drpall ")
+
+
+@pytest.mark.parametrize(("command", "options"), [
+    ("label", ["--label-max-per-cube"]),
+    ("refresh", ["--label-max-per-cube"]),
+    ("demo", ["--label-max-per-cube", "--ifu-sizes", "--map-size"]),
+    ("mock", ["--ifu-sizes"]),
+])
+def test_shared_options_have_the_same_names(command: str, options: list[str]) -> None:
+    output = CliRunner().invoke(main, [command, "--help"]).output
+    assert all(option in output for option in options)
+
+
+def test_bad_ifu_sizes_are_refused_before_any_work(tmp_path) -> None:
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--ifu-sizes",
+                                       "19,big"])
+    assert result.exit_code != 0 and "--ifu-sizes takes comma-separated" in result.output
+    assert not (tmp_path / "d").exists()
+
+
+def test_label_takes_a_per_cube_limit(ingested, tmp_path) -> None:
+    import shutil
+
+    from desomdb import views
+
+    archive, report = ingested
+    copy = tmp_path / "arch"
+    shutil.copytree(archive, copy)
+    result = CliRunner().invoke(main, ["label", str(copy), "--workers", "1",
+                                       "--label-max-per-cube", "1"])
+    assert result.exit_code == 0, result.output
+    per_cube = views.connect(copy).sql("select plateifu, count(*) from labels group by 1"
+                                       ).fetchall()
+    assert len(per_cube) == report.n_ingested and all(n == 1 for _, n in per_cube)
