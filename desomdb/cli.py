@@ -514,9 +514,9 @@ def _echo_stale_report(archive: Path) -> None:
     from desomdb.report import report_state
 
     rep = report_state(Archive(archive))
-    if rep is not None and rep["stale"]:
-        click.echo(f"the report {rep['index']} is out of date; redraw it with 'desomdb report "
-                   f"{archive} --out {Path(rep['index']).parent}'")
+    if rep is not None and rep.stale:
+        click.echo(f"the report {rep.index} is out of date; redraw it with 'desomdb report "
+                   f"{archive} --out {Path(rep.index).parent}'")
 
 
 @main.command()
@@ -756,34 +756,32 @@ def status(archive: Path) -> None:
     from desomdb import status as status_mod
 
     info = status_mod.status(archive)
-    click.echo(f"archive: {info['archive']}")
-    for release, counts in sorted(info["releases"].items()):
+    click.echo(f"archive: {info.archive}")
+    for release, counts in sorted(info.releases.items()):
         parts = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         click.echo(f"  {release}: {parts}")
-    for release, plateifu, error in info["failed_cubes"]:
+    for release, plateifu, error in info.failed_cubes:
         click.echo(f"  failed {release} {plateifu}: {error}")
-    for m in info["models"]:
-        mark = "*" if m["current"] else " "
-        click.echo(f"{mark} {m['model_id']} ({m['kind']}, parent {m['parent']}, "
-                   f"{m['created_at']})")
-    if info["unassigned"] is not None:
-        click.echo(f"baxels without a node under the current model: {info['unassigned']}")
-    elif not info["models"]:
+    for m in info.models:
+        mark = "*" if m.current else " "
+        click.echo(f"{mark} {m.model_id} ({m.kind}, parent {m.parent}, {m.created_at})")
+    if info.unassigned is not None:
+        click.echo(f"baxels without a node under the current model: {info.unassigned}")
+    elif not info.models:
         click.echo("no models yet: 'desomdb train ARCHIVE --use'")
-    if info["pending"].get("unlabelled_cubes"):
-        click.echo(f"cubes without labels: {info['pending']['unlabelled_cubes']} "
-                   "('desomdb label ARCHIVE')")
-    for d in info["drift"]:
-        click.echo(f"drift {d['release']}: {d['n_beyond_p99']} of {d['n_baxels']} baxels "
-                   f"({100 * d['frac_beyond_p99']:.1f} %, ~1 % expected) beyond the current "
+    if info.unlabelled_cubes:
+        click.echo(f"cubes without labels: {info.unlabelled_cubes} ('desomdb label ARCHIVE')")
+    for d in info.drift:
+        click.echo(f"drift {d.release}: {d.n_beyond_p99} of {d.n_baxels} baxels "
+                   f"({100 * d.frac_beyond_p99:.1f} %, ~1 % expected) beyond the current "
                    "model's training p99 distance")
-    rep = info["report"]
-    if rep is None and info["current"]:
+    rep = info.report
+    if rep is None and info.current:
         click.echo("no report yet: 'desomdb report ARCHIVE --out DIR'")
     elif rep is not None:
-        rerun = f"desomdb report {info['archive']} --out {Path(rep['index']).parent}"
-        click.echo(f"report: {rep['index']} ({rep['drawn_at']}): "
-                   + (f"STALE, {rep['stale']}; rerun '{rerun}'" if rep["stale"] else "current"))
+        rerun = f"desomdb report {info.archive} --out {Path(rep.index).parent}"
+        click.echo(f"report: {rep.index} ({rep.drawn_at}): "
+                   + (f"STALE, {rep.stale}; rerun '{rerun}'" if rep.stale else "current"))
 
 
 @main.group()

@@ -699,27 +699,52 @@ def record_report(arch: Archive, index: Path, model_id: str, generation: int) ->
               "'desomdb status' will not know whether it is current", file=sys.stderr)
 
 
-def report_state(arch: Archive) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class ReportState:
+    """The last ``desomdb report`` of an archive and whether it still shows the archive.
+
+    Attributes
+    ----------
+    index : str
+        Its index.html.
+    model_id : str or None
+        The DESOM-1 model it shows.
+    generation : int
+        The manifest generation it was drawn from.
+    drawn_at : str
+    stale : str or None
+        Why it no longer shows the archive; None when it does.
+    """
+
+    index: str
+    model_id: str | None
+    generation: int
+    drawn_at: str
+    stale: str | None
+
+
+def report_state(arch: Archive) -> ReportState | None:
     """Read the last report's record and say whether the archive has moved on since.
 
     Returns
     -------
-    dict or None
-        None if no report was recorded; else ``index``, ``model_id``, ``generation``,
-        ``drawn_at`` as recorded, and ``stale``: a reason (str) or None when the report
-        shows the archive as it is (same manifest generation and current DESOM-1 model).
+    ReportState or None
+        None if no report was recorded (or its record is unreadable).
     """
     path = arch.root / paths.LAST_REPORT
     if not path.exists():
         return None
-    state: dict[str, Any] = json.loads(path.read_text())
-    now = int(arch.manifest()["generation"])
+    try:
+        state = json.loads(path.read_text())
+        index, model_id = str(state["index"]), state.get("model_id")
+        generation, drawn_at = int(state["generation"]), str(state.get("drawn_at", ""))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a damaged record only means nobody knows where the report is
+    now = arch.generation()
     current = registry.current_model(arch)
     reasons = []
-    if now != state["generation"]:
-        reasons.append(f"the archive has changed since (generation {state['generation']} -> "
-                       f"{now})")
-    if current != state["model_id"]:
-        reasons.append(f"it shows model {state['model_id']}, the current model is {current}")
-    state["stale"] = "; ".join(reasons) or None
-    return state
+    if now != generation:
+        reasons.append(f"the archive has changed since (generation {generation} -> {now})")
+    if current != model_id:
+        reasons.append(f"it shows model {model_id}, the current model is {current}")
+    return ReportState(index, model_id, generation, drawn_at, "; ".join(reasons) or None)

@@ -2,75 +2,105 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from desomdb import registry, views
 from desomdb.archive import Archive
+from desomdb.refresh import DriftSummary
+from desomdb.report import ReportState, report_state
 
 
-def status(archive: str | Path) -> dict[str, Any]:
-    """Summarise releases, cube outcomes, pending labels/assignments and models.
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model as ``status`` lists it."""
 
-    Returns
-    -------
-    dict
-        ``releases``: per release, cubes by status, baxels, labelled baxels, failed fits;
-        ``failed_cubes``: (release, plateifu, error) rows; ``models``: registered models with
-        kind, parent and whether current; ``unassigned``: baxels without a node under the
-        current DESOM-1 model; ``pending``: failed cubes, cubes without labels and
-        unassigned baxels; ``drift``: per release, baxels beyond the current model's
-        training p99 distance (the ``drift`` view); ``report``: the last ``desomdb report``
-        (:func:`desomdb.report.report_state`: where it is and why it is stale, if it is),
-        or None.
+    model_id: str
+    kind: str
+    parent: str | None
+    created_at: str
+    current: bool
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """What an archive holds and what is left to do (:func:`status`).
+
+    Attributes
+    ----------
+    archive : str
+    current : str or None
+        The current DESOM-1 model.
+    releases : dict
+        Per release: ``cubes_<status>``, ``baxels``, ``labelled``, ``failed_fits`` counts.
+    failed_cubes : list of (release, plateifu, error)
+    models : list of ModelEntry
+    unassigned : int or None
+        Baxels without a node under the current model (None without one).
+    unlabelled_cubes : int
+        Cubes with baxels but no labels.
+    drift : list of DriftSummary
+        Per release, baxels beyond the current model's training p99 distance.
+    report : ReportState or None
+        The last ``desomdb report`` and whether it is stale.
     """
-    from desomdb.report import report_state
 
+    archive: str
+    current: str | None
+    releases: dict[str, dict[str, int]] = field(default_factory=dict)
+    failed_cubes: list[tuple[str, str, str]] = field(default_factory=list)
+    models: list[ModelEntry] = field(default_factory=list)
+    unassigned: int | None = None
+    unlabelled_cubes: int = 0
+    drift: list[DriftSummary] = field(default_factory=list)
+    report: ReportState | None = None
+
+
+def status(archive: str | Path) -> StatusReport:
+    """Summarise releases, cube outcomes, pending labels/assignments, models and the report."""
     arch = Archive(archive)
     con = views.connect(arch.root)
     existing = {r[0] for r in con.sql("select view_name from duckdb_views()").fetchall()}
-    out: dict[str, Any] = {"archive": str(arch.root), "releases": {}, "failed_cubes": [],
-                           "models": [], "unassigned": None,
-                           "current": registry.current_model(arch)}
+    current = registry.current_model(arch)
+    releases: dict[str, dict[str, int]] = {}
+    failed: list[tuple[str, str, str]] = []
     if "cubes" in existing:
         for release, stat, n in con.sql(
                 "select release, status, count(*) from cubes group by all order by all"
         ).fetchall():
-            out["releases"].setdefault(release, {})[f"cubes_{stat}"] = n
-        out["failed_cubes"] = con.sql(
+            releases.setdefault(release, {})[f"cubes_{stat}"] = n
+        failed = [tuple(r) for r in con.sql(
             "select release, plateifu, error from cubes where status = 'failed' order by all"
-        ).fetchall()
+        ).fetchall()]
     if "baxels" in existing:
         for release, n in con.sql("select release, count(*) from baxels group by 1").fetchall():
-            out["releases"].setdefault(release, {})["baxels"] = n
+            releases.setdefault(release, {})["baxels"] = n
     if "labels" in existing:
-        for release, n, failed in con.sql(
+        for release, n, n_failed in con.sql(
                 "select release, count(*), count(*) filter (where status = 'failed') "
                 "from labels group by 1").fetchall():
-            out["releases"][release]["labelled"] = n
-            out["releases"][release]["failed_fits"] = failed
+            releases.setdefault(release, {}).update(labelled=n, failed_fits=n_failed)
+    models: list[ModelEntry] = []
     if "models" in existing:
-        current = {registry.current_model(arch, k) for k in ("desom1", "desom2")}
-        out["models"] = [
-            {"model_id": m, "kind": k, "parent": p, "created_at": c, "current": m in current}
-            for m, k, p, c in con.sql("select model_id, kind, parent_model_id, created_at "
-                                      "from models order by created_at").fetchall()]
-    if "baxel_labels" in existing and out["current"]:
-        out["unassigned"] = con.sql(
-            "select count(*) from baxel_labels where node is null").fetchall()[0][0]
-    pending: dict[str, Any] = {"failed_cubes": len(out["failed_cubes"]),
-                               "unassigned_baxels": out["unassigned"]}
+        currents = {registry.current_model(arch, k) for k in ("desom1", "desom2")}
+        models = [ModelEntry(m, k, p, c, m in currents)
+                  for m, k, p, c in con.sql("select model_id, kind, parent_model_id, created_at "
+                                            "from models order by created_at").fetchall()]
+    unassigned = None
+    if "baxel_labels" in existing and current:
+        unassigned = int(con.sql(
+            "select count(*) from baxel_labels where node is null").fetchall()[0][0])
+    unlabelled = 0
     if "baxels" in existing:
         cubes = "(select distinct release, plateifu from baxels)"
         if "labels" in existing:
             cubes += " anti join (select distinct release, plateifu from labels) " \
                      "using (release, plateifu)"
-        pending["unlabelled_cubes"] = con.sql(f"select count(*) from {cubes}").fetchall()[0][0]
-    out["pending"] = pending
-    out["drift"] = []
-    if "drift" in existing and out["current"]:
-        out["drift"] = con.sql(
-            "select release, n_baxels, n_beyond_p99, frac_beyond_p99 from drift "
-            "where model_id = current_model() order by release").pl().to_dicts()
-    out["report"] = report_state(arch)
-    return out
+        unlabelled = int(con.sql(f"select count(*) from {cubes}").fetchall()[0][0])
+    drift: list[DriftSummary] = []
+    if "drift" in existing and current:
+        drift = [DriftSummary(**row) for row in con.sql(
+            "select * from drift where model_id = current_model() order by release"
+        ).pl().to_dicts()]
+    return StatusReport(str(arch.root), current, releases, failed, models, unassigned,
+                        unlabelled, drift, report_state(arch))

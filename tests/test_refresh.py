@@ -198,9 +198,9 @@ def test_rerun_changes_nothing_and_status_reports_both_releases(releases, refres
     for name in a:
         assert a[name].equals(b[name]), name
     st = status.status(copy)
-    assert set(st["releases"]) == {"DR15", "DR17"}
-    assert st["releases"]["DR17"]["cubes_ok"] == 4
-    assert st["drift"] and st["pending"]["unlabelled_cubes"] == 0
+    assert set(st.releases) == {"DR15", "DR17"}
+    assert st.releases["DR17"]["cubes_ok"] == 4
+    assert st.drift and st.unlabelled_cubes == 0
 
 
 def test_concurrent_refresh_is_refused(releases, tmp_path) -> None:

@@ -134,14 +134,14 @@ def test_status_says_when_the_report_is_stale(built, tmp_path) -> None:
     with Archive(copy).writer("test") as w:  # any commit (a refresh, a label run) moves on
         w.commit()
     state = report.report_state(Archive(copy))
-    assert state is not None and "changed since" in state["stale"]
+    assert state is not None and state.stale is not None and "changed since" in state.stale
     stale = CliRunner().invoke(main, ["status", str(copy)])
     assert "STALE" in stale.output
     assert f"desomdb report {copy} --out {out}" in stale.output
     report.build_report(copy, tmp_path / "redrawn")
     again = report.report_state(Archive(copy))
-    assert again is not None and again["stale"] is None
-    assert again["index"] == str(tmp_path / "redrawn" / "index.html")
+    assert again is not None and again.stale is None
+    assert again.index == str(tmp_path / "redrawn" / "index.html")
 
 
 def test_map_colours_follow_map_position() -> None:
