@@ -10,8 +10,19 @@ galaxy as fingerprints that a second DESOM groups. See ``README.md`` for the com
 
 from typing import Any
 
+from desomdb import hooks
 from desomdb._version import __version__
 from desomdb.errors import DesomdbError
+
+
+def _regenerate_setup_sql(archive: Any) -> None:
+    # The views own setup.sql; imported here, when a writer ends, not at package import.
+    from desomdb.views import write_setup_sql
+
+    write_setup_sql(archive)
+
+
+hooks.on_commit(_regenerate_setup_sql)
 
 __all__ = ["DesomdbError", "__version__", "connect", "predict_spectra"]
 

@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from desomdb import paths
+from desomdb import hooks, paths
 from desomdb.errors import ArchiveError, LockError
 
 FORMAT_VERSION = 2
@@ -328,21 +328,13 @@ class Archive:
             return False
 
 
-#: Called with the archive after every writer session (the views regenerate ``setup.sql``);
-#: set by :mod:`desomdb.views` so the archive does not import the views.
-_POST_COMMIT_HOOKS: list[Callable[[Archive], None]] = []
-
-
 def on_commit(hook: Callable[[Archive], None]) -> None:
-    """Register ``hook(archive)`` to run when a writer session ends."""
-    if hook not in _POST_COMMIT_HOOKS:
-        _POST_COMMIT_HOOKS.append(hook)
+    """Register ``hook(archive)`` to run when a writer session ends (:mod:`desomdb.hooks`)."""
+    hooks.on_commit(hook)
 
 
 def _after_commit(archive: Archive) -> None:
-    if not _POST_COMMIT_HOOKS:
-        import desomdb.views  # noqa: F401  (registers its hook)
-    for hook in _POST_COMMIT_HOOKS:
+    for hook in hooks.POST_COMMIT:
         hook(archive)
 
 

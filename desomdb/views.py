@@ -17,7 +17,7 @@ from typing import Any, Literal, overload
 import duckdb
 
 from desomdb import paths
-from desomdb.archive import Archive, on_commit, write_text_atomic
+from desomdb.archive import Archive, write_text_atomic
 from desomdb.errors import QueryError
 from desomdb.guard import check_read_only, sandbox, syntax_error_message
 from desomdb.registry import current_model, resolve_model
@@ -253,8 +253,6 @@ def write_setup_sql(archive: Archive) -> None:
     """Regenerate ``setup.sql`` (views for the plain DuckDB CLI) after a writer's commits."""
     write_text_atomic(archive.root / paths.SETUP_SQL, setup_sql(archive.root))
 
-
-on_commit(write_setup_sql)
 
 
 def query(con: ReadOnlyConnection | duckdb.DuckDBPyConnection, sql: str

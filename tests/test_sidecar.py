@@ -43,27 +43,3 @@ def test_a_file_without_rules_is_refused(tmp_path) -> None:
     pq.write_table(pa.table({"x": [1]}), tmp_path / "s.parquet")
     with pytest.raises(InputDataError, match=r"no 'desomdb\.aggregate' rules"):
         sidecar.read(tmp_path / "s.parquet")
-
-
-def test_the_pipeline_never_imports_the_mock() -> None:
-    """No module outside desomdb/mock imports it (tests, demo and benchmarks may)."""
-    import ast
-    from pathlib import Path
-
-    import desomdb
-
-    allowed = {"demo.py", "cli.py"}  # the demo renders a mock; 'desomdb mock' is a command
-    root = Path(desomdb.__file__).parent
-    offenders = []
-    for path in root.rglob("*.py"):
-        if "mock" in path.relative_to(root).parts[:1] or path.name in allowed:
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            if any(n.startswith("desomdb.mock") for n in names):
-                offenders.append(str(path.relative_to(root)))
-    assert not offenders
