@@ -616,8 +616,8 @@ def file_record(path: Path) -> FileRecord:
 def _write_error(path: Path, exc: OSError) -> ArchiveError:
     """Make a one-line error for a failed write, naming the file and the fix."""
     if exc.errno == errno.EROFS:
-        fix = ("the archive is on a read-only filesystem; query it with 'desomdb sql', or copy "
-               "it to a writable disk to change it")
+        fix = ("it is on a read-only filesystem (an archive there can still be queried with "
+               "'desomdb sql'); copy it to a writable disk to change it")
     elif exc.errno in (errno.EACCES, errno.EPERM):
         fix = "no permission to write there; ask for write access or copy the archive"
     elif exc.errno == errno.ENOSPC:
@@ -699,6 +699,15 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (fsync'ed temporary file, then rename)."""
     text = json.dumps(data, indent=1, sort_keys=True)
     atomic_write(path, lambda tmp: _write_text(tmp, text), fsync=True)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write bytes atomically (temporary name, then rename)."""
+    atomic_write(path, lambda tmp: _write_bytes(tmp, data))
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

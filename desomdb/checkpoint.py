@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from desomdb import paths
+from desomdb.archive import atomic_write, write_bytes_atomic
 from desomdb.errors import ModelError
 from desomdb.model import Desom, DesomConfig
 
@@ -55,11 +55,8 @@ def save(model: Desom, folder: Path, model_id: str, metrics: dict[str, Any],
     """Write the final artefact atomically; return its path and sha256."""
     data = _serialise(model, metrics, extra or {})
     digest = hashlib.sha256(data).hexdigest()
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / paths.checkpoint_name(model_id, digest)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    write_bytes_atomic(path, data)
     return path, digest
 
 
@@ -110,12 +107,10 @@ def save_resume_state(path: Path, model: Desom, optimiser: torch.optim.Optimizer
     rng : dict
         :func:`rng_states` at the same moment.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save({"format_version": RESUME_FORMAT_VERSION, "config": model.cfg.to_dict(),
-                "state": model.state_dict(), "optimiser": optimiser.state_dict(),
-                "loop": loop, "rng": rng}, tmp)
-    tmp.replace(path)
+    state = {"format_version": RESUME_FORMAT_VERSION, "config": model.cfg.to_dict(),
+             "state": model.state_dict(), "optimiser": optimiser.state_dict(),
+             "loop": loop, "rng": rng}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_resume_state(path: Path) -> dict[str, Any] | None:

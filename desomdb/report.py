@@ -42,7 +42,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from desomdb import emission, manga, paths, registry, spectra, views
-from desomdb.archive import Archive, write_json_atomic
+from desomdb.archive import Archive, write_json_atomic, write_text_atomic
 from desomdb.errors import ConfigError
 
 LABEL_UNITS = {"age_mw_gyr": "age [Gyr]", "mh_mw": "[M/H] [dex]",
@@ -676,9 +676,7 @@ def build_report(archive: str | Path, out: str | Path, model_id: str | None = No
             f"{''.join(parts)}{missing}<h2>Model metrics</h2><pre>{html.escape(metrics)}</pre>"
             f"</body></html>")
     index = out / "index.html"
-    tmp = index.with_name("index.html.tmp")
-    tmp.write_text(page)
-    tmp.replace(index)
+    write_text_atomic(index, page)
     record_report(ctx.arch, index, ctx.model_id, ctx.generation)
     return index
 
