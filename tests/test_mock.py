@@ -124,6 +124,56 @@ def test_truth_of_a_pure_ssp_equals_the_ssp() -> None:
     assert t.log_ml_r[0] == pytest.approx(np.log10(ml))
 
 
+def test_bc03_truth_of_a_pure_ssp_is_weighted_by_initial_mass() -> None:
+    lib = templates.load(templates.library_path("bc03"))
+    assert not lib.has_current_mass and lib.shape == (10, 4)
+    np.testing.assert_allclose(lib.metals_mh, [-0.699, -0.398, 0.0, 0.398], atol=1e-3)
+    i, j = 7, 3  # 2.5 Gyr, [M/H] = +0.40: beyond the fitting grid's +0.22
+    w = np.zeros((1, *lib.shape))
+    w[0, i, j] = 2.5e6
+    t = population_truth(w, lib)
+    assert t.mass_weight == "initial"
+    assert lib.ages_gyr[i] == pytest.approx(2.5)
+    assert t.age_mw_gyr[0] == pytest.approx(lib.ages_gyr[i])
+    assert t.mh_mw[0] == pytest.approx(lib.metals_mh[j])
+    assert t.minit[0] == pytest.approx(2.5e6)
+    # No living-mass table: M* and M*/L_r are unknown, never borrowed from another library.
+    assert np.isnan(t.mstar[0]) and np.isnan(t.log_ml_r[0])
+
+
+def test_bc03_library_is_in_vacuum() -> None:
+    # The absorption centroids of Hγ, Hβ and Hα in a young (A-star dominated) BC03 SSP sit at
+    # the vacuum wavelengths, not the air ones 1.2-1.8 Å bluer.
+    lib = templates.load(templates.library_path("bc03"))
+    young = lib.templates[:, 3, 2].astype(float)  # 0.29 Gyr, solar
+    air = {"Hgamma": 4340.47, "Hbeta": 4861.33, "Halpha": 6562.80}
+    for line, lam_air in air.items():
+        lam = emission.LINES_AA[line]
+        near = np.abs(lib.lam_vac_aa - lam) < 8
+        x, f = lib.lam_vac_aa[near], young[near]
+        depth = np.clip(np.linspace(f[0], f[-1], f.size) - f, 0, None)
+        centroid = float((x * depth).sum() / depth.sum())
+        assert abs(centroid - lam) < 0.6 < abs(centroid - lam_air), line
+    assert lib.fwhm_aa[0] == pytest.approx(3.0, abs=0.01)
+
+
+def test_bc03_cube_records_its_library_and_effective_lsf() -> None:
+    p = draw_galaxy(1, 5, (19,))
+    hdul, truth = mock.render_cube(p, manga.release("DR15"), library="bc03")
+    assert hdul[0].header["MOCKLIB"] == "bc03"
+    assert set(truth["library"].to_pylist()) == {"bc03"}
+    assert set(truth["mass_weight"].to_pylist()) == {"initial"}
+    ages = truth["age_mw_gyr"].to_numpy()
+    assert np.all((ages > 0.005) & (ages <= 10.0))  # BC03's oldest SSP is 10 Gyr
+    assert np.isnan(truth["mstar_msun"].to_numpy()).all()
+    wave = hdul["WAVE"].data
+    disp = hdul["DISP"].data[:, 16, 16]
+    # The LSF is MaNGA's where the library is sharper, the library's 3 Å where it is not.
+    lib_sigma = 3.0 * (1 + p.z) / (2 * np.sqrt(2 * np.log(2)))
+    np.testing.assert_allclose(disp, np.maximum(manga.lsf_sigma_aa(wave), lib_sigma), rtol=2e-3)
+    assert (disp > manga.lsf_sigma_aa(wave) * 1.01).any()
+
+
 def test_truth_table_matches_cube(mock_survey, mock_cube_paths) -> None:
     truth = pl.read_parquet(mock_survey.truth_path)
     assert set(truth["galaxy_type"]) == {"star_forming", "passive"}  # first two types

@@ -11,6 +11,10 @@ Units and conventions
 - ``age_mw_gyr`` and ``mh_mw``: weighted by current stellar mass, linear in age (Gyr) and in
   [M/H] (dex) over the template grid values actually used.
 - ``log_ml_r``: log10(M* / L_r), L_r the dust-free SDSS r-band luminosity (solar units).
+- A library without living + remnant masses (BC03 as bundled): the galaxy's mass is taken
+  as initial mass formed, age and [M/H] are weighted by initial mass (``mass_weight`` =
+  ``initial``), and the current stellar mass, M*/L_r and sSFR are unknown (NaN) rather
+  than guessed from another library's mass-loss table (other IMF, other tracks).
 - ``log_ssfr``: log10(SFR / M*) in yr^-1 from the *instantaneous* SFR of the analytic SFH;
   quenched spaxels (SFR = 0) are stored at the floor -14. Hα from star formation follows
   Kennicutt (1998, Salpeter IMF) for that SFR.
@@ -277,10 +281,16 @@ class PopulationTruth:
     age_mw_gyr: np.ndarray
     mh_mw: np.ndarray
     log_ml_r: np.ndarray
+    minit: np.ndarray
+    #: Which mass weights ``age_mw_gyr`` and ``mh_mw``: ``current`` or ``initial``.
+    mass_weight: str = "current"
 
 
 def population_truth(weights: np.ndarray, lib: TemplateLibrary) -> PopulationTruth:
     """Mass-weighted age, [M/H], M*, L_r and M*/L_r of SSP mixtures.
+
+    Weighted by current (living + remnant) mass where the library tabulates it, else by
+    initial mass, with M* and M*/L_r NaN (see the module docstring).
 
     Parameters
     ----------
@@ -288,16 +298,21 @@ def population_truth(weights: np.ndarray, lib: TemplateLibrary) -> PopulationTru
         Initial mass (M_sun) formed in each SSP.
     lib : TemplateLibrary
     """
-    current = weights * lib.masses[None]
-    mstar = current.sum(axis=(1, 2))
+    minit = weights.sum(axis=(1, 2))
+    if lib.has_current_mass:
+        weighting, kind = weights * lib.masses[None], "current"
+    else:
+        weighting, kind = weights, "initial"
+    mstar = weighting.sum(axis=(1, 2)) if kind == "current" else np.full(minit.shape, np.nan)
     l_r = (weights * lib.r_band_luminosity()[None]).sum(axis=(1, 2))
     ages = lib.ages_gyr[None, :, None]
     mhs = lib.metals_mh[None, None, :]
     with np.errstate(divide="ignore", invalid="ignore"):
-        age = (current * ages).sum(axis=(1, 2)) / mstar
-        mh = (current * mhs).sum(axis=(1, 2)) / mstar
+        total = weighting.sum(axis=(1, 2))
+        age = (weighting * ages).sum(axis=(1, 2)) / total
+        mh = (weighting * mhs).sum(axis=(1, 2)) / total
         log_ml = np.log10(mstar / l_r)
-    return PopulationTruth(mstar, l_r, age, mh, log_ml)
+    return PopulationTruth(mstar, l_r, age, mh, log_ml, minit, kind)
 
 
 # --------------------------------------------------------------------------------------
@@ -372,22 +387,25 @@ def spaxel_model(
     bulge_frac_sfh, _ = sfh_mass_fractions(
         ages, np.full(1, 0.8), 12.5, quench_gyr=3.0, quench_factor=0.0
     )
-    bulge_mh = np.clip(0.15 + 0.5 * p.mh_gradient * r_bulge, -0.71, 0.22)
+    mh_lo, mh_hi = float(lib.metals_mh[0]), float(lib.metals_mh[-1])
+    bulge_mh = np.clip(0.15 + 0.5 * p.mh_gradient * r_bulge, mh_lo, mh_hi)
     tau_d = p.disc_tau0 * (1 + 0.25 * np.minimum(r_re, 3.0))
     quench_d = p.quench_gyr * np.exp(-r_re) if p.gtype == "green_valley" else p.quench_gyr
     burst_d = p.burst_frac * np.exp(-r_re / 1.5)
     disc_frac_sfh, disc_sfr0 = sfh_mass_fractions(
         ages, tau_d, 11.0, quench_d, p.quench_factor, burst_d, p.burst_age_gyr
     )
-    disc_mh = np.clip(p.disc_mh0 + p.mh_gradient * np.minimum(r_re, 3.0), -0.71, 0.22)
+    disc_mh = np.clip(p.disc_mh0 + p.mh_gradient * np.minimum(r_re, 3.0), mh_lo, mh_hi)
 
     w_metal_b = metal_weights(lib.metals_mh, bulge_mh)
     w_metal_d = metal_weights(lib.metals_mh, disc_mh)
-    # Convert current (living + remnant) mass into initial mass formed.
+    # Convert current (living + remnant) mass into initial mass formed; without a mass
+    # table the galaxy's mass is the initial mass itself.
     unit_b = bulge_frac_sfh[0][None, :, None] * w_metal_b[:, None, :]
     unit_d = disc_frac_sfh[:, :, None] * w_metal_d[:, None, :]
-    ret_b = (unit_b * lib.masses[None]).sum(axis=(1, 2))
-    ret_d = (unit_d * lib.masses[None]).sum(axis=(1, 2))
+    kept = lib.masses if lib.has_current_mass else np.ones(lib.shape)
+    ret_b = (unit_b * kept[None]).sum(axis=(1, 2))
+    ret_d = (unit_d * kept[None]).sum(axis=(1, 2))
     formed_b = m_bulge / ret_b
     formed_d = m_disc / ret_d
     weights = formed_b[:, None, None] * unit_b + formed_d[:, None, None] * unit_d

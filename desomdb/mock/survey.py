@@ -16,6 +16,16 @@ Beyond the templates' rest-frame range (3481-9432 Å vacuum) the continuum is a 
 fitted to the last 200 Å; that happens only outside the 3650-8950 Å window the archive uses.
 Same seed, same bytes: every cube uses its own ``numpy`` generator seeded by
 (seed, galaxy index) and is gzipped with a zero timestamp.
+
+Template library (``library``): ``miuscat`` (default) renders from the library the fits use,
+so label accuracy measured on it is an upper limit; ``bc03`` renders the same galaxies from
+Bruzual & Charlot (2003) SSPs (Chabrier IMF, STELIB, 3 Å FWHM; see
+:mod:`desomdb.templates_build`), which the fits never see. Stellar spectra are convolved from
+the library's own resolution to the MaNGA LSF plus the stellar dispersion; where the library
+is coarser than that (BC03's 3 Å against MaNGA's ~2.5 Å rest-frame FWHM in the blue) the
+spectrum keeps the library's width, and the cube's DISP/LSFPOST and SPECRES record this
+effective LSF, max(MaNGA, library), so the file tells the truth about its resolution. The
+labels use the nominal MaNGA LSF.
 """
 
 from __future__ import annotations
@@ -34,11 +44,11 @@ import pyarrow.parquet as pq
 from astropy.io import fits
 from astropy.table import Table
 
-from desomdb import dust, emission, geometry, manga, runner, sidecar, templates
+from desomdb import dust, emission, geometry, manga, paths, runner, sidecar, templates
 from desomdb.constants import COSMOLOGY, FWHM_PER_SIGMA, L_SUN_ERG_S, MPC_CM
 from desomdb.errors import ConfigError
 from desomdb.mock.galaxy import GalaxyParams, SpaxelModel, draw_galaxy, spaxel_model
-from desomdb.mock.truth import RULES as TRUTH_RULES
+from desomdb.mock.truth import rules as truth_rules
 
 NOISE_GAIN = 20000.0
 SKY_SIGMA = 0.005
@@ -72,6 +82,7 @@ def generate_survey(
     progress: bool = True,
     previous: str | None = None,
     reprocess: float = 0.25,
+    library: str = "miuscat",
 ) -> SurveyResult:
     """Write a mock survey of ``n_galaxies`` cubes with known truth.
 
@@ -103,6 +114,10 @@ def generate_survey(
         Name of the earlier release folder under ``out`` (e.g. ``DR15``).
     reprocess : float
         Fraction (0-1) of the previous release's cubes to re-process.
+    library : str
+        SSP library the spectra are rendered from: ``miuscat`` (the fitting library) or
+        ``bc03`` (a second library; truth weighted by initial mass, see
+        :mod:`desomdb.mock.truth`).
 
     Returns
     -------
@@ -114,6 +129,7 @@ def generate_survey(
         Bad sizes, or a ``previous`` release that is missing or was drawn with another seed.
     """
     rel = manga.release(release)
+    lib = templates.load(templates.library_path(library))
     if n_galaxies < 1:
         raise ConfigError(f"--galaxies must be >= 1, got {n_galaxies}")
     bad = [s for s in ifu_sizes if s not in manga.IFU_GEOMETRY]
@@ -130,8 +146,8 @@ def generate_survey(
     if previous is not None:
         variants, copied = _next_release(Path(out), manga.release(previous), rel, params,
                                          seed, reprocess)
-    tasks = [(p, str(release_dir), rel.name, v) for p, v in zip(params, variants, strict=True)
-             if v >= 0]
+    tasks = [(p, str(release_dir), rel.name, v, library)
+             for p, v in zip(params, variants, strict=True) if v >= 0]
     report = runner.run_tasks(
         _render_task, tasks, workers=workers, scheduler=scheduler,
         desc=f"mock {rel.name} cubes", progress=progress,
@@ -139,8 +155,9 @@ def generate_survey(
     )
     report.raise_if_failed("mock survey generation")
     truth = pa.concat_tables([*copied, *report.results], promote_options="default")
-    truth_path = release_dir / f"truth-{rel.name}.parquet"
-    _atomic_parquet(sidecar.with_rules(truth, TRUTH_RULES), truth_path)
+    truth_path = release_dir / paths.truth_sidecar_name(rel.name)
+    mass_weight = "current" if lib.has_current_mass else "initial"
+    _atomic_parquet(sidecar.with_rules(truth, truth_rules(mass_weight)), truth_path)
     drpall_path = release_dir / rel.drpall_name
     _write_drpall(params, drpall_path)
     return SurveyResult(release_dir, drpall_path, truth_path, len(params))
@@ -176,7 +193,7 @@ def _next_release(out: Path, prev: manga.Release, rel: manga.Release,
     n_re = round(reprocess * len(old))
     redo = set(rng.choice(len(old), size=n_re, replace=False).tolist()) if n_re else set()
     variants = [1 if i in redo else -1 for i in range(len(old))] + [0] * (len(params) - len(old))
-    prev_truth = pq.read_table(prev_dir / f"truth-{prev.name}.parquet")
+    prev_truth = pq.read_table(prev_dir / paths.truth_sidecar_name(prev.name))
     copied = []
     for i in range(len(old)):
         if variants[i] != -1:
@@ -192,18 +209,19 @@ def _next_release(out: Path, prev: manga.Release, rel: manga.Release,
     return variants, copied
 
 
-def _render_task(task: tuple[GalaxyParams, str, str, int]) -> pa.Table:
-    p, release_dir, release_name, variant = task
-    hdul, truth = render_cube(p, manga.release(release_name), variant)
+def _render_task(task: tuple[GalaxyParams, str, str, int, str]) -> pa.Table:
+    p, release_dir, release_name, variant, library = task
+    hdul, truth = render_cube(p, manga.release(release_name), variant, library)
     write_cube(hdul, _cube_path(Path(release_dir), p))
     return truth
 
 
-def render_cube(p: GalaxyParams, rel: manga.Release,
-                variant: int = 0) -> tuple[fits.HDUList, pa.Table]:
+def render_cube(p: GalaxyParams, rel: manga.Release, variant: int = 0,
+                library: str = "miuscat") -> tuple[fits.HDUList, pa.Table]:
     """Render one galaxy into a LOGCUBE HDU list and its per-spaxel truth table.
 
-    ``variant`` > 0 draws another noise realisation of the same galaxy (a re-processed cube).
+    ``variant`` > 0 draws another noise realisation of the same galaxy (a re-processed cube);
+    ``library`` names the SSP library (``miuscat`` or ``bc03``) the spectra come from.
 
     Returns
     -------
@@ -213,7 +231,7 @@ def render_cube(p: GalaxyParams, rel: manga.Release,
     truth : pyarrow.Table
         One row per covered spaxel (see :mod:`desomdb.mock.galaxy` for units).
     """
-    lib = templates.load()
+    lib = templates.load(templates.library_path(library))
     rng = np.random.default_rng([p.seed, p.index, 2] + ([variant] if variant else []))
     n_grid, hex_diam = manga.IFU_GEOMETRY[p.n_fibres]
     wave = manga.wave_obs_aa()
@@ -263,9 +281,17 @@ def render_cube(p: GalaxyParams, rel: manga.Release,
     flux[:, ~covered] = 0.0
     ivar[:, ~covered] = 0.0
 
-    hdul = _build_hdus(p, rel, flux, ivar, mask, wave, rng, off_ra, off_dec)
-    truth = _truth_table(p, rel, model, line_flux, forestar)
+    lsf = np.maximum(manga.lsf_sigma_aa(wave), _library_lsf_obs(lib, wave, p.z))
+    hdul = _build_hdus(p, rel, flux, ivar, mask, wave, rng, off_ra, off_dec, lsf, library)
+    truth = _truth_table(p, rel, model, line_flux, forestar, library)
     return hdul, truth
+
+
+def _library_lsf_obs(lib: templates.TemplateLibrary, wave: np.ndarray, z: float) -> np.ndarray:
+    """Return the library's instrumental sigma in the observed frame, Å; shaped like ``wave``."""
+    lam_rest = wave / (1 + z)
+    fwhm = np.interp(lam_rest, lib.lam_vac_aa, lib.fwhm_aa)
+    return np.asarray(fwhm / FWHM_PER_SIGMA * (1 + z))
 
 
 def _flux_scale(z: float) -> float:
@@ -380,7 +406,11 @@ def _add_foreground_star(
         return np.zeros(covered.shape, dtype=bool)
     pick = rng.choice(np.flatnonzero(far))
     cx, cy = xs[pick], ys[pick]
-    star = lib.templates[:, int(rng.integers(20, 45)), 2].astype(float)
+    # An intermediate-age to old solar SSP; the index is drawn on MIUSCAT's 50 ages and
+    # mapped onto the library's own grid.
+    age_index = int(rng.integers(20, 45)) * lib.ages_gyr.size // 50
+    solar = int(np.argmin(np.abs(lib.metals_mh)))
+    star = lib.templates[:, age_index, solar].astype(float)
     star_obs = _extend_to(lib.lam_vac_aa, star[:, None], wave)[:, 0]
     star_obs *= rng.uniform(0.5, 3.0) * np.median(galaxy_spectra.max(axis=0)) / np.median(star_obs)
     yy, xx = np.mgrid[0:n, 0:n]
@@ -418,6 +448,8 @@ def _build_hdus(
     rng: np.random.Generator,
     off_ra: float,
     off_dec: float,
+    lsf: np.ndarray,
+    library: str,
 ) -> fits.HDUList:
     n = flux.shape[1]
     ifura, ifudec = p.ra, p.dec
@@ -429,10 +461,10 @@ def _build_hdus(
         ("IFURA", ifura), ("IFUDEC", ifudec), ("DRP3QUAL", 0), ("EBVGAL", p.ebv_gal),
         ("MNGTARG1", 2**10), ("MNGTARG2", 0), ("MNGTARG3", 0), ("NEXP", 9),
         ("EXPTIME", 8100.0), ("GFWHM", 2.5), ("RFWHM", 2.4), ("IFWHM", 2.35), ("ZFWHM", 2.3),
-        ("VERSDRP3", rel.drp_version), ("MOCK", True),
+        ("VERSDRP3", rel.drp_version), ("MOCK", True), ("MOCKLIB", library),
     ]:
         prim[key] = val
-    prim["COMMENT"] = "desomdb mock cube generated from MIUSCAT SSPs; see truth table"
+    prim["COMMENT"] = f"desomdb mock cube generated from {library.upper()} SSPs; see truth table"
 
     wcs = fits.Header()
     for key, val in [
@@ -452,11 +484,10 @@ def _build_hdus(
             hdr[k] = v
         return fits.ImageHDU(data, header=hdr, name=name)
 
-    lsf = manga.lsf_sigma_aa(wave)
     pre = np.sqrt(lsf**2 - manga.pixel_width_aa(wave) ** 2 / 12)
     lsf_cube = np.broadcast_to(lsf[:, None, None], flux.shape).astype(np.float32)
     pre_cube = np.broadcast_to(pre[:, None, None], flux.shape).astype(np.float32)
-    sres = manga.spectral_resolution(wave)
+    sres = wave / (lsf * FWHM_PER_SIGMA)
     images = _broadband_images(flux, wave)
 
     obs = Table(
@@ -525,6 +556,7 @@ def _truth_table(
     model: SpaxelModel,
     line_flux: dict[str, np.ndarray],
     forestar: np.ndarray,
+    library: str,
 ) -> pa.Table:
     n = model.x.size
     trans = {
@@ -543,10 +575,13 @@ def _truth_table(
         "plateifu": [p.plateifu] * n,
         "mangaid": [p.mangaid] * n,
         "galaxy_type": [p.gtype] * n,
+        "library": [library] * n,
+        "mass_weight": [model.truth.mass_weight] * n,
         "x": model.x.astype(np.int16),
         "y": model.y.astype(np.int16),
         "radius_re": model.radius_re,
         "mstar_msun": model.truth.mstar,
+        "minit_msun": model.truth.minit,
         "l_r_lsun": model.truth.l_r,
         "age_mw_gyr": model.truth.age_mw_gyr,
         "mh_mw": model.truth.mh_mw,

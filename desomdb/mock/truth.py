@@ -5,6 +5,11 @@ E(B-V) and kinematics weighted by r-band light; SFR and line fluxes summed; log 
 log10(ΣSFR / ΣM) with the floor -14; d_BPT from the summed line fluxes. The mock stores these
 rules in its truth file (:mod:`desomdb.sidecar`), and ingest applies them without knowing
 about mocks.
+
+Across libraries (DESIGN.md): a mock rendered from a library without living + remnant
+masses (BC03) weights age and [M/H] by *initial* mass, and says so in the ``mass_weight``
+column (``current`` or ``initial``); compare it with the fit's initial-mass-weighted
+``age_imw_gyr`` / ``mh_imw``. Its M*/L_r and sSFR truths are NaN (no current mass).
 """
 
 from __future__ import annotations
@@ -15,20 +20,38 @@ from desomdb.mock.galaxy import LOG_SSFR_FLOOR
 
 LINE_COLUMNS = ("flux_hbeta", "flux_oiii5007", "flux_halpha", "flux_nii6583")
 
-#: Output column -> sidecar aggregation rule, in the truth table's column order.
-RULES: dict[str, list[Any]] = {
-    "galaxy_type": ["first", "galaxy_type"],
-    "n_spaxels": ["count"],
-    "age_mw_gyr": ["wmean", "age_mw_gyr", "mstar_msun"],
-    "mh_mw": ["wmean", "mh_mw", "mstar_msun"],
-    "log_ml_r": ["log10_ratio", "mstar_msun", "l_r_lsun"],
-    "ebv_star": ["wmean", "ebv_star", "l_r_lsun"],
-    "ebv_gas": ["wmean", "ebv_gas", "l_r_lsun"],
-    "vel_kms": ["wmean", "vel_kms", "l_r_lsun"],
-    "sigma_kms": ["wmean", "sigma_kms", "l_r_lsun"],
-    "mstar_msun": ["sum", "mstar_msun"],
-    "radius_re": ["mean", "radius_re"],
-    **{c: ["sum", c] for c in LINE_COLUMNS},
-    "log_ssfr": ["log10_ratio", "sfr_msun_yr", "mstar_msun", LOG_SSFR_FLOOR],
-    "d_bpt": ["d_bpt", "flux_nii6583", "flux_halpha", "flux_oiii5007", "flux_hbeta"],
-}
+
+def rules(mass_weight: str = "current") -> dict[str, list[Any]]:
+    """Output column -> sidecar aggregation rule, in the truth table's column order.
+
+    Parameters
+    ----------
+    mass_weight : str
+        ``current`` (living + remnant mass, column ``mstar_msun``) or ``initial``
+        (``minit_msun``): the mass that weights age and [M/H].
+    """
+    weight = {"current": "mstar_msun", "initial": "minit_msun"}[mass_weight]
+    return {
+        "galaxy_type": ["first", "galaxy_type"],
+        "library": ["first", "library"],
+        "mass_weight": ["first", "mass_weight"],
+        "n_spaxels": ["count"],
+        "age_mw_gyr": ["wmean", "age_mw_gyr", weight],
+        "mh_mw": ["wmean", "mh_mw", weight],
+        "log_ml_r": ["log10_ratio", "mstar_msun", "l_r_lsun"],
+        "ebv_star": ["wmean", "ebv_star", "l_r_lsun"],
+        "ebv_gas": ["wmean", "ebv_gas", "l_r_lsun"],
+        "vel_kms": ["wmean", "vel_kms", "l_r_lsun"],
+        "sigma_kms": ["wmean", "sigma_kms", "l_r_lsun"],
+        "mstar_msun": ["sum", "mstar_msun"],
+        "minit_msun": ["sum", "minit_msun"],
+        "sfr_msun_yr": ["sum", "sfr_msun_yr"],
+        "radius_re": ["mean", "radius_re"],
+        **{c: ["sum", c] for c in LINE_COLUMNS},
+        "log_ssfr": ["log10_ratio", "sfr_msun_yr", "mstar_msun", LOG_SSFR_FLOOR],
+        "d_bpt": ["d_bpt", "flux_nii6583", "flux_halpha", "flux_oiii5007", "flux_hbeta"],
+    }
+
+
+#: The rules of a survey rendered from the fitting library (MIUSCAT).
+RULES: dict[str, list[Any]] = rules("current")
