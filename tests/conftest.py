@@ -93,3 +93,75 @@ def full_archive(trained_archive):
     arch, model_id, cfg = trained_archive
     d2 = fingerprint.build(arch, model_id, progress=False)
     return arch, model_id, cfg, d2
+
+
+class ReaderLoop:
+    """A reader thread querying an archive while a writer works (concurrency checks).
+
+    It opens ``desomdb.connect`` again and again and counts ``tables``; every commit of the
+    writer is recorded with the counts it leaves. Afterwards ``errors`` must be empty and
+    every count a reader saw must be the count of some committed state (``check()``).
+    """
+
+    def __init__(self, root: Path, tables: tuple[str, ...]):
+        self.root, self.tables = Path(root), tables
+        self.errors: list[str] = []
+        self.seen: dict[str, set[int]] = {t: set() for t in tables}
+        self.committed: dict[str, set[int]] = {t: {0} for t in tables}
+
+    def _counts(self) -> dict[str, int]:
+        from desomdb.archive import Archive
+
+        arch = Archive(self.root)
+        return {t: arch.read(t, columns=[]).num_rows if arch.has_table(t) else 0
+                for t in self.tables}
+
+    def __enter__(self) -> "ReaderLoop":
+        import threading
+
+        import desomdb
+        from desomdb import archive as archive_mod
+
+        self._real_commit = real = archive_mod.Writer.commit
+        loop = self
+
+        def recording_commit(writer, add=(), remove=()):
+            gen = real(writer, add, remove)
+            for t, n in loop._counts().items():
+                loop.committed[t].add(n)
+            return gen
+
+        archive_mod.Writer.commit = recording_commit  # type: ignore[method-assign]
+        for t, n in self._counts().items():
+            self.committed[t].add(n)
+        self._done = threading.Event()
+
+        def read() -> None:
+            while not self._done.is_set():
+                try:
+                    con = desomdb.connect(self.root)
+                    names = {r[0] for r in con.sql("select view_name from duckdb_views()")
+                             .fetchall()}
+                    for t in self.tables:
+                        if t in names:
+                            self.seen[t].add(con.sql(f"select count(*) from {t}")
+                                             .fetchall()[0][0])
+                    con.close()
+                except Exception as exc:  # any failure of a reader is the finding
+                    self.errors.append(repr(exc))
+
+        self._thread = threading.Thread(target=read, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from desomdb import archive as archive_mod
+
+        self._done.set()
+        self._thread.join()
+        archive_mod.Writer.commit = self._real_commit  # type: ignore[method-assign]
+
+    def check(self) -> None:
+        assert not self.errors, self.errors[:3]
+        for t in self.tables:
+            assert self.seen[t] <= self.committed[t], (t, self.seen[t], self.committed[t])

@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 import pytest
 from click.testing import CliRunner
+from conftest import ReaderLoop
 from polars.testing import assert_frame_equal
 
 from desomdb import ingest, mock, refresh, registry, status, views
@@ -80,9 +81,19 @@ def refreshed(releases):
     root, dr17, _model_id, _ = releases
     target = root / "refreshed"
     shutil.copytree(root / "base", target)
-    report = refresh.refresh(target, dr17_job(dr17), opts(),
-                             progress=False)
+    with ReaderLoop(target, ("baxels", "labels", "assignments")) as readers:
+        report = refresh.refresh(target, dr17_job(dr17), opts(),
+                                 progress=False)
+    READERS["refresh"] = readers
     return target, report
+
+
+#: Reader loops that ran during the module's refreshes (checked by a test).
+READERS: dict[str, ReaderLoop] = {}
+
+
+def test_readers_during_a_refresh_never_fail_or_see_half_a_commit(refreshed) -> None:
+    READERS["refresh"].check()
 
 
 def test_second_release_is_added_incrementally(releases, refreshed) -> None:
@@ -341,3 +352,35 @@ def test_galaxy_fingerprint_view_agrees_with_the_fingerprints_table(refreshed) -
     both = con.sql("select count(*) from (select plateifu from cubes where status = 'ok' "
                    "group by plateifu having count(*) > 1)").fetchall()[0][0]
     assert both >= 1
+
+
+def test_similarity_indexes_follow_the_refresh(refreshed) -> None:
+    """The baxel and galaxy indexes match the refreshed archive; a carried cube is found once."""
+    from desomdb import similar, similar_index
+
+    target, report = refreshed
+    arch = Archive(target)
+    model_id = report.model_id
+    assert report.assign is not None and report.assign.index is not None
+    assert report.assign.index.n_added > 0
+    assert similar_index.is_current(arch, model_id, "baxels")
+    assert similar_index.is_current(arch, model_id, "galaxies")
+    con = views.connect(target)
+    latest = con.sql("select count(*) from baxels join latest_cubes using (release, plateifu)"
+                     ).fetchall()[0][0]
+    meta = similar_index.read_meta(arch.root, model_id, "baxels")
+    assert meta is not None and meta.n_vectors == latest
+    pifu, bin_id = con.sql("select plateifu, min(bin_id) from cubes join baxels "
+                           "using (release, plateifu) where carried_from is not null "
+                           "group by plateifu").fetchall()[0]
+    found = similar.similar(target, baxel=f"{pifu}:{bin_id}", k=5)
+    exact = similar.similar(target, baxel=f"{pifu}:{bin_id}", k=5, exact=True)
+    assert found.method == "usearch HNSW" and found.note is None
+    assert found.table.row(0)[1:4] == ("DR17", pifu, bin_id)
+    assert not found.table.filter(pl.col("release") == "DR15").height  # no DR15 twin
+    assert found.table.select("release", "plateifu", "bin_id").equals(
+        exact.table.select("release", "plateifu", "bin_id"))
+    mangaid = con.sql("select mangaid from fingerprints where model_id = current_model() "
+                      "limit 1").fetchall()[0][0]
+    galaxies = similar.similar(target, galaxy=mangaid, k=10)
+    assert galaxies.method == "usearch HNSW" and galaxies.table.height == 4
