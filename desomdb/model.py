@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from desomdb.errors import ConfigError
+from desomdb.spectra import N_REST
 
 
 @dataclass
@@ -43,7 +44,7 @@ class DesomConfig:
 
     name: str = "compact"
     kind: str = "desom1"  # desom1: spectra (1-D); desom2: fingerprints (2-D)
-    input_len: int = 4544
+    input_len: int = N_REST
     input_shape: tuple[int, int] = (15, 15)  # desom2 only
     arch: str = "strided"  # "paper" (conv + max-pool) or "strided"
     channels: tuple[int, ...] = (16, 32, 32)

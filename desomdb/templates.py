@@ -26,7 +26,6 @@ with permission in the ``ppxf`` 8.2.6 source package. Rebuild with
 from __future__ import annotations
 
 import hashlib
-import os
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 from astropy import units as u
 
+from desomdb.archive import atomic_write
 from desomdb.constants import L_SUN_ERG_S
 from desomdb.errors import TemplateLibraryError
 
@@ -106,9 +106,7 @@ class TemplateLibrary:
         digest = hashlib.sha256(self.path.read_bytes() + keep.tobytes()).hexdigest()[:16]
         out = Path(tempfile.gettempdir()) / f"desomdb-templates-{digest}.npz"
         if not out.is_file():
-            tmp = out.with_name(f"{out.stem}.tmp{os.getpid()}.npz")
-            np.savez(tmp, **arrays)
-            tmp.replace(out)
+            atomic_write(out, lambda tmp: _savez(tmp, arrays))
         return load(out)
 
     @property
@@ -147,6 +145,11 @@ class TemplateLibrary:
         from ppxf import sps_util
 
         return sps_util.sps_lib(str(self.path), velscale, **kwargs)
+
+
+def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with path.open("wb") as fh:  # a file object: np.savez would append ".npz" to a name
+        np.savez(fh, **arrays)
 
 
 def library_path(name: str = "miuscat") -> Path:

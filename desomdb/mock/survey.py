@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from desomdb import dust, emission, geometry, manga, paths, runner, sidecar, templates
+from desomdb.archive import atomic_write
 from desomdb.constants import COSMOLOGY, FWHM_PER_SIGMA, L_SUN_ERG_S, MPC_CM
 from desomdb.errors import ConfigError
 from desomdb.mock.galaxy import GalaxyParams, SpaxelModel, draw_galaxy, spaxel_model
@@ -199,10 +199,7 @@ def _next_release(out: Path, prev: manga.Release, rel: manga.Release,
         if variants[i] != -1:
             continue
         src, dst = _cube_path(prev_dir, params[i]), _cube_path(out / rel.name, params[i])
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
-        shutil.copyfile(src, tmp)
-        tmp.replace(dst)
+        atomic_write(dst, lambda tmp, src=src: _copy(src, tmp))
         rows = prev_truth.filter(pc.equal(prev_truth.column("plateifu"), params[i].plateifu))
         copied.append(rows.set_column(rows.schema.get_field_index("release"), "release",
                                       pa.array([rel.name] * rows.num_rows)))
@@ -539,15 +536,20 @@ def _broadband_images(flux: np.ndarray, wave: np.ndarray) -> dict[str, np.ndarra
 
 def write_cube(hdul: fits.HDUList, path: Path) -> None:
     """Write a gzipped FITS deterministically (no timestamp) and atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     hdul.writeto(buf)  # no CHECKSUM cards: astropy stamps them with the current time
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with tmp.open("wb") as raw, gzip.GzipFile(
-        filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=1
-    ) as gz:
-        gz.write(buf.getbuffer())
-    tmp.replace(path)
+
+    def gzipped(tmp: Path) -> None:
+        with tmp.open("wb") as raw, gzip.GzipFile(
+            filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=1
+        ) as gz:
+            gz.write(buf.getbuffer())
+
+    atomic_write(path, gzipped)
+
+
+def _copy(src: Path, dst: Path) -> None:
+    shutil.copyfile(src, dst)
 
 
 def _truth_table(
@@ -602,9 +604,7 @@ def _truth_table(
 
 
 def _atomic_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def _write_drpall(params: list[GalaxyParams], path: Path) -> None:
@@ -632,6 +632,4 @@ def _write_drpall(params: list[GalaxyParams], path: Path) -> None:
             "mngtarg3": np.zeros(len(params), dtype=np.int64),
         }
     )
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    t.write(tmp, format="fits", overwrite=True)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: t.write(tmp, format="fits", overwrite=True))
