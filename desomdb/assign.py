@@ -3,6 +3,10 @@
 Only the encoder runs per spectrum (the authors' code also ran the decoder, ~3× slower).
 ``distance`` is the Euclidean latent distance to the best-matching prototype;
 ``is_adjacent`` says whether the runner-up node is a 4-neighbour (Manhattan distance 1).
+``latent`` (float32[latent]) is the encoder's output, kept so that similarity search
+(:mod:`desomdb.similar`) never re-encodes;
+after assigning, the model's baxel index is brought up to date
+(:func:`desomdb.similar_index.update_baxel_index`).
 Node co-adds, ``n_members`` and ``node_labels`` count each cube once, in its newest release
 (:mod:`desomdb.versions`). ``node_labels`` use all assigned baxels (train and test) passing
 the paper's label cuts —
@@ -22,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from desomdb import paths, registry, spectra, versions
+from desomdb import paths, registry, similar_index, spectra, versions
 from desomdb.archive import Archive, StagedFile, Writer
 from desomdb.inference import encode_all, nearest_nodes, normalised
 from desomdb.model import Desom
@@ -50,13 +54,14 @@ def assign_table(model: Desom, table: pa.Table, norm: np.ndarray, device: str = 
     Returns
     -------
     rows : pyarrow.Table
-        bin_id, node, row, col, second_node, distance, is_adjacent.
+        bin_id, node, row, col, second_node, distance, is_adjacent, latent.
     best : ndarray of int, shape (n,)
     x, w : ndarray, shape (n, 4544)
         The normalised spectra and weights (for node co-adds).
     """
     x, w = normalised(table, norm)
-    found = nearest_nodes(model, encode_all(model, x, device, precision=precision), device)
+    z = encode_all(model, x, device, precision=precision)
+    found = nearest_nodes(model, z, device)
     rows = pa.table({
         "bin_id": table.column("bin_id"),
         "node": pa.array(found.best.astype(np.int16)),
@@ -65,6 +70,7 @@ def assign_table(model: Desom, table: pa.Table, norm: np.ndarray, device: str = 
         "second_node": pa.array(found.second.astype(np.int16)),
         "distance": pa.array(found.distance),
         "is_adjacent": pa.array(found.adjacent),
+        similar_index.LATENT: spectra.to_list_column(z),
     })
     best = found.best
     return rows, best, x, w
@@ -85,6 +91,8 @@ class AssignReport:
     seconds : float
     spectra_per_s : float
         Encoding throughput of this run (NaN when nothing was encoded).
+    index : IndexReport, optional
+        What the update of the model's baxel similarity index did.
     """
 
     model_id: str
@@ -93,6 +101,7 @@ class AssignReport:
     n_cubes: int
     seconds: float
     spectra_per_s: float
+    index: similar_index.IndexReport | None = None
 
 
 def assign(archive: str | Path, model_id: str | None = None, device: str = "cpu",
@@ -100,7 +109,8 @@ def assign(archive: str | Path, model_id: str | None = None, device: str = "cpu"
     """Assign every baxel of every release with a DESOM-1 model; write nodes/node_labels.
 
     Resumable: cubes already assigned under this model are not re-encoded (their rows are
-    read back for the node co-adds).
+    read back for the node co-adds), except the newest version of a cube assigned before
+    latents were stored (encoded again, once, to store them).
 
     Returns
     -------
@@ -117,8 +127,8 @@ def assign(archive: str | Path, model_id: str | None = None, device: str = "cpu"
     assert isinstance(bax, pl.DataFrame)
     norms = {(str(k[0]), str(k[1])): g for k, g in bax.group_by("release", "plateifu")}
     n_nodes = model.cfg.n_nodes
-    sum_x = np.zeros((n_nodes, 4544))
-    sum_w = np.zeros((n_nodes, 4544))
+    sum_x = np.zeros((n_nodes, spectra.N_REST))
+    sum_w = np.zeros((n_nodes, spectra.N_REST))
     counts = np.zeros(n_nodes, dtype=np.int64)
     t0 = time.perf_counter()
     n_encoded = 0
@@ -140,10 +150,12 @@ def assign(archive: str | Path, model_id: str | None = None, device: str = "cpu"
             pos = {int(b): i for i, b in enumerate(g["bin_id"])}
             norm = g["norm_flux"].to_numpy()[[pos[int(b)] for b in table.column("bin_id")
                                                .to_numpy()]]
-            if name in done:
+            no_latents = name in done and latest and not _has_latents(done[name])
+            if name in done and not no_latents:
                 best = pq.read_table(done[name], columns=["node"]).column("node").to_numpy()
                 x, w = normalised(table, norm)
-            elif f.name in by_content:  # the same spectra carried over from another release
+            elif f.name in by_content and _has_latents(by_content[f.name]):
+                # the same spectra carried over from another release
                 rows = pq.read_table(by_content[f.name]).drop_columns(["release"])
                 rows = rows.append_column("release", pa.array([release] * rows.num_rows))
                 best = rows.column("node").to_numpy()
@@ -169,8 +181,14 @@ def assign(archive: str | Path, model_id: str | None = None, device: str = "cpu"
         seconds = time.perf_counter() - t0
         _write_nodes(writer, model, model_id, counts, sum_x, sum_w, device)
         _write_node_labels(writer, arch, model_id)
+        index = similar_index.update_baxel_index(arch, model_id, model.cfg.latent)
     return AssignReport(model_id, int(counts.sum()), n_encoded, len(files), seconds,
-                        n_encoded / seconds if seconds > 0 else float("nan"))
+                        n_encoded / seconds if seconds > 0 else float("nan"), index)
+
+
+def _has_latents(part: Path) -> bool:
+    """Whether an assignment part file stores latents (files from before they were don't)."""
+    return similar_index.LATENT in pq.read_schema(part).names
 
 
 def _write_nodes(writer: Writer, model: Desom, model_id: str, counts: np.ndarray,

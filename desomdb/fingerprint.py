@@ -9,6 +9,9 @@
   galaxies, scale each node to 0-1 over galaxies, then each fingerprint to 0-1; shaped as
   the DESOM-1 map image. Trained with the same :class:`desomdb.model.Desom` and
   :func:`desomdb.train.fit` as DESOM-1 (kind ``desom2``), split 80/20 by galaxy.
+  ``desom2_distance`` (latent distance to the DESOM-2 node) ranks the ``galaxy_outliers``.
+- After every write, the model's galaxy similarity index is rebuilt
+  (:func:`desomdb.similar_index.update_galaxy_index`; Hellinger distance between fractions).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import polars as pl
 import pyarrow as pa
 import torch
 
-from desomdb import paths, registry, views
+from desomdb import paths, registry, similar_index, views
 from desomdb.archive import Archive, StagedFile, Writer
 from desomdb.errors import ModelError
 from desomdb.inference import encode_all, nearest_nodes
@@ -158,9 +161,15 @@ def build(archive: str | Path, model_id: str | None = None, cfg: DesomConfig | N
                             + model_id.encode() + counts.tobytes()).hexdigest()[:10]
     d2_id = f"desom2-{digest}"
     if d2_id in registry.registered_models(arch) and arch.files("fingerprints", model_id=model_id):
-        done = arch.read("fingerprints", columns=["desom2_model_id"], model_id=model_id)
-        if done.column(0)[0].as_py() == d2_id:
-            return d2_id  # idempotent: already built from the same counts and configuration
+        done = arch.read("fingerprints", model_id=model_id)
+        if done.column("desom2_model_id")[0].as_py() == d2_id:
+            # idempotent: already built from the same counts and configuration
+            if "desom2_distance" not in done.schema.names:  # written before it was stored
+                update(arch.root, model_id, device)
+            elif not similar_index.is_current(arch, model_id, "galaxies"):
+                with arch.writer("desomdb fingerprints (galaxy index)"):
+                    similar_index.update_galaxy_index(arch, model_id)
+            return d2_id
     torch.manual_seed(cfg.seed)
 
     with arch.writer("desomdb fingerprints") as writer:
@@ -184,6 +193,7 @@ def build(archive: str | Path, model_id: str | None = None, cfg: DesomConfig | N
             metrics, {"history": loop["history"], "parent": model_id, "normalisation": stats},
             model_id, also=[fp])
         state.unlink(missing_ok=True)
+        similar_index.update_galaxy_index(arch, model_id)
     return d2_id
 
 
@@ -193,7 +203,8 @@ def _stage_fingerprints(writer: Writer, model_id: str, d2_id: str, m2: Desom,
                         device: str) -> tuple[StagedFile, pa.Table]:
     """Assign galaxies to the DESOM-2; stage (and return) the fingerprints of ``model_id``."""
     x = normalise_for_desom2(counts, stats)
-    best = nearest_nodes(m2, encode_all(m2, x, device), device).best
+    found = nearest_nodes(m2, encode_all(m2, x, device), device)
+    best = found.best
     with np.errstate(invalid="ignore", divide="ignore"):
         frac = counts / counts.sum(axis=1, keepdims=True)
         rad = radius / radius.sum(axis=1, keepdims=True)
@@ -212,6 +223,7 @@ def _stage_fingerprints(writer: Writer, model_id: str, d2_id: str, m2: Desom,
         "desom2_node": pa.array(best.astype(np.int16)),
         "desom2_row": pa.array((best // cols).astype(np.int16)),
         "desom2_col": pa.array((best % cols).astype(np.int16)),
+        "desom2_distance": pa.array(found.distance),
         "split": pa.array(np.where(test, "test", "train")),
     })
     staged = writer.stage_table(
@@ -297,6 +309,7 @@ def update(archive: str | Path, model_id: str | None = None, device: str = "cpu"
         fp, table = _stage_fingerprints(writer, model_id, d2_id, m2, gal, counts, radius,
                                         stats, test, device)
         writer.commit(add=[fp])
+        similar_index.update_galaxy_index(arch, model_id)
     new = pl.from_arrow(table.select(["mangaid", "counts", "desom2_node"]))
     assert isinstance(new, pl.DataFrame)
     both = new.join(old, on="mangaid", how="left", suffix="_old")

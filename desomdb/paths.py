@@ -12,6 +12,9 @@ Layout::
       <table>/release=<R>/...   hive-partitioned Parquet (data tables)
       <table>/model_id=<M>/...  hive-partitioned Parquet (per-model tables)
       artefacts/<model_id>/     model artefacts (checkpoints)
+      artefacts/<model_id>/similar/
+                                similarity-search indexes (<kind>.json names the current
+                                <kind>-<source>.usearch and its -keys.parquet)
       _current_model.json       the current model of each kind
       setup.sql                 views for the plain DuckDB CLI
       _last_report.json         where the last 'desomdb report' went and what it was drawn from
@@ -199,3 +202,37 @@ def comparison_path(root: Path, new_id: str, old_id: str) -> Path:
 def artefact_dir(root: Path, model_id: str) -> Path:
     """Folder holding a model's checkpoint files."""
     return root / MODELS_DIR / model_id
+
+
+#: A similarity index of a DESOM-1 model: kind ``baxels`` (latents) or ``galaxies``
+#: (fingerprints), and the digest of the committed files it was built from.
+_INDEX_FILE = re.compile(r"^(baxels|galaxies)-([0-9a-f]{16})(\.usearch|-keys\.parquet)$")
+
+
+def index_dir(root: Path, model_id: str) -> Path:
+    """Folder of a DESOM-1 model's similarity indexes (an artefact, outside the manifest)."""
+    return artefact_dir(root, model_id) / "similar"
+
+
+def index_meta_path(root: Path, model_id: str, kind: str) -> Path:
+    """Path of the JSON naming the current index of ``kind`` and what it was built from."""
+    return index_dir(root, model_id) / f"{kind}.json"
+
+
+def index_file_name(kind: str, source: str) -> str:
+    """File name of an index of ``kind`` built from committed files with digest ``source``."""
+    return f"{kind}-{source[:16]}.usearch"
+
+
+def index_keys_name(kind: str, source: str) -> str:
+    """File name of the table mapping an index's integer keys to rows (baxels or galaxies)."""
+    return f"{kind}-{source[:16]}-keys.parquet"
+
+
+def parse_index_file_name(name: str) -> tuple[str, str] | None:
+    """Inverse of :func:`index_file_name` / :func:`index_keys_name`: ``(kind, source prefix)``.
+
+    None for other files (the JSON pointers, temporary files).
+    """
+    m = _INDEX_FILE.match(name)
+    return (m.group(1), m.group(2)) if m else None

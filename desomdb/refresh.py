@@ -7,9 +7,11 @@ killed at any point and run again ends in the same archive as an uninterrupted o
    are byte-identical to an earlier release's (same checksum and drpall inputs) are carried
    over without processing, new and re-processed cubes are binned and resampled;
 2. label the release's cubes not labelled yet (pPXF);
-3. assign them with the current DESOM-1 (cubes assigned before are not re-encoded) and
-   rebuild that model's node co-adds and node label PDFs;
-4. recompute the model's fingerprints and map new galaxies onto its existing DESOM-2;
+3. assign them with the current DESOM-1 (cubes assigned before are not re-encoded),
+   rebuild that model's node co-adds and node label PDFs, and update its baxel similarity
+   index (:mod:`desomdb.similar_index`: new cubes in, superseded versions out);
+4. recompute the model's fingerprints, map new galaxies onto its existing DESOM-2, and
+   rebuild its galaxy similarity index;
 5. count the new release's poorly represented spectra (the ``drift`` view).
 
 ``retrain=True`` then trains a new DESOM-1 warm-started from the current one (recorded as

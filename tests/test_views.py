@@ -20,7 +20,7 @@ SQL = Path(__file__).parent.parent / "sql"
 PUBLIC = ["cubes", "galaxies", "baxels", "spectra", "bin_map", "labels", "models", "nodes",
           "assignments", "node_labels", "fingerprints", "splits", "truth", "baxel_labels",
           "node_summary", "galaxy_fingerprint", "latest_cubes", "poorly_represented", "drift",
-          "model_thresholds", "galaxy_summary"]
+          "model_thresholds", "galaxy_summary", "baxel_outliers", "galaxy_outliers"]
 
 
 @pytest.fixture(scope="module")
