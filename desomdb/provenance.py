@@ -51,7 +51,7 @@ class Provenance:
         DESOM-1 model the model-dependent columns use (default: the current one), and the
         DESOM-2 of its fingerprints.
     fitters : tuple of str
-        Fit set-ups in the labels table (``ppxf-miuscat-v1``).
+        Fit set-ups in the labels table (e.g. ``ppxf-miuscat-v2``).
     package_version : str
     created_at : str
         UTC, ISO 8601.

@@ -149,7 +149,7 @@ class TemplateLibrary:
 
 def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with path.open("wb") as fh:  # a file object: np.savez would append ".npz" to a name
-        np.savez(fh, **arrays)
+        np.savez(fh, **arrays)  # type: ignore[arg-type]
 
 
 def library_path(name: str = "miuscat") -> Path:

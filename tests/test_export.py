@@ -8,7 +8,7 @@ from astropy.io.votable import parse
 from astropy.table import Table
 from click.testing import CliRunner
 
-from desomdb import export
+from desomdb import export, labels
 from desomdb.cli import main
 from desomdb.provenance import Provenance, provenance
 
@@ -39,7 +39,7 @@ def test_fits_columns_carry_units_descriptions_and_provenance(full_archive, tmp_
         assert comments["flux_ha"] == "Halpha flux."  # ASCII in FITS headers
         for header in (hdul[0].header, h):
             assert header["DESOM1"] == model_id
-            assert header["FITTER"] == "ppxf-miuscat-v1"
+            assert header["FITTER"] == labels.FITTER
             assert "MIUSCAT" in header["TEMPLIB"] and "0.2 dex" in header["TEMPLIB"]
             assert header["RELEASES"] == "DR15"
             assert header["DESOMVER"]
@@ -70,7 +70,7 @@ def test_parquet_export_keeps_units_for_pyarrow_and_astropy(full_archive, tmp_pa
     assert schema.metadata[b"desomdb_model_id"] == model_id.encode()
     table = Table.read(tmp_path / "labels.parquet")
     assert str(table["age_mw_gyr"].unit) == "Gyr"
-    assert table.meta["desomdb_fitters"] == "ppxf-miuscat-v1"
+    assert table.meta["desomdb_fitters"] == labels.FITTER
     assert set(table["plateifu"]) == set(pq.read_table(tmp_path / "labels.parquet")
                                          .column("plateifu").to_pylist())
 
@@ -79,7 +79,7 @@ def test_provenance_of_the_archive(full_archive) -> None:
     arch, model_id, _, d2 = full_archive
     prov = provenance(arch)
     assert prov.model_id == model_id and prov.desom2_model_id == d2
-    assert prov.releases == ("DR15",) and prov.fitters == ("ppxf-miuscat-v1",)
+    assert prov.releases == ("DR15",) and prov.fitters == (labels.FITTER,)
     assert prov.generation > 0
     assert any("Cappellari & Copin 2003" in r for r in prov.references)
 

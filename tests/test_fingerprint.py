@@ -20,11 +20,11 @@ def test_galaxy_counts_sum_a_galaxys_cubes_in_their_newest_release(tmp_path) -> 
     import pyarrow as pa
 
     arch = Archive(tmp_path / "a", create=True)
-    cubes = {"plateifu": ["1-1", "1-2", "2-1"], "status": ["ok"] * 3,
+    cubes: dict[str, list] = {"plateifu": ["1-1", "1-2", "2-1"], "status": ["ok"] * 3,
              "release_ordinal": [15] * 3}
-    baxels = {"plateifu": ["1-1", "1-1", "1-2", "2-1"], "bin_id": [0, 1, 0, 0],
+    baxels: dict[str, list] = {"plateifu": ["1-1", "1-1", "1-2", "2-1"], "bin_id": [0, 1, 0, 0],
               "mangaid": ["A", "A", "A", "B"], "radius_re": [0.5, 1.5, 2.0, float("nan")]}
-    assigned = {"plateifu": ["1-1", "1-1", "1-2", "2-1"], "bin_id": [0, 1, 0, 0],
+    assigned: dict[str, list] = {"plateifu": ["1-1", "1-1", "1-2", "2-1"], "bin_id": [0, 1, 0, 0],
                 "node": [3, 3, 0, 1], "row": [1, 1, 0, 0], "col": [1, 1, 0, 1],
                 "release": ["DR15"] * 4}
     with arch.writer("test") as w:
@@ -50,7 +50,7 @@ def test_galaxy_counts_sum_a_galaxys_cubes_in_their_newest_release(tmp_path) -> 
     assert gal["n_cubes"].to_list() == [2, 1]  # repeat cubes of one galaxy are summed
     assert gal["n_baxels"].to_list() == [3, 1]
     np.testing.assert_array_equal(counts, [[1, 0, 0, 2], [0, 1, 0, 0]])
-    np.testing.assert_allclose(radius, [[2.0, 0, 0, 2.0], [0, 0, 0, 0]])  # NaN radius: 0
+    np.testing.assert_allclose(radius, np.array([[2.0, 0, 0, 2.0], [0, 0, 0, 0]]))  # NaN: 0
 
 
 @pytest.fixture(scope="module")

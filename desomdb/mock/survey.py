@@ -30,6 +30,7 @@ labels use the nominal MaNGA LSF.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import shutil
@@ -199,7 +200,7 @@ def _next_release(out: Path, prev: manga.Release, rel: manga.Release,
         if variants[i] != -1:
             continue
         src, dst = _cube_path(prev_dir, params[i]), _cube_path(out / rel.name, params[i])
-        atomic_write(dst, lambda tmp, src=src: _copy(src, tmp))
+        atomic_write(dst, functools.partial(_copy_to, src))
         rows = prev_truth.filter(pc.equal(prev_truth.column("plateifu"), params[i].plateifu))
         copied.append(rows.set_column(rows.schema.get_field_index("release"), "release",
                                       pa.array([rel.name] * rows.num_rows)))
@@ -548,7 +549,7 @@ def write_cube(hdul: fits.HDUList, path: Path) -> None:
     atomic_write(path, gzipped)
 
 
-def _copy(src: Path, dst: Path) -> None:
+def _copy_to(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)
 
 
