@@ -28,6 +28,7 @@ search is exact and :attr:`Neighbours.note` says why (``exact=True`` asks for it
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,25 +130,39 @@ def similar_baxels(archive: str | Path, *, baxel: str | None = None,
         query, label = _spectrum_latent(arch, model_id, spectra_file, index, device)
     else:
         raise ConfigError("give a baxel (PLATEIFU:BIN) or a spectra file")
-    opened, note = (None, None) if exact else _open(arch, model_id, "baxels",
-                                                    sx.source_digest("baxels", files))
+    rows, dist, seconds, method, note = _nearest(
+        arch, model_id, "baxels", files, query, k, exact,
+        lambda: sx.read_latents(arch, sorted(files)))
+    table = rows.select("release", "plateifu", "bin_id", "node").with_columns(
+        pl.Series("distance", dist)).with_row_index("rank", offset=1)
+    return Neighbours(label, "baxels", model_id, BAXEL_METRIC, method, table, seconds, note)
+
+
+def _nearest(
+    arch: Archive, model_id: str, kind: str, files: Any, query: np.ndarray, k: int,
+    exact: bool, load_exact: Callable[[], tuple[pl.DataFrame, np.ndarray]],
+) -> tuple[pl.DataFrame, np.ndarray, float, str, str | None]:
+    """Search the model's index of ``kind`` if it is current, else exactly.
+
+    Returns
+    -------
+    rows, distances, seconds, method, note
+        The neighbours' rows (nearest first), their distances, the search time (s), which
+        search ran, and why the index was not used (None if it was or ``exact`` was asked).
+    """
+    opened, note = (None, None) if exact else _open(arch, model_id, kind,
+                                                    sx.source_digest(kind, files))
     if opened is not None:
         idx, keys = opened
         t0 = time.perf_counter()
         found, dist = ann.search(idx, query, k)
         seconds = time.perf_counter() - t0
-        rows = keys[np.searchsorted(keys["key"].to_numpy(), found)]
-        method = "usearch HNSW"
-    else:
-        rows_all, latents = sx.read_latents(arch, sorted(files))
-        t0 = time.perf_counter()
-        pos, dist = ann.ExactSearch(latents).search(query, k)
-        seconds = time.perf_counter() - t0
-        rows = rows_all[pos]
-        method = "exact"
-    table = rows.select("release", "plateifu", "bin_id", "node").with_columns(
-        pl.Series("distance", dist)).with_row_index("rank", offset=1)
-    return Neighbours(label, "baxels", model_id, BAXEL_METRIC, method, table, seconds, note)
+        return keys[np.searchsorted(keys["key"].to_numpy(), found)], dist, seconds, \
+            "usearch HNSW", note
+    rows_all, vectors = load_exact()
+    t0 = time.perf_counter()
+    pos, dist = ann.ExactSearch(vectors).search(query, k)
+    return rows_all[pos], dist, time.perf_counter() - t0, "exact", note
 
 
 def similar_galaxies(archive: str | Path, mangaid: str, k: int = 10,
@@ -175,21 +190,8 @@ def similar_galaxies(archive: str | Path, mangaid: str, k: int = 10,
         raise QueryError(f"{arch.root}: no fingerprint of galaxy {mangaid!r} under model "
                          f"{model_id} ({rows_all.height} galaxies, e.g. {sample})")
     query = vectors[hit[0]]
-    opened, note = (None, None) if exact else _open(arch, model_id, "galaxies",
-                                                    sx.source_digest("galaxies", files))
-    if opened is not None:
-        idx, keys = opened
-        t0 = time.perf_counter()
-        found, dist = ann.search(idx, query, k)
-        seconds = time.perf_counter() - t0
-        rows = keys[np.searchsorted(keys["key"].to_numpy(), found)]
-        method = "usearch HNSW"
-    else:
-        t0 = time.perf_counter()
-        pos, dist = ann.ExactSearch(vectors).search(query, k)
-        seconds = time.perf_counter() - t0
-        rows = rows_all[pos]
-        method = "exact"
+    rows, dist, seconds, method, note = _nearest(
+        arch, model_id, "galaxies", files, query, k, exact, lambda: (rows_all, vectors))
     table = rows.select("mangaid").with_columns(
         pl.Series("hellinger", np.minimum(dist / np.sqrt(2.0), 1.0)),
         *(rows[c] for c in ("desom2_node", "n_baxels", "n_cubes"))
