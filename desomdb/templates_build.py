@@ -58,6 +58,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,71 @@ IMF_SLOPE = 1.30
 _NAME = re.compile(r"Iun1\.30Z([mp])(\d\.\d\d)T(\d+\.\d+)\.fits$")
 
 
+def _wheel_spectra(
+    wheel: Path,
+    is_member: Callable[[str], bool],
+    key_of: Callable[[str, fits.Header], tuple[float, float] | None],
+    expected: int,
+    library: str,
+) -> tuple[dict[tuple[float, float], np.ndarray], np.ndarray]:
+    """Read one library's SSP spectra (one FITS file each) from the mangadap wheel.
+
+    Parameters
+    ----------
+    wheel : Path
+    is_member : callable
+        Whether a wheel member (by name) is one of the library's files.
+    key_of : callable
+        ``key_of(name, primary header)``: the spectrum's (age Gyr, [M/H]).
+    expected : int
+        How many spectra the library has.
+    library : str
+        Its name, for error messages.
+
+    Returns
+    -------
+    spectra : dict
+        (age, [M/H]) -> flux, float64.
+    lam_air : ndarray
+        The common air wavelength grid, Å (linear, from CRVAL1/CDELT1/CRPIX1).
+
+    Raises
+    ------
+    TemplateLibraryError
+        If the files disagree on the grid or their number is not ``expected``.
+    """
+    spectra: dict[tuple[float, float], np.ndarray] = {}
+    lam_air = None
+    with zipfile.ZipFile(wheel) as zf:
+        for name in sorted(zf.namelist()):
+            if not is_member(name):
+                continue
+            with zf.open(name) as fh, fits.open(fh) as hdul:
+                hdr = hdul[0].header
+                flux = np.asarray(hdul[0].data, dtype=np.float64)
+                lam = hdr["CRVAL1"] + hdr["CDELT1"] * (np.arange(flux.size) + 1 - hdr["CRPIX1"])
+                key = key_of(name, hdr)
+            if lam_air is None:
+                lam_air = lam
+            elif not np.allclose(lam, lam_air):
+                raise TemplateLibraryError(f"{name}: wavelength grid differs from the others")
+            assert key is not None
+            spectra[key] = flux
+    if lam_air is None or len(spectra) != expected:
+        raise TemplateLibraryError(f"{wheel}: expected {expected} {library} spectra, found "
+                                   f"{len(spectra)}")
+    return spectra, lam_air
+
+
+def _miuscat_key(name: str) -> tuple[float, float] | None:
+    """(age Gyr, [M/H]) of a MIUSCAT file, from its name (``Iun1.30Zm0.40T01.0000.fits``)."""
+    match = _NAME.search(name) if name.startswith(MIUSCAT_DIR) else None
+    if match is None:
+        return None
+    sign = -1.0 if match.group(1) == "m" else 1.0
+    return float(match.group(3)), sign * float(match.group(2))
+
+
 def build_bc03(wheel: Path, out: Path) -> Path:
     """Build the vacuum-wavelength BC03 (MPA-JHU) library file from the mangadap wheel.
 
@@ -95,24 +161,13 @@ def build_bc03(wheel: Path, out: Path) -> Path:
     """
     from ppxf.ppxf_util import air_to_vac
 
-    spectra: dict[tuple[float, float], np.ndarray] = {}
-    lam_air = None
-    with zipfile.ZipFile(wheel) as zf:
-        for name in sorted(zf.namelist()):
-            if not (name.startswith(BC03_DIR) and name.endswith(".fits")):
-                continue
-            with zf.open(name) as fh, fits.open(fh) as hdul:
-                hdr = hdul[0].header
-                flux = np.asarray(hdul[0].data, dtype=np.float64)
-                lam = hdr["CRVAL1"] + hdr["CDELT1"] * (np.arange(flux.size) + 1 - hdr["CRPIX1"])
-                key = (float(hdr["AGE"]), round(float(np.log10(hdr["Z"] / BC03_Z_SUN)), 4))
-            if lam_air is None:
-                lam_air = lam
-            elif not np.allclose(lam, lam_air):
-                raise TemplateLibraryError(f"{name}: wavelength grid differs from the others")
-            spectra[key] = flux
-    if lam_air is None or len(spectra) != 40:
-        raise TemplateLibraryError(f"{wheel}: expected 40 BC03 spectra, found {len(spectra)}")
+    def is_bc03(name: str) -> bool:
+        return name.startswith(BC03_DIR) and name.endswith(".fits")
+
+    def bc03_key(name: str, hdr: fits.Header) -> tuple[float, float]:
+        return float(hdr["AGE"]), round(float(np.log10(hdr["Z"] / BC03_Z_SUN)), 4)
+
+    spectra, lam_air = _wheel_spectra(wheel, is_bc03, bc03_key, 40, "BC03")
     ages = np.array(sorted({k[0] for k in spectra}))
     metals = np.array(sorted({k[1] for k in spectra}))
     templates = np.empty((lam_air.size, ages.size, metals.size), dtype=np.float32)
@@ -201,26 +256,8 @@ def build(wheel: Path, sdist: Path, out: Path) -> Path:
     """
     from ppxf.ppxf_util import air_to_vac
 
-    spectra: dict[tuple[float, float], np.ndarray] = {}
-    lam_air = None
-    with zipfile.ZipFile(wheel) as zf:
-        for name in sorted(zf.namelist()):
-            match = _NAME.search(name) if name.startswith(MIUSCAT_DIR) else None
-            if match is None:
-                continue
-            sign = -1.0 if match.group(1) == "m" else 1.0
-            key = (float(match.group(3)), sign * float(match.group(2)))
-            with zf.open(name) as fh, fits.open(fh) as hdul:
-                hdr = hdul[0].header
-                flux = np.asarray(hdul[0].data, dtype=np.float64)
-                lam = hdr["CRVAL1"] + hdr["CDELT1"] * (np.arange(flux.size) + 1 - hdr["CRPIX1"])
-            if lam_air is None:
-                lam_air = lam
-            elif not np.allclose(lam, lam_air):
-                raise TemplateLibraryError(f"{name}: wavelength grid differs from the others")
-            spectra[key] = flux
-    if lam_air is None or len(spectra) != 200:
-        raise TemplateLibraryError(f"{wheel}: expected 200 MIUSCAT spectra, found {len(spectra)}")
+    spectra, lam_air = _wheel_spectra(wheel, lambda name: _miuscat_key(name) is not None,
+                                      lambda name, _hdr: _miuscat_key(name), 200, "MIUSCAT")
 
     with tarfile.open(sdist) as tf:
         mass_text = _extract(tf, MASS_TABLE)
