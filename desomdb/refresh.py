@@ -33,6 +33,7 @@ import polars as pl
 from desomdb import assign as assign_mod
 from desomdb import fingerprint, ingest, jobs, labels, paths, registry, versions, views
 from desomdb.archive import Archive, write_json_atomic
+from desomdb.drift import DriftSummary, drift_summary
 from desomdb.jobs import RefreshOptions
 from desomdb.model import DesomConfig
 
@@ -121,33 +122,6 @@ def _refresh(archive: str | Path, job: ingest.IngestJob, opts: RefreshOptions,
                             f"'desomdb model use {arch.root} {new_id}' (and back with "
                             f"'desomdb model use {arch.root} {current}')")
     return report
-
-
-@dataclass(frozen=True)
-class DriftSummary:
-    """One row of the ``drift`` view: how many baxels of a release a model represents poorly.
-
-    ``frac_*`` near 0.01 for spectra like the training set is expected; well above it says
-    the data moved (retrain).
-    """
-
-    model_id: str
-    release: str
-    n_baxels: int
-    n_beyond_p99: int
-    frac_beyond_p99: float
-    n_trainable: int
-    n_trainable_beyond_p99: int
-    frac_trainable_beyond_p99: float | None
-    distance_p99: float
-
-
-def drift_summary(arch: Archive, model_id: str, release: str) -> DriftSummary | None:
-    """Return the ``drift`` view's row for one model and release (None if none)."""
-    con = views.connect(arch.root, model=model_id)
-    rows = con.sql("select * from drift where model_id = ? and release = ?",
-                   params=[model_id, release]).pl()
-    return DriftSummary(**rows.to_dicts()[0]) if rows.height else None
 
 
 @dataclass(frozen=True)

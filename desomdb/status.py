@@ -7,7 +7,7 @@ from pathlib import Path
 
 from desomdb import registry, views
 from desomdb.archive import Archive
-from desomdb.refresh import DriftSummary
+from desomdb.drift import DriftSummary, drift_rows
 from desomdb.report import ReportState, report_state
 
 
@@ -99,8 +99,6 @@ def status(archive: str | Path) -> StatusReport:
         unlabelled = int(con.sql(f"select count(*) from {cubes}").fetchall()[0][0])
     drift: list[DriftSummary] = []
     if "drift" in existing and current:
-        drift = [DriftSummary(**row) for row in con.sql(
-            "select * from drift where model_id = current_model() order by release"
-        ).pl().to_dicts()]
+        drift = drift_rows(con, current)
     return StatusReport(str(arch.root), current, releases, failed, models, unassigned,
                         unlabelled, drift, report_state(arch))
