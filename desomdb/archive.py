@@ -539,7 +539,7 @@ class Writer:
 
         Committed and superseded files, and the manifest's segments, are kept.
         """
-        keep = self.archive_files()
+        keep = accounted_files(self.archive)
         removed = []
         for folder in (*paths.TABLES, paths.MANIFEST_DIR):
             base = self.root / folder
@@ -551,10 +551,6 @@ class Writer:
                     removed.append(path)
         shutil.rmtree(self.root / paths.STAGING, ignore_errors=True)
         return removed
-
-    def archive_files(self) -> set[str]:
-        """Relative paths the manifest accounts for: committed, superseded, segments."""
-        return accounted_files(self.archive)
 
 
 def accounted_files(archive: Archive) -> set[str]:

@@ -98,8 +98,7 @@ def check(archive: str | Path, repair: bool = False, checksums: bool = True) -> 
         problems = [p for p in problems if not p.repairable] + list(_stray_files(arch))
 
     if not any(p.kind in ("missing", "size", "checksum") for p in problems):
-        problems.extend(_check_tables(arch, manifest["tables"]))
-        problems.extend(_check_views(arch))
+        problems.extend(_check_through_views(arch, manifest["tables"]))
     problems.extend(_check_current_model(arch))
     return CheckReport(root, len(records), tuple(problems), tuple(repaired))
 
@@ -148,79 +147,76 @@ def _stray_files(arch: Archive) -> list[Problem]:
     return out
 
 
-def _scan(files: list[str], root: Path) -> str:
-    listed = ", ".join("'" + str(root / f).replace("'", "''") + "'" for f in files)
-    return f"read_parquet([{listed}], hive_partitioning = true, union_by_name = true)"
+def _check_through_views(arch: Archive, tables: dict[str, list[str]]) -> list[Problem]:
+    """Open every view; check unique keys per table and that assignments name baxels.
 
-
-def _check_tables(arch: Archive, tables: dict[str, list[str]]) -> list[Problem]:
-    """Check unique keys per table and that assignments point at existing baxels."""
-    out: list[Problem] = []
-    con = duckdb.connect(":memory:")
-    try:
-        for table, files in sorted(tables.items()):
-            keys = paths.TABLE_KEYS.get(table)
-            if not keys or not files:
-                continue
-            try:
-                cols = {r[0] for r in con.sql(
-                    f"describe select * from {_scan(files, arch.root)}").fetchall()}
-                present = [k for k in keys if k in cols]
-                row = con.sql(
-                    f"select count(*), sum(n - 1) from (select count(*) n from "
-                    f"{_scan(files, arch.root)} group by {', '.join(present)} having n > 1)"
-                ).fetchall()[0]
-            except duckdb.Error as exc:
-                out.append(Problem("unreadable", table, f"table {table}: cannot read its "
-                                   f"files ({str(exc).splitlines()[0]}); restore them from "
-                                   "a backup"))
-                continue
-            if row and row[0]:
-                out.append(Problem(
-                    "duplicate-key", table,
-                    f"table {table}: {row[0]} key(s) ({', '.join(present)}) appear more than "
-                    f"once ({row[1]} extra rows); rerun the stage that writes {table} "
-                    "(its rows are replaced as a unit)"))
-        if tables.get("assignments") and tables.get("baxels"):
-            try:
-                row = con.sql(
-                    f"select count(*) from {_scan(tables['assignments'], arch.root)} a "
-                    f"anti join {_scan(tables['baxels'], arch.root)} b "
-                    "using (release, plateifu, bin_id)").fetchall()[0]
-            except duckdb.Error as exc:
-                row = (0,)
-                out.append(Problem("unreadable", "assignments",
-                                   f"cannot join assignments to baxels ({exc})"))
-            if row[0]:
-                out.append(Problem(
-                    "orphan-assignment", "assignments",
-                    f"{row[0]} assignment(s) name a baxel the archive does not hold; rerun "
-                    "'desomdb assign' for the model(s) concerned"))
-    finally:
-        con.close()
-    return out
-
-
-def _check_views(arch: Archive) -> list[Problem]:
-    """Every view the archive defines opens."""
+    The base views read exactly the committed files (``sql/<table>.sql``), so the key and
+    reference checks query them.
+    """
     from desomdb import views
 
-    out: list[Problem] = []
     try:
         con = views.connect(arch.root, raw=True)
     except (DesomdbError, duckdb.Error) as exc:
         return [Problem("view", "views", f"the views cannot be created ({exc})")]
     try:
-        names = [r[0] for r in con.sql(
-            "select view_name from duckdb_views() where not internal order by 1").fetchall()]
-        for name in names:
-            try:
-                con.sql(f"select * from {name} limit 0").fetchall()
-            except duckdb.Error as exc:
-                out.append(Problem("view", name, f"view {name} does not open "
-                                                 f"({str(exc).splitlines()[0]})"))
+        return _check_tables(con, tables) + _check_views(con)
     finally:
         con.close()
+
+
+def _check_tables(con: duckdb.DuckDBPyConnection, tables: dict[str, list[str]]
+                  ) -> list[Problem]:
+    """Check unique keys per table and that assignments point at existing baxels."""
+    out: list[Problem] = []
+    for table, files in sorted(tables.items()):
+        keys = paths.TABLE_KEYS.get(table)
+        if not keys or not files:
+            continue
+        try:
+            cols = {r[0] for r in con.sql(f"describe {table}").fetchall()}
+            present = [k for k in keys if k in cols]
+            row = con.sql(
+                f"select count(*), sum(n - 1) from (select count(*) n from {table} "
+                f"group by {', '.join(present)} having n > 1)").fetchall()[0]
+        except duckdb.Error as exc:
+            out.append(Problem("unreadable", table, f"table {table}: cannot read its "
+                               f"files ({str(exc).splitlines()[0]}); restore them from "
+                               "a backup"))
+            continue
+        if row and row[0]:
+            out.append(Problem(
+                "duplicate-key", table,
+                f"table {table}: {row[0]} key(s) ({', '.join(present)}) appear more than "
+                f"once ({row[1]} extra rows); rerun the stage that writes {table} "
+                "(its rows are replaced as a unit)"))
+    if tables.get("assignments") and tables.get("baxels"):
+        try:
+            row = con.sql("select count(*) from assignments a anti join baxels b "
+                          "using (release, plateifu, bin_id)").fetchall()[0]
+        except duckdb.Error as exc:
+            row = (0,)
+            out.append(Problem("unreadable", "assignments",
+                               f"cannot join assignments to baxels ({exc})"))
+        if row[0]:
+            out.append(Problem(
+                "orphan-assignment", "assignments",
+                f"{row[0]} assignment(s) name a baxel the archive does not hold; rerun "
+                "'desomdb assign' for the model(s) concerned"))
+    return out
+
+
+def _check_views(con: duckdb.DuckDBPyConnection) -> list[Problem]:
+    """Check that every view the archive defines opens."""
+    out: list[Problem] = []
+    names = [r[0] for r in con.sql(
+        "select view_name from duckdb_views() where not internal order by 1").fetchall()]
+    for name in names:
+        try:
+            con.sql(f"select * from {name} limit 0").fetchall()
+        except duckdb.Error as exc:
+            out.append(Problem("view", name, f"view {name} does not open "
+                                             f"({str(exc).splitlines()[0]})"))
     return out
 
 
