@@ -64,6 +64,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
+from desomdb.archive import atomic_write
 from desomdb.errors import TemplateLibraryError
 
 MANGADAP_PIN = "sdss-mangadap==4.5.0"
@@ -135,6 +136,15 @@ def _wheel_spectra(
     return spectra, lam_air
 
 
+def _save_library(out: Path, **arrays: np.ndarray) -> None:
+    """Write a library ``.npz`` (compressed) atomically."""
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as fh:  # a file object: np.savez would append ".npz" to a name
+            np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
+
+    atomic_write(out, write)
+
+
 def _miuscat_key(name: str) -> tuple[float, float] | None:
     """(age Gyr, [M/H]) of a MIUSCAT file, from its name (``Iun1.30Zm0.40T01.0000.fits``)."""
     match = _NAME.search(name) if name.startswith(MIUSCAT_DIR) else None
@@ -175,10 +185,8 @@ def build_bc03(wheel: Path, out: Path) -> Path:
         for j, mh in enumerate(metals):
             templates[:, i, j] = spectra[(age, mh)]
     lam_vac = air_to_vac(lam_air)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.npz")
-    np.savez_compressed(
-        tmp,
+    _save_library(
+        out,
         templates=templates,
         lam=lam_vac,
         fwhm=(BC03_FWHM_AA * lam_vac / lam_air).astype(np.float32),
@@ -188,7 +196,6 @@ def build_bc03(wheel: Path, out: Path) -> Path:
         imf=np.array("Chabrier (2003)"),
         source=np.array(f"BC03 (MPA-JHU selection) via {MANGADAP_PIN}; no living-mass table"),
     )
-    tmp.replace(out)
     return out
 
 
@@ -279,10 +286,8 @@ def build(wheel: Path, sdist: Path, out: Path) -> Path:
 
     lam_vac = air_to_vac(lam_air[keep])
     fwhm = (2.51 * lam_vac / lam_air[keep]).astype(np.float32)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.npz")
-    np.savez_compressed(
-        tmp,
+    _save_library(
+        out,
         templates=templates,
         lam=lam_vac,
         fwhm=fwhm,
@@ -293,7 +298,6 @@ def build(wheel: Path, sdist: Path, out: Path) -> Path:
         imf=np.array("unimodal slope 1.30 (Salpeter-like)"),
         source=np.array(f"MIUSCAT v9.2 via {MANGADAP_PIN}; masses via {PPXF_SDIST_PIN}"),
     )
-    tmp.replace(out)
     return out
 
 
