@@ -3,12 +3,15 @@
 Run::
 
     python benchmarks/bench_labels.py [--galaxies 8] [--library both] [--max-per-cube N]
-        [--variants default,regul,mdegree] [--real] [--out /tmp/bench_labels]
+        [--variants default,regul,mdegree] [--fitters fast,ppxf] [--real]
+        [--out /tmp/bench_labels]
 
 For each library (``miuscat``: the mock is rendered from the templates the fits use, an
 upper limit; ``bc03``: rendered from Bruzual & Charlot 2003 SSPs the fits never see) it
-generates a mock survey, ingests it, labels it with 2 local workers (once per fit variant),
-and prints fit − truth (median offset and robust scatter 1.4826 × MAD) per label for baxels
+generates a mock survey, ingests it, labels it with 2 local workers (once per fit variant)
+with every fitter of ``--fitters`` (cube halves interleaved A B / B A, so both fitters see
+the same machine load; speed is the ratio of the two in the same run), and prints
+fit − truth (median offset and robust scatter 1.4826 × MAD) per label for baxels
 with χ²_red < 2 (sSFR/SFR: Hα S/N > 2 on star-forming baxels; d_BPT: all four lines at
 S/N > 2, the paper's cuts; E(B-V)_gas: the published values).
 
@@ -118,7 +121,13 @@ def accuracy(both: pl.DataFrame) -> list[Row]:
     return rows
 
 
-def gas_summary(both: pl.DataFrame) -> dict[str, float]:
+def _median(col: pl.Series) -> float:
+    """Median of a column as a float (NaN when empty)."""
+    value = col.median()
+    return float(value) if isinstance(value, (int, float)) else np.nan
+
+
+def gas_summary(both: pl.DataFrame) -> dict[str, float | tuple[float, float]]:
     """Published fraction, sign problems and BPT-class agreement of the emission lines."""
     n = max(both.height, 1)
     pub = both.filter(pl.col("ebv_gas").is_not_nan())
@@ -127,8 +136,8 @@ def gas_summary(both: pl.DataFrame) -> dict[str, float]:
                       & pl.col("ebv_gas_raw").is_not_nan())
     with np.errstate(divide="ignore", invalid="ignore"):
         truth_class = emission.bpt_class(
-            np.log10(both["flux_nii6583_true"] / both["flux_halpha_true"]).to_numpy(),
-            np.log10(both["flux_oiii5007_true"] / both["flux_hbeta_true"]).to_numpy())
+            np.log10((both["flux_nii6583_true"] / both["flux_halpha_true"]).to_numpy()),
+            np.log10((both["flux_oiii5007_true"] / both["flux_hbeta_true"]).to_numpy()))
     classed = both["bpt_class"].to_numpy()
     has = np.array([c is not None for c in classed])
     agree = float(np.mean(classed[has] == truth_class[has])) if has.any() else np.nan
@@ -139,8 +148,7 @@ def gas_summary(both: pl.DataFrame) -> dict[str, float]:
         "published with ebv_gas_raw < -3 sigma": low.height,
         "published at 0 (decrement < 2.86)": int(
             (pub["ebv_gas_flags"] & int(emission.GasFlag.DECREMENT_BELOW_INTRINSIC) > 0).sum()),
-        "median S/N(Hα), S/N(Hβ)": (float(both["sn_ha"].median() or np.nan),
-                                    float(both["sn_hb"].median() or np.nan)),
+        "median S/N(Hα), S/N(Hβ)": (_median(both["sn_ha"]), _median(both["sn_hb"])),
         "S/N > 2 alone (these errors, no A/N) would publish": old.height / n,
         "... of which ebv_gas_raw < -3 sigma": int(
             (old["ebv_gas_raw"] < -3 * old["ebv_gas_raw_err"]).sum()),
@@ -166,8 +174,40 @@ def outside_grid(both: pl.DataFrame) -> pl.Expr:
             | (pl.col("age_mw_gyr_true") < GRID_AGE_MIN_GYR))
 
 
+def _label_interleaved(root: Path, name: str, args: argparse.Namespace) -> dict[str, float]:
+    """Label one copy of the ingested archive per fitter, interleaved; return wall s per fitter.
+
+    The cubes are split in two halves labelled A B, then B A (A, B = the fitters), so a
+    change of machine load during the run weighs on both fitters alike.
+    """
+    bax = pl.from_arrow(Archive(root / "ingested").read("baxels", columns=["plateifu"]))
+    assert isinstance(bax, pl.DataFrame)
+    cubes = sorted(set(bax["plateifu"]))
+    halves = [cubes[::2], cubes[1::2]]
+    for fitter in args.fitters:
+        arch_dir = root / f"arch-{name.replace('=', '')}-{fitter}"  # '=' reads as a partition
+        shutil.copytree(root / "ingested", arch_dir)
+    wall = dict.fromkeys(args.fitters, 0.0)
+    for k, half in enumerate(halves):
+        for fitter in (args.fitters if k == 0 else args.fitters[::-1]):
+            if not half:
+                continue
+            t0 = time.perf_counter()
+            labels.label(root / f"arch-{name.replace('=', '')}-{fitter}", workers=args.workers,
+                         progress=False, max_per_cube=args.max_per_cube, options=variant(name),
+                         plateifus=half, fitter=fitter)
+            wall[fitter] += time.perf_counter() - t0
+    return wall
+
+
 def run_library(library: str, args: argparse.Namespace) -> dict[str, pl.DataFrame]:
-    """Mock → ingest → label (per variant) one library; return the joined rows per variant."""
+    """Mock → ingest → label (per variant and fitter) one library; joined rows per run.
+
+    Returns
+    -------
+    dict
+        ``"<variant>:<fitter>"`` -> labels joined with truth (χ²_red < 2 fits).
+    """
     root = args.out / library
     shutil.rmtree(root, ignore_errors=True)
     survey = mock.generate_survey(root / "survey", args.galaxies, "DR15", seed=args.seed,
@@ -179,39 +219,74 @@ def run_library(library: str, args: argparse.Namespace) -> dict[str, pl.DataFram
     ingest.ingest(root / "ingested", job, progress=False)
     out = {}
     for name in args.variants:
-        arch_dir = root / f"arch-{name.replace('=', '')}"  # '=' would read as a partition
-        shutil.copytree(root / "ingested", arch_dir)
-        t0 = time.perf_counter()
-        report = labels.label(arch_dir, workers=args.workers, progress=False,
-                              max_per_cube=args.max_per_cube, options=variant(name))
-        wall = time.perf_counter() - t0
-        arch = Archive(arch_dir)
-        lab = pl.from_arrow(arch.read("labels"))
-        truth = pl.from_arrow(arch.read("truth"))
-        bax = pl.from_arrow(arch.read("baxels", columns=["plateifu", "bin_id", "snr"]))
-        assert isinstance(lab, pl.DataFrame) and isinstance(truth, pl.DataFrame)
-        assert isinstance(bax, pl.DataFrame)
-        keys = ["release", "plateifu", "bin_id"]
-        truth = truth.rename({c: f"{c}_true" for c in truth.columns if c not in keys})
-        both = (lab.join(truth, on=["plateifu", "bin_id"], suffix="_truth")
-                .join(bax, on=["plateifu", "bin_id"])
-                .filter((pl.col("status") == "ok") & pl.col("chi2_ok")))
-        print(f"\n== {library}, fit variant {name}: {report.n_fits} fits, {both.height} with "
-              f"χ²_red < 2; bin S/N 10/50/90 %: "
-              f"{np.percentile(both['snr'].to_numpy(), [10, 50, 90]).round(1).tolist()}; "
-              f"{report.n_fits / max(wall, 1e-9):.2f} fits/s with {args.workers} workers")
-        inside = both.filter(~outside_grid(both))
-        print_table(f"{library} / {name}: truth inside the fitting grid", accuracy(inside))
-        outside = both.filter(outside_grid(both))
-        print_table(f"{library} / {name}: truth outside the fitting grid "
-                    f"({outside.height} baxels)", accuracy(outside) if outside.height else [])
-        for key, value in gas_summary(both).items():
-            print(f"  {key}: {value if not isinstance(value, float) else round(value, 3)}")
-        out[name] = both
+        wall = _label_interleaved(root, name, args)
+        summary: dict[str, tuple[float, float, list[Row], float]] = {}
+        for fitter in args.fitters:
+            arch = Archive(root / f"arch-{name.replace('=', '')}-{fitter}")
+            lab = pl.from_arrow(arch.read("labels"))
+            truth = pl.from_arrow(arch.read("truth"))
+            bax = pl.from_arrow(arch.read("baxels", columns=["plateifu", "bin_id", "snr"]))
+            assert isinstance(lab, pl.DataFrame) and isinstance(truth, pl.DataFrame)
+            assert isinstance(bax, pl.DataFrame)
+            keys = ["release", "plateifu", "bin_id"]
+            truth = truth.rename({c: f"{c}_true" for c in truth.columns if c not in keys})
+            fitted = (lab.join(truth, on=["plateifu", "bin_id"], suffix="_truth")
+                      .join(bax, on=["plateifu", "bin_id"])
+                      .filter(pl.col("status") == "ok"))
+            both = fitted.filter(pl.col("chi2_ok"))
+            n_fits = lab.height
+            rate = n_fits / max(wall[fitter], 1e-9)
+            per_fit = _median(lab["fit_seconds"])
+            chi2_frac = both.height / max(fitted.height, 1)
+            print(f"\n== {library}, fit variant {name}, fitter {fitter} "
+                  f"({labels.FITTERS[fitter]}): {n_fits} fits, {both.height} with χ²_red < 2 "
+                  f"(fraction {chi2_frac:.3f}); bin S/N 10/50/90 %: "
+                  f"{np.percentile(both['snr'].to_numpy(), [10, 50, 90]).round(1).tolist()}; "
+                  f"{rate:.2f} fits/s with {args.workers} workers (job wall clock), "
+                  f"median {per_fit:.3f} s per fit inside the workers")
+            inside = both.filter(~outside_grid(both))
+            rows = accuracy(inside)
+            print_table(f"{library} / {name} / {fitter}: truth inside the fitting grid", rows)
+            outside = both.filter(outside_grid(both))
+            print_table(f"{library} / {name} / {fitter}: truth outside the fitting grid "
+                        f"({outside.height} baxels)", accuracy(outside) if outside.height else [])
+            for key, value in gas_summary(both).items():
+                print(f"  {key}: {value if not isinstance(value, float) else round(value, 3)}")
+            summary[fitter] = (rate, per_fit, rows, chi2_frac)
+            out[f"{name}:{fitter}"] = both
+        if "fast" in summary and "ppxf" in summary:
+            compare(library, name, summary["ppxf"], summary["fast"])
     return out
 
 
-def real_spectra() -> pl.DataFrame:
+def compare(library: str, name: str, ref: tuple[float, float, list[Row], float],
+            fast: tuple[float, float, list[Row], float]) -> None:
+    """Print the fast fitter against the reference: speed ratios and the accuracy criteria.
+
+    "Unchanged" (issue 19): per label, |median offset| and robust scatter within 10 % of the
+    reference's (or better), and a χ²_red < 2 fraction not lower. Offsets near zero make
+    10 % a tiny absolute number, so the absolute differences are printed as well.
+    """
+    print(f"\n{library} / {name}: fast vs ppxf (same run, interleaved)\n")
+    print(f"  fits/s ratio (job wall clock): {fast[0] / ref[0]:.2f}; "
+          f"per-fit time ratio (inside the workers): {ref[1] / fast[1]:.2f}")
+    print(f"  χ²_red < 2 fraction: ppxf {ref[3]:.3f}, fast {fast[3]:.3f} "
+          f"({'ok' if fast[3] >= ref[3] else 'LOWER'})")
+    print("\n| label | ppxf median | fast median | ppxf scatter | fast scatter | within 10 % |")
+    print("|---|---|---|---|---|---|")
+    for r, f in zip(ref[2], fast[2], strict=True):
+        if not (r.n and f.n):
+            continue
+        ok_med = abs(f.median) <= 1.1 * abs(r.median)
+        ok_mad = f.scatter <= 1.1 * r.scatter
+        verdict = "yes" if ok_med and ok_mad else (
+            f"no (|Δmedian| {abs(f.median) - abs(r.median):+.4f}, "
+            f"Δscatter {f.scatter - r.scatter:+.4f})")
+        print(f"| {r.label} | {r.median:+.4f} | {f.median:+.4f} | {r.scatter:.4f} | "
+              f"{f.scatter:.4f} | {verdict} |")
+
+
+def real_spectra(fitter: str = labels.DEFAULT_FITTER) -> pl.DataFrame:
     """Label the 8 + 3 real DR15 spectra shipped in tests/data; one row per spectrum."""
     from astropy.io import fits
 
@@ -225,7 +300,7 @@ def real_spectra() -> pl.DataFrame:
             mask = hdul["MASK"].data
         f, iv, m, norm = spectra.observed_to_rest(wave, flux, ivar, mask, z)
         for k in range(len(z)):
-            row = labels.fit_spectrum(f[k], iv[k], m[k], norm[k], float(z[k]))
+            row = labels.fit_spectrum(f[k], iv[k], m[k], norm[k], float(z[k]), fitter=fitter)
             rows.append({"file": name.split("_")[1], "index": k, "z": float(z[k]),
                          **{c: row[c] for c in (
                              "status", "chi2_red", "age_mw_gyr", "mh_mw", "log_ml_r", "ebv_star",
@@ -249,10 +324,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, pl.DataFrame]]:
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_labels"))
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--fitters", default="fast,ppxf",
+                        help="comma-separated fitters, labelled interleaved: "
+                        f"{list(labels.FITTERS)}")
     parser.add_argument("--real", action="store_true", help="also label the real DR15 spectra")
     args = parser.parse_args(argv)
     args.ifu_sizes = tuple(int(s) for s in args.ifu_sizes.split(","))
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    args.fitters = [f.strip() for f in args.fitters.split(",") if f.strip()]
+    for fitter in args.fitters:
+        if fitter not in labels.FITTERS:
+            parser.error(f"unknown fitter {fitter!r}; choose from {list(labels.FITTERS)}")
     for name in args.variants:
         try:
             variant(name)
@@ -263,7 +345,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, pl.DataFrame]]:
     results = {lib: run_library(lib, args) for lib in libraries}
     if args.real:
         with pl.Config(tbl_cols=-1, tbl_rows=-1, tbl_width_chars=250, float_precision=2):
-            print("\nreal DR15 spectra (tests/data)\n", real_spectra())
+            for fitter in args.fitters:
+                print(f"\nreal DR15 spectra (tests/data), fitter {fitter}\n",
+                      real_spectra(fitter))
     return results
 
 

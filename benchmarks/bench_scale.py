@@ -70,7 +70,8 @@ def build(source: Path, root: Path, n: int, seed: int = 0) -> None:
                 "radius_re": pa.array(rng.uniform(0, 2, k).astype(np.float32)),
                 "trainable": pa.array(np.isfinite(norm) & (norm > 0))}))
             cube_rows.append({"plateifu": plateifu, "mangaid": f"1-{500000 + c}",
-                              "checksum": checksum, "status": "ok", "n_baxels": k})
+                              "checksum": checksum, "status": "ok", "n_baxels": k,
+                              "z": float(rng.uniform(0.01, 0.1))})
             if len(adds) >= 64:
                 w.commit(add=adds)
                 adds = []
@@ -83,7 +84,7 @@ def build(source: Path, root: Path, n: int, seed: int = 0) -> None:
 
 CHILD = """
 import json, resource, sys, time
-from desomdb import assign, model, train, views
+from desomdb import assign, model, registry, train, views
 from desomdb.archive import Archive
 root, stage = sys.argv[1], sys.argv[2]
 t = time.perf_counter()

@@ -1,14 +1,26 @@
-"""The SOM stage alone: this project's batch-SOM step vs MiniSom, XPySom, quicksom.
+"""The SOM stage alone: desomdb's batch SOM vs XPySom and MiniSom on the same latents.
 
-Run: python benchmarks/bench_som.py [--archive desomdb-demo/archive] [--epochs 10]
-Encodes the archive's spectra with its current DESOM-1 (fixed latents), then trains a
-15×15 map on them with (a) desomdb.model.som_step (mini-batches of 128, T 15 → 0.7) and
-(b) MiniSom (pip install minisom; online updates, sigma 7.5 → ~0, same number of
-sample presentations) and (c) XPySom (pip install xpysom; batch SOM, same epochs; numpy
-backend on a CPU) and (d) quicksom (pip install quicksom; torch mini-batches of 128, its
-own learning-rate/sigma schedule, same epochs). Prints wall time, QE (mean Euclidean
-distance to the BMU) and TE with 4- and 8-neighbour adjacency, computed by the same
-functions for all.
+Run (one thread for every library, as the comparison is per core):
+  OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python benchmarks/bench_som.py [--n 100000]
+      [--epochs 10] [--size 15] [--archive ARCHIVE]
+
+Latents: ``--n`` vectors of 256 dimensions of a smooth 3-parameter family plus scatter
+(:func:`family_latents`), or with ``--archive`` the archive's spectra encoded by its current
+DESOM-1. The same latents, map
+(``--size``², Manhattan grid for desomdb) and number of epochs go to
+
+(a) :func:`desomdb.model.fit_som` — PCA-plane initialisation, one batch update per
+    epoch, Euclidean-grid Gaussian neighbourhood, XPySom's own radius schedule
+    (:func:`xpysom_temperatures`);
+(b) XPySom (batch SOM, numpy backend; σ size/2 → 1, its default exponential decay and
+    std_coeff 0.5);
+(c) MiniSom (online; its time per presentation is measured on ``--minisom-presentations``
+    presentations and scaled to ``epochs × n``, as its cost per presentation is constant).
+
+(a) and (b) run alternately ``--repeats`` times in this process (XPySom with seed 0, 1, ...
+as its random start matters; its QE/TE are averaged); the best time of each is kept. QE
+(mean Euclidean distance to the BMU) and TE with 4- and 8-neighbour adjacency are computed
+by the same functions for all.
 """
 
 from __future__ import annotations
@@ -20,100 +32,141 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from desomdb import inference, model, registry, train
-from desomdb.archive import Archive
+from desomdb import model
 
 
 def metrics(latents: np.ndarray, protos: np.ndarray, cols: int) -> tuple[float, float, float]:
-    d2 = ((latents[:, None, :] - protos[None, :, :]) ** 2).sum(-1)
-    best, second = model.bmu_and_runner_up(d2)
-    return (model.quantization_error(d2[np.arange(len(best)), best]),
-            model.topographic_error(best, second, cols, 4),
-            model.topographic_error(best, second, cols, 8))
+    """QE, TE4 and TE8 of prototypes (n_nodes, dim) on ``latents`` (n, dim)."""
+    z = torch.from_numpy(np.ascontiguousarray(latents, np.float32))
+    p = torch.from_numpy(np.ascontiguousarray(protos, np.float32))
+    best, second, d2b = [], [], []
+    for s in range(0, len(z), 16384):
+        d2 = torch.cdist(z[s : s + 16384].double(), p.double()).pow(2).numpy()
+        b, c = model.bmu_and_runner_up(d2)
+        best.append(b)
+        second.append(c)
+        d2b.append(d2[np.arange(len(b)), b])
+    bb, ss = np.concatenate(best), np.concatenate(second)
+    return (model.quantization_error(np.concatenate(d2b)),
+            model.topographic_error(bb, ss, cols, 4), model.topographic_error(bb, ss, cols, 8))
+
+
+def family_latents(n: int, dim: int = 256, seed: int = 0) -> np.ndarray:
+    """Latents (n, dim) of a smooth 3-parameter family plus isotropic scatter.
+
+    Spectra form a continuous family (age, metallicity, dust), so the stand-in latents are
+    u ~ U[0, 1]³ mapped through 64 random sinusoids of u onto 256 dimensions, plus N(0, 0.5²)
+    per dimension.
+    """
+    rng = np.random.default_rng(seed)
+    u = rng.uniform(0, 1, size=(n, 3))
+    freq = rng.normal(size=(3, 64)) * np.array([[2.0], [1.5], [1.0]])
+    phase = rng.uniform(0, 2 * np.pi, 64)
+    basis = rng.normal(size=(64, dim))
+    return (np.sin(u @ freq + phase) @ basis
+            + rng.normal(scale=0.5, size=(n, dim))).astype(np.float32)
+
+
+def archive_latents(archive: Path) -> np.ndarray:
+    """The archive's spectra encoded by its current DESOM-1."""
+    from desomdb import inference, registry, train
+    from desomdb.archive import Archive
+
+    arch = Archive(archive)
+    m1, _ = registry.load_model(arch, registry.resolve_model(arch, None))
+    x, _ = train.load_rows(arch, train.select_training(arch, "true", 0).rows)
+    return inference.encode_all(m1, x, "cpu")
+
+
+def xpysom_temperatures(size: int, epochs: int) -> tuple[float, float]:
+    """XPySom's first and last neighbourhood radius as our T (grid units).
+
+    XPySom's Gaussian is exp(-d²/(2 (0.5 σ)²)) = exp(-d²/T²) with T = σ/√2, and its
+    exponential decay from σ0 = size/2 towards 1 stops one step short: σ_last =
+    σ0 (1/σ0)^((epochs-1)/epochs).
+    """
+    s0 = size / 2
+    return s0 / np.sqrt(2), s0 * (1 / s0) ** ((epochs - 1) / epochs) / np.sqrt(2)
+
+
+def run_ours(z: np.ndarray, size: int, epochs: int) -> tuple[float, np.ndarray]:
+    """Time and prototypes of :func:`desomdb.model.fit_som`."""
+    t0 = time.perf_counter()
+    t_max, t_min = xpysom_temperatures(size, epochs)
+    protos = model.fit_som(torch.from_numpy(z), size, size, epochs, t_max, t_min)
+    return time.perf_counter() - t0, protos.numpy()
+
+
+def run_xpysom(z: np.ndarray, size: int, epochs: int, seed: int = 0
+               ) -> tuple[float, np.ndarray]:
+    """Time and prototypes of XPySom (numpy backend), random-sample initialisation."""
+    from xpysom import XPySom
+
+    xs = XPySom(size, size, z.shape[1], sigma=size / 2, sigmaN=1, learning_rate=0.5,
+                random_seed=seed)
+    t0 = time.perf_counter()
+    xs.random_weights_init(z)
+    xs.train(z, epochs)
+    return time.perf_counter() - t0, np.asarray(xs.get_weights()).reshape(size * size, -1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--archive", type=Path, default=Path("desomdb-demo/archive"))
+    parser.add_argument("--archive", type=Path)
+    parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--size", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--minisom-presentations", type=int, default=20_000)
     args = parser.parse_args()
-    arch = Archive(args.archive)
-    m1, _ = registry.load_model(arch, registry.resolve_model(arch, None))
-    rows = train.select_training(arch, "true", 0).rows
-    x, _ = train.load_rows(arch, rows)
-    z = inference.encode_all(m1, x, "cpu")
+    torch.set_num_threads(1)
+    z = archive_latents(args.archive) if args.archive else family_latents(args.n)
     n, dim = z.shape
     size = args.size
-    presentations = args.epochs * n
-    print(f"{n} latent vectors of {dim} dims; {size}x{size} map; {args.epochs} epochs")
-
-    cfg = model.compact_config(map_rows=size, map_cols=size, latent=dim,
-                               decay_iters=max(presentations // 128, 2))
-    som = model.Desom(cfg)
-    rng = np.random.default_rng(0)
-    t0 = time.perf_counter()
-    model.init_prototypes(som, torch.from_numpy(z), 0)
-    it = 0
-    zt = torch.from_numpy(z)
-    for _ in range(args.epochs):
-        order = torch.from_numpy(rng.permutation(n))
-        for s in range(0, n, 128):
-            model.som_step(som, zt[order[s : s + 128]], model.temperature(it, cfg), cfg.som_lr)
-            it += 1
-    t_ours = time.perf_counter() - t0
-    ours = metrics(z, som.prototypes.numpy(), size)
-
+    print(f"{n} latent vectors of {dim} dims; {size}x{size} map; {args.epochs} epochs; "
+          f"torch threads {torch.get_num_threads()}")
+    rows: dict[str, tuple[float, float, float, float]] = {}
+    times: dict[str, list[float]] = {"ours": [], "xpysom": []}
+    xpy_metrics: list[tuple[float, float, float]] = []
+    for rep in range(args.repeats):  # interleaved; XPySom's random start: seed = repeat
+        t, p = run_ours(z, size, args.epochs)
+        times["ours"].append(t)
+        rows["desomdb fit_som (batch)"] = (min(times["ours"]), *metrics(z, p, size))
+        try:
+            t, p = run_xpysom(z, size, args.epochs, seed=rep)
+        except ImportError:
+            print("XPySom not installed: pip install xpysom")
+            continue
+        times["xpysom"].append(t)
+        xpy_metrics.append(metrics(z, p, size))
+        print(f"XPySom seed {rep}: QE {xpy_metrics[-1][0]:.3f} TE4 {xpy_metrics[-1][1]:.3f} "
+              f"TE8 {xpy_metrics[-1][2]:.3f}")
+    if xpy_metrics:
+        mean = np.mean(np.array(xpy_metrics), axis=0)
+        rows[f"XPySom (mean of {len(xpy_metrics)} seeds)"] = (min(times["xpysom"]), *mean)
     try:
         from minisom import MiniSom
     except ImportError:
         print("MiniSom not installed: pip install minisom")
-        minisom_row = None
     else:
         ms = MiniSom(size, size, dim, sigma=size / 2, learning_rate=0.5, random_seed=0)
+        k = min(args.minisom_presentations, args.epochs * n)
         t0 = time.perf_counter()
         ms.random_weights_init(z)
-        ms.train(z, presentations, random_order=True)
-        t_ms = time.perf_counter() - t0
-        w = ms.get_weights()  # (x, y, dim): node (i, j) -> our node i * size + j
-        minisom_row = (t_ms, *metrics(z, w.reshape(size * size, dim), size))
-
-    try:
-        from xpysom import XPySom
-    except ImportError:
-        print("XPySom not installed: pip install xpysom")
-        xpy_row = None
-    else:  # batch SOM (numpy backend here; CuPy on a GPU), same epochs
-        xs = XPySom(size, size, dim, sigma=size / 2, learning_rate=0.5, random_seed=0)
-        t0 = time.perf_counter()
-        xs.random_weights_init(z)
-        xs.train(z, args.epochs)
-        t_xs = time.perf_counter() - t0
-        wx = np.asarray(xs.get_weights())
-        xpy_row = (t_xs, *metrics(z, wx.reshape(size * size, dim), size))
-
-    try:
-        import quicksom.som as quicksom_som
-    except ImportError:
-        print("quicksom not installed: pip install quicksom")
-        quick_row = None
-    else:  # torch mini-batch SOM (batch 128 as ours), same epochs, its default schedule
-        qs = quicksom_som.SOM(size, size, dim, n_epoch=args.epochs, device="cpu")
-        t0 = time.perf_counter()
-        qs.fit(dataset=torch.from_numpy(z), batch_size=128, n_epoch=args.epochs,
-               do_compute_all_dists=False, logfile=None, num_workers=0, print_each=10**9)
-        t_qs = time.perf_counter() - t0
-        wq = qs.centroids.detach().cpu().numpy().reshape(size * size, dim)
-        quick_row = (t_qs, *metrics(z, wq, size))
-
-    print(f"{'SOM':<22}{'seconds':>9}{'QE':>9}{'TE4':>8}{'TE8':>8}")
-    print(f"{'desomdb som_step':<22}{t_ours:>9.2f}{ours[0]:>9.3f}{ours[1]:>8.3f}{ours[2]:>8.3f}")
-    for name, row in (("MiniSom (online)", minisom_row), ("XPySom (batch)", xpy_row),
-                      ("quicksom (torch)", quick_row)):
-        if row:
-            t, qe, te4, te8 = row
-            print(f"{name:<22}{t:>9.2f}{qe:>9.3f}{te4:>8.3f}{te8:>8.3f}")
-            print(f"time ratio {name.split()[0]}/desomdb: {t / t_ours:.1f}")
+        ms.train(z, k, random_order=True)
+        t_ms = (time.perf_counter() - t0) * (args.epochs * n) / k
+        print(f"MiniSom: {k} presentations timed, scaled to {args.epochs * n}: {t_ms:.1f} s")
+        rows["MiniSom (online, scaled)"] = (t_ms, float("nan"), float("nan"), float("nan"))
+    print(f"{'SOM':<28}{'seconds':>9}{'QE':>9}{'TE4':>8}{'TE8':>8}")
+    for name, (t, qe, te4, te8) in rows.items():
+        print(f"{name:<28}{t:>9.2f}{qe:>9.3f}{te4:>8.3f}{te8:>8.3f}")
+    ours = rows["desomdb fit_som (batch)"]
+    for name, row in rows.items():
+        if name.startswith("desomdb"):
+            continue
+        print(f"{name}: time ratio peer/desomdb {row[0] / ours[0]:.2f}"
+              + (f"; QE desomdb/peer {ours[1] / row[1]:.3f}; TE4 {ours[2]:.3f} vs {row[2]:.3f};"
+                 f" TE8 {ours[3]:.3f} vs {row[3]:.3f}" if np.isfinite(row[1]) else ""))
 
 
 if __name__ == "__main__":

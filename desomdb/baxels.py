@@ -75,10 +75,9 @@ def process_cube(
         )
     if cube.drp3qual & manga.DRP3QUAL_CRITICAL:
         raise InputDataError(f"{cube.path}: DRP3QUAL has the CRITICAL bit set; cube unusable")
-    mw = dust.milky_way_transmission(cube.wave, cube.ebvgal)[:, None, None]
-    flux = cube.flux / mw
-    ivar = cube.ivar * mw**2
-    signal, noise = binning.spaxel_signal_noise(flux, ivar, cube.good, cube.wave)
+    mw = dust.milky_way_transmission(cube.wave, cube.ebvgal)
+    signal, noise = binning.spaxel_signal_noise(cube.flux, cube.ivar, cube.good, cube.wave,
+                                                transmission=mw)
     bins = binning.voronoi_bins(signal, noise, cfg.target_snr, cfg.min_spaxel_snr)
     if bins.n_bins == 0:
         raise InputDataError(
@@ -87,10 +86,16 @@ def process_cube(
     flat_bin = bins.bin_id.ravel()
     used = np.flatnonzero(flat_bin >= 0)
     n_wave = cube.wave.size
+    # Only the binned spaxels are corrected for the foreground, in float32 (the cube's
+    # precision): a 127-fibre cube in float64 would be ~200 MB per array.
+    mw32 = mw.astype(np.float32)[:, None]
+    flux_used = cube.flux.reshape(n_wave, -1)[:, used]
+    flux_used /= mw32
+    ivar_used = cube.ivar.reshape(n_wave, -1)[:, used]
+    ivar_used *= mw32**2
     flux_sum, ivar_sum, good_sum, n_members = spectra.coadd(
-        flux.reshape(n_wave, -1)[:, used].astype(np.float64),
-        ivar.reshape(n_wave, -1)[:, used].astype(np.float64),
-        cube.good.reshape(n_wave, -1)[:, used], flat_bin[used], bins.n_bins)
+        flux_used, ivar_used, cube.good.reshape(n_wave, -1)[:, used], flat_bin[used],
+        bins.n_bins)
     ivar_sum /= binning.law_correction(n_members)[None, :] ** 2
     flux_r, ivar_r, mask_r = spectra.resample_to_rest(cube.wave, flux_sum, ivar_sum, good_sum, z)
     norm = spectra.norm_flux(flux_r, mask_r)

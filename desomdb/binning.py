@@ -40,6 +40,18 @@ def law_correction(n_spaxels: np.ndarray | int) -> np.ndarray:
                                LAW_LARGE_N))
 
 
+def preload() -> None:
+    """Import what binning needs (vorbin, pPXF's filter reader) now, not inside a cube's task.
+
+    Runs once per ingest worker (:func:`desomdb.runner.run_tasks` ``setup``); the first
+    S/N call would otherwise pay the pPXF import.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*PowerBin.*")
+        import vorbin.voronoi_2d_binning  # noqa: F401
+    from ppxf import ppxf_util  # noqa: F401
+
+
 @lru_cache(maxsize=2)
 def _g_response(wave_key: tuple[float, float, int]) -> np.ndarray:
     from importlib import resources
@@ -60,7 +72,8 @@ def g_band_weights(wave_aa: np.ndarray) -> np.ndarray:
 
 
 def spaxel_signal_noise(
-    flux: np.ndarray, ivar: np.ndarray, good: np.ndarray, wave_aa: np.ndarray
+    flux: np.ndarray, ivar: np.ndarray, good: np.ndarray, wave_aa: np.ndarray,
+    transmission: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """g-band signal and noise of every spaxel.
 
@@ -70,6 +83,9 @@ def spaxel_signal_noise(
     good : ndarray of bool, shape (n_wave, n_y, n_x)
     wave_aa : ndarray, shape (n_wave,)
         Observed wavelength, Å.
+    transmission : ndarray, shape (n_wave,), optional
+        Foreground transmission to correct for first (flux / t, ivar × t²); applied to the
+        g-band pixels only, in float64, so the result equals correcting the whole cube.
 
     Returns
     -------
@@ -78,12 +94,21 @@ def spaxel_signal_noise(
         pixel falls in the band.
     """
     w = g_band_weights(wave_aa)
-    band = w > 0
-    wb = w[band][:, None, None] * good[band]
+    band = np.flatnonzero(w > 0)
+    # The response is one contiguous run of pixels: slice (views), not fancy-index (copies).
+    sel = slice(band[0], band[-1] + 1) if band.size == band[-1] - band[0] + 1 else band
+    flux_b, ivar_b, good_b = flux[sel], ivar[sel], good[sel]
+    if transmission is not None:
+        t = np.asarray(transmission, dtype=float)[sel][:, None, None]
+        flux_b = flux_b / t
+        ivar_b = ivar_b * t**2
+    # Whole-grid arrays as before, not blocks or covered spaxels only: NumPy's summation
+    # order depends on the array shape, and the bins must not change by a last bit.
+    wb = w[sel][:, None, None] * good_b
     wsum = wb.sum(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        sigma = np.where(good[band], 1.0 / np.sqrt(np.where(ivar[band] > 0, ivar[band], 1.0)), 0.0)
-        signal = np.where(wsum > 0, (wb * flux[band]).sum(axis=0) / wsum, 0.0)
+        sigma = np.where(good_b, 1.0 / np.sqrt(np.where(ivar_b > 0, ivar_b, 1.0)), 0.0)
+        signal = np.where(wsum > 0, (wb * flux_b).sum(axis=0) / wsum, 0.0)
         noise = np.where(wsum > 0, (wb * sigma).sum(axis=0) / wsum, np.inf)
     return signal, noise
 
@@ -94,8 +119,47 @@ def binned_snr(signal: np.ndarray, noise: np.ndarray) -> float:
     return float(np.sum(signal) / (np.sqrt(np.sum(noise**2)) * law_correction(n)))
 
 
-def _sn_func(index: np.ndarray, signal: np.ndarray, noise: np.ndarray) -> float:
-    return binned_snr(signal[index], noise[index])
+class BinSnr:
+    """Covariance-corrected S/N of any subset of a fixed set of spaxels, fast and exact.
+
+    ``vorbin`` asks for the S/N of a candidate bin tens of thousands of times per cube
+    (once per accreted spaxel and per bin per CVT iteration). This callable gives, for an
+    index array, bit-for-bit the value of :func:`binned_snr` on the indexed spaxels, with
+    the per-call work cut to two gathers and two sums: the variances and the Law factor
+    of every possible bin size are computed once.
+
+    Parameters
+    ----------
+    noise : ndarray, shape (n_spaxels,), float64
+        1σ noise of the spaxels that ``vorbin`` bins.
+    """
+
+    def __init__(self, noise: np.ndarray):
+        self._variance = np.asarray(noise, dtype=float) ** 2
+        self._law = law_correction(np.arange(noise.size + 1))
+
+    def __call__(self, index: np.ndarray | int | np.integer, signal: np.ndarray,
+                 noise: np.ndarray | None = None) -> float:
+        """S/N of the spaxels ``index`` (the ``sn_func(index, signal, noise)`` of vorbin).
+
+        Parameters
+        ----------
+        index : ndarray of int, shape (n,), or int
+            Spaxels of the bin, positions in ``signal``.
+        signal : ndarray, shape (n_spaxels,)
+            Signal of every spaxel (the array given to vorbin).
+        noise : ndarray, optional
+            Ignored: the variances were computed from the noise given at construction.
+        """
+        total = np.sum(signal[index])
+        return float(total / (np.sqrt(np.sum(self._variance[index]))
+                              * self._law[np.size(index)]))
+
+    def per_bin(self, classes: np.ndarray, signal: np.ndarray, n_bins: int) -> np.ndarray:
+        """S/N of every bin, shape (n_bins,); ``classes`` (n_spaxels,) holds 0..n_bins-1."""
+        order = np.argsort(classes, kind="stable")  # members keep their input order
+        starts = np.searchsorted(classes[order], np.arange(n_bins + 1))
+        return np.array([self(order[starts[k]:starts[k + 1]], signal) for k in range(n_bins)])
 
 
 @dataclass
@@ -156,6 +220,7 @@ def voronoi_bins(
     if s.size == 0:
         return Binning(bin_id, np.zeros(0), np.zeros(0, dtype=np.int32), "empty")
     method = "voronoi"
+    bin_snr = BinSnr(n)
     if s.size == 1 or binned_snr(s, n) < target_snr:
         classes = np.zeros(s.size, dtype=int)
         method = "single"
@@ -171,7 +236,7 @@ def voronoi_bins(
             try:
                 classes = voronoi_2d_binning(
                     xx.astype(float), yy.astype(float), s, n, target_snr,
-                    plot=False, quiet=True, pixelsize=1.0, sn_func=_sn_func,
+                    plot=False, quiet=True, pixelsize=1.0, sn_func=bin_snr,
                 )[0]
             except (ValueError, IndexError):
                 # vorbin's edge cases: "not enough S/N in the whole set", or accretion that
@@ -183,6 +248,6 @@ def voronoi_bins(
     _, classes = np.unique(classes, return_inverse=True)
     bin_id[yy, xx] = classes
     n_bins = int(classes.max()) + 1
-    snr = np.array([binned_snr(s[classes == k], n[classes == k]) for k in range(n_bins)])
+    snr = bin_snr.per_bin(classes, s, n_bins)
     counts = np.bincount(classes, minlength=n_bins).astype(np.int32)
     return Binning(bin_id, snr, counts, method)

@@ -3,16 +3,22 @@
 A cube of the new release byte-identical to its newest earlier version (same checksum, same
 drpall inputs to the ingest) is not processed again: its rows are copied under the new
 release and its spectra and labels files hard-linked (immutable files, so a link is a copy).
+Each commit carries its cubes with one read per table of each source release
+(:func:`carry_cubes`). Under every model, ``desomdb assign`` then copies the cube's
+assignments and node co-add partial sums from the source release (same spectra file) without
+reading its spectra.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from desomdb import paths, versions
@@ -58,30 +64,69 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def carry_files(writer: Writer, release: str, o: dict[str, Any]) -> tuple[list[StagedFile],
-                                                                            dict[str, Any]]:
-    """Stage an unchanged cube's rows of its source release under ``release``.
+def carry_cubes(writer: Writer, release: str, outcomes: Sequence[dict[str, Any]]
+                ) -> list[tuple[list[StagedFile], dict[str, Any]]]:
+    """Stage unchanged cubes' rows of their source releases under ``release``, in one pass.
 
-    Returns the staged files and the source ``cubes`` row.
+    Per source release, each table is read once for all its carried cubes (the manifest
+    listed once, one filtered read of each narrow table), then split per cube; spectra and
+    labels part files are hard-linked.
+
+    Parameters
+    ----------
+    writer : Writer
+    release : str
+        The release the cubes are carried into.
+    outcomes : sequence of dict
+        Ingest outcomes with ``plateifu``, ``checksum`` and ``from_release``.
+
+    Returns
+    -------
+    list of (staged files, source ``cubes`` row)
+        In the order of ``outcomes``.
     """
     arch = writer.archive
-    src, plateifu = o["from_release"], o["plateifu"]
-    name = paths.cube_part_name(plateifu, o["checksum"])
-    unit = writer.staging_dir(f"carry/{plateifu}")
-    staged: list[StagedFile] = []
-    only = pc.field("plateifu") == plateifu
-    for table in ("spectra", "labels"):
-        for f in arch.files(table, release=src):
-            part = paths.parse_part_name(f.name)
-            if part is not None and part[0] == plateifu:
+    out: dict[int, tuple[list[StagedFile], dict[str, Any]]] = {}
+    by_source: dict[str, list[int]] = {}
+    for i, o in enumerate(outcomes):
+        by_source.setdefault(o["from_release"], []).append(i)
+    for src, idx in by_source.items():
+        wanted = sorted({outcomes[i]["plateifu"] for i in idx})
+        only = pc.field("plateifu").isin(wanted)
+        linked: dict[str, list[StagedFile]] = {p: [] for p in wanted}
+        for table in ("spectra", "labels"):
+            for f in arch.files(table, release=src):
+                part = paths.parse_part_name(f.name)
+                if part is None or part[0] not in linked:
+                    continue
+                unit = writer.staging_dir(f"carry/{part[0]}")
                 link_or_copy(f, unit / f"{table}-{f.name}")
-                staged.append(StagedFile(table, paths.release_file(table, release, f.name),
-                                         unit / f"{table}-{f.name}"))
-    for table in ("baxels", "bin_map", "truth"):
-        if arch.files(table, release=src):
-            rows = arch.read(table, filter=only, release=src).drop_columns(["release"])
-            if rows.num_rows:
-                staged.append(writer.stage_table(
-                    table, rows, paths.release_file(table, release, name)))
-    source = arch.read("cubes", filter=only, release=src).drop_columns(["release"]).to_pylist()
-    return staged, source[0]
+                linked[part[0]].append(StagedFile(
+                    table, paths.release_file(table, release, f.name), unit / f"{table}-{f.name}"))
+        narrow = {table: _split_by_cube(arch.read(table, filter=only, release=src))
+                  for table in ("baxels", "bin_map", "truth", "cubes")
+                  if arch.files(table, release=src)}
+        for i in idx:
+            o = outcomes[i]
+            plateifu = o["plateifu"]
+            name = paths.cube_part_name(plateifu, o["checksum"])
+            staged = list(linked[plateifu])
+            for table in ("baxels", "bin_map", "truth"):
+                rows = narrow.get(table, {}).get(plateifu)
+                if rows is not None and rows.num_rows:
+                    staged.append(writer.stage_table(
+                        table, rows, paths.release_file(table, release, name)))
+            out[i] = (staged, narrow["cubes"][plateifu].to_pylist()[0])
+    return [out[i] for i in range(len(outcomes))]
+
+
+def _split_by_cube(rows: pa.Table) -> dict[str, pa.Table]:
+    """Rows per plateifu (file order kept within a cube), without the ``release`` column."""
+    rows = rows.drop_columns([c for c in ("release",) if c in rows.column_names])
+    keys = np.asarray(rows.column("plateifu").to_numpy(zero_copy_only=False), dtype=object)
+    order = np.argsort(keys, kind="stable")
+    rows = rows.take(pa.array(order))
+    values, first = np.unique(keys[order], return_index=True)
+    ends = np.r_[first[1:], len(order)]
+    return {str(v): rows.slice(int(a), int(b - a)) for v, a, b in zip(values, first, ends,
+                                                                         strict=True)}

@@ -29,10 +29,18 @@ from desomdb.archive import atomic_write, write_bytes_atomic
 from desomdb.errors import ModelError
 from desomdb.model import Desom, DesomConfig
 
-#: Format of final model artefacts.
-FORMAT_VERSION = 1
-#: Format of training checkpoints; 2 added the random-number states and the batch count.
-RESUME_FORMAT_VERSION = 2
+#: Format of final model artefacts; 2 added the input standardisation buffers (``mean``,
+#: ``scale``), ``latent_var`` and the config keys ``gamma_mode``, ``standardise`` and
+#: ``som_epochs``. Format 1 artefacts still load, as what they were: no standardisation
+#: (mean 0, scale 1), the paper's raw γ, random prototype initialisation.
+FORMAT_VERSION = 2
+#: Artefact formats this version reads.
+READABLE_FORMATS = (1, 2)
+#: Format of training checkpoints; 2 added the random-number states and the batch count,
+#: 3 the standardisation buffers and loop flags.
+RESUME_FORMAT_VERSION = 3
+#: What a format-1 artefact's configuration meant in the keys format 2 added.
+FORMAT1_CONFIG = {"standardise": False, "gamma_mode": "raw", "som_epochs": 0}
 
 
 def _serialise(model: Desom, metrics: dict[str, Any], extra: dict[str, Any]) -> bytes:
@@ -152,7 +160,8 @@ def load(path: str | Path, device: str = "cpu") -> tuple[Desom, dict[str, Any]]:
     Raises
     ------
     ModelError
-        Missing file, hash mismatch, or unknown format version.
+        Missing file, hash mismatch, or a format version it cannot read (format 1 loads
+        with ``FORMAT1_CONFIG``).
     """
     path = Path(path)
     if not path.is_file():
@@ -169,11 +178,18 @@ def load(path: str | Path, device: str = "cpu") -> tuple[Desom, dict[str, Any]]:
         raise ModelError(f"{path}: cannot read the model artefact as tensors and plain values "
                          f"({exc}); it is damaged or not a desomdb artefact — retrain or restore "
                          "it") from exc
-    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
-        version = payload.get("format_version") if isinstance(payload, dict) else None
-        raise ModelError(f"{path}: checkpoint format {version} is not "
-                         f"{FORMAT_VERSION}; upgrade desomdb")
-    model = Desom(DesomConfig.from_dict(payload["config"]))
-    model.load_state_dict(payload["state"])
+    version = payload.get("format_version") if isinstance(payload, dict) else None
+    if version not in READABLE_FORMATS:
+        raise ModelError(f"{path}: checkpoint format {version} is not one of "
+                         f"{list(READABLE_FORMATS)} that this desomdb reads; retrain with "
+                         "`desomdb train` (or upgrade desomdb if a newer one wrote it)")
+    config = payload["config"]
+    if version == 1:
+        config = {**config, **FORMAT1_CONFIG}
+    model = Desom(DesomConfig.from_dict(config))
+    state = payload["state"]
+    if version == 1:  # no standardisation buffers then: mean 0, scale 1 (identity)
+        state = {**{k: v.to(device) for k, v in model.state_dict().items()}, **state}
+    model.load_state_dict(state)
     model.to(device).eval()
     return model, {"metrics": payload["metrics"], "extra": payload["extra"], "sha256": digest}

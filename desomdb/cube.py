@@ -147,7 +147,7 @@ def read_cube(path: str | Path) -> Cube:
                 raise CubeFormatError(f"{path}: primary header lacks {absent}")
             flux = np.asarray(hdul["FLUX"].data, dtype=np.float32)
             ivar = np.asarray(hdul["IVAR"].data, dtype=np.float32)
-            mask = np.asarray(hdul["MASK"].data)
+            mask = np.asarray(hdul["MASK"].data, dtype=np.int32)
             wave = np.asarray(hdul["WAVE"].data, dtype=np.float64)
             lsf = np.asarray(hdul[lsf_name].data, dtype=np.float32)
             wcs = WCS(hdul["FLUX"].header).celestial
@@ -172,18 +172,27 @@ def read_cube(path: str | Path) -> Cube:
             f"{path}: {flux.shape[0]} spectral pixels and WAVE of {wave.size}; a LOGCUBE has "
             f"{manga.N_WAVE}"
         )
-    good = (ivar > 0) & np.isfinite(flux) & np.isfinite(ivar)
-    good &= (mask.astype(np.int64) & manga.BAD_PIXEL_BITS) == 0
+    # In place on the native-order float32 copies made above: a 127-fibre cube is ~100 MB
+    # per array, and every extra temporary costs a pass over it.
+    good = ivar > 0
+    good &= np.isfinite(flux)
+    good &= np.isfinite(ivar)
+    good &= (mask & np.int32(manga.BAD_PIXEL_BITS)) == 0
     if not good.any():
         raise CubeFormatError(f"{path}: every pixel is masked or has IVAR <= 0 / NaN flux")
+    bad = ~good
+    flux[bad] = 0.0
+    ivar[bad] = 0.0
+    del bad
     covered = good.any(axis=0)
-    lsf_sigma = np.median(lsf[:, covered], axis=1) if lsf.shape == flux.shape else lsf
+    lsf_sigma = (np.median(lsf[:, covered], axis=1, overwrite_input=True)
+                 if lsf.shape == flux.shape else lsf)
     return Cube(
         path=path,
         plateifu=str(meta["PLATEIFU"]).strip(),
         mangaid=str(meta["MANGAID"]).strip(),
-        flux=np.where(good, flux, 0.0).astype(np.float32),
-        ivar=np.where(good, ivar, 0.0).astype(np.float32),
+        flux=flux,
+        ivar=ivar,
         good=good,
         wave=wave,
         lsf_sigma_aa=np.asarray(lsf_sigma, dtype=np.float64),

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from astropy.table import Table
 
-from desomdb import baxels, carry, manga, paths, runner, sidecar
+from desomdb import baxels, binning, carry, manga, paths, runner, sidecar
 from desomdb._version import __version__
 from desomdb.archive import Archive, StagedFile, Writer
 from desomdb.cube import read_cube
@@ -251,7 +251,7 @@ def ingest(
             _cube_task, tasks, workers=job.workers, scheduler=job.scheduler,
             desc=f"ingest {rel}", progress=progress,
             labels=[",".join(c["plateifu"] for c in batch) for batch in batches],
-            on_result=on_result,
+            on_result=on_result, setup=binning.preload,
         )
         _commit_outcomes(writer, rel, pending, report)
         for failure in run.failures:  # a whole task died (e.g. a worker killed)
@@ -315,6 +315,8 @@ def _commit_outcomes(
     adds: list[StagedFile] = []
     replaced: set[str] = set()
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    to_carry = [o for o in outcomes if o["status"] == "carried"]  # one read per table
+    carried = iter(carry.carry_cubes(writer, release, to_carry))
     for o in outcomes:
         if o["status"] == "skipped":
             report.n_skipped += 1
@@ -324,7 +326,7 @@ def _commit_outcomes(
         name = paths.cube_part_name(plateifu, checksum)
         replaced.add(plateifu)
         if o["status"] == "carried":
-            files, row = carry.carry_files(writer, release, o)
+            files, row = next(carried)
             adds.extend(files)
             row.update(source_path=o["path"], ingested_at=now, carried_from=o["from_release"],
                        release_ordinal=manga.release(release).ordinal)

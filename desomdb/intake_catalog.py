@@ -38,7 +38,7 @@ from intake.readers.readers import BaseReader
 
 from desomdb import paths, registry, views
 from desomdb.archive import Archive
-from desomdb.errors import ConfigError
+from desomdb.errors import ConfigError, QueryError
 from desomdb.guard import sandbox
 
 CATALOG_FILE = "desomdb.yaml"
@@ -145,6 +145,11 @@ class ArchiveSQL(BaseReader):
     def _read(self, data: SQLQuery, archive_path: str = ".", release_pattern: str = "%",
               model_choice: str = "current", **kwargs: Any) -> duckdb.DuckDBPyRelation:
         arch, release, model_id = check_parameters(archive_path, release_pattern, model_choice)
+        absent = [t for t in paths.TABLES
+                  if f"'files_{t}'" in data.query and not arch.files(t)]
+        if absent:
+            raise QueryError(f"{arch.root}: no {', '.join(absent)} table in this archive yet "
+                             "(a later stage writes it: 'desomdb status' lists what has run)")
         con = duckdb.connect(":memory:")
         con.execute("set variable archive = ?", [str(arch.root)])
         con.execute("set variable release = ?", [release])

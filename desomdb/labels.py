@@ -1,6 +1,19 @@
-"""pPXF labels for every baxel: stellar populations, dust, gas, sSFR and d_BPT.
+"""Full-spectrum-fit labels for every baxel: stellar populations, dust, gas, sSFR, d_BPT.
 
 The science of one spectrum is :func:`fit_spectrum`; :func:`label` runs it over an archive.
+
+Fitters (``fitter=`` / ``desomdb label --fitter``; the id is stored in every row)
+---------------------------------------------------------------------------------
+- ``fast`` (``fast-miuscat-v1``, the default): stellar V, σ and A_V once with a coarse 16-
+  template subset on the line-free bins, gas V, σ on the continuum-subtracted line windows,
+  then the full template set at fixed kinematics as regularised linear fits (one batched
+  FFT, non-negative least squares on the normal equations), A_V refined on a parabola
+  through three of them. ~5x the reference's fits/s with the same accuracy on both mocks
+  (README, "Labels: speed").
+- ``ppxf`` (``ppxf-miuscat-v2``, the reference): one pPXF fit with all five nonlinear
+  parameters free.
+Both minimise the same χ² + regularisation over the same templates; every fit runs with one
+BLAS thread (``threadpoolctl``), whatever the caller's setting.
 
 Fit set-up and conventions
 --------------------------
@@ -68,17 +81,31 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+from threadpoolctl import threadpool_limits
 
 from desomdb import dust, emission, gas, manga, paths, runner, spectra, templates
 from desomdb.archive import Archive, StagedFile
 from desomdb.constants import COSMOLOGY, FWHM_PER_SIGMA, L_SUN_ERG_S, MPC_CM
 from desomdb.errors import ArchiveError, ConfigError
 
-FITTER = "ppxf-miuscat-v2"
+#: Fitter name (``--fitter``) -> the fitter id stored in the labels rows (a partition key).
+FITTERS = {"fast": "fast-miuscat-v1", "ppxf": "ppxf-miuscat-v2"}
+DEFAULT_FITTER = "fast"
+#: Id of the default fitter.
+FITTER = FITTERS[DEFAULT_FITTER]
 SN_MIN = 2.0
 CHI2_MAX = 2.0
 MIN_GOOD_PIXELS = 1000
 LINE_KEYS = gas.LINE_KEYS
+#: Ages (every n-th of the fitting grid's 24) and [M/H] (of its 4) whose templates fit the
+#: fast fitter's stellar kinematics and first A_V.
+COARSE_AGES = slice(0, None, 3)
+COARSE_METALS = slice(1, None, 2)
+#: Half-width of the emission-line windows (km/s): masked in the fast fitter's stellar
+#: stage, the only bins of its gas stage.
+LINE_WINDOW_KMS = 800.0
+#: Step in A_V (mag) of the fast fitter's parabolic refinement of the stellar dust.
+AV_STEP = 0.05
 
 
 @dataclass(frozen=True)
@@ -121,6 +148,15 @@ class FitSetup:
     lam_temp: np.ndarray
     velscale: float
     mass_scale: float = field(default=1.0)
+    #: Columns of ``stars`` the fast fitter's kinematics stage uses (see :data:`COARSE_AGES`).
+    coarse: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
+    #: Galaxy bins (4544,) within :data:`LINE_WINDOW_KMS` of an emission line.
+    line_bins: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    #: Fourier transforms of ``[stars, gas]`` as pPXF pads them, shape (n_freq, n_templates).
+    templates_rfft: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), complex))
+    #: FFT length and the template-to-galaxy velocity offset (pixels) pPXF uses.
+    npad: int = 0
+    vsyst: float = 0.0
 
 
 def _rest_fwhm(z: float) -> Any:
@@ -143,6 +179,7 @@ def fit_setup(z_bucket: float) -> FitSetup:
         Redshift rounded to 0.005; the LSF changes by < 1 % within a bucket.
     """
     from ppxf import ppxf_util
+    from ppxf.ppxf import ppxf
 
     full = templates.load()
     wave = spectra.rest_wave_aa()
@@ -163,8 +200,42 @@ def fit_setup(z_bucket: float) -> FitSetup:
             sps.ln_lam_temp, [wave[0], wave[-1]], _rest_fwhm(z_bucket), tie_balmer=False,
             vacuum=True,
         )
-    return FitSetup(sps, stars, gas, np.asarray(names), reg_dim, sps.ln_lam_temp,
-                    sps.lam_temp, velscale, float(np.ravel(sps.flux)[0]))
+    age_idx = np.arange(reg_dim[0])[COARSE_AGES]
+    metal_idx = np.arange(reg_dim[1])[COARSE_METALS]
+    coarse = np.ravel_multi_index(np.ix_(age_idx, metal_idx), reg_dim).ravel()
+    setup = FitSetup(sps, stars, gas, np.asarray(names), reg_dim, sps.ln_lam_temp,
+                     sps.lam_temp, velscale, float(np.ravel(sps.flux)[0]), coarse,
+                     _line_bins(gas, sps.lam_temp, wave))
+    # pPXF's own padding, trimming and velocity zero point, computed once (fit=False).
+    n_stars, n_gas = stars.shape[1], gas.shape[1]
+    component = np.array([0] * n_stars + [1] * n_gas)
+    prep = ppxf(np.column_stack([stars, gas]), np.ones(wave.size), np.ones(wave.size),
+                velscale, start=[[0.0, 100.0], [0.0, 60.0]], moments=[2, 2], degree=-1,
+                component=component, gas_component=component > 0, gas_names=names,
+                lam=wave, lam_temp=sps.lam_temp, fit=False, quiet=True)
+    setup.templates_rfft, setup.npad, setup.vsyst = prep.templates_rfft, prep.npad, prep.vsyst
+    return setup
+
+
+def _line_bins(gas_templates: np.ndarray, lam_temp: np.ndarray, wave: np.ndarray) -> np.ndarray:
+    """Galaxy bins within :data:`LINE_WINDOW_KMS` of any line of the gas templates.
+
+    Parameters
+    ----------
+    gas_templates : ndarray, shape (n_pix_temp, n_gas)
+    lam_temp : ndarray, shape (n_pix_temp,)
+        Template wavelengths, Å.
+    wave : ndarray, shape (n_pix,)
+        Galaxy wavelengths, Å.
+
+    Returns
+    -------
+    ndarray of bool, shape (n_pix,)
+    """
+    peak = np.abs(gas_templates) > 0.05 * np.abs(gas_templates).max(axis=0)
+    centres = lam_temp[peak.any(axis=1)]
+    dist_kms = manga.C_KMS * np.abs(np.log(wave[:, None] / centres[None, :])).min(axis=1)
+    return np.asarray(dist_kms < LINE_WINDOW_KMS)
 
 
 def empty_row() -> dict[str, Any]:
@@ -185,11 +256,394 @@ def empty_row() -> dict[str, Any]:
     return row
 
 
+@dataclass
+class LinearFit:
+    """A fit at fixed kinematics and dust: the attributes of a pPXF fit the labels read.
+
+    Attributes
+    ----------
+    weights : ndarray, shape (n_stars + n_gas,)
+        Template weights (stars first).
+    bestfit, gas_bestfit : ndarray, shape (n_pix,)
+        Model and its gas part, normalised galaxy units.
+    gas_bestfit_templates : ndarray, shape (n_pix, n_gas)
+        Each gas template times its weight.
+    gas_flux, gas_flux_error : ndarray, shape (n_gas,)
+        Integrated line fluxes (galaxy units × pixels) and formal errors, as pPXF defines
+        them; NaN for a line with no flux in the fitted bins.
+    gas_names : ndarray, shape (n_gas,)
+    gas_component : ndarray of bool, shape (n_stars + n_gas,)
+    chi2 : float
+        χ² per degree of freedom over the fitted bins (5 nonlinear parameters counted).
+    sol : list of list of float
+        ``[[V, σ], [V_gas, σ_gas]]``, km/s.
+    objective : float
+        χ² plus the regularisation penalty (what the weights minimise).
+    a_v : float
+        Stellar A_V of the fit, mag.
+    """
+
+    weights: np.ndarray
+    bestfit: np.ndarray
+    gas_bestfit: np.ndarray
+    gas_bestfit_templates: np.ndarray
+    gas_flux: np.ndarray
+    gas_flux_error: np.ndarray
+    gas_names: np.ndarray
+    gas_component: np.ndarray
+    chi2: float
+    sol: list[list[float]]
+    objective: float
+    a_v: float
+
+
+#: Nonlinear parameters of every fitter (V, σ, V_gas, σ_gas, A_V): the χ² degrees of freedom.
+N_NONLINEAR = 5
+
+
+@lru_cache(maxsize=16)
+def _regularisation_rows(reg_dim: tuple[int, int], n_cols: int, regul: float) -> np.ndarray:
+    """Build pPXF's second-order regularisation rows over the stellar weight grid.
+
+    Returns
+    -------
+    ndarray, shape (n_age × n_metal, n_cols)
+        Rows appended to the noise-weighted design matrix (right-hand side 0); empty when
+        ``regul`` is 0.
+    """
+    from ppxf.ppxf import regularization
+
+    if regul <= 0:
+        return np.zeros((0, n_cols))
+    rows = np.zeros((int(np.prod(reg_dim)), n_cols))
+    regularization(rows, 0, 0, np.asarray(reg_dim), 2, [np.ones(d - 1) for d in reg_dim], regul)
+    return rows
+
+
+def convolved_templates(setup: FitSetup, vel: float, sigma: float,
+                        columns: slice | np.ndarray) -> np.ndarray:
+    """Convolve templates with a Gaussian LOSVD in one batched inverse FFT.
+
+    Parameters
+    ----------
+    setup : FitSetup
+    vel, sigma : float
+        Velocity and dispersion, km/s.
+    columns : slice or ndarray of int
+        Which of ``[stars, gas]`` to convolve.
+
+    Returns
+    -------
+    ndarray, shape (4544, n_columns)
+        The templates on the galaxy bins, as pPXF's ``linear_fit`` builds them.
+    """
+    from ppxf.ppxf import losvd_rfft
+
+    n_freq = setup.templates_rfft.shape[0]
+    kernel = losvd_rfft(np.array([vel, sigma]) / setup.velscale, 1, np.array([2]), n_freq, 1,
+                        setup.vsyst, 1, 0.0)[:, 0, 0]
+    n_pix = spectra.rest_wave_aa().size
+    conv = np.fft.irfft(setup.templates_rfft[:, columns] * kernel[:, None], setup.npad, axis=0)
+    return np.asarray(conv[:n_pix])
+
+
+def _bounded_lsq(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, float]:
+    """Solve min ||a x - b|| with x ≥ 0 on the Cholesky factor of the normal equations.
+
+    With R the Cholesky factor of aᵀa and y = R⁻ᵀ aᵀb, ||a x - b||² = ||R x - y||² + bᵀb - yᵀy,
+    so the non-negative problem shrinks from m × n to n × n (~8x faster than pPXF's cold
+    ``lsq_box`` here). A matrix too ill-conditioned for Cholesky falls back to its QR factor.
+
+    Parameters
+    ----------
+    a : ndarray, shape (m, n), m > n
+    b : ndarray, shape (m,)
+
+    Returns
+    -------
+    x : ndarray, shape (n,)
+    objective : float
+        ||a x - b||² at the solution.
+    """
+    from scipy.linalg import LinAlgError, cholesky, qr, solve_triangular
+    from scipy.optimize import nnls
+
+    n = a.shape[1]
+    try:
+        r = cholesky(a.T @ a, check_finite=False)
+        y = solve_triangular(r, a.T @ b, trans="T", check_finite=False)
+        rest = float(b @ b - y @ y)
+    except LinAlgError:
+        rb = qr(np.column_stack([a, b]), mode="r", check_finite=False)[0]
+        r, y, rest = rb[:n, :n], rb[:n, n], float(rb[n, n] ** 2)
+    x, rnorm = nnls(r, y, maxiter=50 * n)
+    return np.asarray(x), float(rnorm**2 + max(rest, 0.0))
+
+
+def linear_fit(setup: FitSetup, galaxy: np.ndarray, noise: np.ndarray, good: np.ndarray,
+               kinematics: tuple[float, float, float, float], a_v: float,
+               regul: float, conv: np.ndarray | None = None) -> LinearFit:
+    """Fit every stellar and gas template at fixed kinematics and stellar dust.
+
+    The same objective as pPXF's ``linear_fit`` (non-negative weights, Calzetti attenuation of
+    the convolved stellar templates on the galaxy bins, second-order regularisation), solved
+    as a non-negative least-squares problem on its QR factor.
+
+    Parameters
+    ----------
+    setup : FitSetup
+    galaxy, noise : ndarray, shape (4544,)
+        Normalised spectrum and its 1σ noise.
+    good : ndarray of bool, shape (4544,)
+    kinematics : tuple of float
+        Stellar V, σ and gas V, σ, km/s.
+    a_v : float
+        Stellar A_V, mag.
+    regul : float
+        Regularisation strength (0 = none).
+    conv : ndarray, shape (4544, n_stars + n_gas), optional
+        The convolved templates at ``kinematics``, if already computed.
+
+    Returns
+    -------
+    LinearFit
+    """
+    from capfit.capfit import cov_err
+    from ppxf.ppxf import attenuation
+
+    n_stars, n_gas = setup.stars.shape[1], setup.gas.shape[1]
+    vel, sig, vel_gas, sig_gas = kinematics
+    if conv is None:
+        conv = np.column_stack([
+            convolved_templates(setup, vel, sig, slice(0, n_stars)),
+            convolved_templates(setup, vel_gas, sig_gas, slice(n_stars, n_stars + n_gas))])
+    wave = spectra.rest_wave_aa()
+    design = conv.copy()
+    design[:, :n_stars] *= attenuation(wave, a_v)[:, None]
+    reg = _regularisation_rows(setup.reg_dim, n_stars + n_gas, float(regul))
+    a = np.vstack([design[good] / noise[good, None], reg])
+    b = np.concatenate([galaxy[good] / noise[good], np.zeros(reg.shape[0])])
+    weights, objective = _bounded_lsq(a, b)
+    bestfit = design @ weights
+    resid = ((galaxy - bestfit) / noise)[good]
+    gas_cols = design[:, n_stars:]
+    integ = np.abs(gas_cols.sum(axis=0))
+    empty = ~np.any(gas_cols[good] != 0, axis=0)
+    flux_err = np.full(n_gas, np.nan)
+    flux_err[~empty] = integ[~empty] * cov_err(gas_cols[:, ~empty] / noise[:, None])[1]
+    gas_flux = integ * weights[n_stars:]
+    gas_flux[empty] = np.nan
+    gas_templates = gas_cols * weights[n_stars:]
+    return LinearFit(
+        weights=weights, bestfit=bestfit, gas_bestfit=gas_templates.sum(axis=1),
+        gas_bestfit_templates=gas_templates, gas_flux=gas_flux, gas_flux_error=flux_err,
+        gas_names=setup.gas_names, gas_component=np.arange(n_stars + n_gas) >= n_stars,
+        chi2=float(resid @ resid) / max(resid.size - N_NONLINEAR, 1),
+        sol=[[vel, sig], [vel_gas, sig_gas]],
+        objective=objective, a_v=float(a_v))
+
+
+def _gauss_newton_step(setup: FitSetup, galaxy: np.ndarray, noise: np.ndarray,
+                       good: np.ndarray, fit: LinearFit,
+                       params: tuple[float, float, float]) -> tuple[float, float, float]:
+    """One Gauss-Newton step in stellar (V, σ, A_V) at fixed weights, from analytic derivatives.
+
+    The stellar model is att(λ; A_V) × IFFT(T_w K), with T_w the weighted sum of the stellar
+    template transforms and K = exp(-i v ω - σ² ω² / 2) pPXF's Gaussian LOSVD transform
+    (v, σ in pixels), so ∂/∂v = IFFT(-i ω T_w K), ∂/∂σ = IFFT(-σ ω² T_w K) and
+    ∂/∂A_V = model × ∂ ln att/∂A_V: one FFT column each.
+
+    Parameters
+    ----------
+    setup : FitSetup
+    galaxy, noise : ndarray, shape (4544,)
+    good : ndarray of bool, shape (4544,)
+    fit : LinearFit
+        The fit at ``params``.
+    params : tuple of float
+        Stellar V (km/s), σ (km/s), A_V (mag).
+
+    Returns
+    -------
+    tuple of float
+        The stepped V, σ, A_V, clipped to σ ≥ 10 km/s, A_V in [0, 4] and a step of at most
+        50 km/s in V and σ.
+    """
+    from ppxf.ppxf import attenuation
+
+    vel, sig, a_v = params
+    n_stars = setup.stars.shape[1]
+    n_freq = setup.templates_rfft.shape[0]
+    n_pix = galaxy.size
+    wave = spectra.rest_wave_aa()
+    omega = np.linspace(0, np.pi, n_freq)
+    v_pix, s_pix = vel / setup.velscale + setup.vsyst, sig / setup.velscale
+    kernel = np.exp(-1j * v_pix * omega - 0.5 * (s_pix * omega) ** 2)
+    t_w = setup.templates_rfft[:, :n_stars] @ fit.weights[:n_stars]
+    spectra_w = np.stack([t_w * kernel, -1j * omega * t_w * kernel,
+                          -s_pix * omega**2 * t_w * kernel], axis=1)
+    conv = np.fft.irfft(spectra_w, setup.npad, axis=0)[:n_pix]
+    att = attenuation(wave, a_v)
+    d_ln_att = np.log(attenuation(wave, 1.0))  # ln att is linear in A_V
+    model = conv[:, 0] * att
+    jac = np.column_stack([conv[:, 1] * att / setup.velscale,
+                           conv[:, 2] * att / setup.velscale, model * d_ln_att])
+    resid = (galaxy - fit.bestfit) / noise
+    step = np.linalg.lstsq(jac[good] / noise[good, None], resid[good], rcond=None)[0]
+    d_vel, d_sig = np.clip(step[:2], -50.0, 50.0)
+    return (vel + float(d_vel), max(sig + float(d_sig), 10.0),
+            float(np.clip(a_v + step[2], 0.0, 4.0)))
+
+
+def _fit_ppxf(setup: FitSetup, galaxy: np.ndarray, noise: np.ndarray, good: np.ndarray,
+              options: FitOptions) -> tuple[Any, float]:
+    """Fit stars, dust and gas in one pPXF call (the reference fitter).
+
+    Parameters
+    ----------
+    setup : FitSetup
+    galaxy, noise : ndarray, shape (4544,)
+        Normalised spectrum and its 1σ noise (finite everywhere).
+    good : ndarray of bool, shape (4544,)
+        Bins to fit.
+    options : FitOptions
+
+    Returns
+    -------
+    pp : ppxf.ppxf.ppxf
+        The final fit (stars = component 0, gas = component 1).
+    a_v : float
+        Stellar A_V, mag (Calzetti 2000).
+    """
+    from ppxf.ppxf import ppxf
+
+    n_stars = setup.stars.shape[1]
+    n_gas = setup.gas.shape[1]
+    component = np.array([0] * n_stars + [1] * n_gas)
+    gas_component = component > 0
+    stellar_dust = {"start": [0.3], "bounds": [[0.0, 4.0]], "component": ~gas_component}
+    common: dict[str, Any] = {
+        "templates": np.column_stack([setup.stars, setup.gas]), "galaxy": galaxy,
+        "noise": noise, "velscale": setup.velscale, "moments": [2, 2], "degree": -1,
+        "component": component, "gas_component": gas_component,
+        "gas_names": setup.gas_names, "lam": spectra.rest_wave_aa(),
+        "lam_temp": setup.lam_temp, "goodpixels": np.flatnonzero(good), "quiet": True,
+        "linear_method": "lsq_box",
+    }
+    if options.regul > 0:
+        common.update(regul=options.regul, reg_dim=setup.reg_dim)
+    pp = ppxf(start=[[0.0, 100.0], [0.0, 60.0]], mdegree=0, dust=[stellar_dust], **common)
+    a_v = float(pp.dust[0]["sol"][0])
+    if options.mdegree > 0:
+        fixed_dust = {"start": [a_v], "fixed": [True], "component": ~gas_component}
+        pp = ppxf(start=[list(pp.sol[0][:2]), list(pp.sol[1][:2])], mdegree=options.mdegree,
+                  dust=[fixed_dust], **common)
+    return pp, a_v
+
+
+def _fit_fast(setup: FitSetup, galaxy: np.ndarray, noise: np.ndarray, good: np.ndarray,
+              options: FitOptions) -> tuple[Any, float]:
+    """Fit stars, dust and gas in three cheap stages (the fast fitter).
+
+    1. Stellar V, σ and A_V (pPXF) with the coarse template subset :attr:`FitSetup.coarse`
+       (16 of 96, no regularisation) on the bins outside the emission-line windows.
+    2. Gas V, σ (pPXF) from the gas templates alone, on the spectrum minus stage 1's stellar
+       model, within the line windows.
+    3. Every stellar and gas template at the kinematics of stages 1-2, convolved once in one
+       batched FFT; :func:`linear_fit` (regularised, the reference's objective) at three A_V
+       around stage 1's, and at the vertex of the parabola through them: the weights, line
+       fluxes, χ² and A_V of the labels.
+
+    The reference spends ~30 evaluations of all 115 templates on a finite-difference
+    Jacobian over 5 parameters; here the nonlinear stages see 16 or 19 templates and the
+    full set is solved 4 times (README, "Labels: speed").
+
+    Parameters and returns as :func:`_fit_ppxf`.
+    """
+    from ppxf.ppxf import ppxf
+
+    if options.mdegree > 0:
+        raise ConfigError(f"FitOptions(mdegree={options.mdegree}) needs the reference fitter: "
+                          "use --fitter ppxf (fitter='ppxf')")
+    wave = spectra.rest_wave_aa()
+    # lam and lam_temp on every stage: they set the velocity zero point (templates start
+    # bluer than the galaxy).
+    base: dict[str, Any] = {"galaxy": galaxy, "noise": noise, "velscale": setup.velscale,
+                            "degree": -1, "quiet": True, "linear_method": "lsq_box",
+                            "lam": wave, "lam_temp": setup.lam_temp}
+    # Stage 1: stars on the line-free bins.
+    coarse = setup.stars[:, setup.coarse]
+    n_coarse = coarse.shape[1]
+    dust_1 = {"start": [0.3], "bounds": [[0.0, 4.0]], "component": np.ones(n_coarse, bool)}
+    stars = ppxf(coarse, start=[0.0, 100.0], moments=2, dust=[dust_1],
+                 goodpixels=np.flatnonzero(good & ~setup.line_bins),
+                 **base)
+    vel, sig = (float(v) for v in stars.sol[:2])
+    a_v = float(stars.dust[0]["sol"][0])
+    # Stage 2: gas kinematics on the continuum-subtracted spectrum.
+    n_gas = setup.gas.shape[1]
+    gas_fit = ppxf(setup.gas, **{**base, "galaxy": galaxy - stars.bestfit},
+                   start=[vel, 60.0], moments=2,
+                   goodpixels=np.flatnonzero(good & setup.line_bins),
+                   component=np.zeros(n_gas, int), gas_component=np.ones(n_gas, bool),
+                   gas_names=setup.gas_names)
+    vel_gas, sig_gas = (float(v) for v in gas_fit.sol[:2])
+    # Stage 3: every template at fixed kinematics. One Gauss-Newton step moves the stellar
+    # V, σ and A_V to the full set's optimum (weights held), then A_V is refined on a
+    # parabola through three linear fits.
+    n_stars = setup.stars.shape[1]
+    gas_conv = convolved_templates(setup, vel_gas, sig_gas, slice(n_stars, n_stars + n_gas))
+    conv = np.column_stack([convolved_templates(setup, vel, sig, slice(0, n_stars)), gas_conv])
+    first = linear_fit(setup, galaxy, noise, good, (vel, sig, vel_gas, sig_gas), a_v,
+                       options.regul, conv)
+    vel, sig, a_v = _gauss_newton_step(setup, galaxy, noise, good, first, (vel, sig, a_v))
+    conv[:, :n_stars] = convolved_templates(setup, vel, sig, slice(0, n_stars))
+    kin = (vel, sig, vel_gas, sig_gas)
+
+    def at(av: float) -> LinearFit:
+        return linear_fit(setup, galaxy, noise, good, kin, av, options.regul, conv)
+
+    trial = [max(a_v, AV_STEP) + d * AV_STEP for d in (-1, 0, 1)]
+    fits = [at(av) for av in trial]
+    obj = np.array([f.objective for f in fits])
+    k = int(np.argmin(obj))
+    pp, a_v = fits[k], trial[k]
+    curvature = obj[0] - 2 * obj[1] + obj[2]
+    if curvature > 0:  # the parabola's vertex (at most 3 steps out), kept if it does better
+        shift = float(np.clip(0.5 * (obj[0] - obj[2]) / curvature, -3.0, 3.0))
+        vertex = max(trial[1] + shift * AV_STEP, 0.0)
+        refined = at(vertex)
+        if refined.objective < pp.objective:
+            pp, a_v = refined, vertex
+    if first.objective < pp.objective:  # the step did not help: keep stage 1's parameters
+        pp, a_v = first, float(first.a_v)
+    return pp, a_v
+
+
+#: Fitter name -> its stages.
+_FITS = {"fast": _fit_fast, "ppxf": _fit_ppxf}
+
+
+def fitter_name(fitter: str | None) -> str:
+    """Return the fitter name (``fast`` or ``ppxf``); None gives :data:`DEFAULT_FITTER`.
+
+    Raises
+    ------
+    ConfigError
+        If ``fitter`` is not a known fitter.
+    """
+    name = DEFAULT_FITTER if fitter is None else fitter
+    if name not in FITTERS:
+        raise ConfigError(f"unknown fitter {fitter!r}; choose one of {sorted(FITTERS)}")
+    return name
+
+
 def fit_spectrum(
     flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray, norm_flux: float, z: float,
     gate: emission.LineGate | None = None, options: FitOptions | None = None,
+    fitter: str | None = None,
 ) -> dict[str, Any]:
-    """Fit one rest-frame baxel spectrum with pPXF and derive its labels.
+    """Fit one rest-frame baxel spectrum and derive its labels.
 
     Parameters
     ----------
@@ -205,6 +659,9 @@ def fit_spectrum(
         When a line counts as detected (default S/N ≥ 3 and A/N ≥ 3).
     options : FitOptions, optional
         Continuum fit set-up (default: :class:`FitOptions`, regul = 10, no polynomial).
+    fitter : str, optional
+        ``fast`` (staged, see :func:`_fit_fast`) or ``ppxf`` (the reference: one pPXF fit
+        with every nonlinear parameter free); default :data:`DEFAULT_FITTER`.
 
     Returns
     -------
@@ -212,10 +669,9 @@ def fit_spectrum(
         One labels row (see module docstring); ``status`` is ``ok``, ``unfittable`` (too few
         good pixels or no positive normalisation) or ``failed`` (with ``error``).
     """
-    from ppxf.ppxf import ppxf
-
     gate = gate or emission.LineGate()
     options = options or FitOptions()
+    fit_stages = _FITS[fitter_name(fitter)]
     row = empty_row()
     t0 = time.perf_counter()
     good = (mask == 0) & (ivar > 0) & np.isfinite(flux)
@@ -230,26 +686,9 @@ def fit_spectrum(
     galaxy = np.where(good, flux / norm_flux, 0.0)
     noise = np.where(good, 1.0 / np.sqrt(np.where(ivar > 0, ivar, 1.0)) / norm_flux, 0.0)
     noise[~good] = np.median(noise[good]) * 1e3  # pPXF needs finite noise everywhere
-    n_stars = setup.stars.shape[1]
-    n_gas = setup.gas.shape[1]
-    component = np.array([0] * n_stars + [1] * n_gas)
-    gas_component = component > 0
-    stellar_dust = {"start": [0.3], "bounds": [[0.0, 4.0]], "component": ~gas_component}
-    common: dict[str, Any] = {
-        "templates": np.column_stack([setup.stars, setup.gas]), "galaxy": galaxy,
-        "noise": noise, "velscale": setup.velscale, "moments": [2, 2], "degree": -1,
-        "component": component, "gas_component": gas_component,
-        "gas_names": setup.gas_names, "lam": wave, "lam_temp": setup.lam_temp,
-        "goodpixels": np.flatnonzero(good), "quiet": True, "linear_method": "lsq_box",
-    }
-    if options.regul > 0:
-        common.update(regul=options.regul, reg_dim=setup.reg_dim)
-    pp = ppxf(start=[[0.0, 100.0], [0.0, 60.0]], mdegree=0, dust=[stellar_dust], **common)
-    a_v = float(pp.dust[0]["sol"][0])
-    if options.mdegree > 0:
-        fixed_dust = {"start": [a_v], "fixed": [True], "component": ~gas_component}
-        pp = ppxf(start=[list(pp.sol[0][:2]), list(pp.sol[1][:2])], mdegree=options.mdegree,
-                  dust=[fixed_dust], **common)
+    with threadpool_limits(1):  # one fit is fastest on one BLAS thread, on every path
+        pp, a_v = fit_stages(setup, galaxy, noise, good, options)
+    gas_component = np.asarray(pp.gas_component, dtype=bool)
     weights = pp.weights[~gas_component].reshape(setup.reg_dim)
     chi2 = float(pp.chi2)
     row["chi2_red"] = chi2
@@ -291,17 +730,19 @@ def _label_task(task: dict[str, Any]) -> str:
     flux = spectra.from_list_column(table.column("flux"))
     ivar = spectra.from_list_column(table.column("ivar"))
     mask = spectra.from_list_column(table.column("mask"))
+    name = fitter_name(task.get("fitter"))
     rows = []
     for i, bin_id in enumerate(ids):
         if int(bin_id) not in bax:
             continue
         try:
             row = fit_spectrum(flux[i], ivar[i], mask[i], bax[int(bin_id)]["norm_flux"],
-                               task["z"], gate=task.get("gate"), options=task.get("options"))
+                               task["z"], gate=task.get("gate"), options=task.get("options"),
+                               fitter=name)
         except Exception as exc:  # one bad fit is recorded, the cube goes on
             row = empty_row()
             row["error"] = f"{type(exc).__name__}: {exc}"
-        row.update(plateifu=task["plateifu"], bin_id=int(bin_id), fitter=FITTER)
+        row.update(plateifu=task["plateifu"], bin_id=int(bin_id), fitter=FITTERS[name])
         rows.append(row)
     out = Path(task["staged"])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -335,6 +776,7 @@ def label(
     max_per_cube: int | None = None,
     gate: emission.LineGate | None = None,
     options: FitOptions | None = None,
+    fitter: str | None = None,
 ) -> LabelReport:
     """Fit every not-yet-labelled baxel of the archive (one task per cube).
 
@@ -357,11 +799,18 @@ def label(
         When an emission line counts as detected (default S/N ≥ 3, A/N ≥ 3).
     options : FitOptions, optional
         Continuum fit set-up (default: the measured better one, see :class:`FitOptions`).
+    fitter : str, optional
+        ``fast`` or ``ppxf`` (default :data:`DEFAULT_FITTER`); the rows carry its id from
+        :data:`FITTERS`. A cube labelled by either fitter counts as done.
 
     Returns
     -------
     LabelReport
     """
+    name_of_fitter = fitter_name(fitter)
+    if name_of_fitter == "fast" and options is not None and options.mdegree > 0:
+        raise ConfigError(f"mdegree = {options.mdegree} needs the reference fitter: "
+                          "use --fitter ppxf")
     arch = Archive(archive)
     manifest_tables = arch.manifest()["tables"]
     releases = sorted({paths.parse_partition(f)[2] for f in manifest_tables.get("baxels", [])})
@@ -399,13 +848,13 @@ def label(
                 if max_per_cube is not None and group.height > max_per_cube:
                     keep = np.linspace(0, group.height - 1, max_per_cube).round().astype(int)
                     group = group[np.unique(keep)]
-                name = paths.label_part_name(pifu, FITTER)
+                name = paths.label_part_name(pifu, FITTERS[name_of_fitter])
                 tasks.append({
                     "plateifu": pifu, "z": float(z_of[pifu]),
                     "spectra_file": str(spec_files[pifu]),
                     "baxels": group.select("bin_id", "norm_flux").to_dicts(),
                     "staged": str(staging / rel / name),
-                    "gate": gate, "options": options,
+                    "gate": gate, "options": options, "fitter": name_of_fitter,
                 })
                 targets.append(f"{paths.release_dir('labels', rel)}/{name}")
                 names.append(pifu)
@@ -414,7 +863,7 @@ def label(
             writer.commit(add=[StagedFile("labels", targets[i], Path(staged))])
 
         run = runner.run_tasks(_label_task, tasks, workers=workers, scheduler=scheduler,
-                               desc="pPXF labels (cubes)", progress=progress,
+                               desc=f"{name_of_fitter} labels (cubes)", progress=progress,
                                labels=names, on_result=on_result)
         report.n_cubes = len(tasks) - len(run.failures)
         report.failed_cubes = [(f.label, f.error) for f in run.failures]

@@ -110,6 +110,25 @@ def lsf_sigma_aa(wave_aa: np.ndarray) -> np.ndarray:
     return np.asarray(w / spectral_resolution(w) / (2.0 * np.sqrt(2.0 * np.log(2.0))))
 
 
+def rest_lsf_fwhm_aa(lam_rest_aa: np.ndarray, z: float) -> np.ndarray:
+    """FWHM (Å) of the MaNGA LSF in the rest frame of redshift ``z``, at rest wavelengths.
+
+    The observed LSF at ``λ_rest (1 + z)`` divided by ``1 + z``.
+
+    Parameters
+    ----------
+    lam_rest_aa : ndarray, shape (n,)
+        Rest-frame vacuum wavelengths, Å.
+    z : float
+
+    Returns
+    -------
+    ndarray, shape (n,)
+    """
+    lam_obs = np.asarray(lam_rest_aa, dtype=float) * (1 + z)
+    return np.asarray(constants.FWHM_PER_SIGMA * lsf_sigma_aa(lam_obs) / (1 + z))
+
+
 def pixel_width_aa(wave_aa: np.ndarray) -> np.ndarray:
     """Width of a log-spaced LOGCUBE pixel, Å."""
     return np.asarray(np.asarray(wave_aa, dtype=float) * np.log(10.0) * DLOG10)

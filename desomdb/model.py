@@ -12,13 +12,44 @@ Conventions
   pairs of a 15×15 map; :func:`grid_distance` does not.)
 - Neighbourhood weights w_ik = exp(-d(bmu_i, k)² / T²); T decays exponentially from
   ``t_max`` to ``t_min`` over ``decay_iters`` iterations, then stays at ``t_min``.
-- L_SOM = mean_i Σ_k w_ik ||z_i - m_k||²; reconstruction loss = mean squared error over
-  unmasked bins only (a masked bin has weight zero).
-- Optimisation: the autoencoder minimises L_recon + γ·L_SOM with Adam. The prototypes
-  minimise L_SOM by the batch-SOM step m_k ← m_k + α (Σ_i w_ik z_i / Σ_i w_ik − m_k), which
-  is a gradient step on L_SOM with a per-node step size. Adam on the prototypes (as in
-  the reference code) normalises away the neighbourhood weights — a far node with
-  w ≈ 1e-6 moves as fast as the winner — and collapsed our maps onto one or two nodes.
+- Input standardisation (``standardise``, on by default): the model stores the training
+  set's mean spectrum μ (per bin, over unmasked bins) and one scale s (the RMS of x − μ over
+  unmasked bins) as buffers saved with it. :meth:`Desom.encode` feeds the network
+  (x − μ) / s with masked bins (exactly 0 in the normalised input, see
+  :func:`desomdb.spectra.normalise`) kept at 0; :meth:`Desom.decode` returns s·net(z) + μ.
+  So every caller (assign, predict, similar, refresh) sees the same standardisation, and the
+  reconstruction loss is the same masked MSE of the normalised spectra as without it. (An
+  autoencoder without it must build the mean spectrum through its decoder biases; PCA gets
+  it for free.)
+- Reconstruction loss = mean squared error over unmasked bins only (a masked bin has weight
+  zero).
+- SOM loss, two semantics of γ (``gamma_mode``):
+
+  * ``"raw"`` — the paper's and the reference code's: L = L_rec + γ·L_SOM with
+    L_SOM = mean_i Σ_k w_ik ||z_i − m_k||², summed over nodes in latent units (γ = 5e-4
+    for DESOM-1, 8e-6 for DESOM-2 in the paper). The balance then depends on the latent
+    scale (norms ~100 here) and on the neighbourhood width (Σ_k w_ik ≈ n_nodes at T = 15):
+    at CPU budgets the SOM term swamped the reconstruction and the encoder shrank its
+    latents instead of reconstructing. Kept for DESOM-2 and for models saved before
+    checkpoint format 2.
+  * ``"relative"`` (default for DESOM-1) — scale-free: L = L_rec + γ·s²·L̃_SOM with
+    L̃_SOM = mean_i [Σ_k w_ik ||z_i − m_k||² / Σ_k w_ik] / v_z, a neighbourhood-weighted
+    *mean* (not sum) of squared distances divided by v_z, the running mean (not
+    differentiated) of the latents' total variance mean_i ||z_i − z̄||². L̃_SOM is
+    dimensionless and unchanged when the latents are rescaled; s² (the stored input
+    variance) gives the term the units of the MSE, so scaling the inputs scales both terms
+    alike. γ is then the weight of "fraction of latent variance not explained by the
+    neighbourhood" against "MSE in units of the spectra's variance".
+- Prototypes: organised once by a batch SOM (:func:`fit_som`: PCA plane, then per
+  epoch every latent's BMU and m_k ← Σ_j h_kj S_j / Σ_j h_kj N_j with S_j, N_j the sum and
+  count of latents whose BMU is j, h on the Euclidean grid distance; T from ``t_max`` to
+  ``t_min`` over ``som_epochs`` epochs) on a sample of latents after AE pre-training;
+  during the joint phase they then track the latents at T = ``t_min`` with the step
+  m_k ← m_k + α (Σ_i w_ik z_i / Σ_i w_ik − m_k), a gradient step on L_SOM with a per-node
+  step size. (``som_epochs = 0``: random-sample initialisation and the decaying-T schedule
+  in the joint phase, as before.) Adam on the prototypes (as in the reference code)
+  normalises away the neighbourhood weights — a far node with w ≈ 1e-6 moves as fast as the
+  winner — and collapsed our maps onto one or two nodes.
 """
 
 from __future__ import annotations
@@ -53,7 +84,14 @@ class DesomConfig:
     latent: int = 256
     map_rows: int = 15
     map_cols: int = 15
-    gamma: float = 5e-4
+    #: Weight of the SOM loss; its meaning depends on ``gamma_mode`` (module docstring).
+    gamma: float = 0.1
+    #: "relative" (scale-free, default) or "raw" (the paper's Σ-over-nodes, latent units).
+    gamma_mode: str = "relative"
+    #: Subtract the stored training mean spectrum and divide by the stored scale.
+    standardise: bool = True
+    #: Batch-SOM epochs organising the prototypes after AE pre-training (0: random init).
+    som_epochs: int = 20
     t_max: float = 15.0
     t_min: float = 0.7
     iterations: int = 3000
@@ -95,7 +133,10 @@ def paper_config(**overrides: Any) -> DesomConfig:
     """Return the authors' DESOM-1 configuration (finnarchinuk/GalaxyAE).
 
     4 × [Conv1d(64, k=6), LeakyReLU(0.1), MaxPool(2)] → 284×64 → Linear(256); 15×15;
-    γ = 5e-4; T 15 → 0.7 over 50k of 65k iterations; batch 128; Adam 5e-5.
+    T 15 → 0.7 over 50k of 65k iterations; batch 128; Adam 5e-5. The paper's γ = 5e-4 is
+    in the ``"raw"`` semantics (``paper_config(gamma=5e-4, gamma_mode="raw",
+    standardise=False, som_epochs=0)`` is the authors' set-up); this preset uses the
+    scale-free ``"relative"`` γ, input standardisation and the batch-SOM organisation.
     """
     base = DesomConfig(
         name="paper", arch="paper", channels=(64, 64, 64, 64), kernels=(6, 6, 6, 6),
@@ -115,10 +156,15 @@ def compact_config(**overrides: Any) -> DesomConfig:
 
 
 def desom2_config(**overrides: Any) -> DesomConfig:
-    """DESOM-2 on 15×15 fingerprints: Conv2d(16, 3×3) autoencoder, 10×10 map, γ = 8e-6."""
+    """DESOM-2 on 15×15 fingerprints: Conv2d(16, 3×3) autoencoder, 10×10 map, raw γ = 8e-6.
+
+    The paper's semantics throughout (``gamma_mode="raw"``, no standardisation, random
+    prototype initialisation).
+    """
     base = DesomConfig(
         name="desom2", kind="desom2", arch="conv2d", channels=(16,), kernels=(3,),
-        strides=(1,), latent=64, map_rows=10, map_cols=10, gamma=8e-6, t_max=15.0,
+        strides=(1,), latent=64, map_rows=10, map_cols=10, gamma=8e-6, gamma_mode="raw",
+        standardise=False, som_epochs=0, t_max=15.0,
         t_min=0.5, iterations=2000, decay_iters=1750, pretrain_iters=300, batch_size=64,
         lr=1e-3, eval_every=200,
     )
@@ -260,11 +306,25 @@ class Decoder2D(nn.Module):
         return torch.as_tensor(self.conv(h).flatten(1))
 
 
+GAMMA_MODES = ("relative", "raw")
+
+
 class Desom(nn.Module):
-    """Autoencoder + SOM prototypes."""
+    """Autoencoder + SOM prototypes, with the input standardisation it was trained with.
+
+    Buffers (saved in the checkpoint): ``mean`` (input_len,) and ``scale`` () — the training
+    set's mean input and RMS about it (0 and 1 when ``standardise`` is off or not yet set);
+    ``latent_var`` () — running total variance of the latents (the ``"relative"`` γ's unit).
+    """
+
+    mean: torch.Tensor
+    scale: torch.Tensor
+    latent_var: torch.Tensor
 
     def __init__(self, cfg: DesomConfig):
         super().__init__()
+        if cfg.gamma_mode not in GAMMA_MODES:
+            raise ConfigError(f"gamma_mode must be one of {GAMMA_MODES}, got {cfg.gamma_mode!r}")
         self.cfg = cfg
         if cfg.kind == "desom2":
             self.encoder: nn.Module = Encoder2D(cfg)
@@ -276,26 +336,83 @@ class Desom(nn.Module):
         # Updated by som_step (batch-SOM), not by the autoencoder's optimiser.
         self.prototypes = nn.Parameter(torch.zeros(cfg.n_nodes, cfg.latent), requires_grad=False)
         self.register_buffer("grid_dist", grid_distance(cfg.map_rows, cfg.map_cols))
+        n_in = cfg.input_shape[0] * cfg.input_shape[1] if cfg.kind == "desom2" else cfg.input_len
+        self.register_buffer("mean", torch.zeros(n_in))
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("latent_var", torch.ones(()))
+
+    @torch.no_grad()
+    def set_standardisation(self, x: torch.Tensor, weight: torch.Tensor) -> None:
+        """Store the mean input and the RMS about it, over bins with weight > 0.
+
+        Parameters
+        ----------
+        x : torch.Tensor, shape (n, input_len)
+            Training inputs (normalised flux, dimensionless).
+        weight : torch.Tensor, shape (n, input_len)
+            0 for masked bins, 1 otherwise. A bin masked in every row gets mean 0.
+        """
+        x = x.to(self.mean.device, torch.float32)
+        w = weight.to(self.mean.device, torch.float32)
+        n = w.sum(dim=0)
+        mean = (w * x).sum(dim=0) / n.clamp_min(1.0)
+        var = (w * (x - mean).pow(2)).sum() / w.sum().clamp_min(1.0)
+        self.mean.copy_(mean)
+        self.scale.copy_(var.sqrt().clamp_min(1e-12))
+
+    def standardised(self, x: torch.Tensor) -> torch.Tensor:
+        """Network input: (x − mean) / scale, masked DESOM-1 bins (x == 0) kept at 0."""
+        if not self.cfg.standardise:
+            return x
+        xs = (x - self.mean) / self.scale
+        if self.cfg.kind == "desom1":
+            xs = torch.where(x != 0, xs, torch.zeros((), dtype=xs.dtype, device=xs.device))
+        return xs
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Latent vectors of inputs ``x``."""
-        return torch.as_tensor(self.encoder(x))
+        """Latent vectors (n, latent) of inputs ``x`` (n, input_len), standardised first."""
+        return torch.as_tensor(self.encoder(self.standardised(x)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Reconstructions of latent vectors ``z``."""
-        return torch.as_tensor(self.decoder(z))
+        """Reconstructions (n, input_len) of latent vectors ``z``, in the inputs' units."""
+        y = torch.as_tensor(self.decoder(z))
+        if self.cfg.standardise:
+            y = y * self.scale + self.mean
+        return y
 
     def sq_distances(self, z: torch.Tensor) -> torch.Tensor:
         """Squared Euclidean distances (n, n_nodes) from latents to prototypes."""
         return torch.cdist(z, self.prototypes).pow(2)
 
     def som_loss(self, z: torch.Tensor, temp: float) -> torch.Tensor:
-        """L_SOM = mean_i Σ_k exp(-d(bmu_i, k)² / T²) ||z_i - m_k||²."""
+        """L_SOM = mean_i Σ_k exp(-d(bmu_i, k)² / T²) ||z_i - m_k||² (the paper's)."""
         d2 = self.sq_distances(z)
         bmu = d2.detach().argmin(dim=1)
         grid: torch.Tensor = self.grid_dist  # type: ignore[assignment]
         w = torch.exp(-grid[bmu].pow(2) / temp**2)
         return (w * d2).sum(dim=1).mean()
+
+    def som_term(self, z: torch.Tensor, temp: float) -> torch.Tensor:
+        """Return the SOM loss that γ multiplies, in the semantics of ``cfg.gamma_mode``.
+
+        ``"raw"``: :meth:`som_loss`. ``"relative"``: scale² · mean_i [Σ_k w_ik d²_ik /
+        Σ_k w_ik] / latent_var (module docstring); unchanged in ratio to the masked MSE when
+        the inputs, or the latents, are rescaled.
+        """
+        if self.cfg.gamma_mode == "raw":
+            return self.som_loss(z, temp)
+        d2 = self.sq_distances(z)
+        bmu = d2.detach().argmin(dim=1)
+        grid: torch.Tensor = self.grid_dist  # type: ignore[assignment]
+        w = torch.exp(-grid[bmu].pow(2) / temp**2)
+        rel = ((w * d2).sum(dim=1) / w.sum(dim=1)).mean() / self.latent_var.clamp_min(1e-12)
+        return self.scale.pow(2) * rel
+
+    @torch.no_grad()
+    def track_latent_var(self, z: torch.Tensor, momentum: float = 0.01) -> None:
+        """Update the running total latent variance with a batch ``z`` (n, latent)."""
+        v = (z - z.mean(dim=0)).pow(2).sum(dim=1).mean()
+        self.latent_var.mul_(1 - momentum).add_(momentum * v)
 
 
 @torch.no_grad()
@@ -320,6 +437,129 @@ def som_step(model: Desom, z: torch.Tensor, temp: float, alpha: float) -> None:
     target = (w.T @ z) / wsum.clamp_min(1e-12)[:, None]
     active = (wsum > 1e-6).float()[:, None]
     model.prototypes.add_(alpha * active * (target - model.prototypes))
+
+
+def neighbourhood(grid_dist: torch.Tensor, temp: float) -> torch.Tensor:
+    """Neighbourhood weights h_kl = exp(-d(k, l)² / T²) of a grid-distance matrix."""
+    return torch.exp(-grid_dist.pow(2) / temp**2)
+
+
+@torch.no_grad()
+def best_nodes(z: torch.Tensor, prototypes: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """Best-matching node (n,) of each latent in ``z`` (n, latent), in chunks of rows.
+
+    Uses argmin_k (||m_k||² − 2 z·m_k), one matrix product per chunk.
+    """
+    m_sq = prototypes.pow(2).sum(dim=1)
+    out = [torch.addmm(m_sq, z[s : s + chunk], prototypes.T, alpha=-2.0).argmin(dim=1)
+           for s in range(0, z.shape[0], chunk)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=z.device)
+
+
+@torch.no_grad()
+def batch_som_epoch(prototypes: torch.Tensor, z: torch.Tensor, grid_dist: torch.Tensor,
+                    temp: float, chunk: int = 16384) -> None:
+    """One batch-SOM epoch (Kohonen's batch map), updating ``prototypes`` in place.
+
+    m_k ← Σ_j h_kj S_j / Σ_j h_kj N_j, where S_j and N_j are the sum and the number of the
+    latents whose BMU is node j and h = :func:`neighbourhood`. A node with no weight at all
+    keeps its prototype.
+
+    Parameters
+    ----------
+    prototypes : torch.Tensor, shape (n_nodes, latent)
+    z : torch.Tensor, shape (n, latent)
+    grid_dist : torch.Tensor, shape (n_nodes, n_nodes)
+    temp : float
+        Neighbourhood radius T (grid units).
+    chunk : int
+        Rows per distance computation (bounds memory to chunk × n_nodes).
+    """
+    bmu = best_nodes(z, prototypes, chunk)
+    sums = torch.zeros_like(prototypes).index_add_(0, bmu, z)
+    counts = torch.zeros(prototypes.shape[0], dtype=z.dtype, device=z.device)
+    counts.index_add_(0, bmu, torch.ones_like(bmu, dtype=z.dtype))
+    h = neighbourhood(grid_dist, temp)
+    num = h @ sums
+    den = h @ counts
+    ok = den > 1e-12 * max(float(counts.sum()), 1.0)
+    prototypes[ok] = num[ok] / den[ok, None]
+
+
+@torch.no_grad()
+def pca_prototypes(z: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Prototypes on the plane of the two leading principal components of ``z``.
+
+    Node (r, c) sits at mean + a_r √λ1 v1 + b_c √λ2 v2 with a, b evenly spaced in [-2, 2]
+    (the linear initialisation of Kohonen's SOM; ordered from the start); v1 runs along
+    the longer side of the map.
+
+    Returns
+    -------
+    torch.Tensor, shape (rows*cols, latent)
+    """
+    mean = z.mean(dim=0)
+    zc = z - mean
+    _, s, v = torch.linalg.svd(zc[: min(len(zc), 50000)], full_matrices=False)
+    n = max(min(len(zc), 50000) - 1, 1)
+    sd = s[:2] / n**0.5
+    a = torch.linspace(-2, 2, rows, dtype=z.dtype, device=z.device) if rows > 1 \
+        else torch.zeros(1, dtype=z.dtype, device=z.device)
+    b = torch.linspace(-2, 2, cols, dtype=z.dtype, device=z.device) if cols > 1 \
+        else torch.zeros(1, dtype=z.dtype, device=z.device)
+    v1, s1 = v[0] * sd[0], (v[1] * sd[1] if v.shape[0] > 1 else torch.zeros_like(v[0]))
+    if cols > rows:  # the first component along the longer side of the map
+        v1, s1 = s1, v1
+    grid = a[:, None, None] * v1 + b[None, :, None] * s1
+    return (mean + grid).reshape(rows * cols, -1)
+
+
+@torch.no_grad()
+def fit_som(z: torch.Tensor, rows: int, cols: int, epochs: int, t_max: float, t_min: float,
+            prototypes: torch.Tensor | None = None, init: str = "pca", seed: int = 0,
+            metric: str = "euclidean", chunk: int = 16384) -> torch.Tensor:
+    """Fit a SOM to fixed latents with the batch-SOM update.
+
+    Parameters
+    ----------
+    z : torch.Tensor, shape (n, latent)
+    rows, cols : int
+        Map shape; nodes ``row * cols + col``.
+    epochs : int
+        Batch updates; T decays exponentially from ``t_max`` (first) to ``t_min`` (last).
+    t_max, t_min : float
+        Neighbourhood radius (grid units) of :func:`neighbourhood`.
+    prototypes : torch.Tensor, optional, shape (rows*cols, latent)
+        Start here instead of ``init``.
+    init : {"pca", "random"}
+        :func:`pca_prototypes` (deterministic and ordered from the start), or seeded random
+        latents (XPySom's initialisation; the final TE then varies with the seed).
+    seed : int
+    metric : str
+        Grid metric of the neighbourhood (:func:`grid_distance`). Euclidean (a diagonal
+        neighbour at √2, as XPySom's Gaussian) ordered benchmark maps better than Manhattan
+        (TE4 0.18 vs 0.23 on 100 k mixture latents); nodes and TE keep their conventions.
+    chunk : int
+
+    Returns
+    -------
+    torch.Tensor, shape (rows*cols, latent)
+    """
+    z = z.float()
+    if prototypes is not None:
+        protos = prototypes.clone().float()
+    elif init == "pca":
+        protos = pca_prototypes(z, rows, cols)
+    elif init == "random":
+        g = torch.Generator().manual_seed(seed)
+        protos = z[torch.randint(0, z.shape[0], (rows * cols,), generator=g).to(z.device)]
+    else:
+        raise ConfigError(f"unknown SOM initialisation {init!r}; use random or pca")
+    grid = grid_distance(rows, cols, metric).to(z.device)
+    for e in range(epochs):
+        temp = t_max * (t_min / t_max) ** (e / (epochs - 1)) if epochs > 1 else t_min
+        batch_som_epoch(protos, z, grid, temp, chunk)
+    return protos
 
 
 def masked_mse(x: torch.Tensor, x_hat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

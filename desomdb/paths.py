@@ -35,9 +35,11 @@ SETUP_SQL = "setup.sql"
 LAST_REPORT = "_last_report.json"
 
 #: Tables partitioned by data release.
-RELEASE_TABLES = ("cubes", "galaxies", "baxels", "spectra", "bin_map", "truth", "labels")
+RELEASE_TABLES = ("cubes", "galaxies", "baxels", "spectra", "bin_map", "truth", "labels",
+                  "label_errors")
 #: Tables partitioned by model id.
-MODEL_TABLES = ("models", "nodes", "assignments", "node_labels", "fingerprints", "splits")
+MODEL_TABLES = ("models", "nodes", "assignments", "node_labels", "fingerprints", "splits",
+                "node_partials")
 TABLES = RELEASE_TABLES + MODEL_TABLES
 #: Columns that identify a row of each table (hive partition columns included).
 TABLE_KEYS: dict[str, tuple[str, ...]] = {
@@ -48,12 +50,14 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "bin_map": ("release", "plateifu", "x", "y"),
     "truth": ("release", "plateifu", "bin_id"),
     "labels": ("release", "plateifu", "bin_id", "fitter"),
+    "label_errors": ("release", "fitter", "label", "snr_lo"),
     "models": ("model_id",),
     "nodes": ("model_id", "node"),
     "assignments": ("model_id", "release", "plateifu", "bin_id"),
     "node_labels": ("model_id", "node", "label"),
     "fingerprints": ("model_id", "desom2_model_id", "mangaid"),
     "splits": ("model_id", "mangaid"),
+    "node_partials": ("model_id", "release", "plateifu", "node"),
 }
 
 
@@ -160,6 +164,24 @@ def parse_assignment_part_name(name: str) -> tuple[str, str]:
     if not head.startswith("release=") or not sep:
         raise ValueError(f"{name!r} is not an assignment part file name")
     return head.removeprefix("release="), spectra_name
+
+
+def node_partials_file(model_id: str, release: str, spectra_name: str) -> str:
+    """Relative path of one cube's node co-add partial sums under a model.
+
+    Named like the cube's assignments (:func:`assignment_part_name`), so
+    :func:`parse_assignment_part_name` reads it back.
+    """
+    return model_file("node_partials", model_id, assignment_part_name(release, spectra_name))
+
+
+#: The error model of the label fits (:mod:`desomdb.calibrate`).
+LABEL_ERRORS = "label_errors"
+
+
+def label_errors_name(fitter: str) -> str:
+    """File name of one fitter's error model in a release partition of ``label_errors``."""
+    return f"label_errors-{fitter}.parquet"
 
 
 def checkpoint_name(model_id: str, digest: str) -> str:

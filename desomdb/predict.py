@@ -8,7 +8,8 @@ the archive's 4544-bin grid). A file on another grid or of another length is ref
 
 Output: per spectrum, its node, the latent distance, whether that distance is beyond the
 training set's 99th percentile (``out_of_distribution``), and the node's label distribution
-(median, p16, p84 of each label in ``node_labels``). A spectrum the network cannot judge
+(median, p16, p84 of each label in ``node_labels``, and the calibrated interval lo68-hi68,
+the one to quote as the label's uncertainty). A spectrum the network cannot judge
 gets no node and no labels, and a ``reason``: fewer than ``min_good_bins`` good bins, no good
 bin in the 4050-4150 Å normalisation window, or a non-positive mean flux there. Such a
 spectrum would otherwise encode as (nearly) all zeros and land on one confident node.
@@ -37,6 +38,9 @@ from desomdb.registry import load_model
 #: trains on spectra with at least 3900; with fewer than ~1000 the encoder sees mostly the
 #: zeros of masked bins, and the node says more about the mask than about the galaxy.
 MIN_GOOD_BINS = 1000
+#: Node statistics returned per label (``<label>_<stat>``): the members' median and 16th/84th
+#: percentiles, and the calibrated 68 % interval (null until 'desomdb calibrate' has run).
+NODE_STATS = ("median", "p16", "p84", "lo68", "hi68")
 #: Wavelength columns a Parquet file may carry to state its grid.
 WAVE_COLUMNS = ("wave_rest_aa", "wave")
 
@@ -245,7 +249,9 @@ def predict(archive: str | Path, spectra_file: str | Path, model_id: str | None 
     -------
     polars.DataFrame
         One row per input spectrum: ``index``, ``node``, ``row``, ``col``, ``distance``,
-        ``out_of_distribution``, ``n_good``, ``reason`` and ``<label>_median/_p16/_p84``.
+        ``out_of_distribution``, ``n_good``, ``reason`` and ``<label>_median/_p16/_p84``
+        (the node members' distribution) and ``<label>_lo68/_hi68`` (the calibrated 68 %
+        interval that also carries the fits' own errors, :mod:`desomdb.node_labels`).
         Where ``reason`` is set (the spectrum cannot be judged) node, distance and labels
         are null.
 
@@ -288,10 +294,12 @@ def predict(archive: str | Path, spectra_file: str | Path, model_id: str | None 
         for c in ("node", "row", "col", "distance", "out_of_distribution")
     )
     if arch.files("node_labels", model_id=model_id):
-        nl = pl.from_arrow(arch.read("node_labels", columns=["node", "label", "median", "p16",
-                                                             "p84"], model_id=model_id))
+        nl = pl.from_arrow(arch.read("node_labels", model_id=model_id))
         assert isinstance(nl, pl.DataFrame)
-        wide = nl.pivot(on="label", index="node", values=["median", "p16", "p84"])
+        if "lo68" not in nl.columns:  # node_labels written before calibrated intervals
+            nl = nl.with_columns(pl.lit(None, pl.Float64).alias("lo68"),
+                                 pl.lit(None, pl.Float64).alias("hi68"))
+        wide = nl.pivot(on="label", index="node", values=list(NODE_STATS))
         wide = wide.rename({c: _wide_name(c) for c in wide.columns if c != "node"})
         out = out.join(wide.with_columns(pl.col("node").cast(pl.Int32)), on="node", how="left")
     per_spectrum = seconds / max(int(ok.sum()), 1)

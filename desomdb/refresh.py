@@ -7,9 +7,12 @@ killed at any point and run again ends in the same archive as an uninterrupted o
    are byte-identical to an earlier release's (same checksum and drpall inputs) are carried
    over without processing, new and re-processed cubes are binned and resampled;
 2. label the release's cubes not labelled yet (pPXF);
-3. assign them with the current DESOM-1 (cubes assigned before are not re-encoded),
-   rebuild that model's node co-adds and node label PDFs, and update its baxel similarity
-   index (:mod:`desomdb.similar_index`: new cubes in, superseded versions out);
+3. assign them with the current DESOM-1 on the job's workers or Dask scheduler (cubes
+   assigned before are not re-encoded; a carried cube's assignments and node co-add partial
+   sums are copied without reading its spectra), rebuild that model's node co-adds from the
+   stored per-cube partial sums (:mod:`desomdb.coadd`) and its node label PDFs, and update
+   its baxel similarity index (:mod:`desomdb.similar_index`: new cubes in, superseded
+   versions out);
 4. recompute the model's fingerprints, map new galaxies onto its existing DESOM-2, and
    rebuild its galaxy similarity index;
 5. count the new release's poorly represented spectra (the ``drift`` view).
@@ -107,14 +110,16 @@ def _refresh(archive: str | Path, job: ingest.IngestJob, opts: RefreshOptions,
                             "it current ('desomdb model use') to assign the new spectra")
         return report
     report.model_id = current
-    report.assign = assign_mod.assign(arch.root, current, device=opts.device, progress=progress)
+    report.assign = assign_mod.assign(arch.root, current, device=opts.device, progress=progress,
+                                      workers=job.workers, scheduler=job.scheduler)
     if opts.fingerprints:
         report.fingerprints = fingerprint.update(arch.root, current, device=opts.device)
     report.drift = drift_summary(arch, current, rel)
     if opts.retrain:
         new_id = retrain(arch, current, device=opts.device, progress=progress)
         report.new_model_id = new_id
-        assign_mod.assign(arch.root, new_id, device=opts.device, progress=progress)
+        assign_mod.assign(arch.root, new_id, device=opts.device, progress=progress,
+                          workers=job.workers, scheduler=job.scheduler)
         if opts.fingerprints and arch.files("fingerprints", model_id=current):
             fingerprint.build(arch.root, new_id, device=opts.device, progress=progress)
         report.comparison = compare_models(arch, current, new_id)

@@ -74,8 +74,12 @@ def _single_thread_init() -> None:
 
 
 @contextlib.contextmanager
-def _single_threaded() -> Iterator[None]:
-    """One BLAS/OpenMP and one torch thread while serial tasks run here; restored after."""
+def single_threaded() -> Iterator[None]:
+    """Run with one BLAS/OpenMP and one torch thread in this process; restore them after.
+
+    Serial tasks run under it, and so do computations whose float results must not depend
+    on the caller's thread count (a resumed training must equal an uninterrupted one).
+    """
     import torch
     from threadpoolctl import threadpool_limits
 
@@ -106,10 +110,12 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="desomdb-parent-watchdog", daemon=True).start()
 
 
-def _worker_init(parent_pid: int) -> None:
-    """Set up a local pool worker: die with the parent, run one thread."""
+def _worker_init(parent_pid: int, setup: Callable[[], None] | None = None) -> None:
+    """Set up a local pool worker: die with the parent, run one thread, run ``setup``."""
     _exit_with_parent(parent_pid)
     _single_thread_init()
+    if setup is not None:
+        setup()
 
 
 def _call(func: Callable[[Any], Any], task: Any) -> tuple[bool, Any]:
@@ -131,6 +137,7 @@ def run_tasks(
     progress: bool = True,
     labels: Sequence[str] | None = None,
     on_result: Callable[[int, Any], None] | None = None,
+    setup: Callable[[], None] | None = None,
 ) -> RunReport:
     """Apply ``func`` to every task and collect results and failures.
 
@@ -153,6 +160,9 @@ def run_tasks(
     on_result : callable, optional
         Called in this process as ``on_result(index, result)`` as each task succeeds, so
         a caller can commit results incrementally (resumable jobs).
+    setup : callable, optional
+        A picklable top-level function run once in every worker before its first task
+        (e.g. importing heavy modules), so no task pays for it.
 
     Returns
     -------
@@ -174,9 +184,11 @@ def run_tasks(
 
     try:
         if scheduler:
-            _run_dask(func, tasks, scheduler, record)
+            _run_dask(func, tasks, scheduler, record, setup)
         elif workers <= 1 or len(tasks) <= 1:
-            with _single_threaded():
+            with single_threaded():
+                if setup is not None and tasks:
+                    setup()
                 for i, task in enumerate(tasks):
                     ok, value = _call(func, task)
                     record(i, ok, value)
@@ -186,7 +198,7 @@ def run_tasks(
             # workers from submit(), i.e. from this thread, which outlives the pool.
             with ProcessPoolExecutor(
                 max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                initargs=(os.getpid(),),
+                initargs=(os.getpid(), setup),
             ) as pool:
                 futures = {pool.submit(_call, func, t): i for i, t in enumerate(tasks)}
                 for fut in as_completed(futures):
@@ -207,13 +219,17 @@ def _run_dask(
     tasks: Sequence[Any],
     scheduler: str,
     record: Callable[[int, bool, Any], None],
+    setup: Callable[[], None] | None = None,
 ) -> None:
     from distributed import Client
     from distributed import as_completed as dask_completed
 
     try:
-        client = Client(scheduler, timeout="4s")
-    except OSError as exc:
+        if scheduler.endswith(".json"):  # a scheduler file (dask scheduler --scheduler-file)
+            client = Client(scheduler_file=scheduler, timeout="4s")
+        else:
+            client = Client(scheduler, timeout="4s")
+    except (OSError, ValueError) as exc:
         raise DesomdbError(
             f"cannot reach the Dask scheduler at {scheduler} ({exc}); start one with "
             "'dask scheduler' and workers with 'dask worker <address> --nthreads 1', or drop "
@@ -224,6 +240,8 @@ def _run_dask(
         if not any(str(addr).startswith("inproc://") for addr in workers):
             # Worker processes: one BLAS/torch thread each (never this process's settings).
             client.run(_single_thread_init)
+        if setup is not None:
+            client.run(setup)
         futures = client.map(_call, [func] * len(tasks), tasks, pure=False)
         index = {f.key: i for i, f in enumerate(futures)}
         for fut in dask_completed(futures):

@@ -25,12 +25,13 @@ import polars as pl
 import pyarrow.parquet as pq
 import torch
 
-from desomdb import checkpoint, inference, paths, registry, views
+from desomdb import checkpoint, inference, paths, registry, runner, views
 from desomdb.archive import Archive
 from desomdb.errors import ArchiveError, ConfigError, ModelError
 from desomdb.model import (
     Desom,
     DesomConfig,
+    fit_som,
     init_prototypes,
     masked_mse,
     quantization_error,
@@ -45,6 +46,10 @@ TEST_FRACTION = 0.2
 N_EVAL = 2048
 N_PCA_FIT = 20000
 PCA_COMPONENTS = 256
+#: Training rows drawn for the input mean and scale (before AE pre-training).
+N_STANDARDISE = 4096
+#: Training rows encoded for the batch-SOM organisation of the prototypes.
+N_SOM_FIT = 4096
 
 
 @dataclass
@@ -273,7 +278,12 @@ def fit(
 ) -> dict[str, Any]:
     """Train a DESOM jointly (AE pre-training, prototype initialisation, AE + SOM).
 
-    The one training loop for DESOM-1 (spectra) and DESOM-2 (fingerprints). Evaluates on
+    The one training loop for DESOM-1 (spectra) and DESOM-2 (fingerprints). Unless warm
+    started (``initialised``), it first stores the input mean and scale of ``N_STANDARDISE``
+    training rows in the model (``cfg.standardise``); after AE pre-training it encodes
+    ``N_SOM_FIT`` rows and organises the prototypes on them with ``cfg.som_epochs`` batch-SOM
+    epochs (T ``t_max`` → ``t_min``; the joint phase then tracks at ``t_min``), or, with
+    ``som_epochs = 0``, starts them at random latents and decays T in the joint phase. Evaluates on
     ``x_eval`` every ``eval_every`` iterations, checkpoints to ``state_path``, and stops early
     once the SOM has finished shrinking and the held-out MSE has not improved by 0.5 % for
     ``patience`` evaluations.
@@ -299,7 +309,8 @@ def fit(
     resume = checkpoint.load_resume_state(state_path)
     loop: dict[str, Any] = {"it": 0, "best": float("inf"), "stale": 0, "history": [],
                             "seconds": 0.0, "initialised": initialised, "stopped": False,
-                            "batches": 0, "resumed_at": []}
+                            "batches": 0, "resumed_at": [], "standardised": initialised,
+                            "som_fitted": False}
     if resume is not None:
         model.load_state_dict(resume["state"])
         opt.load_state_dict(resume["optimiser"])
@@ -318,15 +329,39 @@ def fit(
     bf16 = cfg.precision == "bf16"
     bar = progress_bar(total, desc, initial=loop["it"], enabled=progress)
     t_start = time.perf_counter() - loop["seconds"]
+    if cfg.gamma_mode not in ("relative", "raw"):
+        raise ConfigError(f"gamma_mode must be relative or raw, got {cfg.gamma_mode!r}")
+    if not loop["standardised"]:
+        if cfg.standardise:
+            drawn = [next(batches) for _ in range(-(-N_STANDARDISE // cfg.batch_size))]
+            with runner.single_threaded():  # sums independent of the thread count
+                model.set_standardisation(
+                    torch.from_numpy(np.concatenate([d[0] for d in drawn])),
+                    torch.from_numpy(np.concatenate([d[1] for d in drawn])))
+        loop["standardised"] = True
     if not loop["history"]:
         loop["history"].append({**evaluate(model, x_eval, w_eval, device), "it": 0})
     model.train()
     while loop["it"] < total and not loop["stopped"]:
         it = loop["it"]
         if it == cfg.pretrain_iters and not loop["initialised"]:
-            sample = [next(batches)[0] for _ in range(max(2, cfg.n_nodes // cfg.batch_size + 1))]
-            latents = inference.encode_all(model, np.concatenate(sample), device)
-            init_prototypes(model, torch.from_numpy(latents).to(device), cfg.seed)
+            n_rows = max(N_SOM_FIT, 2 * cfg.n_nodes) if cfg.som_epochs > 0 else cfg.n_nodes
+            sample = [next(batches)[0] for _ in range(max(2, n_rows // cfg.batch_size + 1))]
+            # One thread: the SVD, matrix products and reductions of the prototype set-up give
+            # the same floats whatever this process's thread count (resume == uninterrupted).
+            with runner.single_threaded():
+                latents = torch.from_numpy(
+                    inference.encode_all(model, np.concatenate(sample), device)).to(device)
+                if cfg.som_epochs > 0:
+                    with torch.no_grad():
+                        model.prototypes.copy_(fit_som(latents, cfg.map_rows, cfg.map_cols,
+                                                       cfg.som_epochs, cfg.t_max, cfg.t_min,
+                                                       seed=cfg.seed))
+                    loop["som_fitted"] = True
+                else:
+                    init_prototypes(model, latents, cfg.seed)
+                with torch.no_grad():
+                    model.latent_var.copy_((latents - latents.mean(0)).pow(2).sum(1).mean())
             loop["initialised"] = True
         xb, wb = (torch.from_numpy(a).to(device) for a in next(batches))
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
@@ -336,9 +371,10 @@ def fit(
         loss_rec = masked_mse(xb, x_hat.float(), wb)
         loss = loss_rec
         som = torch.zeros(())
-        temp = temperature(it - cfg.pretrain_iters, cfg)
+        temp = cfg.t_min if loop.get("som_fitted") else temperature(it - cfg.pretrain_iters, cfg)
         if it >= cfg.pretrain_iters:
-            som = model.som_loss(z, temp)
+            model.track_latent_var(z.detach())
+            som = model.som_term(z, temp)
             loss = loss_rec + cfg.gamma * som
         opt.zero_grad()
         loss.backward()

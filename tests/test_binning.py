@@ -68,3 +68,60 @@ def test_spaxel_signal_noise_uses_the_g_band() -> None:
     s, n = binning.spaxel_signal_noise(flux, ivar, good, wave)
     np.testing.assert_allclose(s, 1.0)
     np.testing.assert_allclose(n, 0.5)
+
+
+# --------------------------------------------------------------------------- fast == reference
+# The reference below is the S/N callback ingest used before BinSnr (one binned_snr per call,
+# every array rebuilt), kept here only to pin that the fast path changes nothing.
+def _reference_sn_func(index, signal, noise) -> float:
+    return binning.binned_snr(signal[index], noise[index])
+
+
+def test_bin_snr_equals_binned_snr_to_the_bit() -> None:
+    rng = np.random.default_rng(3)
+    signal, noise = rng.uniform(0.5, 30, 400), rng.uniform(0.5, 3, 400)
+    fast = binning.BinSnr(noise)
+    for size in (1, 2, 7, 99, 100, 101, 400):
+        index = rng.choice(400, size, replace=False)
+        assert fast(index, signal, noise) == _reference_sn_func(index, signal, noise)
+    assert fast(np.int64(17), signal, noise) == _reference_sn_func(np.int64(17), signal, noise)
+
+
+def test_voronoi_bins_equal_vorbin_with_the_reference_callback() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*PowerBin.*")
+        from vorbin.voronoi_2d_binning import voronoi_2d_binning
+
+    signal, noise = _field(n=36, seed=5)
+    got = binning.voronoi_bins(signal, noise, target_snr=20, min_snr=2)
+    assert got.method == "voronoi"
+    use = signal / noise >= 2
+    yy, xx = np.nonzero(use)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*PowerBin.*")
+        ref = voronoi_2d_binning(xx.astype(float), yy.astype(float), signal[use], noise[use],
+                                 20.0, plot=False, quiet=True, pixelsize=1.0,
+                                 sn_func=_reference_sn_func)[0]
+    _, ref = np.unique(ref, return_inverse=True)
+    np.testing.assert_array_equal(got.bin_id[yy, xx], ref)
+    ref_snr = [_reference_sn_func(np.flatnonzero(ref == k), signal[use], noise[use])
+               for k in range(got.n_bins)]
+    np.testing.assert_array_equal(got.snr, ref_snr)
+
+
+def test_transmission_on_the_band_equals_correcting_the_whole_cube() -> None:
+    rng = np.random.default_rng(8)
+    wave = 3621.596 * 10 ** (1e-4 * np.arange(4563))
+    flux = rng.normal(1.0, 0.3, (4563, 5, 6)).astype(np.float32)
+    ivar = rng.uniform(0, 4, flux.shape).astype(np.float32)
+    good = rng.uniform(size=flux.shape) > 0.1
+    good[:, 0, 0] = False  # a spaxel without any good pixel
+    t = np.linspace(0.7, 0.95, wave.size)
+    s0, n0 = binning.spaxel_signal_noise(flux / t[:, None, None], ivar * t[:, None, None] ** 2,
+                                         good, wave)
+    s1, n1 = binning.spaxel_signal_noise(flux, ivar, good, wave, transmission=t)
+    np.testing.assert_array_equal(s1, s0)
+    np.testing.assert_array_equal(n1, n0)
+    assert s1[0, 0] == 0 and n1[0, 0] == np.inf

@@ -371,3 +371,41 @@ def test_a_cube_of_another_release_is_refused(ingest_survey, tmp_path) -> None:
     result = _cli_ingest(tmp_path / "arch2", survey, survey / "drpall-v2_4_3.fits")
     status, error = _status(tmp_path / "arch2")[pifu]
     assert status == "failed" and "LSFPOST" in error
+
+
+def test_float32_coadd_equals_the_float64_path(mock_survey, mock_cube_paths) -> None:
+    """Ingest corrects and co-adds only the binned spaxels in float32; the spectra equal the
+    former whole-cube float64 path (kept here as the reference) to float32 precision."""
+    from desomdb import baxels, binning, dust, spectra
+    from desomdb.cube import read_cube
+    from desomdb.jobs import IngestConfig
+
+    cube = read_cube(mock_cube_paths[0])
+    drp = ingest.read_drpall(mock_survey.drpall_path)[cube.plateifu]
+    cfg = IngestConfig()
+    got = baxels.process_cube(cube, drp, cfg)
+
+    mw = dust.milky_way_transmission(cube.wave, cube.ebvgal)[:, None, None]
+    flux, ivar = cube.flux / mw, cube.ivar * mw**2
+    bins = binning.voronoi_bins(*binning.spaxel_signal_noise(flux, ivar, cube.good, cube.wave),
+                                cfg.target_snr, cfg.min_spaxel_snr)
+    flat = bins.bin_id.ravel()
+    used = np.flatnonzero(flat >= 0)
+    n_wave = cube.wave.size
+    f_sum, i_sum, g_sum, n_mem = spectra.coadd(
+        flux.reshape(n_wave, -1)[:, used].astype(np.float64),
+        ivar.reshape(n_wave, -1)[:, used].astype(np.float64),
+        cube.good.reshape(n_wave, -1)[:, used], flat[used], bins.n_bins)
+    i_sum /= binning.law_correction(n_mem)[None, :] ** 2
+    ref_f, ref_i, ref_m = spectra.resample_to_rest(cube.wave, f_sum, i_sum, g_sum, float(drp["z"]))
+
+    assert bins.n_bins > 1 and got.baxels.num_rows == bins.n_bins
+    np.testing.assert_array_equal(df(got.bin_map)["bin_id"].to_numpy(),
+                                  bins.bin_id[df(got.bin_map)["y"].to_numpy(),
+                                              df(got.bin_map)["x"].to_numpy()])
+    np.testing.assert_array_equal(df(got.baxels)["snr"].to_numpy(), bins.snr.astype(np.float32))
+    np.testing.assert_array_equal(spectra.from_list_column(got.spectra["mask"]), ref_m)
+    np.testing.assert_allclose(spectra.from_list_column(got.spectra["flux"]), ref_f,
+                               rtol=1e-5, atol=1e-6 * np.abs(ref_f).max())
+    np.testing.assert_allclose(spectra.from_list_column(got.spectra["ivar"]), ref_i,
+                               rtol=1e-5, atol=1e-6 * np.abs(ref_i).max())

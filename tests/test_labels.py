@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from desomdb import labels, spectra
 from desomdb.archive import Archive
 from desomdb.cli import main
+from desomdb.errors import ConfigError
 
 DATA = Path(__file__).parent / "data" / "MaNGA_test_spectra.fits.gz"
 
@@ -185,10 +186,119 @@ def test_bench_labels_runs_both_libraries(tmp_path, capsys, monkeypatch) -> None
     out = bench.main(["--galaxies", "1", "--max-per-cube", "2", "--ifu-sizes", "19",
                       "--workers", "1", "--out", str(tmp_path)])
     assert list(out) == ["bc03", "miuscat"]  # the realistic (cross-library) table first
-    assert set(out["bc03"]["default"]["mass_weight_true"]) == {"initial"}
-    assert set(out["miuscat"]["default"]["mass_weight_true"]) == {"current"}
+    assert set(out["bc03"]) == {"default:fast", "default:ppxf"}
+    assert set(out["bc03"]["default:fast"]["mass_weight_true"]) == {"initial"}
+    assert set(out["miuscat"]["default:ppxf"]["mass_weight_true"]) == {"current"}
     text = capsys.readouterr().out
     assert "initial-mass-weighted" in text and "current-mass-weighted" in text
     assert "log M*/L_r" in text.split("== miuscat")[1]
     assert "log M*/L_r" not in text.split("== miuscat")[0]  # not compared across libraries
     assert "truth outside the fitting grid" in text
+    assert text.count("fast vs ppxf (same run, interleaved)") == 2
+    assert "fits/s ratio" in text
+
+
+#: (library, age Gyr, EW(Hα) Å, Hα/Hβ, S/N, seed) of the constructed spectra the fast fitter
+#: is checked on against the reference: a same-library and a second-library continuum.
+_AGREEMENT_CASES = (("miuscat", 2.5, 10.0, 3.5, 30.0, 1), ("bc03", 1.0, 20.0, 4.0, 25.0, 2))
+
+
+@pytest.mark.parametrize("case", _AGREEMENT_CASES, ids=[c[0] for c in _AGREEMENT_CASES])
+def test_fast_fitter_agrees_with_the_reference(case) -> None:
+    # A known SSP at σ = 120 km/s behind E(B-V)_* = 0.1 with Balmer, [NII] and [OIII] lines
+    # (see _constructed). Tolerances: ~3x the largest difference seen on these spectra.
+    library, age, ew, decrement, snr, seed = case
+    flux, ivar, mask = _constructed(library, age, ew, decrement, snr, seed=seed)
+    ref = labels.fit_spectrum(flux, ivar, mask, 1.0, 0.03, fitter="ppxf")
+    fast = labels.fit_spectrum(flux, ivar, mask, 1.0, 0.03, fitter="fast")
+    assert ref["status"] == fast["status"] == "ok"
+    assert fast["ebv_star"] == pytest.approx(ref["ebv_star"], abs=0.01)
+    assert fast["ebv_star"] == pytest.approx(0.1, abs=0.02)  # and both find the truth
+    assert np.log10(fast["age_mw_gyr"] / ref["age_mw_gyr"]) == pytest.approx(0, abs=0.06)
+    assert fast["mh_mw"] == pytest.approx(ref["mh_mw"], abs=0.05)
+    assert fast["log_ml_r"] == pytest.approx(ref["log_ml_r"], abs=0.03)
+    assert fast["vel"] == pytest.approx(ref["vel"], abs=6.0)
+    assert fast["sigma"] == pytest.approx(ref["sigma"], abs=10.0)
+    assert fast["sigma_gas"] == pytest.approx(ref["sigma_gas"], abs=3.0)
+    for key in ("ha", "hb", "nii6583", "oiii5007"):
+        assert fast[f"flux_{key}"] == pytest.approx(ref[f"flux_{key}"], rel=0.03), key
+        assert fast[f"sn_{key}"] == pytest.approx(ref[f"sn_{key}"], rel=0.05), key
+    assert fast["ebv_gas_raw"] == pytest.approx(ref["ebv_gas_raw"], abs=0.02)
+    assert fast["chi2_red"] == pytest.approx(ref["chi2_red"], rel=0.01)
+    assert fast["bpt_class"] == ref["bpt_class"]
+    assert fast["log_ssfr"] == pytest.approx(ref["log_ssfr"], abs=0.05)
+
+
+def test_fast_linear_fit_matches_pixels_of_ppxf() -> None:
+    # The batched convolution and the Cholesky-NNLS solve rebuild pPXF's own model: at the
+    # reference fit's kinematics and A_V, the same objective gives the same best fit.
+    from ppxf.ppxf import ppxf
+
+    flux, ivar, _ = _constructed("miuscat", 2.5, 10.0, 3.5, 30.0, seed=1)
+    setup = labels.fit_setup(0.03)
+    good = np.ones(flux.size, bool)
+    galaxy, noise = flux.astype(float), 1 / np.sqrt(ivar.astype(float))
+    n_stars, n_gas = setup.stars.shape[1], setup.gas.shape[1]
+    component = np.array([0] * n_stars + [1] * n_gas)
+    kin = (10.0, 130.0, 5.0, 70.0)
+    ref = ppxf(np.column_stack([setup.stars, setup.gas]), galaxy, noise, setup.velscale,
+               start=[list(kin[:2]), list(kin[2:])], moments=[-2, -2], degree=-1,
+               component=component, gas_component=component > 0, gas_names=setup.gas_names,
+               lam=spectra.rest_wave_aa(), lam_temp=setup.lam_temp, regul=10.0,
+               reg_dim=setup.reg_dim, quiet=True)
+    ours = labels.linear_fit(setup, galaxy, noise, good, kin, 0.0, 10.0)
+    assert np.max(np.abs(ours.bestfit - ref.bestfit)) < 1e-3 * np.max(ref.bestfit)
+    np.testing.assert_allclose(ours.gas_flux, ref.gas_flux, rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(ours.gas_flux_error, ref.gas_flux_error, rtol=1e-6)
+
+
+def test_reference_fitter_and_thread_limits_with_one_worker(ingested, tmp_path,
+                                                             monkeypatch) -> None:
+    # `--fitter ppxf --workers 1` labels in this process: every pPXF evaluation must see one
+    # BLAS thread although the caller allows two, and the caller's limit comes back after.
+    import shutil
+
+    from ppxf.ppxf import ppxf
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    archive = tmp_path / "arch"
+    shutil.copytree(ingested[0], archive)
+    seen: list[int] = []
+    real_linear_fit = ppxf.linear_fit
+
+    def spy(self, pars):
+        seen.extend(lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas")
+        return real_linear_fit(self, pars)
+
+    monkeypatch.setattr(ppxf, "linear_fit", spy)
+    with threadpool_limits(2, user_api="blas"):
+        result = CliRunner().invoke(main, ["label", str(archive), "--workers", "1",
+                                           "--fitter", "ppxf", "--label-max-per-cube", "1"])
+        after = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    assert result.exit_code == 0, result.output
+    assert seen and set(seen) == {1}
+    assert set(after) == {2}
+    lab = _frame(Archive(archive).read("labels"))
+    assert lab.height == len(set(lab["plateifu"])) > 0
+    assert (lab["fitter"] == labels.FITTERS["ppxf"]).all() and (lab["status"] == "ok").all()
+
+
+def test_fast_fitter_limits_threads_and_rejects_a_polynomial(monkeypatch) -> None:
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    flux, ivar, mask = _constructed("miuscat", 2.5, 10.0, 3.5, 30.0, seed=1)
+    seen: list[int] = []
+    real = labels.linear_fit
+
+    def spy(*args, **kwargs):
+        seen.extend(lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(labels, "linear_fit", spy)
+    with threadpool_limits(2, user_api="blas"):
+        row = labels.fit_spectrum(flux, ivar, mask, 1.0, 0.03)
+    assert row["status"] == "ok" and seen and set(seen) == {1}
+    with pytest.raises(ConfigError, match="--fitter ppxf"):
+        labels.fit_spectrum(flux, ivar, mask, 1.0, 0.03, options=labels.FitOptions(mdegree=4))
+    with pytest.raises(ConfigError, match="unknown fitter"):
+        labels.fit_spectrum(flux, ivar, mask, 1.0, 0.03, fitter="nope")

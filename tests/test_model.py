@@ -92,3 +92,111 @@ def test_unknown_config_key_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="unknown DESOM configuration keys"):
         model.compact_config(latnet=12)
+
+
+def _small_cfg(**kw):
+    return model.compact_config(map_rows=3, map_cols=3, latent=4, input_len=64,
+                                channels=(4,), kernels=(4,), strides=(2,), **kw)
+
+
+def _spectra(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = 1.0 + 0.3 * torch.rand(n, 64, generator=g)
+    w = (torch.rand(n, 64, generator=g) > 0.1).float()
+    return x * w, w  # masked bins are 0 in the input, as spectra.normalise writes them
+
+
+def test_standardisation_is_stored_and_applied_in_encode_and_decode() -> None:
+    m = model.Desom(_small_cfg())
+    x, w = _spectra()
+    m.set_standardisation(x, w)
+    mean = (x * w).sum(0) / w.sum(0)  # masked bins do not count
+    np.testing.assert_allclose(m.mean.numpy(), mean.numpy(), rtol=1e-6)
+    rms = torch.sqrt(((x - mean) ** 2 * w).sum() / w.sum())
+    assert float(m.scale) == pytest.approx(float(rms), rel=1e-6)
+    with torch.no_grad():
+        z = m.encode(x)
+        expected_in = torch.where(w > 0, (x - mean) / rms, torch.zeros(()))
+        torch.testing.assert_close(z, m.encoder(expected_in))
+        x_hat = m.decode(z)
+        torch.testing.assert_close(x_hat, m.decoder(z) * rms + mean)
+        # The loss is the same masked MSE of the spectra themselves.
+        direct = (((x - x_hat) ** 2) * w).sum() / w.sum()
+        assert model.masked_mse(x, x_hat, w).item() == pytest.approx(direct.item(), rel=1e-6)
+    state = m.state_dict()
+    assert {"mean", "scale", "latent_var"} <= set(state)  # saved with the model
+
+
+def test_relative_som_term_is_scale_free() -> None:
+    """Scaling the inputs by c scales both loss terms by c²; their balance is unchanged."""
+    c = 7.0
+    torch.manual_seed(0)
+    a = model.Desom(_small_cfg())
+    x, w = _spectra()
+    a.set_standardisation(x, w)
+    b = model.Desom(_small_cfg())
+    b.load_state_dict(a.state_dict())
+    b.set_standardisation(c * x, w)
+    with torch.no_grad():
+        za, zb = a.encode(x), b.encode(c * x)
+        torch.testing.assert_close(za, zb)
+        for m_ in (a, b):
+            m_.prototypes.copy_(za[:9])
+            m_.latent_var.copy_((za - za.mean(0)).pow(2).sum(1).mean())
+        rec_a = model.masked_mse(x, a.decode(za), w)
+        rec_b = model.masked_mse(c * x, b.decode(zb), w)
+        som_a, som_b = a.som_term(za, 1.0), b.som_term(zb, 1.0)
+    assert rec_b.item() == pytest.approx(c**2 * rec_a.item(), rel=1e-4)
+    assert som_b.item() == pytest.approx(c**2 * som_a.item(), rel=1e-4)
+    # Rescaled latents (and prototypes, and their running variance) leave it unchanged,
+    # while the paper's raw L_SOM grows as the latent scale squared.
+    with torch.no_grad():
+        a.prototypes.mul_(c)
+        a.latent_var.mul_(c**2)
+        assert a.som_term(c * za, 1.0).item() == pytest.approx(som_a.item(), rel=1e-4)
+        raw = model.Desom(_small_cfg(gamma_mode="raw"))
+        raw.prototypes.copy_(za[:9])
+        small = raw.som_term(za, 1.0).item()
+        raw.prototypes.mul_(c)
+        assert raw.som_term(c * za, 1.0).item() == pytest.approx(c**2 * small, rel=1e-4)
+
+
+def _numpy_batch_som_epoch(protos: np.ndarray, z: np.ndarray, rows: int, cols: int,
+                           temp: float) -> np.ndarray:
+    """Textbook batch SOM, one loop per node: m_k = Σ_i h(bmu_i, k) z_i / Σ_i h(bmu_i, k)."""
+    d2 = ((z[:, None, :] - protos[None]) ** 2).sum(-1)
+    bmu = d2.argmin(1)
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    out = protos.copy()
+    for k in range(rows * cols):
+        dist = np.abs(r[bmu] - r[k]) + np.abs(c[bmu] - c[k])
+        h = np.exp(-(dist**2) / temp**2)
+        out[k] = (h[:, None] * z).sum(0) / h.sum()
+    return out
+
+
+def test_batch_som_epoch_matches_a_numpy_reference() -> None:
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(200, 3)).astype(np.float32)
+    protos = rng.normal(size=(12, 3)).astype(np.float32)
+    expected = _numpy_batch_som_epoch(protos.astype(np.float64), z.astype(np.float64), 3, 4, 1.3)
+    got = torch.from_numpy(protos.copy())
+    model.batch_som_epoch(got, torch.from_numpy(z), model.grid_distance(3, 4), 1.3, chunk=64)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fit_som_orders_a_curve_and_reduces_qe() -> None:
+    """Points along an arc: the fitted 1×8 map is ordered along it and quantises it better."""
+    t = np.linspace(0, 1, 400)
+    z = torch.from_numpy(np.column_stack([t, 0.6 * t**2, 0.01 * np.cos(40 * t)])
+                         .astype(np.float32))
+
+    def qe(p: torch.Tensor) -> float:
+        return model.quantization_error(torch.cdist(z, p).pow(2).min(1).values.numpy())
+
+    start = model.pca_prototypes(z, 1, 8)
+    for init in ("pca", "random"):
+        fitted = model.fit_som(z, 1, 8, epochs=15, t_max=3.0, t_min=0.5, init=init, seed=3)
+        assert qe(fitted) < 0.7 * qe(start), init
+        steps = np.diff(t[torch.cdist(fitted, z).argmin(1).numpy()])
+        assert np.all(steps > 0) or np.all(steps < 0), init  # monotonic along the arc

@@ -192,3 +192,41 @@ def test_wrong_grid_or_length_is_refused(trained_archive, wrong_files, case: str
     assert result.exit_code == 1
     assert result.stderr == f"desomdb: error: {info.value}\n"
     assert "\n" not in str(info.value) and "Traceback" not in result.output
+
+
+def test_predict_returns_the_calibrated_interval(trained_archive, bad_spectra, tmp_path) -> None:
+    """With an error model (here a constructed one: σ = 2 Gyr) predict gives lo68/hi68."""
+    import shutil
+    from itertools import pairwise
+
+    from desomdb import node_labels, paths, views
+    from desomdb.calibrate import LABELS, SNR_EDGES
+
+    arch_path, model_id, _ = trained_archive
+    uncalibrated = predict.predict(arch_path, bad_spectra)
+    assert uncalibrated["age_mw_gyr_lo68"].null_count() == uncalibrated.height
+    copy = tmp_path / "arch"
+    shutil.copytree(arch_path, copy)
+    arch = Archive(copy)
+    fitters = views.connect(copy, raw=True).sql("select distinct fitter from labels").fetchall()
+    with arch.writer("test") as w:
+        for (fitter,) in fitters:
+            err = pl.DataFrame([{"fitter": fitter, "label": label, "snr_lo": lo, "snr_hi": hi,
+                                 "n_baxels": 1, "sigma_stat": 2.0, "sigma_sys": 0.0,
+                                 "sigma": 2.0}
+                                for label in LABELS
+                                for lo, hi in pairwise(SNR_EDGES)])
+            w.commit(add=[w.stage_table(paths.LABEL_ERRORS, err.to_arrow(), paths.release_file(
+                paths.LABEL_ERRORS, "DR15", paths.label_errors_name(fitter)))])
+        node_labels.write_node_labels(w, arch, model_id)
+    df = predict.predict(copy, bad_spectra)
+    node = df["node"][0]
+    nl = views.connect(copy, raw=True).sql(
+        "select lo68, hi68, p16, p84 from node_labels where label = 'age_mw_gyr' "
+        f"and node = {node}").pl()
+    if nl.height:  # the good spectrum's node has labelled members
+        assert df["age_mw_gyr_lo68"][0] == nl["lo68"][0]
+        assert df["age_mw_gyr_hi68"][0] == nl["hi68"][0]
+        # every member blurred by 2 Gyr: wider than the members' own spread
+        assert nl["hi68"][0] - nl["lo68"][0] > nl["p84"][0] - nl["p16"][0]
+    assert df[1:]["age_mw_gyr_lo68"].null_count() == df.height - 1

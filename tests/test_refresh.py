@@ -12,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from conftest import ReaderLoop
 from polars.testing import assert_frame_equal
 
-from desomdb import ingest, mock, refresh, registry, status, views
+from desomdb import assign, ingest, mock, paths, refresh, registry, status, views
 from desomdb.archive import Archive
 from desomdb.cli import main
 from desomdb.errors import LockError
@@ -153,6 +154,41 @@ def test_new_release_is_assigned_once_per_cube(refreshed) -> None:
     members = con.sql("select sum(n_members) from nodes where model_id = current_model()"
                       ).fetchall()[0][0]
     assert members == latest < con.sql("select count(*) from baxels").fetchall()[0][0]
+
+
+def test_carried_cube_reuses_assignments_and_partials_without_its_spectra(refreshed,
+                                                                          tmp_path) -> None:
+    from test_assign import _same_result
+
+    target, report = refreshed
+    assert report.assign is not None
+    assert (report.assign.n_carried, report.assign.n_summed) == (1, 0)
+    copy = tmp_path / "arch"
+    shutil.copytree(target, copy)
+    arch = Archive(copy)
+    model_id = registry.current_model(arch)
+    assert model_id is not None
+    (pifu,) = views.connect(copy).sql("select plateifu from cubes where release = 'DR17' "
+                                      "and carried_from = 'DR15'").fetchall()[0]
+    parts = {}
+    drop = []
+    for table in ("assignments", "node_partials"):
+        for f in arch.files(table, model_id=model_id):
+            release, spectra_name = paths.parse_assignment_part_name(f.name)
+            if (paths.parse_part_name(spectra_name) or ("",))[0] == pifu:
+                parts[(table, release)] = pq.read_table(f).drop_columns(["release"])
+                if release == "DR17":
+                    drop.append((table, str(f.relative_to(copy))))
+    assert parts[("node_partials", "DR15")].equals(parts[("node_partials", "DR17")])
+    with arch.writer("test") as w:  # forget the DR17 copies: assign must carry them again
+        w.commit(remove=drop)
+    for f in arch.files("spectra"):  # same schema, no rows: reading any would show
+        empty = pq.read_table(f).slice(0, 0)
+        f.unlink()
+        pq.write_table(empty, f)
+    out = assign.assign(copy, progress=False)
+    assert (out.n_carried, out.n_encoded, out.n_summed) == (1, 0, 0)
+    _same_result(target, copy, model_id)
 
 
 def test_fingerprints_follow_without_retraining(releases, refreshed) -> None:

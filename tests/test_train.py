@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
@@ -122,9 +124,10 @@ def test_cli_model_list_and_use(trained_archive) -> None:
 
 _TRAIN_SCRIPT = """
 import json, sys
-from desomdb import model, train
-train.train(sys.argv[1], model.compact_config(**json.loads(sys.argv[2])), where="true",
-            progress=False)
+from desomdb import model, runner, train
+with runner.single_threaded():
+    train.train(sys.argv[1], model.compact_config(**json.loads(sys.argv[2])), where="true",
+                progress=False)
 """
 #: Metrics that measure the wall clock, the one thing a resumed run may not reproduce.
 _TIMING = {"train_seconds", "train_spectra_per_s"}
@@ -143,9 +146,15 @@ def test_training_killed_with_sigkill_resumes_bit_identically(trained_archive, l
 
     from conftest import TINY
 
-    from desomdb import paths
+    from desomdb import paths, runner
 
-    _, model_id, cfg = trained_archive  # the uninterrupted run of the same training
+    _, model_id, cfg = trained_archive
+    # The uninterrupted run, at the thread count of the killed and the resumed run (float
+    # sums depend on it; the session fixture may have trained at another).
+    ref_arch = tmp_path / "reference"
+    shutil.copytree(labelled_archive, ref_arch)
+    with runner.single_threaded():
+        assert train.train(ref_arch, cfg, where="true", progress=False) == model_id
     arch = tmp_path / "arch"
     shutil.copytree(labelled_archive, arch)
     state = paths.artefact_dir(arch, model_id) / "train_state.pt"
@@ -163,9 +172,10 @@ def test_training_killed_with_sigkill_resumes_bit_identically(trained_archive, l
     assert 0 < saved["loop"]["it"] < total and saved["loop"]["batches"] > 0
     assert model_id not in registry.registered_models(Archive(arch))
 
-    assert train.train(arch, cfg, where="true", progress=False) == model_id
+    with runner.single_threaded():
+        assert train.train(arch, cfg, where="true", progress=False) == model_id
     resumed, r_meta = registry.load_model(Archive(arch), model_id)
-    reference, ref_meta = registry.load_model(Archive(trained_archive[0]), model_id)
+    reference, ref_meta = registry.load_model(Archive(ref_arch), model_id)
     for k, v in reference.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
     drop = lambda m: {k: v for k, v in m.items() if k not in _TIMING}  # noqa: E731
@@ -200,10 +210,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _desom2_setup():
-    cfg = model.desom2_config(map_rows=2, map_cols=2, input_shape=(4, 4), iterations=60,
-                              decay_iters=40, pretrain_iters=20, eval_every=20, batch_size=8,
-                              patience=50)
+def _desom2_setup(**kw):
+    cfg = model.desom2_config(**{"map_rows": 2, "map_cols": 2, "input_shape": (4, 4),
+                                 "iterations": 60, "decay_iters": 40, "pretrain_iters": 20,
+                                 "eval_every": 20, "batch_size": 8, "patience": 50, **kw})
     x = np.random.default_rng(3).random((40, 16), dtype=np.float32)
     return cfg, x
 
@@ -218,14 +228,25 @@ def _desom2_fit(cfg, x, state, stream=None):
     return m, loop
 
 
-def test_desom2_training_resumes_bit_identically(tmp_path, one_thread) -> None:
+# The paper's set-up (DESOM-2's) and DESOM-1's (standardisation, batch SOM, relative γ).
+SETUPS = [{}, {"standardise": True, "gamma_mode": "relative", "gamma": 0.1, "som_epochs": 5}]
+
+
+@pytest.mark.parametrize("setup", SETUPS, ids=["raw", "standardised"])
+def test_desom2_training_resumes_bit_identically(tmp_path, one_thread, setup) -> None:
     import random
 
-    cfg, x = _desom2_setup()
+    cfg, x = _desom2_setup(**setup)
     reference, ref_loop = _desom2_fit(cfg, x, tmp_path / "a.pt")
     dying = _DyingStream([len(x)], lambda _: (x, np.ones_like(x)), cfg.batch_size,
                          np.random.default_rng(cfg.seed), buffer_rows=len(x))
-    dying.limit = 50  # past the first checkpoint (it 20) and the prototype initialisation
+    # past the checkpoint at it 40 (after the prototype initialisation), before it 60: 42
+    # batches drawn by then, plus the standardisation's and the batch SOM's samples
+    extra = 0
+    if setup:
+        extra = (-(-train.N_STANDARDISE // cfg.batch_size)
+                 + max(train.N_SOM_FIT, 2 * cfg.n_nodes) // cfg.batch_size + 1 - 2)
+    dying.limit = 50 + extra
     with pytest.raises(_KilledError):
         _desom2_fit(cfg, x, tmp_path / "b.pt", dying)
     torch.manual_seed(999)  # what the crashed process drew must not matter
@@ -252,11 +273,77 @@ def test_checkpoint_of_another_stream_or_format_is_refused(tmp_path, one_thread)
         _desom2_fit(cfg, x, state, other_seed)
     old = torch.load(state, weights_only=True)
     torch.save({**old, "format_version": 1}, state)  # as desomdb wrote before the RNG states
-    with pytest.raises(ModelError, match=r"format 1 is not 2.*delete it"):
+    with pytest.raises(ModelError, match=r"format 1 is not 3.*delete it"):
         _desom2_fit(cfg, x, state)
     state.write_bytes(b"not a checkpoint")
     with pytest.raises(ModelError, match="unreadable training checkpoint"):
         _desom2_fit(cfg, x, state)
+
+
+def _artefact(tmp_path, payload: dict) -> Path:
+    """Write ``payload`` as an artefact named by its content hash, as checkpoint.save does."""
+    import hashlib
+    import io
+
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    digest = hashlib.sha256(buf.getvalue()).hexdigest()
+    path = tmp_path / f"desom1-old-{digest[:16]}.pt"
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def test_format_1_artefact_loads_with_its_old_semantics(tmp_path) -> None:
+    """A model saved before standardisation: no mean/scale buffers, no new config keys."""
+    new_keys = {"gamma_mode", "standardise", "som_epochs"}
+    cfg = model.compact_config(map_rows=2, map_cols=2, latent=4, input_len=64, channels=(4,),
+                               kernels=(4,), strides=(2,), gamma=5e-4)
+    torch.manual_seed(0)
+    m = model.Desom(cfg)
+    old_state = {k: v for k, v in m.state_dict().items()
+                 if k not in ("mean", "scale", "latent_var")}
+    old_config = {k: v for k, v in cfg.to_dict().items() if k not in new_keys}
+    path = _artefact(tmp_path, {"format_version": 1, "config": old_config, "state": old_state,
+                                "metrics": {"qe": 1.0}, "extra": {}})
+    loaded, payload = checkpoint.load(path)
+    assert payload["metrics"] == {"qe": 1.0}
+    assert loaded.cfg.gamma_mode == "raw" and not loaded.cfg.standardise
+    assert loaded.cfg.som_epochs == 0
+    x = torch.rand(3, 64)
+    with torch.no_grad():  # what the format-1 model computed: the raw encoder and decoder
+        torch.testing.assert_close(loaded.encode(x), m.encoder(x))
+        torch.testing.assert_close(loaded.decode(m.encoder(x)), m.decoder(m.encoder(x)))
+    newer = _artefact(tmp_path, {"format_version": 99, "config": cfg.to_dict(),
+                                 "state": m.state_dict(), "metrics": {}, "extra": {}})
+    with pytest.raises(ModelError, match=rf"{newer.name}: checkpoint format 99 .*desomdb train"):
+        checkpoint.load(newer)
+
+
+def test_trained_model_stores_the_training_mean(trained_archive) -> None:
+    """train() records the training set's mean spectrum; assign's encoder subtracts it."""
+    arch_path, model_id, _ = trained_archive
+    arch = Archive(arch_path)
+    m, _ = registry.load_model(arch, model_id)
+    assert m.cfg.standardise and m.cfg.gamma_mode == "relative"
+    splits = _frame(arch.read("splits", model_id=model_id))
+    rows = train.select_training(arch, "true", 0).rows.join(
+        splits.filter(pl.col("split") == "train").select("mangaid"), on="mangaid")
+    x, w = train.load_rows(arch, rows)
+    mean = (x * w).sum(0) / np.maximum(w.sum(0), 1)
+    good = w.sum(0) > 0
+    # A stream sample of 4,096 rows with repeats: close to the exact training mean.
+    assert np.abs(m.mean.numpy()[good] - mean[good]).mean() < 0.05 * float(m.scale)
+    con = views.connect(arch_path)
+    a = con.sql(f"select release, plateifu, bin_id, node from assignments "
+                f"where model_id = '{model_id}' order by all limit 50").pl()
+    a = a.join(train.select_training(arch, "true", 0).rows.drop("split"),
+               on=["release", "plateifu", "bin_id"], maintain_order="left")
+    xa, _ = train.load_rows(arch, a)
+    z = inference.encode_all(m, xa)
+    with torch.no_grad():
+        z_raw = m.encoder(torch.from_numpy(xa)).numpy()
+    assert not np.allclose(z, z_raw)  # the stored mean and scale are applied
+    assert (inference.nearest_nodes(m, z).best == a["node"].to_numpy()).all()
 
 
 def test_artefact_with_pickled_objects_is_refused(tmp_path) -> None:

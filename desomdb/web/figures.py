@@ -1,0 +1,376 @@
+"""Server-side figures of the explorer: matplotlib drawn to SVG text, or SVG written directly.
+
+Plots (spectra, label PDFs, radial profiles) use matplotlib's object API
+(:class:`matplotlib.figure.Figure` with the Agg canvas, never ``pyplot``), so requests served
+on several threads share no global figure state. Clickable pictures (the map grids, the bin
+map) are SVG written here: one ``<a>`` per node or bin with a ``<title>`` tooltip, so they
+work without any JavaScript. Colours, units and the continuum scaling come from
+:mod:`desomdb.report`, so the explorer and the static report read alike.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from html import escape
+
+import numpy as np
+from matplotlib import colormaps, rc_context
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Normalize, to_hex
+from matplotlib.figure import Figure
+
+from desomdb import emission, report, spectra
+
+#: Pixel size of one map cell in the SVG grids.
+CELL_PX = 44
+#: Colour of a cell or spaxel without a value.
+EMPTY = "#e0e0e0"
+
+
+def svg_text(fig: Figure) -> str:
+    """Return ``fig`` as SVG markup (no XML prologue, so it can be inlined in HTML).
+
+    Text stays text (``svg.fonttype = none``): the browser draws it, which keeps the SVG
+    small and skips matplotlib's glyph outlines.
+    """
+    FigureCanvasAgg(fig)
+    buf = io.StringIO()
+    with rc_context({"svg.fonttype": "none"}):
+        fig.savefig(buf, format="svg")
+    text = buf.getvalue()
+    return text[text.index("<svg"):]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One clickable cell of a map grid.
+
+    Attributes
+    ----------
+    row, col : int
+        Position on the map (0-based; node = row * n_cols + col).
+    value : float or None
+        What colours the cell (None: grey).
+    href : str
+        Where a click goes.
+    title : str
+        The hover text (node summary).
+    text : str
+        Printed inside the cell (e.g. the member count).
+    fill : str, optional
+        A CSS colour that overrides the colour map.
+    """
+
+    row: int
+    col: int
+    value: float | None
+    href: str
+    title: str
+    text: str = ""
+    fill: str | None = None
+
+
+def grid_svg(cells: Sequence[Cell], rows: int, cols: int, label: str,
+             cmap: str = "cividis", bar: bool = True) -> str:
+    """Draw a map as an SVG grid of links, with a colour bar.
+
+    Parameters
+    ----------
+    cells : sequence of Cell
+        One per node (missing nodes are drawn grey, without a link).
+    rows, cols : int
+        Map shape.
+    label : str
+        What the colour shows (with its unit), written under the colour bar.
+    cmap : str
+        A matplotlib colour map (colour-blind safe by default).
+    bar : bool
+        Draw the colour bar (its ends are the lowest and highest value).
+
+    Returns
+    -------
+    str
+        ``<svg>`` markup, ``cols * CELL_PX`` wide plus the colour bar.
+    """
+    values = np.array([c.value for c in cells if c.value is not None and np.isfinite(c.value)],
+                      dtype=float)
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    if hi <= lo:
+        hi = lo + 1.0
+    norm, colours = Normalize(lo, hi), colormaps[cmap]
+    width, height = cols * CELL_PX, rows * CELL_PX
+    full = width + (90 if bar else 2)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="map" width="{full}" '
+           f'height="{height + 2}" viewBox="0 0 {full} {height + 2}" role="img" '
+           f'aria-label="{escape(label)}">']
+    for c in cells:
+        x, y = c.col * CELL_PX + 1, c.row * CELL_PX + 1
+        finite = c.value is not None and bool(np.isfinite(c.value))
+        level = float(norm(c.value)) if c.value is not None and finite else 0.0
+        fill = c.fill or (to_hex(colours(level)) if finite else EMPTY)
+        light = finite and level > 0.6
+        out.append(f'<a href="{escape(c.href)}" class="cell" data-node="{c.row},{c.col}">'
+                   f"<title>{escape(c.title)}</title>"
+                   f'<rect x="{x}" y="{y}" width="{CELL_PX - 2}" height="{CELL_PX - 2}" '
+                   f'fill="{fill}"/>'
+                   f'<text x="{x + CELL_PX / 2 - 1}" y="{y + CELL_PX / 2 + 4}" '
+                   f'fill="{"#000" if light or not finite else "#fff"}">{escape(c.text)}</text>'
+                   "</a>")
+    if not bar:
+        return "".join(out) + "</svg>"
+    bar_x, steps = width + 12, 32
+    for i in range(steps):
+        frac = 1 - (i + 0.5) / steps
+        out.append(f'<rect x="{bar_x}" y="{1 + i * height / steps:.1f}" width="14" '
+                   f'height="{height / steps + 0.5:.1f}" fill="{to_hex(colours(frac))}"/>')
+    out.append(f'<text class="tick" x="{bar_x + 18}" y="10">{_fmt(hi)}</text>'
+               f'<text class="tick" x="{bar_x + 18}" y="{height}">{_fmt(lo)}</text></svg>')
+    return "".join(out)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def binmap_svg(xy_bin: np.ndarray, colour: dict[int, str], titles: dict[int, str],
+               hrefs: dict[int, str], px: int = 8) -> str:
+    """Draw a galaxy's bin map as SVG: one link per bin, runs of spaxels as rectangles.
+
+    Parameters
+    ----------
+    xy_bin : ndarray, shape (n_spaxels, 3), int
+        ``x, y, bin_id`` of every binned spaxel (``bin_map``; x along the cube's RA axis).
+    colour : dict
+        bin_id -> CSS colour (bins not listed are grey).
+    titles, hrefs : dict
+        bin_id -> hover text and link target.
+    px : int
+        Pixels per spaxel.
+
+    Returns
+    -------
+    str
+        ``<svg>`` markup, north up and east left (y increases upwards, x to the left, as the
+        sky is shown).
+    """
+    if len(xy_bin) == 0:
+        return "<p>no bin map</p>"
+    nx, ny = int(xy_bin[:, 0].max()) + 1, int(xy_bin[:, 1].max()) + 1
+    by_bin: dict[int, list[str]] = {}
+    order = np.lexsort((xy_bin[:, 0], xy_bin[:, 1]))
+    rows = xy_bin[order]
+    start = 0
+    for i in range(1, len(rows) + 1):  # merge runs of one bin along x within a row
+        if (i < len(rows) and rows[i, 1] == rows[start, 1] and rows[i, 2] == rows[start, 2]
+                and rows[i, 0] == rows[i - 1, 0] + 1):
+            continue
+        x0, x1, y, b = rows[start, 0], rows[i - 1, 0], rows[start, 1], int(rows[start, 2])
+        left = (nx - 1 - x1) * px  # east (x along RA grows eastwards) drawn on the left
+        by_bin.setdefault(b, []).append(
+            f'<rect x="{left}" y="{(ny - 1 - y) * px}" width="{(x1 - x0 + 1) * px}" '
+            f'height="{px}"/>')
+        start = i
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="binmap" width="{nx * px}" '
+           f'height="{ny * px}" viewBox="0 0 {nx * px} {ny * px}">']
+    for b, rects in by_bin.items():
+        out.append(f'<a href="{escape(hrefs.get(b, "#"))}" class="bin" data-bin="{b}">'
+                   f"<title>{escape(titles.get(b, f'bin {b}'))}</title>"
+                   f'<g fill="{colour.get(b, EMPTY)}">{"".join(rects)}</g></a>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def node_colours(nodes: dict[int, int], rows: int, cols: int) -> dict[int, str]:
+    """Colour each bin by its node's map position (:func:`desomdb.report.map_colours`)."""
+    key = report.map_colours(rows, cols)
+    return {b: to_hex(key[n // cols, n % cols]) for b, n in nodes.items()}
+
+
+def value_colours(values: dict[int, float], cmap: str = "cividis"
+                  ) -> tuple[dict[int, str], tuple[float, float]]:
+    """Colour bins by a value; return the colours and the (lo, hi) range used."""
+    finite = np.array([v for v in values.values() if np.isfinite(v)], dtype=float)
+    if finite.size == 0:
+        return {}, (np.nan, np.nan)
+    lo, hi = float(finite.min()), float(finite.max())
+    norm = Normalize(lo, hi if hi > lo else lo + 1)
+    cm = colormaps[cmap]
+    return {b: to_hex(cm(norm(v))) for b, v in values.items() if np.isfinite(v)}, (lo, hi)
+
+
+def _lines(ax, wave: np.ndarray) -> None:
+    for lam in emission.LINES_AA.values():
+        if wave[0] <= lam <= wave[-1]:
+            ax.axvline(lam, color="0.82", lw=0.6, zorder=0)
+
+
+def spectrum_figure(curves: Sequence[tuple[str, np.ndarray, str]], title: str,
+                    residual: np.ndarray | None = None) -> str:
+    """Plot normalised spectra against rest wavelength, emission lines marked.
+
+    Parameters
+    ----------
+    curves : sequence of (label, flux, colour)
+        flux : ndarray, shape (4544,), normalised (÷ the 4050-4150 Å mean); NaN = not drawn.
+    title : str
+    residual : ndarray, shape (4544,), optional
+        Drawn in a second panel below (e.g. data − reconstruction).
+
+    Returns
+    -------
+    str
+        SVG markup.
+    """
+    wave = spectra.rest_wave_aa()
+    fig = Figure(figsize=(9, 3.6 if residual is not None else 2.8))
+    if residual is not None:
+        ax, axr = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    else:
+        ax, axr = fig.subplots(1, 1), None
+    drawn = []
+    for name, flux, colour in curves:
+        f = np.asarray(flux, dtype=float)
+        drawn.append(f)
+        ax.plot(wave, f, lw=0.6, color=colour, label=name)
+    _lines(ax, wave)
+    ax.set_ylim(*report.continuum_limits(wave, *drawn))
+    ax.set_xlim(wave[0], wave[-1])
+    ax.set_ylabel("flux / mean 4050-4150 Å")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(title, fontsize=9)
+    bottom = ax
+    if axr is not None and residual is not None:
+        axr.plot(wave, residual, lw=0.5, color="0.3")
+        axr.axhline(0, color="k", lw=0.5)
+        _lines(axr, wave)
+        finite = residual[np.isfinite(residual)]
+        lim = float(np.percentile(np.abs(finite), 99)) * 1.2 if finite.size else 1.0
+        axr.set_ylim(-lim, lim)
+        axr.set_ylabel("residual")
+        bottom = axr
+    bottom.set_xlabel("rest wavelength [Å, vacuum]; grey lines: emission lines fitted")
+    fig.subplots_adjust(left=0.08, right=0.99, bottom=0.18 if residual is None else 0.14,
+                        top=0.9, hspace=0.08)
+    return svg_text(fig)
+
+
+@dataclass(frozen=True)
+class Pdf:
+    """One label distribution (a ``node_labels`` row).
+
+    Attributes
+    ----------
+    label : str
+    n : int
+        Labelled baxels behind it.
+    median : float or None
+    histogram : ndarray, shape (n_bins,)
+        Counts in equal bins between ``lo`` and ``hi``.
+    lo, hi : float
+        The label's fixed histogram range.
+    """
+
+    label: str
+    n: int
+    median: float | None
+    histogram: np.ndarray
+    lo: float
+    hi: float
+
+
+def pdf_sparkline(pdf: Pdf, mark: float | None = None, width: int = 180,
+                  height: int = 44) -> str:
+    """Draw one label PDF as a small inline SVG: the step histogram, its median, a mark.
+
+    Parameters
+    ----------
+    pdf : Pdf
+    mark : float, optional
+        A value drawn as an orange line (e.g. one baxel's pPXF label); off-range values are
+        drawn at the edge.
+    width, height : int
+        Size in pixels; the label's fixed range spans the width (ends written below).
+
+    Returns
+    -------
+    str
+        ``<svg>`` markup. PDFs from fewer than :data:`desomdb.report.PDF_MIN_N` baxels are
+        grey and dotted, as in the report.
+    """
+    h = np.asarray(pdf.histogram, dtype=float)
+    plot_h = height - 12
+    if h.size == 0 or h.max() <= 0:
+        return f'<svg class="pdf" width="{width}" height="{height}"></svg>'
+
+    def x_of(v: float) -> float:
+        return float(np.clip((v - pdf.lo) / (pdf.hi - pdf.lo), 0, 1)) * (width - 2) + 1
+
+    step = (width - 2) / h.size
+    ys = plot_h - h / h.max() * (plot_h - 2)
+    pts = [f"1,{plot_h}"]
+    for i, y in enumerate(ys):
+        pts += [f"{1 + i * step:.1f},{y:.1f}", f"{1 + (i + 1) * step:.1f},{y:.1f}"]
+    pts.append(f"{width - 1},{plot_h}")
+    few = pdf.n < report.PDF_MIN_N
+    colour = "#8c8c8c" if few else report.NODE_COLOURS[0]
+    dashes = ' stroke-dasharray="2,2"' if few else ""
+    joined = " ".join(pts)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="pdf" width="{width}" '
+           f'height="{height}" viewBox="0 0 {width} {height}">'
+           f"<title>{escape(pdf.label)}: n={pdf.n}, median {_fmt_or_dash(pdf.median)}</title>"
+           f'<polyline points="{joined}" fill="none" stroke="{colour}" '
+           f'stroke-width="1.3"{dashes}/>']
+    if pdf.median is not None and np.isfinite(pdf.median):
+        x = x_of(pdf.median)
+        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="0" y2="{plot_h}" stroke="{colour}" '
+                   'stroke-dasharray="3,2"/>')
+    if mark is not None and np.isfinite(mark):
+        x = x_of(mark)
+        out.append(f'<line class="mark" x1="{x:.1f}" x2="{x:.1f}" y1="0" y2="{plot_h}" '
+                   f'stroke="{report.NODE_COLOURS[1]}" stroke-width="2"/>')
+    out.append(f'<text x="1" y="{height - 1}" font-size="9">{_fmt(pdf.lo)}</text>'
+               f'<text x="{width - 1}" y="{height - 1}" font-size="9" text-anchor="end">'
+               f"{_fmt(pdf.hi)}</text></svg>")
+    return "".join(out)
+
+
+def _fmt_or_dash(v: float | None) -> str:
+    return "–" if v is None or not np.isfinite(v) else _fmt(v)
+
+
+def radial_figure(radius_re: np.ndarray, values: np.ndarray, label: str, title: str) -> str:
+    """Plot one label against radius with its running median.
+
+    Parameters
+    ----------
+    radius_re : ndarray, shape (n,)
+        Baxel radius in units of the effective radius.
+    values : ndarray, shape (n,)
+        The label; NaN where it fails its cut (not drawn).
+    label : str
+        A key of :data:`desomdb.report.ACCURACY_UNITS` (gives the axis unit).
+    title : str
+
+    Returns
+    -------
+    str
+        SVG markup.
+    """
+    fig = Figure(figsize=(5.2, 3.0))
+    ax = fig.subplots(1, 1)
+    ok = np.isfinite(values) & np.isfinite(radius_re)
+    r, v = radius_re[ok], values[ok]
+    ax.scatter(r, v, s=7, color=report.NODE_COLOURS[0], alpha=0.6, lw=0)
+    if r.size:
+        edges = np.linspace(0, max(float(r.max()), 0.1), 7)
+        idx = np.clip(np.digitize(r, edges) - 1, 0, len(edges) - 2)
+        med = [(0.5 * (edges[i] + edges[i + 1]), float(np.median(v[idx == i])))
+               for i in range(len(edges) - 1) if np.any(idx == i)]
+        ax.plot(*zip(*med, strict=True), color="k", lw=1.2, marker="o", ms=3)
+    ax.set_xlabel("R / R_e")
+    ax.set_ylabel(report.ACCURACY_UNITS.get(label, label))
+    ax.set_title(title, fontsize=8)
+    fig.subplots_adjust(left=0.17, right=0.97, bottom=0.16, top=0.88)
+    return svg_text(fig)

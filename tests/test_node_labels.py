@@ -1,0 +1,178 @@
+"""node_labels: members' statistics streamed from DuckDB, calibrated intervals, coverage."""
+
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+from scipy import optimize, stats
+
+from desomdb import calibrate, labels, node_labels, views
+
+
+def test_mixture_quantiles_match_a_root_of_the_mixture_cdf() -> None:
+    rng = np.random.default_rng(1)
+    value = rng.normal(size=40) * 3
+    sigma = rng.uniform(0.1, 2.0, size=40)
+    group = np.sort(rng.integers(0, 4, size=40))
+    got = node_labels.mixture_quantiles(value, sigma, group, 4, (0.16, 0.84), tol=1e-10)
+    for g in range(4):
+        v, s = value[group == g], sigma[group == g]
+        for k, p in enumerate((0.16, 0.84)):
+            want = optimize.brentq(lambda x, v=v, s=s, p=p: stats.norm.cdf((x - v) / s).mean()
+                                   - p, -50, 50, xtol=1e-12)
+            assert got[g, k] == pytest.approx(want, abs=1e-8)
+
+
+def test_one_member_interval_is_its_value_plus_minus_sigma() -> None:
+    q = node_labels.mixture_quantiles(np.array([2.0, 5.0]), np.array([0.5, 0.0]),
+                                      np.array([0, 1]), 2, (0.16, 0.84), tol=1e-12)
+    z = stats.norm.ppf(0.84)
+    np.testing.assert_allclose(q[0], [2 - 0.5 * z, 2 + 0.5 * z], atol=1e-9)
+    np.testing.assert_allclose(q[1], [5.0, 5.0], atol=1e-9)  # sigma 0: a point mass
+
+
+def test_coverage_on_a_constructed_case() -> None:
+    truth = np.array([0.0, 1.0, 2.0, 3.0, 4.0, np.nan])
+    lo = np.array([-1.0, 1.0, 2.5, 0.0, 4.5, 0.0])
+    hi = np.array([1.0, 2.0, 3.0, 2.9, 5.0, 1.0])
+    # inside (bounds included): rows 0 and 1; outside: 2, 3, 4; row 5 has no truth
+    assert calibrate.coverage(truth, lo, hi) == pytest.approx(2 / 5)
+    assert np.isnan(calibrate.coverage(truth[5:], lo[5:], hi[5:]))
+    # Truths drawn from the intervals' own Gaussian: the 68 % interval covers 68 %.
+    rng = np.random.default_rng(0)
+    mu, s = rng.normal(size=20000), rng.uniform(0.1, 1.0, size=20000)
+    t = mu + s * rng.normal(size=mu.size)
+    z = stats.norm.ppf(0.84)
+    assert calibrate.coverage(t, mu - z * s, mu + z * s) == pytest.approx(0.68, abs=0.01)
+
+
+def test_error_model_pools_squared_differences_per_snr_bin() -> None:
+    def res(base: float, refits: list[float], alts: list[float]) -> dict:
+        row = dict.fromkeys(calibrate.LABELS, np.nan)
+        return {"base": {**row, "mh_mw": base},
+                "refits": [{**row, "mh_mw": r} for r in refits],
+                "alternatives": [{**row, "mh_mw": a} for a in alts]}
+
+    results = [res(0.0, [0.1, -0.1], [0.3, 0.0]), res(0.0, [0.3, 0.3], [0.0, 0.0])]
+    err = calibrate.error_model(results, np.array([12.0, 15.0])).filter(
+        pl.col("label") == "mh_mw")
+    both = err.filter(pl.col("snr_lo") == 10.0).row(0, named=True)
+    assert both["n_baxels"] == 2
+    assert both["sigma_stat"] == pytest.approx(np.sqrt((0.01 + 0.01 + 0.09 + 0.09) / 4))
+    assert both["sigma_sys"] == pytest.approx(np.sqrt(0.09 / 4))
+    assert both["sigma"] == pytest.approx(np.hypot(both["sigma_stat"], both["sigma_sys"]))
+    # Every other bin borrows the only calibrated one (and says it has no baxel of its own).
+    assert err.height == len(calibrate.SNR_EDGES) - 1
+    assert (err["sigma"] == both["sigma"]).all()
+    assert err.filter(pl.col("snr_lo") != 10.0)["n_baxels"].sum() == 0
+
+
+def _members(con, label: str, model_id: str) -> pl.DataFrame:
+    cut = f" and l.{node_labels.LABEL_CUTS[label]}" if label in node_labels.LABEL_CUTS else ""
+    return con.sql(f"select a.node, l.{label} as v, b.snr, l.fitter from assignments a "
+                   "join labels l using (release, plateifu, bin_id) "
+                   "join baxels b using (release, plateifu, bin_id) "
+                   f"where a.model_id = '{model_id}' and l.status = 'ok' and l.chi2_ok{cut} "
+                   f"and isfinite(l.{label})").pl()
+
+
+def test_statistics_match_numpy_and_do_not_depend_on_the_batch_size(
+        trained_archive, monkeypatch) -> None:
+    arch_path, model_id, _ = trained_archive
+    whole = pl.DataFrame(node_labels.node_label_table(arch_path, model_id))
+    monkeypatch.setattr(node_labels, "BATCH_ROWS", 5)  # groups cut across many batches
+    small = pl.DataFrame(node_labels.node_label_table(arch_path, model_id))
+    assert whole.equals(small)
+    assert whole["lo68"].null_count() == whole.height  # no error model yet
+    con = views.connect(arch_path, raw=True)
+    m = _members(con, "age_mw_gyr", model_id)
+    for (node,), g in m.group_by("node"):
+        row = whole.filter((pl.col("label") == "age_mw_gyr") & (pl.col("node") == node))
+        v = g["v"].to_numpy()
+        assert row["n"][0] == v.size
+        assert row["p16"][0] == pytest.approx(np.percentile(v, 16), rel=1e-12)
+        assert row["p84"][0] == pytest.approx(np.percentile(v, 84), rel=1e-12)
+        assert row["mean"][0] == pytest.approx(v.mean(), rel=1e-12)
+        assert row["histogram"][0].to_list() == np.histogram(
+            np.clip(v, 0, 14), bins=np.linspace(0, 14, 29))[0].tolist()
+
+
+@pytest.fixture(scope="module")
+def calibrated(trained_archive, tmp_path_factory) -> tuple[Path, str, calibrate.CalibrationReport]:
+    """A copy of the trained archive after a (minimal) real calibration run."""
+    arch_path, model_id, _ = trained_archive
+    arch = tmp_path_factory.mktemp("calibrated") / "arch"
+    shutil.copytree(arch_path, arch)
+    report = calibrate.calibrate(arch, per_bin=1, refits=1, workers=1, progress=False)
+    return arch, model_id, report
+
+
+@pytest.mark.slow
+def test_calibrate_writes_the_error_model_and_intervals(calibrated) -> None:
+    arch, model_id, report = calibrated
+    assert report.models == [model_id] and report.n_fits == report.n_baxels * 4
+    con = views.connect(arch, raw=True)
+    err = con.sql("select * from label_errors").pl()
+    documented = yaml.safe_load(resources.files("desomdb.sql").joinpath("schema.yml")
+                                .read_text())["views"]
+    for view in ("label_errors", "node_labels"):
+        cols = {r[0] for r in con.sql(f"describe {view}").fetchall()}
+        assert set(documented[view]["columns"]) <= cols, view
+    assert set(err["fitter"]) <= set(labels.FITTERS.values())
+    assert err.height == len(set(err["fitter"])) * len(calibrate.LABELS) * (
+        len(calibrate.SNR_EDGES) - 1)
+    assert err.filter(pl.col("label") == "age_mw_gyr")["sigma"].is_finite().all()
+    np.testing.assert_allclose(err["sigma"] ** 2, err["sigma_stat"] ** 2 + err["sigma_sys"] ** 2)
+    nl = con.sql("select * from node_labels where label = 'age_mw_gyr'").pl()
+    assert nl["lo68"].null_count() == 0
+    # The interval of each node is the mixture of its members convolved with their sigma.
+    m = _members(con, "age_mw_gyr", model_id)
+    sig = con.sql("select snr_lo, snr_hi, sigma, fitter from label_errors "
+                  "where label = 'age_mw_gyr'").pl()
+    s = np.array([sig.filter((pl.col("fitter") == f) & (pl.col("snr_lo") <= x)
+                             & (pl.col("snr_hi") > x))["sigma"][0]
+                  for x, f in zip(m["snr"], m["fitter"], strict=True)])
+    m = m.with_columns(pl.Series("s", s))
+    for (node,), g in m.group_by("node"):
+        v, sg = g["v"].to_numpy(), g["s"].to_numpy()
+        row = nl.filter(pl.col("node") == node)
+        for col, p in (("lo68", 0.16), ("hi68", 0.84)):
+            want = optimize.brentq(lambda x, v=v, sg=sg, p=p: stats.norm.cdf((x - v) / sg)
+                                   .mean() - p, -100, 100, xtol=1e-10)
+            assert row[col][0] == pytest.approx(want, abs=1e-6)
+
+
+def test_coverage_of_held_out_truth_is_measured(calibrated) -> None:
+    arch, model_id, _ = calibrated
+    con = views.connect(arch, raw=True)
+    # every other bin held out (two galaxies only: a whole held-out galaxy may share no node
+    # with the other one)
+    held_out = "a.bin_id % 2 = 0"
+    cov = {c.label: c for c in calibrate.node_coverage(arch, model_id, held_out,
+                                                        ("age_mw_gyr", "mh_mw"))}
+    assert set(cov) == {"age_mw_gyr", "mh_mw"}
+    for c in cov.values():  # the tiny map may give no held-out baxel a node with others
+        assert c.n == 0 or (0 <= c.calibrated <= 1 and 0 <= c.members <= 1)
+    # Recomputed by hand: intervals from the other members, truth of the held-out ones.
+    nl = pl.DataFrame(node_labels.node_label_table(arch, model_id, where=f"not ({held_out})"))
+    held = con.sql("select a.node, t.age_mw_gyr as truth from assignments a "
+                   "join labels l using (release, plateifu, bin_id) "
+                   "join truth t using (release, plateifu, bin_id) "
+                   f"where {held_out} and l.status = 'ok' and l.chi2_ok").pl()
+    j = held.join(nl.filter(pl.col("label") == "age_mw_gyr"), on="node")
+    assert cov["age_mw_gyr"].n == j.height
+    if j.height:
+        want = ((j["truth"] >= j["lo68"]) & (j["truth"] <= j["hi68"])).to_numpy().mean()
+        assert cov["age_mw_gyr"].calibrated == pytest.approx(want)
+
+
+def test_calibrate_needs_labels(ingested) -> None:
+    from desomdb.errors import ArchiveError
+
+    arch, _ = ingested
+    with pytest.raises(ArchiveError, match="desomdb label"):
+        calibrate.calibrate(arch, progress=False)

@@ -1,0 +1,267 @@
+"""The explorer (desomdb serve): pages over the full archive, the guard, 404s, a real browser."""
+
+import io
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from urllib.parse import quote, urlencode
+
+import numpy as np
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from desomdb import spectra, views
+from desomdb.cli import main
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+DR15 = Path(__file__).parent / "data" / "MaNGA_test_spectra.fits.gz"
+
+
+@pytest.fixture(scope="module")
+def site(full_archive):
+    from starlette.testclient import TestClient
+
+    from desomdb.web import create_app
+
+    arch, model_id, _, d2 = full_archive
+    con = views.connect(arch)
+    facts = {
+        "nodes": con.sql("select row, col, n_members from nodes where model_id = "
+                         "current_model() order by n_members desc").fetchall(),
+        "galaxy": con.sql("select mangaid, release, plateifu from cubes where status = 'ok' "
+                          "order by n_baxels desc limit 1").fetchall()[0],
+    }
+    with TestClient(create_app(arch)) as client:
+        yield client, arch, model_id, d2, facts
+
+
+def test_map_is_a_grid_of_node_links_coloured_by_the_chosen_quantity(site) -> None:
+    client, _, model_id, d2, facts = site
+    first = client.get("/")
+    assert first.status_code == 200 and first.url.path == f"/model/{model_id}/map"
+    n_nodes = len(facts["nodes"])
+    assert first.text.count('class="cell"') == n_nodes
+    row, col, n = facts["nodes"][0]
+    # the biggest node's hover text carries its member count, its link the node page
+    assert f"<title>node {row},{col}: {n} baxels" in first.text
+    assert f'href="/model/{model_id}/node/{row},{col}"' in first.text
+    fills = {}
+    for colour in ("occupancy", "median:age_mw_gyr", "width:mh_mw", "beyond_p99"):
+        r = client.get(f"/model/{model_id}/map", params={"colour": colour})
+        assert r.status_code == 200, r.text
+        fills[colour] = sorted(set(_fills(r.text)))
+    assert fills["occupancy"] != fills["median:age_mw_gyr"]  # the colour follows the choice
+    bad = client.get(f"/model/{model_id}/map", params={"colour": "median:nonsense"})
+    assert bad.status_code == 400 and "unknown colour" in bad.text
+    d2_page = client.get(f"/model/{model_id}/map", params={"map": "desom2"})
+    assert d2_page.status_code == 200 and d2 in d2_page.text
+
+
+def _fills(svg: str) -> list[str]:
+    import re
+
+    return re.findall(r'class="cell"[^>]*><title>[^<]*</title><rect [^>]*fill="(#[0-9a-f]+)"',
+                      svg)
+
+
+def test_node_page_shows_its_spectra_pdfs_members_and_neighbours(site) -> None:
+    client, arch, model_id, _, facts = site
+    row, col, n = facts["nodes"][0]
+    r = client.get(f"/model/{model_id}/node/{row},{col}")
+    assert r.status_code == 200
+    assert f'<span id="n-members">{n}</span>' in r.text
+    assert "decoded prototype" in r.text and r.text.count("<svg") >= 2  # spectrum + PDFs
+    members = views.connect(arch).sql(
+        "select mangaid, count(*) from baxel_labels where node = ? group by 1",
+        params=[row * _cols(site) + col]).fetchall()
+    for mangaid, _ in members:
+        assert f">{mangaid}</a>" in r.text
+    for dr, dc in ((-1, 0), (0, -1), (0, 1), (1, 0)):
+        if 0 <= row + dr < _cols(site) and 0 <= col + dc < _cols(site):
+            assert f'/node/{row + dr},{col + dc}"' in r.text
+    csv = client.get(f"/model/{model_id}/node/{row},{col}/coadd.csv")
+    table = pl.read_csv(io.BytesIO(csv.content))
+    decoded = views.connect(arch).sql(
+        "select decoded from nodes where model_id = current_model() and node = ?",
+        params=[row * _cols(site) + col]).fetchall()[0][0]
+    assert table.height == spectra.N_REST
+    np.testing.assert_allclose(table["decoded"].to_numpy(), decoded, rtol=1e-5)
+    fits_file = client.get(f"/model/{model_id}/node/{row},{col}/coadd.fits")
+    assert fits_file.status_code == 200 and fits_file.content[:6] == b"SIMPLE"
+
+
+def _cols(site) -> int:
+    return int(np.sqrt(len(site[4]["nodes"])))
+
+
+def test_galaxy_and_baxel_pages(site) -> None:
+    client, arch, model_id, _, facts = site
+    mangaid, release, plateifu = facts["galaxy"]
+    r = client.get(f"/galaxy/{mangaid}")
+    assert r.status_code == 200, r.text
+    n_bins = views.connect(arch).sql(
+        "select count(distinct bin_id) from bin_map where release = ? and plateifu = ? "
+        "and bin_id >= 0", params=[release, plateifu]).fetchall()[0][0]
+    assert r.text.count('class="bin"') == n_bins  # every bin is a link
+    assert "nsa_z" in r.text and "Radial profile" in r.text
+    by_label = client.get(f"/galaxy/{mangaid}", params={"colour": "age_mw_gyr"})
+    assert by_label.status_code == 200 and "Colour (cividis)" in by_label.text
+    b = client.get(f"/baxel/{release}/{plateifu}/0")
+    assert b.status_code == 200, b.text
+    assert "DESOM reconstruction" in b.text and "residual" in b.text
+    node = views.connect(arch).sql(
+        "select row, col from assignments where model_id = current_model() and release = ? "
+        "and plateifu = ? and bin_id = 0", params=[release, plateifu]).fetchall()[0]
+    assert f'id="node-link" href="/model/{model_id}/node/{node[0]},{node[1]}"' in b.text
+
+
+def test_sql_box_runs_the_guarded_query_and_refuses_writes(site, tmp_path) -> None:
+    client, arch, _, _, _ = site
+    r = client.get("/sql", params={"q": "select node, n_members from node_summary"})
+    assert r.status_code == 200
+    n = views.connect(arch).sql("select count(*) from node_summary").fetchall()[0][0]
+    assert f'<span id="n-rows">{n}</span>' in r.text
+    csv = client.get("/sql.csv", params={"q": "select node, n_members from node_summary"})
+    assert pl.read_csv(io.BytesIO(csv.content)).height == n
+    target = arch / "leak.csv"
+    for query in (f"copy (select 1) to '{target}'", f"attach '{tmp_path / 'x.db'}' as x",
+                  "select * from read_text('/etc/hostname')"):
+        refused = client.get("/sql", params={"q": query})
+        assert refused.status_code == 400
+        line = refused.text.split('<p class="error" id="error">')[1].split("</p>")[0]
+        assert "\n" not in line and line
+    assert not target.exists()
+
+
+def test_unknown_things_get_a_one_line_404(site) -> None:
+    client, _, model_id, _, _ = site
+    for url in (f"/model/{model_id}/node/99,99", "/galaxy/1-nope", "/model/desom1-nope/map",
+                "/baxel/DR15/1-2/0", "/model/desom1-nope/node/0,0", "/nothing/here"):
+        r = client.get(url)
+        assert r.status_code == 404, url
+        assert r.text.count('id="error"') == 1
+
+
+def test_upload_predicts_in_memory(site) -> None:
+    client, arch, _, _, _ = site
+    before = sorted(p.name for p in arch.rglob("*"))
+    with DR15.open("rb") as fh:
+        r = client.post("/predict", files={"spectra": ("dr15.fits.gz", fh.read())})
+    assert r.status_code == 200, r.text
+    rows = r.text.split('id="predictions"')[1].count("<tr>") - 1
+    assert rows == 8  # the eight DR15 spectra in the file
+    assert sorted(p.name for p in arch.rglob("*")) == before  # nothing stored
+    bad = client.post("/predict", files={"spectra": ("junk.fits", b"not fits")})
+    assert bad.status_code == 400 and "junk.fits" in bad.text
+
+
+def test_serve_command(full_archive, tmp_path) -> None:
+    r = CliRunner().invoke(main, ["serve", "--help"])
+    assert r.exit_code == 0 and "desomdb serve" in r.output and "127.0.0.1" in r.output
+    nope = CliRunner().invoke(main, ["serve", str(tmp_path / "none")])
+    assert nope.exit_code != 0 and "desomdb: error:" in nope.output
+
+
+# ----------------------------------------------------------------------------- browser
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def live(full_archive):
+    import uvicorn
+
+    from desomdb.web import create_app
+
+    arch = full_archive[0]
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(arch), host="127.0.0.1", port=port,
+                                           log_level="warning", ws="none", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if server.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()) or os.environ.get("DESOMDB_NO_BROWSER"):
+        if os.environ.get("DESOMDB_REQUIRE_CHROMIUM"):
+            pytest.fail(f"{CHROMIUM} or {CHROMEDRIVER} missing: install Debian's chromium "
+                        "and chromium-driver")
+        pytest.skip("Debian chromium/chromium-driver not installed")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never download a driver
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                "--window-size=1280,1000"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)),
+                              options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.mark.slow
+def test_click_map_node_galaxy_baxel_in_chromium(live, browser, full_archive, tmp_path) -> None:
+    from selenium.webdriver.common.by import By
+
+    arch, model_id, _, _ = full_archive
+    shots = []
+
+    def visit(name: str, status: int = 200) -> None:
+        """Screenshot the page; the console must hold no error but the page's own status."""
+        shots.append(tmp_path / f"{name}.png")
+        browser.save_screenshot(str(shots[-1]))
+        errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        own = f"{browser.current_url} - Failed to load resource: the server responded with " \
+              f"a status of {status}"
+        assert all(m.startswith(own) for m in errors) if status != 200 else not errors, \
+            (name, errors)
+
+    browser.get(live + "/")
+    assert browser.title.startswith("map")
+    visit("map")
+    biggest = views.connect(arch).sql(
+        "select row, col from nodes where model_id = current_model() "
+        "order by n_members desc limit 1").fetchall()[0]
+    browser.find_element(By.CSS_SELECTOR, f'a.cell[data-node="{biggest[0]},{biggest[1]}"]'
+                         ).click()
+    assert browser.current_url.endswith(f"/model/{model_id}/node/{biggest[0]},{biggest[1]}")
+    assert browser.find_element(By.ID, "n-members").text != "0"
+    visit("node")
+    browser.find_element(By.CSS_SELECTOR, "a.member").click()
+    assert "/galaxy/" in browser.current_url
+    assert browser.find_elements(By.CSS_SELECTOR, "#binmap svg a.bin")
+    visit("galaxy")
+    browser.find_element(By.CSS_SELECTOR, "#binmap a.bin").click()
+    assert "/baxel/" in browser.current_url
+    assert "DESOM reconstruction" in browser.page_source
+    visit("baxel")
+    browser.get(live + "/sql?" + urlencode({"q": "copy (select 1) to 'x.csv'"}))
+    error = browser.find_element(By.ID, "error").text
+    assert "read-only" in error and "\n" not in error
+    visit("sql_refused", 400)
+    browser.get(live + "/sql?" + urlencode({"q": "select * from node_summary"}))
+    assert browser.find_element(By.ID, "n-rows").text == str(len(views.connect(arch).sql(
+        "select * from node_summary").fetchall()))
+    visit("sql_result")
+    browser.get(f"{live}/galaxy/{quote('1-nope')}")
+    assert "404" in browser.title and "1-nope" in browser.find_element(By.ID, "error").text
+    visit("unknown_galaxy", 404)
+    assert all(p.stat().st_size > 5000 for p in shots)

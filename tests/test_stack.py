@@ -1,0 +1,119 @@
+"""Stacked spectra: node stacks equal the co-adds, inverse-variance weights, guarded selection."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from astropy.io import fits
+
+from desomdb import spectra
+from desomdb import stack as stack_mod
+from desomdb.archive import Archive
+from desomdb.errors import QueryError
+
+
+def _biggest_node(arch: Path, model_id: str) -> int:
+    nodes = Archive(arch).read("nodes", model_id=model_id).sort_by([("n_members", "descending")])
+    return int(nodes.column("node")[0].as_py())
+
+
+@pytest.mark.parametrize("use_partials", [True, False])
+def test_node_stack_equals_the_stored_coadd(full_archive, use_partials: bool) -> None:
+    arch, model_id, _, _ = full_archive
+    node = _biggest_node(arch, model_id)
+    result = stack_mod.stack(arch, where=f"node = {node}", by="node", fit=False,
+                             use_partials=use_partials)
+    (s,) = result.stacks
+    nodes = Archive(arch).read("nodes", model_id=model_id)
+    row = nodes.filter(pa.compute.equal(nodes.column("node"), node))
+    coadd = spectra.from_list_column(row.column("coadd"))[0].astype(float)
+    assert s.group == node and s.n_members == int(row.column("n_members")[0].as_py())
+    np.testing.assert_allclose(s.flux, coadd, rtol=2e-5, atol=1e-6, equal_nan=True)
+    assert (s.from_partials == s.n_members) is use_partials
+    assert np.all(np.isnan(s.flux) == (s.ivar == 0))
+
+
+def test_weights_are_inverse_variance_and_masks_never_leak(tmp_path: Path) -> None:
+    """Three constructed spectra through the real Parquet reading path."""
+    n = spectra.N_REST
+    norm = np.array([2.0, 4.0, 1.0])
+    x = np.stack([np.full(n, 1.0), np.full(n, 3.0), np.full(n, 100.0)])
+    # inverse variance of x: 3, 1 and 5; the third spectrum is masked on bins 0-99
+    w = np.stack([np.full(n, 3.0), np.full(n, 1.0), np.full(n, 5.0)])
+    mask = np.zeros((3, n), np.uint8)
+    mask[2, :100] = 1
+    mask[:, 200:210] = 1  # masked in every member: masked in the stack
+    flux = (x * norm[:, None]).astype(np.float32)
+    ivar = (w / norm[:, None] ** 2).astype(np.float32)
+    flux[2, :100] = 1e6  # garbage under the mask
+    file = tmp_path / "cube.parquet"
+    pq.write_table(pa.table({"bin_id": pa.array([0, 1, 2], pa.int32()),
+                             "flux": spectra.to_list_column(flux),
+                             "ivar": spectra.to_list_column(ivar),
+                             "mask": spectra.to_list_column(mask, pa.uint8())}), file)
+    rows = pl.DataFrame({"bin_id": [0, 1, 2], "norm_flux": norm, "snr": [10.0, 20.0, 30.0],
+                         "group": [None, None, None]})
+    accs: defaultdict = defaultdict(stack_mod._Acc)
+    lsf = np.full(n, 2.5)
+    stack_mod._add_spectra(accs, file, rows, lsf, ("DR15", "1-1"))
+    s = stack_mod._finish(None, accs[None])
+    np.testing.assert_allclose(s.flux[:100], (3 * 1 + 1 * 3) / 4, rtol=1e-6)
+    np.testing.assert_allclose(s.ivar[:100], 4.0, rtol=1e-6)
+    np.testing.assert_allclose(s.flux[300:], (3 * 1 + 1 * 3 + 5 * 100) / 9, rtol=1e-6)
+    np.testing.assert_allclose(s.ivar[300:], 9.0, rtol=1e-6)
+    assert np.all(np.isnan(s.flux[200:210])) and np.all(s.ivar[200:210] == 0)
+    np.testing.assert_allclose(s.lsf_fwhm[300:], 2.5)
+    assert s.n_members == 3 and s.n_cubes == 1 and s.mean_snr == pytest.approx(20.0)
+
+
+def test_a_second_statement_is_refused(full_archive, tmp_path: Path) -> None:
+    arch = full_archive[0]
+    target = tmp_path / "leak.csv"
+    with pytest.raises(QueryError):
+        stack_mod.stack(arch, where=f"true; copy baxels to '{target}'", fit=False)
+    exe = shutil.which("desomdb")
+    assert exe
+    proc = subprocess.run([exe, "stack", str(arch), "--where",
+                           f"node = 1) ; copy (select 1) to '{target}' ; select (1"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not target.exists()
+
+
+def test_cli_stack_fit_fits_file_and_plot(full_archive, tmp_path: Path) -> None:
+    arch = full_archive[0]
+    exe = shutil.which("desomdb")
+    assert exe
+    out = tmp_path / "galaxies.fits"
+    proc = subprocess.run([exe, "stack", str(arch), "--where", "true", "--by", "mangaid",
+                           "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    with fits.open(out) as hdul:
+        table, wave = hdul[1], hdul["WAVE"]
+        assert wave.data.size == spectra.N_REST and wave.header["BUNIT"] == "Angstrom"
+        names = table.columns.names
+        unit = table.header[f"TUNIT{names.index('lsf_fwhm') + 1}"]
+        assert unit == "Angstrom" and table.header["STKBY"] == "mangaid"
+        data = table.data
+        assert len(data) == 2 and np.all(data["n_members"] > 0)
+        assert np.all(np.isfinite(data["chi2_red"])) and np.all(data["status"] == "ok")
+        assert np.all((data["age_mw_gyr"] > 0.05) & (data["age_mw_gyr"] < 15))
+        assert np.all(np.isnan(data["log_mstar"]))
+    png = tmp_path / "stack.png"
+    proc = subprocess.run([exe, "plot", str(arch), "stack", "--stack", str(out), "--out",
+                           str(png)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    back = stack_mod.read(out)
+    direct = stack_mod.stack(arch, where="true", by="mangaid", fit=False)
+    np.testing.assert_allclose(spectra.from_list_column(back.column("flux")),
+                               np.array([s.flux for s in direct.stacks]), rtol=1e-6,
+                               equal_nan=True)
