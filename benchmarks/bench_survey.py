@@ -15,7 +15,7 @@ For each N:
    its cost should not depend on N beyond selecting the rows), **assign**, **fingerprints**
    (+ DESOM-2), **query** (``setup.sql`` views: one aggregate over ``baxel_labels``) and
    **check** (every committed file's size and sha256), each in a fresh process whose wall
-   time and peak RSS (its own and its workers') are recorded;
+   time and peak RSS (its own VmHWM; the workers' are not included) are recorded;
 3. **refresh** to a second release (DR17) in which 80 % of the cubes are byte-identical
    (regenerated from the same seed: carried over) and 20 % re-processed (new noise).
 
@@ -97,10 +97,11 @@ elif stage == "refresh":
     rep = refresh.refresh(root, job, refresh.RefreshOptions(
         label_max_per_cube=args["fits_per_cube"]), progress=False)
     extra = {"n_carried": rep.ingest.n_carried}
-self_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-child_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-print(json.dumps({"seconds": time.perf_counter() - t, "rss_mb": max(self_mb, child_mb),
-                  **extra}))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so this process (and its
+# workers) would report the benchmark parent's size (it holds the cube pool) instead
+with open("/proc/self/status") as status:
+    self_mb = next(int(l.split()[1]) for l in status if l.startswith("VmHWM")) / 1024
+print(json.dumps({"seconds": time.perf_counter() - t, "rss_mb": self_mb, **extra}))
 """
 
 
@@ -240,7 +241,8 @@ def main() -> None:
     t0 = time.perf_counter()
     pool = Pool(args.out / "pool", 3 if args.quick else args.pool, args.workers)
     print(f"pool of {len(pool.hdus)} mock cubes rendered in {time.perf_counter() - t0:.0f} s; "
-          f"{args.workers} workers; peak RSS is the max of the stage process and its workers")
+          f"{args.workers} workers; peak RSS is the stage process's own (VmHWM), workers "
+          "not included")
     results: dict[int, dict[str, dict]] = {}
     for n in sizes:
         t = time.perf_counter()
