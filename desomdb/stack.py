@@ -251,15 +251,15 @@ def _partials(arch: Archive, model: str, sel: pl.DataFrame
                                                 table.column("plateifu"), "/"),
                     value_set=pa.array([f"{r}/{p}" for r, p in cubes.iter_rows()]))
     table = table.filter(keep)
-    out: dict[tuple[str, str], dict[int, tuple[int, np.ndarray, np.ndarray]]] = defaultdict(dict)
-    sum_w = spectra.from_list_column(table.column("sum_w"))
-    sum_wx = spectra.from_list_column(table.column("sum_wx"))
-    for i, (r, p, node, n) in enumerate(zip(table.column("release").to_pylist(),
-                                            table.column("plateifu").to_pylist(),
-                                            table.column("node").to_pylist(),
-                                            table.column("n_members").to_pylist(), strict=True)):
-        out[(r, p)][int(node)] = (int(n), sum_w[i].astype(np.float64),
-                                  sum_wx[i].astype(np.float64))
+    out: dict[tuple[str, str], dict[int, tuple[int, np.ndarray, np.ndarray]]] = {}
+    for r, p in set(zip(table.column("release").to_pylist(),
+                        table.column("plateifu").to_pylist(), strict=True)):
+        rows = table.filter(pc.and_(pc.equal(table.column("release"), r),
+                                    pc.equal(table.column("plateifu"), p)))
+        part = coadd.from_table(rows)
+        out[(r, p)] = {int(node): (int(n), part.sum_w[i], part.sum_wx[i])
+                       for i, (node, n) in enumerate(zip(part.node, part.n_members,
+                                                         strict=True))}
     return out
 
 
