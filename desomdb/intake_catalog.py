@@ -145,8 +145,9 @@ class ArchiveSQL(BaseReader):
     def _read(self, data: SQLQuery, archive_path: str = ".", release_pattern: str = "%",
               model_choice: str = "current", **kwargs: Any) -> duckdb.DuckDBPyRelation:
         arch, release, model_id = check_parameters(archive_path, release_pattern, model_choice)
+        committed = arch.manifest()["tables"]  # one reading: a commit may land meanwhile
         absent = [t for t in paths.TABLES
-                  if f"'files_{t}'" in data.query and not arch.files(t)]
+                  if f"'files_{t}'" in data.query and not committed.get(t)]
         if absent:
             raise QueryError(f"{arch.root}: no {', '.join(absent)} table in this archive yet "
                              "(a later stage writes it: 'desomdb status' lists what has run)")
@@ -155,7 +156,7 @@ class ArchiveSQL(BaseReader):
         con.execute("set variable release = ?", [release])
         con.execute("set variable model = ?", [model_id])
         for table in paths.TABLES:
-            files = [str(f) for f in arch.files(table)]
+            files = [str(arch.root / f) for f in committed.get(table, [])]
             if files:
                 con.execute(f"set variable files_{table} = ?", [files])
         sandbox(con, [arch.root])

@@ -46,16 +46,25 @@ def macro_sql() -> dict[str, str]:
     return {p.name[:-4]: p.read_text() for p in folder.iterdir() if p.name.endswith(".sql")}
 
 
-def _statements(archive: Archive, model: str | None, relative: bool) -> list[str]:
-    """SET VARIABLE + CREATE VIEW statements for every table and derived view."""
-    tables = archive.manifest()["tables"]
+def _statements(archive: Archive, model: str | None, relative: bool,
+                tables: dict[str, list[str]] | None = None) -> tuple[list[str], set[str]]:
+    """SET VARIABLE statements for the committed files, and the tables that have files.
+
+    Both come from one reading of the manifest: a second reading could see a commit made in
+    between, and a view would then be created over a file list that was never set (a reader
+    racing a writer got ``read_parquet`` of a NULL list).
+    """
+    if tables is None:
+        tables = archive.manifest()["tables"]
     stmts = [f"create or replace macro current_model() as {_quote(model)}"]
+    present = set()
     for table in paths.TABLES:
         files = tables.get(table, [])
         if files:
             listed = files if relative else [str(archive.root / f) for f in files]
             stmts.append(f"set variable files_{table} = {_file_list(listed)}")
-    return stmts
+            present.add(table)
+    return stmts, present
 
 
 class ReadOnlyConnection:
@@ -184,9 +193,9 @@ def connect(archive: str | Path, model: str | None = None, raw: bool = False
     arch = Archive(archive)
     chosen = resolve_model(arch, model) if model is not None else current_model(arch)
     con = duckdb.connect(":memory:")
-    for stmt in _statements(arch, chosen, relative=False):
+    stmts, present = _statements(arch, chosen, relative=False)
+    for stmt in stmts:
         con.execute(stmt)
-    present = {t for t in paths.TABLES if arch.files(t)}
     _create_views(con, present)
     for setting in READ_SETTINGS:
         con.execute(setting)
@@ -245,13 +254,17 @@ def setup_sql(archive: str | Path) -> str:
     arch = Archive(archive)
     lines = ["-- desomdb views for the DuckDB CLI; regenerate with 'desomdb sql ARCHIVE --setup'.",
              "-- Run from inside the archive folder (file paths are relative to it)."]
+    model = current_model(arch)
+    committed = arch.manifest()["tables"]
+    relative, present = _statements(arch, model, relative=True, tables=committed)
     lines += [s + ";" for s in READ_SETTINGS]
-    lines += [s + ";" for s in _statements(arch, current_model(arch), relative=True)]
+    lines += [s + ";" for s in relative]
     defs = view_sql()
     con = duckdb.connect(":memory:")
-    for stmt in _statements(arch, current_model(arch), relative=False):
+    absolute, _ = _statements(arch, model, relative=False, tables=committed)
+    for stmt in absolute:
         con.execute(stmt)
-    made = _create_views(con, {t for t in paths.TABLES if arch.files(t)})
+    made = _create_views(con, present)
     macros = macro_sql()
     lines += [macros[name].strip() + ";" if name in macros
               else f"create or replace view {name} as {defs[name].strip()};" for name in made]

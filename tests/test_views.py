@@ -191,3 +191,41 @@ def test_readers_cache_parquet_footers(ingested) -> None:
         again = con.sql("select plateifu, bin_id, snr from baxels order by all").fetchall()
         assert first == again and len(first) > 0
     assert "set parquet_metadata_cache = true;" in views.setup_sql(archive).splitlines()
+
+
+def test_connect_reads_the_manifest_once(trained_archive, tmp_path) -> None:
+    """A commit landing while connect() builds its views must not leave a view over an
+    unset file list (CI saw ``read_parquet cannot take NULL list`` from a reader racing
+    ``desomdb assign``): the views are those of one committed state."""
+    from desomdb.archive import Archive
+
+    root = tmp_path / "arch"
+    shutil.copytree(trained_archive[0], root)
+    arch = Archive(root)
+    kept = arch.read("assignments")
+    with arch.writer("test") as w:
+        w.commit(remove=[("assignments", str(f.relative_to(root)))
+                         for f in arch.files("assignments")])
+    real = Archive.manifest
+    landed: list[int] = []
+
+    def manifest_then_commit(self):  # the writer commits right after the reader's snapshot
+        state = real(self)
+        if not landed:
+            landed.append(-1)  # commit() reads the manifest too
+            with Archive(root).writer("test") as w:
+                landed.append(w.commit(add=[w.stage_table(
+                    "assignments", kept, "assignments/model_id=x/part-race.parquet")]))
+        return state
+
+    Archive.manifest = manifest_then_commit  # type: ignore[method-assign]
+    try:
+        con = views.connect(root)
+    finally:
+        Archive.manifest = real  # type: ignore[method-assign]
+    assert len(landed) == 2
+    names = {r[0] for r in con.sql("select view_name from duckdb_views()").fetchall()}
+    assert "assignments" not in names  # the snapshot had none; the next connect sees them
+    con.close()
+    with views.connect(root) as con:
+        assert con.sql("select count(*) from assignments").fetchall() == [(kept.num_rows,)]

@@ -163,18 +163,22 @@ class Explorer:
         key = (self.arch.generation(), model_id, "parts")
         with self._lock:
             if key not in self._parts:
+                state = self.arch.manifest()  # one reading: generation and files of a commit
+                key = (state["generation"], model_id, "parts")
                 files: dict[str, dict[tuple[str, str], list[str]]] = {}
                 for table in ("spectra", "labels"):
-                    for f in self.arch.files(table):
-                        part = paths.parse_part_name(f.name)
+                    for rel in state["tables"].get(table, []):
+                        part = paths.parse_part_name(rel.rsplit("/", 1)[-1])
                         if part is not None:
-                            release = paths.parse_partition(str(f.relative_to(self.root)))[2]
+                            release = paths.parse_partition(rel)[2]
                             files.setdefault(table, {}).setdefault(
-                                (release, part[0]), []).append(str(f))
-                for f in self.arch.files("assignments", model_id=model_id):
-                    cube = sx.cube_of(str(f.relative_to(self.root)))
+                                (release, part[0]), []).append(str(self.root / rel))
+                prefix = paths.partition_dir("assignments", "model_id", model_id) + "/"
+                for rel in state["tables"].get("assignments", []):
+                    cube = sx.cube_of(rel) if rel.startswith(prefix) else None
                     if cube is not None:
-                        files.setdefault("assignments", {}).setdefault(cube, []).append(str(f))
+                        files.setdefault("assignments", {}).setdefault(cube, []).append(
+                            str(self.root / rel))
                 self._parts = {k: v for k, v in self._parts.items() if k[0] == key[0]}
                 self._parts[key] = pages.CubeParts(files)
             return self._parts[key]
