@@ -78,6 +78,7 @@ def build(source: Path, root: Path, n: int, model_id: str) -> None:
     with arch.writer("bench_serve") as w:
         big: dict[str, list[pa.Table]] = {"baxels": [], "labels": [], "bin_map": []}
         adds, cube_rows, gal_rows = [], [], []
+        fp_counts: list[tuple[str, np.ndarray]] = []
         for c in range(n_cubes):
             p = pifus[c % len(pifus)]
             pifu, mangaid = f"{10000 + c // 20}-{12701 + c % 20}", f"1-{700000 + c}"
@@ -99,10 +100,12 @@ def build(source: Path, root: Path, n: int, model_id: str) -> None:
                 "bin_id": pa.array(np.minimum(np.arange(k) // 4, PER_CUBE - 1), pa.int32())}))
             asg = asg_by[p]
             take = np.arange(PER_CUBE) % asg.num_rows
+            nodes = rng.integers(0, n_nodes, PER_CUBE)
             rows = _replace(asg.take(pa.array(take)), plateifu=[pifu] * PER_CUBE,
-                            bin_id=np.arange(PER_CUBE, dtype=np.int32),
-                            node=rng.integers(0, n_nodes, PER_CUBE),
+                            bin_id=np.arange(PER_CUBE, dtype=np.int32), node=nodes,
                             release=[release] * PER_CUBE)
+            if c < n_cubes - 1:  # the last galaxy has no fingerprint (the page's fallback)
+                fp_counts.append((mangaid, np.bincount(nodes, minlength=n_nodes)))
             spec_name = paths.cube_part_name(pifu, checksum)
             adds.append(w.stage_table("assignments", rows, paths.model_file(
                 "assignments", model_id, paths.assignment_part_name(release, spec_name))))
@@ -130,8 +133,61 @@ def build(source: Path, root: Path, n: int, model_id: str) -> None:
             adds.append(w.stage_table(t, whole, paths.release_file(t, release,
                                                                     "bench-0.parquet")))
         w.commit(add=adds)
+        _model_tables(arch, w, model_id, fp_counts)
     print(f"  built {n_cubes} cubes ({n_cubes * PER_CUBE} synthetic baxels) in "
           f"{time.perf_counter() - t0:.0f} s")
+
+
+def _model_tables(arch: Archive, w: Any, model_id: str,
+                  fp_counts: list[tuple[str, np.ndarray]]) -> None:
+    """Rewrite ``nodes`` and ``fingerprints`` as ``desomdb assign``/``fingerprints`` would.
+
+    ``nodes.n_members`` and ``n_beyond_p99`` are counted over the newest cubes (the latter
+    by :func:`desomdb.assign.beyond_p99_counts`, as assign stores it); every synthetic galaxy
+    but the last gets a fingerprint row (counts per node; DESOM-2 columns copied).
+    """
+    from desomdb import assign, views
+
+    nodes = arch.read("nodes", model_id=model_id)
+    con = views.connect(arch.root, raw=True)
+    try:
+        found = dict(con.sql("select a.node, count(*) from assignments a semi join latest_cubes "
+                             "c on a.release = c.release and a.plateifu = c.plateifu where "
+                             "a.model_id = ? group by a.node", params=[model_id]).fetchall())
+    finally:
+        con.close()
+    n_nodes = nodes.num_rows
+    members = np.array([found.get(k, 0) for k in range(n_nodes)], np.int64)
+    beyond = assign.beyond_p99_counts(arch, model_id, n_nodes)
+    nodes = nodes.drop_columns([c for c in ("model_id", "n_beyond_p99")
+                                if c in nodes.column_names])
+    nodes = _replace(nodes, n_members=members).append_column(
+        "n_beyond_p99", pa.array(beyond, pa.int64()) if beyond is not None
+        else pa.nulls(n_nodes, pa.int64()))
+    adds = [w.stage_table("nodes", nodes, paths.model_file("nodes", model_id))]
+    fps = arch.read("fingerprints", model_id=model_id)
+    fps = fps.drop_columns([c for c in ("model_id",) if c in fps.column_names])
+    if fp_counts and fps.num_rows:
+        counts = np.stack([c for _, c in fp_counts]).astype(np.int64)
+        tot = counts.sum(axis=1, keepdims=True)
+        frac = (counts / tot).astype(np.float32)
+        take = fps.take(pa.array(np.arange(len(fp_counts)) % fps.num_rows))
+
+        def fixed(a: np.ndarray, kind: pa.DataType) -> pa.Array:
+            return pa.FixedSizeListArray.from_arrays(pa.array(a.ravel(), kind), n_nodes)
+
+        synth = take.set_column(take.column_names.index("mangaid"), "mangaid",
+                                pa.array([m for m, _ in fp_counts]))
+        for name, values in (("n_baxels", pa.array(tot[:, 0], pa.int64())),
+                             ("n_cubes", pa.array(np.ones(len(fp_counts)), pa.int32())),
+                             ("counts", fixed(counts, pa.int64())),
+                             ("fraction", fixed(frac, pa.float32())),
+                             ("radius_weighted", fixed(frac, pa.float32()))):
+            i = synth.column_names.index(name)
+            synth = synth.set_column(i, name, values.cast(synth.schema.field(name).type))
+        adds.append(w.stage_table("fingerprints", pa.concat_tables([fps, synth]),
+                                  paths.model_file("fingerprints", model_id)))
+    w.commit(add=adds)
 
 
 def measure(root: Path, repeats: int) -> list[tuple[str, float, float]]:
@@ -149,9 +205,10 @@ def measure(root: Path, repeats: int) -> list[tuple[str, float, float]]:
         assert info is not None
         row, col = con.sql("select row, col from nodes where model_id = ? order by n_members "
                            "desc limit 1", params=[model_id]).fetchall()[0]
-        mangaid, release, pifu = con.sql(
+        # the last synthetic cube's galaxy has no fingerprint row, the one before has one
+        (mangaid, release, pifu), (fp_mangaid, _, _) = con.sql(
             "select mangaid, release, plateifu from cubes where release = 'DR17' "
-            "order by plateifu desc limit 1").fetchall()[0]
+            "order by plateifu desc limit 2").fetchall()
     parts = ex.cube_parts(model_id)  # listed once per archive generation, as the app does
     cases = {
         "map (occupancy)": (f"/model/{model_id}/map",
@@ -162,8 +219,10 @@ def measure(root: Path, repeats: int) -> list[tuple[str, float, float]]:
                              lambda c, i: pages.map_data(c, i, "median:age_mw_gyr")),
         "node": (f"/model/{model_id}/node/{row},{col}",
                  lambda c, i: pages.node_data(c, i, row, col)),
-        "galaxy": (f"/model/{model_id}/galaxy/{mangaid}",
-                   lambda c, i: pages.galaxy_data(c, i, mangaid, parts=parts)),
+        "galaxy": (f"/model/{model_id}/galaxy/{fp_mangaid}",
+                   lambda c, i: pages.galaxy_data(c, i, fp_mangaid, parts=parts)),
+        "galaxy (no fingerprint)": (f"/model/{model_id}/galaxy/{mangaid}",
+                                    lambda c, i: pages.galaxy_data(c, i, mangaid, parts=parts)),
         "baxel": (f"/model/{model_id}/baxel/{release}/{pifu}/0",
                   lambda c, i: pages.baxel_data(c, i, release, pifu, 0, parts)),
         "sql (node_summary)": ("/sql?q=select+*+from+node_summary",
@@ -196,6 +255,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("/tmp/desomdb-bench-serve"))
     parser.add_argument("--keep", action="store_true", help="keep the archives built")
+    parser.add_argument("--reuse", action="store_true",
+                        help="measure archives kept under --out by an earlier --keep run "
+                             "instead of building them again")
     args = parser.parse_args()
     model_id = registry.current_model(Archive(args.source))
     assert model_id is not None, "the source archive needs a current model"
@@ -203,12 +265,13 @@ def main() -> None:
     for n in (int(v) for v in args.baxels.split(",")):
         root = args.out / f"n{n}"
         print(f"N = {n} baxels:")
-        build(args.source, root, n, model_id)
+        if not (args.reuse and (root / paths.MANIFEST).exists()):
+            build(args.source, root, n, model_id)
         results[n] = measure(root, args.repeats)
-        print(f"  {'page':20s} {'queries ms':>10s} {'page ms':>8s} {'page/queries':>12s}")
+        print(f"  {'page':24s} {'queries ms':>10s} {'page ms':>8s} {'page/queries':>12s}")
         for name, q, p in results[n]:
-            print(f"  {name:20s} {q:10.1f} {p:8.1f} {p / q:12.2f}")
-        if not args.keep:
+            print(f"  {name:24s} {q:10.1f} {p:8.1f} {p / q:12.2f}")
+        if not (args.keep or args.reuse):
             shutil.rmtree(root, ignore_errors=True)
     sizes = sorted(results)
     if len(sizes) >= 2:
@@ -218,7 +281,7 @@ def main() -> None:
         for (name, _, p_lo), (_, _, p_hi) in zip(results[lo], results[hi], strict=True):
             slope = max((p_hi - p_lo) / (hi - lo), 0.0)
             at = p_hi + slope * (1_200_000 - hi)
-            print(f"  {name:20s} {at:8.0f} ms {'(< 300 ms)' if at < 300 else '(OVER 300 ms)'}")
+            print(f"  {name:24s} {at:8.0f} ms {'(< 300 ms)' if at < 300 else '(OVER 300 ms)'}")
     print("median of page/queries:", statistics.median(
         p / q for r in results.values() for _, q, p in r))
 

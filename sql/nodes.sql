@@ -1,4 +1,5 @@
--- nodes: SOM nodes per model: prototype, decoded and co-added spectra.
+-- nodes: SOM nodes per model: prototype, decoded and co-added spectra, member counts (all,
+-- and beyond the model's p99 latent distance).
 -- Reads exactly the committed Parquet files (desomdb sets the variable files_nodes from the
 -- archive manifest; setup.sql does the same for the DuckDB CLI). Columns: sql/schema.yml.
 with source as (

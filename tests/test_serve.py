@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
+import duckdb
 import numpy as np
 import polars as pl
 import pytest
@@ -59,6 +60,84 @@ def test_map_is_a_grid_of_node_links_coloured_by_the_chosen_quantity(site) -> No
     assert bad.status_code == 400 and "unknown colour" in bad.text
     d2_page = client.get(f"/model/{model_id}/map", params={"map": "desom2"})
     assert d2_page.status_code == 200 and d2 in d2_page.text
+
+
+def test_stored_beyond_p99_counts_equal_the_count_over_every_assignment(site) -> None:
+    """nodes.n_beyond_p99 (desomdb assign) is what counting each newest cube's rows gives."""
+    from desomdb.web import pages
+
+    _, arch, model_id, _, _ = site
+    con = views.connect(arch)
+    counted = dict(con.sql(
+        "select a.node, count(*) filter (where a.distance > t.distance_p99) from assignments a "
+        "join latest_cubes using (release, plateifu) join model_thresholds t using (model_id) "
+        "where a.model_id = ? group by a.node", params=[model_id]).fetchall())
+    stored = dict(con.sql("select node, n_beyond_p99 from nodes where model_id = ?",
+                          params=[model_id]).fetchall())
+    assert sum(counted.values()) > 0  # some members lie beyond the p99
+    assert stored == {node: counted.get(node, 0) for node in stored}
+    # the map reads the stored counts; nodes written before the column existed fall back to
+    # the per-assignment query and colour the map the same
+    info = pages.models(con)[model_id]
+    raw = views.connect(arch, raw=True)
+    raw.execute("create temp table nodes_before as select * exclude (n_beyond_p99) from nodes")
+    raw.execute("create or replace temp view nodes as select * from nodes_before")
+    old = views.ReadOnlyConnection(raw)
+    assert "n_beyond_p99" not in old.sql("select * from nodes limit 0").columns
+    fractions = pages.beyond_p99_fractions(con, info)
+    assert fractions.keys() == pages.beyond_p99_fractions(old, info).keys()
+    for node, f in pages.beyond_p99_fractions(old, info).items():
+        assert fractions[node] == pytest.approx(f)
+
+
+def test_galaxy_counts_read_only_the_galaxys_cubes(site) -> None:
+    """Without a fingerprint, the galaxy page counts its cubes' own files like the view."""
+    from desomdb.web import pages
+    from desomdb.web.app import Explorer
+
+    _, arch, model_id, _, _ = site
+    ex = Explorer(arch)
+    parts = ex.cube_parts(model_id)
+    with ex.connection(model_id) as (con, info):
+        assert info is not None
+        view = con.sql("select mangaid, node::bigint as node, n_baxels from galaxy_fingerprint "
+                       "order by mangaid, node").pl()
+        cubes = con.sql("select mangaid, release, plateifu from cubes join latest_cubes "
+                        "using (release, plateifu)").fetchall()
+        assert all(parts.source("assignments", r, p) for _, r, p in cubes)  # own files
+        for mangaid in view["mangaid"].unique():
+            mine = [(r, p) for m, r, p in cubes if m == mangaid]
+            expected = view.filter(pl.col("mangaid") == mangaid).drop("mangaid")
+            assert pages.cube_node_counts(con, info, mine, parts).equals(expected)
+            assert pages.cube_node_counts(con, info, mine).equals(expected)  # via the view
+        # the rows come from the files listed for the cube, not from the view over all cubes
+        release, plateifu = mine[0]
+        moved = pages.CubeParts({"assignments": {(release, plateifu): [str(arch / "gone.pq")]}})
+        with pytest.raises(duckdb.IOException, match="gone.pq"):
+            pages.cube_node_counts(con, info, [(release, plateifu)], moved)
+
+
+def test_reused_spectrum_figure_draws_what_a_fresh_one_draws() -> None:
+    """A thread's spectrum figure is reused across pages; nothing of one page stays on it."""
+    import re
+
+    from desomdb.web import figures
+
+    rng = np.random.default_rng(1)
+    a, b = (m + s * rng.standard_normal(spectra.N_REST) for m, s in ((1, 0.1), (2, 0.3)))
+
+    def draw(flux: np.ndarray, title: str) -> str:
+        svg = figures.spectrum_figure([("spectrum", flux, "k")], title, flux - flux.mean())
+        # ids are salted per drawing and the metadata holds the time: not the picture
+        return re.sub(r"\b[mp][0-9a-f]{10}\b", "ID",
+                      re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S))
+
+    first, other, again = draw(a, "A"), draw(b, "B"), draw(a, "A")
+    fresh: list[str] = []
+    thread = threading.Thread(target=lambda: fresh.append(draw(a, "A")))  # its own figure
+    thread.start()
+    thread.join()
+    assert first == again == fresh[0] and other != first and ">B<" in other
 
 
 def _fills(svg: str) -> list[str]:

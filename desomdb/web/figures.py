@@ -11,15 +11,20 @@ work without any JavaScript. Colours, units and the continuum scaling come from
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
 
 import numpy as np
 from matplotlib import colormaps, rc_context
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import PathCollection
 from matplotlib.colors import Normalize, to_hex
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.text import Text
 
 from desomdb import emission, report, spectra
 
@@ -200,15 +205,75 @@ def value_colours(values: dict[int, float], cmap: str = "cividis"
     return {b: to_hex(cm(norm(v))) for b, v in values.items() if np.isfinite(v)}, (lo, hi)
 
 
-def _lines(ax, wave: np.ndarray) -> None:
-    for lam in emission.LINES_AA.values():
-        if wave[0] <= lam <= wave[-1]:
-            ax.axvline(lam, color="0.82", lw=0.6, zorder=0)
+def _lines(ax: Axes, wave: np.ndarray) -> None:
+    """Mark the fitted emission lines as one collection of grey verticals (axes height)."""
+    lams = [lam for lam in emission.LINES_AA.values() if wave[0] <= lam <= wave[-1]]
+    ax.vlines(lams, 0, 1, transform=ax.get_xaxis_transform(), colors="0.82", lw=0.6,
+              zorder=0)
+
+
+@dataclass(frozen=True)
+class _SpectrumPlot:
+    """A drawn spectrum figure kept for reuse: only data, limits and title change."""
+
+    fig: Figure
+    ax: Axes
+    curves: list[Line2D]
+    title: Text
+    axr: Axes | None
+    residual: Line2D | None
+
+
+#: Per thread: (curve labels and colours, with residual) -> its figure (matplotlib objects
+#: are not thread-safe; each server thread draws on its own).
+_PLOTS = threading.local()
+
+
+def _spectrum_plot(styles: tuple[tuple[str, str], ...], residual: bool) -> _SpectrumPlot:
+    """Return this thread's figure for curves of ``styles`` (label, colour); build it once.
+
+    Building the axes, ticks, legend and line markers costs more than drawing the data, so
+    a page reuses the figure and only replaces the curves' y values, limits and title.
+    """
+    plots: dict[tuple[object, ...], _SpectrumPlot] = _PLOTS.__dict__.setdefault("plots", {})
+    key = (styles, residual)
+    if key in plots:
+        return plots[key]
+    wave = spectra.rest_wave_aa()
+    blank = np.full(wave.size, np.nan)
+    fig = Figure(figsize=(9, 3.6 if residual else 2.8))
+    FigureCanvasAgg(fig)
+    if residual:
+        ax, axr = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    else:
+        ax, axr = fig.subplots(1, 1), None
+    curves = [ax.plot(wave, blank, lw=0.6, color=colour, label=name)[0]
+              for name, colour in styles]
+    _lines(ax, wave)
+    ax.set_xlim(wave[0], wave[-1])
+    ax.set_ylabel("flux / mean 4050-4150 Å")
+    ax.legend(fontsize=7, loc="upper right")
+    title = ax.set_title(" ", fontsize=9, y=1.0)  # fixed y: no search for tick labels above
+    bottom, res_line = ax, None
+    if axr is not None:
+        res_line = axr.plot(wave, blank, lw=0.5, color="0.3")[0]
+        axr.axhline(0, color="k", lw=0.5)
+        _lines(axr, wave)
+        axr.set_ylabel("residual")
+        bottom = axr
+    bottom.set_xlabel("rest wavelength [Å, vacuum]; grey lines: emission lines fitted")
+    fig.subplots_adjust(left=0.08, right=0.99, bottom=0.18 if axr is None else 0.14,
+                        top=0.9, hspace=0.08)
+    plots[key] = _SpectrumPlot(fig, ax, curves, title, axr, res_line)
+    return plots[key]
 
 
 def spectrum_figure(curves: Sequence[tuple[str, np.ndarray, str]], title: str,
                     residual: np.ndarray | None = None) -> str:
     """Plot normalised spectra against rest wavelength, emission lines marked.
+
+    The figure of a given set of curve labels and colours is built once per thread and
+    reused (:func:`_spectrum_plot`): a call sets the data, limits and title and draws.
 
     Parameters
     ----------
@@ -224,36 +289,20 @@ def spectrum_figure(curves: Sequence[tuple[str, np.ndarray, str]], title: str,
         SVG markup.
     """
     wave = spectra.rest_wave_aa()
-    fig = Figure(figsize=(9, 3.6 if residual is not None else 2.8))
-    if residual is not None:
-        ax, axr = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
-    else:
-        ax, axr = fig.subplots(1, 1), None
-    drawn = []
-    for name, flux, colour in curves:
-        f = np.asarray(flux, dtype=float)
-        drawn.append(f)
-        ax.plot(wave, f, lw=0.6, color=colour, label=name)
-    _lines(ax, wave)
-    ax.set_ylim(*report.continuum_limits(wave, *drawn))
-    ax.set_xlim(wave[0], wave[-1])
-    ax.set_ylabel("flux / mean 4050-4150 Å")
-    ax.legend(fontsize=7, loc="upper right")
-    ax.set_title(title, fontsize=9)
-    bottom = ax
-    if axr is not None and residual is not None:
-        axr.plot(wave, residual, lw=0.5, color="0.3")
-        axr.axhline(0, color="k", lw=0.5)
-        _lines(axr, wave)
-        finite = residual[np.isfinite(residual)]
-        lim = float(np.percentile(np.abs(finite), 99)) * 1.2 if finite.size else 1.0
-        axr.set_ylim(-lim, lim)
-        axr.set_ylabel("residual")
-        bottom = axr
-    bottom.set_xlabel("rest wavelength [Å, vacuum]; grey lines: emission lines fitted")
-    fig.subplots_adjust(left=0.08, right=0.99, bottom=0.18 if residual is None else 0.14,
-                        top=0.9, hspace=0.08)
-    return svg_text(fig)
+    plot = _spectrum_plot(tuple((name, colour) for name, _, colour in curves),
+                          residual is not None)
+    drawn = [np.asarray(flux, dtype=float) for _, flux, _ in curves]
+    for line, f in zip(plot.curves, drawn, strict=True):
+        line.set_ydata(f)
+    plot.ax.set_ylim(*report.continuum_limits(wave, *drawn))
+    plot.title.set_text(title)
+    if plot.axr is not None and plot.residual is not None and residual is not None:
+        res = np.asarray(residual, dtype=float)
+        plot.residual.set_ydata(res)
+        finite = res[np.isfinite(res)]
+        lim = float(np.percentile(np.abs(finite), 99)) * 1.2 if finite.size else 0.0
+        plot.axr.set_ylim(-lim if lim > 0 else -1.0, lim if lim > 0 else 1.0)
+    return svg_text(plot.fig)
 
 
 @dataclass(frozen=True)
@@ -358,19 +407,56 @@ def radial_figure(radius_re: np.ndarray, values: np.ndarray, label: str, title: 
     str
         SVG markup.
     """
-    fig = Figure(figsize=(5.2, 3.0))
-    ax = fig.subplots(1, 1)
+    plot = _radial_plot(label)
     ok = np.isfinite(values) & np.isfinite(radius_re)
     r, v = radius_re[ok], values[ok]
-    ax.scatter(r, v, s=7, color=report.NODE_COLOURS[0], alpha=0.6, lw=0)
+    plot.points.set_offsets(np.column_stack([r, v]))
+    mx, my = np.zeros(0), np.zeros(0)
     if r.size:
         edges = np.linspace(0, max(float(r.max()), 0.1), 7)
         idx = np.clip(np.digitize(r, edges) - 1, 0, len(edges) - 2)
         med = [(0.5 * (edges[i] + edges[i + 1]), float(np.median(v[idx == i])))
                for i in range(len(edges) - 1) if np.any(idx == i)]
-        ax.plot(*zip(*med, strict=True), color="k", lw=1.2, marker="o", ms=3)
-    ax.set_xlabel("R / R_e")
-    ax.set_ylabel(report.ACCURACY_UNITS.get(label, label))
-    ax.set_title(title, fontsize=8)
-    fig.subplots_adjust(left=0.17, right=0.97, bottom=0.16, top=0.88)
-    return svg_text(fig)
+        mx, my = (np.array(c) for c in zip(*med, strict=True))
+    plot.median.set_data(mx, my)
+    plot.ax.set_xlim(*_padded(r))
+    plot.ax.set_ylim(*_padded(v))
+    plot.title.set_text(title)
+    return svg_text(plot.fig)
+
+
+@dataclass(frozen=True)
+class _RadialPlot:
+    """A radial-profile figure kept for reuse (points, median line, limits, title change)."""
+
+    fig: Figure
+    ax: Axes
+    points: PathCollection
+    median: Line2D
+    title: Text
+
+
+def _radial_plot(label: str) -> _RadialPlot:
+    """Return this thread's radial-profile figure of ``label``; build it once."""
+    plots: dict[str, _RadialPlot] = _PLOTS.__dict__.setdefault("radial", {})
+    if label not in plots:
+        fig = Figure(figsize=(5.2, 3.0))
+        FigureCanvasAgg(fig)
+        ax = fig.subplots(1, 1)
+        points = ax.scatter([], [], s=7, color=report.NODE_COLOURS[0], alpha=0.6, lw=0)
+        median = ax.plot([], [], color="k", lw=1.2, marker="o", ms=3)[0]
+        ax.set_xlabel("R / R_e")
+        ax.set_ylabel(report.ACCURACY_UNITS.get(label, label))
+        title = ax.set_title(" ", fontsize=8, y=1.0)
+        fig.subplots_adjust(left=0.17, right=0.97, bottom=0.16, top=0.88)
+        plots[label] = _RadialPlot(fig, ax, points, median, title)
+    return plots[label]
+
+
+def _padded(values: np.ndarray, pad: float = 0.05) -> tuple[float, float]:
+    """Axis limits around ``values`` with matplotlib's default 5 % margins ((0, 1) if none)."""
+    if values.size == 0:
+        return 0.0, 1.0
+    lo, hi = float(values.min()), float(values.max())
+    span = hi - lo if hi > lo else max(abs(lo), 1.0)
+    return lo - pad * span, hi + pad * span

@@ -189,13 +189,7 @@ def map_data(con: ReadOnlyConnection, model: ModelInfo, quantity: str,
                 "select node, label, median, p16, p84 from node_labels where model_id = ?",
                 params=[model.model_id]).fetchall():
             stats[(node, label)] = (median, p16, p84)
-    beyond: dict[int, float] = {}
-    if quantity == "beyond_p99":
-        beyond = dict(con.sql(
-            "select a.node, avg((a.distance > t.distance_p99)::double) from assignments a "
-            "join latest_cubes using (release, plateifu) join model_thresholds t "
-            "using (model_id) where a.model_id = ? group by a.node",
-            params=[model.model_id]).fetchall())
+    beyond = beyond_p99_fractions(con, model) if quantity == "beyond_p99" else {}
     nodes = []
     for node, row, col, n in base:
         medians = {lab: stats.get((node, lab), (None,))[0] for lab in LABELS}
@@ -213,6 +207,31 @@ def map_data(con: ReadOnlyConnection, model: ModelInfo, quantity: str,
         nodes.append(MapNode(int(node), int(row), int(col), int(n or 0),
                              None if value is None else float(value), medians))
     return MapData(model, model.model_id, d2_id, quantity, nodes)
+
+
+def beyond_p99_fractions(con: ReadOnlyConnection, model: ModelInfo) -> dict[int, float]:
+    """Return, per occupied node, the fraction of its members beyond the model's p99 distance.
+
+    Read from ``nodes.n_beyond_p99 / n_members`` (stored by ``desomdb assign``); nodes
+    written before that column existed fall back to counting every assignment of the
+    newest cubes, which reads every cube's assignment file (seconds at survey scale).
+
+    Returns
+    -------
+    dict
+        node -> fraction in [0, 1]; nodes without members (or a model without a p99) absent.
+    """
+    if "n_beyond_p99" in con.sql("select * from nodes limit 0").columns:
+        stored = con.sql("select node, n_beyond_p99, n_members from nodes where model_id = ?",
+                         params=[model.model_id]).fetchall()
+        if model.distance_p99 is None or any(r[1] is not None for r in stored):
+            return {int(node): beyond / n for node, beyond, n in stored
+                    if beyond is not None and n}
+    return {int(node): float(f) for node, f in con.sql(
+        "select a.node, avg((a.distance > t.distance_p99)::double) from assignments a "
+        "join latest_cubes using (release, plateifu) join model_thresholds t "
+        "using (model_id) where a.model_id = ? group by a.node",
+        params=[model.model_id]).fetchall() if f is not None}
 
 
 def _desom2_id(con: ReadOnlyConnection, model_id: str) -> str | None:
@@ -396,7 +415,7 @@ def galaxy_data(con: ReadOnlyConnection, model: ModelInfo, mangaid: str,
     key = [release, pifu]
     drpall = con.sql("select * from galaxies where release = ? and plateifu = ?",
                      params=key).pl()
-    fp = _galaxy_counts(con, model, mangaid)
+    fp = _galaxy_counts(con, model, mangaid, [(c[0], c[1]) for c in cubes], parts)
     asg = parts.source("assignments", release, pifu) or "assignments"
     lab = parts.source("labels", release, pifu) or "labels"
     label_cols = ", ".join(
@@ -432,18 +451,55 @@ def galaxy_data(con: ReadOnlyConnection, model: ModelInfo, mangaid: str,
                       drpall.row(0, named=True) if drpall.height else {}, fp, bins, xy, d2)
 
 
-def _galaxy_counts(con: ReadOnlyConnection, model: ModelInfo, mangaid: str) -> pl.DataFrame:
-    """Return the galaxy's baxels per occupied node: its fingerprint, else from the view."""
+def _galaxy_counts(con: ReadOnlyConnection, model: ModelInfo, mangaid: str,
+                   cubes: list[tuple[str, str]], parts: CubeParts = NO_PARTS) -> pl.DataFrame:
+    """Return the galaxy's baxels per occupied node (``node, n_baxels``, by node).
+
+    From its stored fingerprint; for a galaxy without one (fingerprints not built, or older
+    than its cubes), counted from the assignments of its own ``cubes`` (its latest cubes, as
+    the ``galaxy_fingerprint`` view counts them), each read from the cube's own files where
+    it has them, so the page never reads every cube's assignment file.
+    """
     if _has_view(con, "fingerprints"):
         fp = con.sql("select unnest(range(len(counts))) as node, unnest(counts) as n_baxels "
                      "from (select counts from fingerprints where model_id = ? and "
                      "mangaid = ? limit 1)", params=[model.model_id, mangaid]).pl()
         if fp.height:
             return fp.filter(pl.col("n_baxels") > 0)
-    if not _has_view(con, "galaxy_fingerprint"):
+    return cube_node_counts(con, model, cubes, parts)
+
+
+def cube_node_counts(con: ReadOnlyConnection, model: ModelInfo, cubes: list[tuple[str, str]],
+                     parts: CubeParts = NO_PARTS) -> pl.DataFrame:
+    """Count the baxels of ``cubes`` per node of ``model``, reading only those cubes.
+
+    Each cube is read from its own assignment files where ``parts`` lists them, else through
+    the ``assignments`` view filtered to it.
+
+    Parameters
+    ----------
+    cubes : list of (release, plateifu)
+
+    Returns
+    -------
+    polars.DataFrame
+        ``node, n_baxels`` (int64) per occupied node, by node.
+    """
+    if not cubes or not _has_view(con, "assignments"):
         return pl.DataFrame(schema={"node": pl.Int64, "n_baxels": pl.Int64})
-    return con.sql("select node, n_baxels from galaxy_fingerprint where mangaid = ? "
-                   "order by node", params=[mangaid]).pl()
+    selects, params = [], []
+    for release, plateifu in cubes:
+        src = parts.source("assignments", release, plateifu)
+        if src:
+            selects.append(f"select node from {src} where plateifu = ?")
+            params.append(plateifu)
+        else:
+            selects.append("select node from assignments where model_id = ? and release = ? "
+                           "and plateifu = ?")
+            params += [model.model_id, release, plateifu]
+    return con.sql("select node::bigint as node, count(*) as n_baxels from ("
+                   + " union all ".join(selects) + ") group by node order by node",
+                   params=params).pl()
 
 
 # ----------------------------------------------------------------------------- baxel
