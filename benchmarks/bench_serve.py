@@ -7,11 +7,14 @@ SOURCE is a small archive with a trained, assigned model and fingerprints (e.g. 
 of ``PER_CUBE`` baxels each (rows copied from the source's cubes under new plateifus and
 mangaids) written the way the pipeline lays them out: one assignment part file per cube
 (as ``desomdb assign`` writes), baxels, labels and bin_map in compacted files of 200,000
-rows, ``cubes``/``galaxies`` one row per cube, fingerprints one row per galaxy. Spectra: one
+rows, ``cubes``/``galaxies`` one row per cube, fingerprints one row per galaxy but the last
+(whose galaxy page counts its cube's own assignments instead), ``nodes`` rewritten with
+``n_members`` and ``n_beyond_p99`` counted as ``desomdb assign`` counts them. Spectra: one
 part file per cube as ingest writes them, but holding only bin 0 (the full 1.2 M spectra
 are ~50 GB; the baxel page reads one spectrum, and what grows with the survey is the number
 of per-cube files it has to look through, which this keeps). DESIGN.md: synthetic tables
-straight into the archive for scale tests.
+straight into the archive for scale tests. ``--keep`` keeps the archives and ``--reuse``
+measures them again without building.
 
 Each page is timed in two ways, interleaved, best of ``--repeats``:
 - **queries**: the page's data function of :mod:`desomdb.web.pages` (all its SQL through

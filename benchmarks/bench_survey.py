@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -115,7 +116,11 @@ print(json.dumps({"seconds": time.perf_counter() - t, "rss_mb": self_mb, **extra
 def run_stage(stage: str, root: Path, **kw: object) -> dict:
     """Run one stage in a fresh process; return its seconds, peak RSS (MB) and extras."""
     args = json.dumps({"stage": stage, "root": str(root), **kw}, default=str)
-    res = subprocess.run([sys.executable, "-c", CHILD, args], capture_output=True, text=True)
+    # passive OpenMP threads: spinning torch threads on a shared 2-core box made one train
+    # stage 15x slower instead of ~2x (541 s vs 35 s at N = 10) when anything else ran
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    res = subprocess.run([sys.executable, "-c", CHILD, args], capture_output=True, text=True,
+                         env=env)
     if res.returncode != 0:
         raise SystemExit(f"stage {stage} failed:\n{res.stderr[-3000:]}")
     out = json.loads(res.stdout.strip().splitlines()[-1])

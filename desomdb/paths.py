@@ -166,6 +166,19 @@ def parse_assignment_part_name(name: str) -> tuple[str, str]:
     return head.removeprefix("release="), spectra_name
 
 
+def model_part_cube(name: str) -> tuple[str, str] | None:
+    """``(release, plateifu)`` of a per-cube model part file (assignments, node partials).
+
+    None for any other file name (a compacted file, say).
+    """
+    try:
+        release, spectra_name = parse_assignment_part_name(name)
+    except ValueError:
+        return None
+    part = parse_part_name(spectra_name)
+    return (release, part[0]) if part else None
+
+
 def node_partials_file(model_id: str, release: str, spectra_name: str) -> str:
     """Relative path of one cube's node co-add partial sums under a model.
 

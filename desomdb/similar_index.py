@@ -165,9 +165,7 @@ def is_current(arch: Archive, model_id: str, kind: str) -> bool:
 
 def cube_of(rel: str) -> tuple[str, str] | None:
     """``(release, plateifu)`` of an assignment part file (None for other files)."""
-    release, spectra_name = paths.parse_assignment_part_name(Path(rel).name)
-    part = paths.parse_part_name(spectra_name)
-    return (release, part[0]) if part else None
+    return paths.model_part_cube(Path(rel).name)
 
 
 def read_latents(arch: Archive, files: list[str]) -> tuple[pl.DataFrame, np.ndarray]:

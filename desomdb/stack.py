@@ -42,9 +42,10 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from desomdb import coadd, manga, registry, spectra, views
+from desomdb import coadd, manga, paths, registry, spectra, views
 from desomdb.archive import Archive
 from desomdb.errors import ConfigError, QueryError
 
@@ -242,24 +243,39 @@ def stack(archive: str | Path, where: str = "true", by: str = "none", model_id: 
 
 def _partials(arch: Archive, model: str, sel: pl.DataFrame
               ) -> dict[tuple[str, str], dict[int, tuple[int, np.ndarray, np.ndarray]]] | None:
-    """Read the stored node partial sums of the selected cubes (None if there are none)."""
-    if not arch.files("node_partials", model_id=model):
+    """Read the stored node partial sums of the selected cubes and nodes (None if none).
+
+    Only the selected cubes' part files are opened (a compacted file is always read), and
+    only rows of the selected nodes are decoded: assign writes a few nodes per row group, so
+    the ``node`` filter skips the others by their statistics.
+    """
+    files = arch.files("node_partials", model_id=model)
+    nodes = sel["node"].drop_nulls().unique().to_list()
+    if not files or not nodes:
         return None
-    cubes = sel.select(_KEY).unique()
-    table = arch.read("node_partials", model_id=model)
-    keep = pc.is_in(pc.binary_join_element_wise(table.column("release"),
-                                                table.column("plateifu"), "/"),
-                    value_set=pa.array([f"{r}/{p}" for r, p in cubes.iter_rows()]))
-    table = table.filter(keep)
+    cubes = set(sel.select(_KEY).unique().iter_rows())
+    chosen = [str(f) for f in files
+              if (cube := paths.model_part_cube(f.name)) is None or cube in cubes]
+    if not chosen:
+        return None
+    table = ds.dataset(chosen, format="parquet").to_table(
+        filter=pc.field("node").isin(nodes))
+    if table.num_rows == 0:
+        return {}
+    keys = pc.binary_join_element_wise(table.column("release"), table.column("plateifu"), "/")
+    table = table.append_column("_key", keys).sort_by([("_key", "ascending"),
+                                                      ("node", "ascending")])
+    key = table.column("_key").to_pylist()
+    starts = [i for i in range(len(key)) if i == 0 or key[i] != key[i - 1]]
     out: dict[tuple[str, str], dict[int, tuple[int, np.ndarray, np.ndarray]]] = {}
-    for r, p in set(zip(table.column("release").to_pylist(),
-                        table.column("plateifu").to_pylist(), strict=True)):
-        rows = table.filter(pc.and_(pc.equal(table.column("release"), r),
-                                    pc.equal(table.column("plateifu"), p)))
-        part = coadd.from_table(rows)
-        out[(r, p)] = {int(node): (int(n), part.sum_w[i], part.sum_wx[i])
-                       for i, (node, n) in enumerate(zip(part.node, part.n_members,
-                                                         strict=True))}
+    for first, stop in zip(starts, [*starts[1:], len(key)], strict=True):
+        release, plateifu = key[first].split("/", 1)
+        if (release, plateifu) not in cubes:
+            continue  # a compacted file's other cubes
+        part = coadd.from_table(table.slice(first, stop - first))
+        out[(release, plateifu)] = {
+            int(node): (int(n), part.sum_w[i], part.sum_wx[i])
+            for i, (node, n) in enumerate(zip(part.node, part.n_members, strict=True))}
     return out
 
 

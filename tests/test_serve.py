@@ -113,7 +113,7 @@ def test_galaxy_counts_read_only_the_galaxys_cubes(site) -> None:
         # the rows come from the files listed for the cube, not from the view over all cubes
         release, plateifu = mine[0]
         moved = pages.CubeParts({"assignments": {(release, plateifu): [str(arch / "gone.pq")]}})
-        with pytest.raises(duckdb.IOException, match="gone.pq"):
+        with pytest.raises(duckdb.IOException, match=r"gone\.pq"):
             pages.cube_node_counts(con, info, [(release, plateifu)], moved)
 
 

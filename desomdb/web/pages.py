@@ -401,9 +401,7 @@ def galaxy_data(con: ReadOnlyConnection, model: ModelInfo, mangaid: str,
     NotFoundError
         If no latest cube of ``mangaid`` (or the given ``plateifu`` of it) exists.
     """
-    cubes = con.sql("select c.release, c.plateifu, c.n_baxels from cubes c join latest_cubes "
-                    "using (release, plateifu) where c.mangaid = ? order by c.n_baxels desc, "
-                    "c.plateifu", params=[mangaid]).fetchall()
+    cubes = _latest_cubes_of(con, mangaid)
     if not cubes:
         raise NotFoundError(f"no galaxy {mangaid!r} (status ok) in the archive; list them "
                             "with 'select mangaid from galaxies'")
@@ -422,11 +420,13 @@ def galaxy_data(con: ReadOnlyConnection, model: ModelInfo, mangaid: str,
         f"if(l.chi2_ok{'' if flag is None else f' and l.{flag}'}, l.{lab_}, 'nan'::double) "
         f"as {lab_}" for lab_, flag in maps.LABELS.items())
     labelled = _has_view(con, "labels")
+    label_source = ", ".join(dict.fromkeys(  # only the columns used: labels rows are wide
+        ["bin_id", "chi2_ok", *maps.LABELS, *(f for f in maps.LABELS.values() if f)]))
     bins = con.sql(
         f"with a as (select bin_id, node from {asg} where plateifu = ? and "
         + ("" if asg != "assignments" else "model_id = ? and release = ? and ")
         + "true), "
-        + (f"l as (select * from {lab} where plateifu = ? and status = 'ok' "
+        + (f"l as (select {label_source} from {lab} where plateifu = ? and status = 'ok' "
            + ("" if lab != "labels" else "and release = ? ") + "), " if labelled else "")
         + f"b as (select bin_id, radius_re, snr from baxels where release = ? and plateifu = ?) "
         f"select b.bin_id, b.radius_re, b.snr, a.node{', ' + label_cols if labelled else ''} "
@@ -449,6 +449,24 @@ def galaxy_data(con: ReadOnlyConnection, model: ModelInfo, mangaid: str,
             d2 = (str(f[0][0]), int(f[0][1]), int(f[0][2]), int(f[0][3]))
     return GalaxyData(mangaid, release, pifu, [(c[0], c[1]) for c in cubes],
                       drpall.row(0, named=True) if drpall.height else {}, fp, bins, xy, d2)
+
+
+def _latest_cubes_of(con: ReadOnlyConnection, mangaid: str) -> list[tuple[str, str, int]]:
+    """Return the galaxy's latest cubes ``(release, plateifu, n_baxels)``, most baxels first.
+
+    ``latest_cubes`` ranks every cube of the archive unless filtered by constant plateifus
+    (then DuckDB pushes the filter below its window), so the galaxy's plateifus are read
+    first: ~10 ms instead of ~200 ms at 10,000 cubes.
+    """
+    mine = con.sql("select release, plateifu, n_baxels from cubes where mangaid = ?",
+                   params=[mangaid]).fetchall()
+    plateifus = sorted({str(c[1]) for c in mine})
+    if not plateifus:
+        return []
+    latest = set(con.sql("select release, plateifu from latest_cubes where plateifu in "
+                         f"({', '.join('?' * len(plateifus))})", params=plateifus).fetchall())
+    return sorted(((str(r), str(p), int(n or 0)) for r, p, n in mine if (r, p) in latest),
+                  key=lambda c: (-c[2], c[1]))
 
 
 def _galaxy_counts(con: ReadOnlyConnection, model: ModelInfo, mangaid: str,
