@@ -216,20 +216,35 @@ def stack(archive: str | Path, where: str = "true", by: str = "none", model_id: 
         pl.lit(None).alias("group") if by == "none" else pl.col(by).alias("group"))
     partials = _partials(arch, model, sel) if (use_partials and model is not None) else None
     accs: dict[Any, _Acc] = defaultdict(_Acc)
+    lsfs: dict[float, np.ndarray] = {}
+
+    def lsf_at(z: float) -> np.ndarray:
+        if z not in lsfs:
+            lsfs[z] = manga.rest_lsf_fwhm_aa(spectra.rest_wave_aa(), z)
+        return lsfs[z]
+
+    read = sel
+    if partials:  # whole (cube, node) groups come from the stored sums, in one pass
+        groups = (sel.filter(pl.col("node").is_not_null())
+                  .group_by([*_KEY, "node"], maintain_order=True)
+                  .agg(pl.len().alias("n"),
+                       pl.col("snr").fill_null(np.nan).sum().alias("snr_sum"),
+                       pl.col("group").first(), pl.col("z").first()))
+        whole = []
+        for release, plateifu, node, n, snr_sum, group, z in groups.iter_rows():
+            part = partials.get((release, plateifu), {}).get(int(node))
+            if part is None or part[0] != n:
+                continue  # the selection holds only some of the node's members in the cube
+            accs[group].add(part[1], part[2], part[0], lsf_at(float(z)),
+                            (str(release), str(plateifu)), float(snr_sum), True)
+            whole.append((release, plateifu, node))
+        if whole:
+            done = pl.DataFrame(whole, schema=sel.select([*_KEY, "node"]).schema, orient="row")
+            read = sel.join(done, on=[*_KEY, "node"], how="anti", maintain_order="left")
     files = arch.cube_files("spectra")
-    for (release, plateifu), rows in sel.group_by(_KEY, maintain_order=True):
+    for (release, plateifu), rows in read.group_by(_KEY, maintain_order=True):
         cube = (str(release), str(plateifu))
-        z = float(rows["z"][0])
-        lsf = manga.rest_lsf_fwhm_aa(spectra.rest_wave_aa(), z)
-        read = rows
-        if partials is not None and (release, plateifu) in partials:
-            whole, read = _split_whole_nodes(rows, partials[(release, plateifu)])
-            for node, part in whole.items():
-                g = rows.filter(pl.col("node") == node)
-                accs[g["group"][0]].add(part[1], part[2], part[0], lsf, cube,
-                                        float(g["snr"].fill_null(np.nan).sum()), True)
-        if read.height:
-            _add_spectra(accs, files[cube], read, lsf, cube)
+        _add_spectra(accs, files[cube], rows, lsf_at(float(rows["z"][0])), cube)
     stacks = [_finish(group, acc) for group, acc in accs.items()]
     stacks.sort(key=lambda s: (s.group is None, str(s.group) if by == "mangaid"
                                else (s.group if s.group is not None else 0)))
@@ -277,16 +292,6 @@ def _partials(arch: Archive, model: str, sel: pl.DataFrame
             int(node): (int(n), part.sum_w[i], part.sum_wx[i])
             for i, (node, n) in enumerate(zip(part.node, part.n_members, strict=True))}
     return out
-
-
-def _split_whole_nodes(rows: pl.DataFrame, parts: dict[int, tuple[int, np.ndarray, np.ndarray]]
-                       ) -> tuple[dict[int, tuple[int, np.ndarray, np.ndarray]], pl.DataFrame]:
-    """(cube, node) groups holding every member of the node in the cube, and the other rows."""
-    counts = rows.filter(pl.col("node").is_not_null()).group_by("node").len()
-    whole = {int(node): parts[int(node)] for node, n in counts.iter_rows()
-             if int(node) in parts and parts[int(node)][0] == n}
-    rest = rows.filter(~pl.col("node").is_in(list(whole)) | pl.col("node").is_null())
-    return whole, rest
 
 
 def _add_spectra(accs: dict[Any, _Acc], file: Path, rows: pl.DataFrame, lsf: np.ndarray,
