@@ -194,11 +194,9 @@ def connect(archive: str | Path, model: str | None = None, raw: bool = False
     chosen = resolve_model(arch, model) if model is not None else current_model(arch)
     con = duckdb.connect(":memory:")
     stmts, present = _statements(arch, chosen, relative=False)
-    for stmt in stmts:
-        con.execute(stmt)
+    for stmt in (*READ_SETTINGS, *stmts):  # the footer cache first: binding a view over
+        con.execute(stmt)                 # per-cube files reads each footer (~0.3 ms)
     _create_views(con, present)
-    for setting in READ_SETTINGS:
-        con.execute(setting)
     if raw:
         return con
     sandbox(con, [arch.root])
