@@ -802,9 +802,12 @@ def plot(archive: Path, figure: str, out: Path, model_id: str | None, nodes: str
 @click.option("--out", type=click.Path(path_type=Path),
               help="write the stacks to a .parquet or .fits file")
 @click.option("--no-fit", is_flag=True, help="skip the pPXF fit of each stack")
+@click.option("--shift-velocity", is_flag=True,
+              help="shift each member to its own stellar rest frame by its fitted vel "
+                   "(members without a fit are left out)")
 @_friendly_errors
 def stack(archive: Path, where: str, by: str, model_id: str | None, out: Path | None,
-          no_fit: bool) -> None:
+          no_fit: bool, shift_velocity: bool) -> None:
     """Stack the spectra of a selection (inverse-variance weighted) and fit each stack.
 
     Each cube counts once (its newest release). Stacked: flux/norm_flux with weights
@@ -817,7 +820,8 @@ def stack(archive: Path, where: str, by: str, model_id: str | None, out: Path | 
     """
     from desomdb import stack as stack_mod
 
-    result = stack_mod.stack(archive, where=where, by=by, model_id=model_id, fit=not no_fit)
+    result = stack_mod.stack(archive, where=where, by=by, model_id=model_id, fit=not no_fit,
+                             shift_velocity=shift_velocity)
     table = stack_mod.to_table(result)
     cols = [c for c in (by, "n_members", "n_cubes", "mean_snr", "snr_stack", "z_eff",
                         "age_mw_gyr", "mh_mw", "log_ml_r", "ebv_star", "ebv_gas", "chi2_red")
@@ -827,8 +831,11 @@ def stack(archive: Path, where: str, by: str, model_id: str | None, out: Path | 
     frame = pl.from_arrow(table.select(cols))
     with pl_config():
         click.echo(frame)
+    left_out = (f"; {result.n_without_velocity} baxel(s) without a fitted vel left out"
+                if result.n_without_velocity else "")
     click.echo(f"{len(result.stacks)} stack(s) in {result.seconds:.2f} s"
-               f"{f', fitted in {result.fit_seconds:.1f} s' if not no_fit else ''}", err=True)
+               f"{f', fitted in {result.fit_seconds:.1f} s' if not no_fit else ''}{left_out}",
+               err=True)
     if out is not None:
         click.echo(f"wrote {stack_mod.write(result, archive, out)}")
 

@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from desomdb import spectra
+from desomdb.constants import C_KMS
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,46 @@ def weighted(flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray, norm: np.ndar
     good &= np.isfinite(w) & (w > 0)
     w[~good] = 0.0
     return x, w
+
+
+def shift_to_rest(x: np.ndarray, w: np.ndarray, vel_kms: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Move each spectrum on the rest grid by its own line-of-sight velocity.
+
+    A member whose stars move at ``v`` relative to the drpall redshift shows its features
+    ``v / velscale`` bins redward on the archive's grid (pPXF's convention, ``v = c Δln λ``;
+    velscale = c Δln λ per bin, 59.2 km/s). Each spectrum is read at ``i + v / velscale``
+    by linear interpolation between the two neighbouring bins, weights alike; an output
+    bin whose neighbours include a masked (``w = 0``) bin or lies beyond the grid gets
+    weight 0, so masks never leak. Interpolated ivar ignores the noise correlation this
+    introduces between neighbouring bins (≤ 1 bin shifts: a few per cent in the stack's
+    error).
+
+    Parameters
+    ----------
+    x, w : ndarray, shape (n, 4544)
+        Normalised flux and weights (:func:`weighted`).
+    vel_kms : ndarray, shape (n,)
+        Stellar velocity of each member, km/s (``labels.vel``).
+
+    Returns
+    -------
+    x, w : ndarray, shape (n, 4544), float32
+        On the members' own rest frames.
+    """
+    width = x.shape[1]
+    velscale = C_KMS * np.log(spectra.REST_MAX_AA / spectra.REST_MIN_AA) / (width - 1)
+    pos = np.arange(width)[None, :] + (np.asarray(vel_kms, np.float64) / velscale)[:, None]
+    lo = np.floor(pos).astype(np.int64)
+    frac = (pos - lo).astype(np.float32)
+    inside = (lo >= 0) & (lo + 1 < width)
+    lo_c, hi_c = np.clip(lo, 0, width - 1), np.clip(lo + 1, 0, width - 1)
+    w_lo, w_hi = np.take_along_axis(w, lo_c, 1), np.take_along_axis(w, hi_c, 1)
+    good = inside & (w_lo > 0) & (w_hi > 0)
+    x_out = (1 - frac) * np.take_along_axis(x, lo_c, 1) + frac * np.take_along_axis(x, hi_c, 1)
+    w_out = (1 - frac) * w_lo + frac * w_hi
+    return (np.where(good, x_out, 0.0).astype(np.float32),
+            np.where(good, w_out, 0.0).astype(np.float32))
 
 
 def partial_sums(x: np.ndarray, w: np.ndarray, node: np.ndarray) -> Partials:

@@ -115,6 +115,10 @@ class StackResult:
     seconds : float
         Wall time of selection + stacking (fits excluded).
     fit_seconds : float
+    shifted : bool
+        Members were shifted to their own stellar rest frames (``shift_velocity``).
+    n_without_velocity : int
+        Selected baxels left out of a shifted stack because they have no fitted ``vel``.
     """
 
     stacks: list[Stack]
@@ -123,6 +127,8 @@ class StackResult:
     model_id: str | None
     seconds: float
     fit_seconds: float = 0.0
+    shifted: bool = False
+    n_without_velocity: int = 0
 
 
 class _Acc:
@@ -149,24 +155,27 @@ class _Acc:
             self.from_partials += n
 
 
-def selection_sql(where: str) -> str:
+def selection_sql(where: str, velocity: bool = False) -> str:
     """Compose the one SELECT a stack's selection runs (it passes the ``desomdb sql`` guard).
 
     Parameters
     ----------
     where : str
         A SQL condition over ``baxel_labels`` columns.
+    velocity : bool
+        Also select each baxel's fitted stellar velocity ``vel`` (km/s).
     """
     return (
-        "with sel as (select release, plateifu, bin_id, node, mangaid, snr, norm_flux "
-        f"from baxel_labels where ({where})) "
+        "with sel as (select release, plateifu, bin_id, node, mangaid, snr, norm_flux"
+        f"{', vel' if velocity else ''} from baxel_labels where ({where})) "
         "select sel.*, c.z from sel join cubes as c using (release, plateifu) "
         "where (sel.release, sel.plateifu) in (select release, plateifu from latest_cubes)"
     )
 
 
 def stack(archive: str | Path, where: str = "true", by: str = "none", model_id: str | None = None,
-          fit: bool = True, use_partials: bool = True) -> StackResult:
+          fit: bool = True, use_partials: bool = True, shift_velocity: bool = False
+          ) -> StackResult:
     """Stack the spectra of a selection (inverse-variance weighted) and fit each stack.
 
     Parameters
@@ -183,6 +192,11 @@ def stack(archive: str | Path, where: str = "true", by: str = "none", model_id: 
         Fit each stack with pPXF (:func:`desomdb.labels.fit_spectrum`).
     use_partials : bool
         Use stored node partial sums for whole (cube, node) groups (same result, faster).
+    shift_velocity : bool
+        Shift every member to its own stellar rest frame by its fitted ``vel``
+        (:func:`desomdb.coadd.shift_to_rest`) before stacking, so rotation does not broaden
+        the stack. Members without a fit are left out (``StackResult.n_without_velocity``);
+        stored partial sums are not used (they hold unshifted spectra).
 
     Returns
     -------
@@ -194,7 +208,7 @@ def stack(archive: str | Path, where: str = "true", by: str = "none", model_id: 
         If ``where`` is refused by the read-only guard (e.g. a second statement) or names
         unknown columns.
     ConfigError
-        Unknown ``by``, or an empty selection.
+        Unknown ``by``, or an empty selection (or no member has a fitted velocity).
     """
     if by not in BY:
         raise ConfigError(f"--by {by!r} unknown; one of {', '.join(BY)}")
@@ -203,7 +217,7 @@ def stack(archive: str | Path, where: str = "true", by: str = "none", model_id: 
     model = registry.resolve_model(arch, model_id) if model_id else registry.current_model(arch)
     con = views.connect(arch.root, model=model)
     try:
-        sel = views.query(con, selection_sql(where)).pl()
+        sel = views.query(con, selection_sql(where, shift_velocity)).pl()
     finally:
         con.close()
     if by == "node":
@@ -212,6 +226,14 @@ def stack(archive: str | Path, where: str = "true", by: str = "none", model_id: 
         raise ConfigError(f"the selection `{where}` holds no baxels of the newest cubes"
                           f"{' with a node' if by == 'node' else ''}; check it with "
                           f"desomdb sql \"select count(*) from baxel_labels where {where}\"")
+    n_without = 0
+    if shift_velocity:
+        fitted = sel.filter(pl.col("vel").is_not_null() & pl.col("vel").is_finite())
+        n_without, sel, use_partials = sel.height - fitted.height, fitted, False
+        if sel.height == 0:
+            raise ConfigError(f"no baxel of the selection `{where}` has a fitted velocity; "
+                              "label them first ('desomdb label ARCHIVE --max-per-cube 0' "
+                              "fits every baxel) or stack without --shift-velocity")
     sel = sel.with_columns(
         pl.lit(None).alias("group") if by == "none" else pl.col(by).alias("group"))
     partials = _partials(arch, model, sel) if (use_partials and model is not None) else None
@@ -253,7 +275,8 @@ def stack(archive: str | Path, where: str = "true", by: str = "none", model_id: 
     if fit:
         for s in stacks:
             s.labels = fit_stack(s)
-    return StackResult(stacks, where, by, model, seconds, time.perf_counter() - t1)
+    return StackResult(stacks, where, by, model, seconds, time.perf_counter() - t1,
+                       shift_velocity, n_without)
 
 
 def _partials(arch: Archive, model: str, sel: pl.DataFrame
@@ -311,6 +334,8 @@ def _add_spectra(accs: dict[Any, _Acc], file: Path, rows: pl.DataFrame, lsf: np.
                           spectra.from_list_column(take.column("ivar")),
                           spectra.from_list_column(take.column("mask")),
                           rows["norm_flux"].to_numpy())
+    if "vel" in rows.columns:
+        x, w = coadd.shift_to_rest(x, w, rows["vel"].to_numpy())
     groups = rows["group"].to_list()
     snr = rows["snr"].fill_null(np.nan).to_numpy()
     for g in dict.fromkeys(groups):
@@ -454,12 +479,14 @@ def write(result: StackResult, archive: str | Path, out: str | Path) -> Path:
         raise ConfigError(f"{out}: write stacks to a .parquet or .fits file")
     table = to_table(result)
     prov = provenance(archive, result.model_id)
-    query = f"stack where {result.where} by {result.by}"
+    query = (f"stack where {result.where} by {result.by}"
+             f"{' shifted by each member vel' if result.shifted else ''}")
     export.write_table(table, out, suffix[1:], prov, query, docs=column_docs())
     if suffix == ".fits":
         with fits.open(out, mode="update") as hdul:
             hdul[1].header["STKWHERE"] = export.ascii_text(result.where)[:68]
             hdul[1].header["STKBY"] = result.by
+            hdul[1].header["STKSHIFT"] = (result.shifted, "members shifted by their own vel")
             wave = fits.ImageHDU(spectra.rest_wave_aa(), name="WAVE")
             wave.header["BUNIT"] = "Angstrom"
             wave.header["COMMENT"] = "rest-frame vacuum wavelength of every flux/ivar bin"
