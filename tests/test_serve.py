@@ -117,6 +117,52 @@ def test_galaxy_counts_read_only_the_galaxys_cubes(site) -> None:
             pages.cube_node_counts(con, info, [(release, plateifu)], moved)
 
 
+def test_nearest_galaxies_from_vectors_read_once_equal_desomdb_similar(site) -> None:
+    from desomdb import similar
+    from desomdb.web import app
+
+    _, arch, model_id, _, _ = site
+    ex = app.Explorer(arch)
+    for mangaid in views.connect(arch).sql(
+            "select distinct mangaid from fingerprints order by 1").fetchnumpy()["mangaid"]:
+        shown, _ = app._similar_galaxies(ex, model_id, mangaid)
+        found = similar.similar_galaxies(arch, mangaid, k=app.K_SIMILAR, model_id=model_id)
+        expected = found.table.filter(pl.col("mangaid") != mangaid)
+        assert shown.select("mangaid", "hellinger").equals(expected.select("mangaid",
+                                                                           "hellinger"))
+    assert len(ex._vectors) == 1  # one reading for all the galaxies
+    missing, note = app._similar_galaxies(ex, model_id, "1-nope")
+    assert missing is None and "no fingerprint of galaxy 1-nope" in str(note)
+
+
+def test_nearest_baxels_from_the_index_kept_open_equal_desomdb_similar(site) -> None:
+    from desomdb import similar
+    from desomdb.web import app, pages
+
+    _, arch, model_id, _, _ = site
+    ex = app.Explorer(arch)
+    with ex.connection(model_id) as (con, info):
+        assert info is not None
+        baxels = con.sql("select a.release, a.plateifu, a.bin_id from assignments a join "
+                         "latest_cubes using (release, plateifu) where a.model_id = ? "
+                         "order by all limit 4", params=[model_id]).fetchall()
+        shown = {}
+        for release, plateifu, bin_id in baxels:
+            data = pages.baxel_data(con, info, release, plateifu, bin_id, ex.cube_parts(model_id))
+            for exact in (False, True):
+                shown[(plateifu, bin_id, exact)] = app._similar_baxels(ex, model_id, data, exact)
+    assert len(ex._index) == 1  # opened once for all the pages
+    for (plateifu, bin_id, exact), (table, note) in shown.items():
+        found = similar.similar_baxels(arch, baxel=f"{plateifu}:{bin_id}", k=app.K_SIMILAR,
+                                       model_id=model_id, exact=exact)
+        assert found.method == ("exact" if exact else "usearch HNSW") and note is None
+        t = found.table
+        expected = t.filter((pl.col("plateifu") != plateifu) | (pl.col("bin_id") != bin_id))
+        cols = ["release", "plateifu", "bin_id", "node"]
+        assert table.select(cols).equals(expected.select(cols))
+        np.testing.assert_allclose(table["distance"], expected["distance"], rtol=1e-6)
+
+
 def test_reused_spectrum_figure_draws_what_a_fresh_one_draws() -> None:
     """A thread's spectrum figure is reused across pages; nothing of one page stays on it."""
     import re
@@ -187,6 +233,7 @@ def test_galaxy_and_baxel_pages(site) -> None:
         "and bin_id >= 0", params=[release, plateifu]).fetchall()[0][0]
     assert r.text.count('class="bin"') == n_bins  # every bin is a link
     assert "nsa_z" in r.text and "Radial profile" in r.text
+    assert f"{plateifu}: age_mw_gyr against radius" in r.text  # a label, not the node number
     by_label = client.get(f"/galaxy/{mangaid}", params={"colour": "age_mw_gyr"})
     assert by_label.status_code == 200 and "Colour (cividis)" in by_label.text
     b = client.get(f"/baxel/{release}/{plateifu}/0")

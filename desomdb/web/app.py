@@ -78,8 +78,11 @@ class Explorer:
         self._networks: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._pages: OrderedDict[tuple[Any, ...], Response] = OrderedDict()
-        self._index_state: dict[tuple[int, str, str], bool] = {}
+        self._index: dict[tuple[int, str, str], tuple[tuple[Any, Any] | None, str | None]] = {}
+        self.search_lock = threading.Lock()
         self._parts: dict[tuple[int, str, str], pages.CubeParts] = {}
+        self._vectors: dict[tuple[int, str, str], tuple[dict[str, str], Any, np.ndarray]] = {}
+        self._files: dict[tuple[int, str, str], dict[str, str]] = {}
         self.cache_pages = cache_pages
 
     def cached(self, endpoint: Callable[[Request], Response]) -> Callable[[Request], Response]:
@@ -183,18 +186,55 @@ class Explorer:
                 self._parts[key] = pages.CubeParts(files)
             return self._parts[key]
 
-    def index_current(self, model_id: str, kind: str) -> bool:
-        """Whether the ``kind`` similarity index of ``model_id`` matches the committed data.
+    def galaxy_vectors(self, model_id: str) -> tuple[dict[str, str], Any, np.ndarray]:
+        """Return the model's fingerprint files and galaxy vectors (for nearest galaxies).
 
-        Checked once per archive generation (the check lists the newest assignment files).
+        Read once per archive generation (:func:`desomdb.similar_index.fingerprint_files`
+        and :func:`~desomdb.similar_index.galaxy_vectors`); no files gives empty vectors.
         """
         from desomdb import similar_index as sx
 
-        key = (self.arch.generation(), model_id, kind)
+        key = (self.arch.generation(), model_id, "galaxy_vectors")
         with self._lock:
-            if key not in self._index_state:
-                self._index_state[key] = sx.is_current(self.arch, model_id, kind)
-            return self._index_state[key]
+            if key not in self._vectors:
+                files = sx.fingerprint_files(self.arch, model_id)
+                rows, vectors = (sx.galaxy_vectors(self.arch, model_id) if files
+                                 else (None, np.zeros((0, 0), np.float32)))
+                self._vectors = {k: v for k, v in self._vectors.items() if k[0] == key[0]}
+                self._vectors[key] = (files, rows, vectors)
+            return self._vectors[key]
+
+    def latest_assignment_files(self, model_id: str) -> dict[str, str]:
+        """Return the model's assignment files of the newest cubes -> sha256 (search input).
+
+        Listed once per archive generation (:func:`desomdb.similar_index.latest_assignment_files`).
+        """
+        from desomdb import similar_index as sx
+
+        key = (self.arch.generation(), model_id, "latest_assignment_files")
+        with self._lock:
+            if key not in self._files:
+                self._files = {k: v for k, v in self._files.items() if k[0] == key[0]}
+                self._files[key] = sx.latest_assignment_files(self.arch, model_id)
+            return self._files[key]
+
+    def baxel_index(self, model_id: str) -> tuple[tuple[Any, Any] | None, str | None]:
+        """Return the model's opened baxel HNSW index and its keys, or None and why not.
+
+        Opened once per archive generation (by :mod:`desomdb.similar`, which checks that the
+        index matches the newest cubes' assignment files); searches share it under a lock.
+        """
+        from desomdb import similar
+        from desomdb import similar_index as sx
+
+        files = self.latest_assignment_files(model_id)
+        key = (self.arch.generation(), model_id, "baxels")
+        with self._lock:
+            if key not in self._index:
+                self._index = {k: v for k, v in self._index.items() if k[0] == key[0]}
+                self._index[key] = similar._open(self.arch, model_id, "baxels",
+                                                 sx.source_digest("baxels", files))
+            return self._index[key]
 
     def network(self, model_id: str) -> Any:
         """Return the loaded DESOM network of ``model_id`` (kept for later requests)."""
@@ -478,7 +518,7 @@ def galaxy_figures(data: pages.GalaxyData, info: ModelInfo, model_id: str, colou
                      f"{quote(data.plateifu)}/{int(b)}" for b in bins["bin_id"]}
     binmap = figures.binmap_svg(data.bin_map, colours, titles, hrefs)
     radial = None
-    profile = colour if colour in bins.columns else "age_mw_gyr"
+    profile = colour if colour in pages.LABELS else "age_mw_gyr"  # not the node number
     if profile in bins.columns and bins.height:
         radial = figures.radial_figure(
             bins["radius_re"].cast(float).fill_null(np.nan).to_numpy(),
@@ -606,13 +646,34 @@ def _reconstruct(ex: Explorer, model_id: str, x: np.ndarray) -> np.ndarray:
 
 
 def _similar_galaxies(ex: Explorer, model_id: str, mangaid: str) -> tuple[Any, str | None]:
+    """Nearest galaxies by Hellinger distance, as :func:`desomdb.similar.similar_galaxies`.
+
+    The fingerprint vectors come from :meth:`Explorer.galaxy_vectors` (read once per archive
+    generation: at 10,000 galaxies, listing and reading them took ~200 ms of every page).
+    """
+    import polars as pl
+
     from desomdb import similar
 
+    files, rows_all, vectors = ex.galaxy_vectors(model_id)
+    if not files:
+        return None, (f"model {model_id} has no fingerprints; build them with "
+                      f"'desomdb fingerprints {ex.root}'")
+    hit = np.flatnonzero(rows_all["mangaid"].to_numpy() == mangaid)
+    if hit.size == 0:
+        return None, (f"no fingerprint of galaxy {mangaid} under model {model_id} "
+                      f"('desomdb fingerprints {ex.root}' adds it)")
     try:
-        found = similar.similar_galaxies(ex.root, mangaid, k=K_SIMILAR, model_id=model_id)
+        rows, dist, _, _, note = similar._nearest(  # the index if current, else exact
+            ex.arch, model_id, "galaxies", files, vectors[hit[0]], K_SIMILAR, False,
+            lambda: (rows_all, vectors))
     except DesomdbError as exc:
         return None, " ".join(str(exc).split())
-    return found.table.filter(found.table["mangaid"] != mangaid), found.note
+    table = rows.select("mangaid").with_columns(
+        pl.Series("hellinger", np.minimum(dist / np.sqrt(2.0), 1.0)),
+        *(rows[c] for c in ("desom2_node", "n_baxels", "n_cubes"))
+    ).with_row_index("rank", offset=1)
+    return table.filter(table["mangaid"] != mangaid), note
 
 
 def _similar_baxels(ex: Explorer, model_id: str, data: pages.BaxelData, exact: bool
@@ -622,18 +683,38 @@ def _similar_baxels(ex: Explorer, model_id: str, data: pages.BaxelData, exact: b
     Without a current index the exact search reads every stored latent (seconds at survey
     scale), so the page offers it as a link instead of running it on every visit.
     """
-    from desomdb import similar
+    import polars as pl
 
-    if not exact and not ex.index_current(model_id, "baxels"):
-        return None, ("the baxel index of this model is missing or older than the archive "
-                      "('desomdb assign' rebuilds it)")
-    try:
-        found = similar.similar_baxels(ex.root, baxel=f"{data.plateifu}:{data.bin_id}",
-                                       k=K_SIMILAR, model_id=model_id, exact=exact)
-    except DesomdbError as exc:
-        return None, " ".join(str(exc).split())
-    t = found.table
-    return t.filter((t["plateifu"] != data.plateifu) | (t["bin_id"] != data.bin_id)), found.note
+    from desomdb import ann, similar
+    from desomdb import similar_index as sx
+
+    if data.latent is None:
+        return None, (f"{data.release} {data.plateifu} was assigned before latents were "
+                      f"stored; run 'desomdb assign {ex.root}'")
+    # as similar.similar_baxels, but with the file list and the opened index kept per archive
+    # generation and the query latent from the page's own read (similar_baxels lists the
+    # manifest, ranks latest_cubes and opens the index on every call: seconds at 1.2 M)
+    note: str | None = None
+    if exact:
+        files = ex.latest_assignment_files(model_id)
+        try:
+            rows, dist, _, _, note = similar._nearest(
+                ex.arch, model_id, "baxels", files, data.latent, K_SIMILAR, True,
+                lambda: sx.read_latents(ex.arch, sorted(files)))
+        except DesomdbError as exc:
+            return None, " ".join(str(exc).split())
+    else:
+        opened, _ = ex.baxel_index(model_id)
+        if opened is None:
+            return None, ("the baxel index of this model is missing or older than the archive "
+                          "('desomdb assign' rebuilds it)")
+        index, keys = opened
+        with ex.search_lock:
+            found, dist = ann.search(index, data.latent, K_SIMILAR)
+        rows = keys[np.searchsorted(keys["key"].to_numpy(), found)]
+    t = rows.select("release", "plateifu", "bin_id", "node").with_columns(
+        pl.Series("distance", dist)).with_row_index("rank", offset=1)
+    return t.filter((t["plateifu"] != data.plateifu) | (t["bin_id"] != data.bin_id)), note
 
 
 def _predict_bytes(ex: Explorer, body: bytes, model_id: str) -> Any:

@@ -543,6 +543,9 @@ class BaxelData:
         Its node's PDFs.
     is_latest : bool
         Whether this is its cube's newest release (only those are searched by similarity).
+    latent : ndarray, shape (latent,), float32, or None
+        The encoder output stored by ``desomdb assign`` (None if assigned before latents
+        were stored); the nearest-baxel search's query.
     """
 
     release: str
@@ -556,6 +559,7 @@ class BaxelData:
     labels: dict[str, float]
     pdfs: list[LabelPdf]
     is_latest: bool
+    latent: np.ndarray | None = None
 
 
 def baxel_data(con: ReadOnlyConnection, model: ModelInfo, release: str, plateifu: str,
@@ -585,13 +589,16 @@ def baxel_data(con: ReadOnlyConnection, model: ModelInfo, release: str, plateifu
     norm = np.array([row.get("norm_flux") or np.nan], dtype=np.float64)
     x, w = spectra.normalise(flux, mask, norm)
     shown = np.where(w[0] > 0, x[0], np.nan)
-    cols = "node, row, col, distance, second_node, is_adjacent"
+    # all columns: files assigned before latents were stored have no latent column
     asg = parts.source("assignments", release, plateifu)
-    assigned = (con.sql(f"select {cols} from {asg} where plateifu = ? and bin_id = ?",
+    assigned = (con.sql(f"select * from {asg} where plateifu = ? and bin_id = ?",
                         params=[plateifu, bin_id]) if asg else
-                con.sql(f"select {cols} from assignments where model_id = ? and release = ? "
+                con.sql("select * from assignments where model_id = ? and release = ? "
                         "and plateifu = ? and bin_id = ?", params=[model.model_id, *key])).pl()
-    assignment = assigned.row(0, named=True) if assigned.height else None
+    assignment = ({c: assigned[c][0] for c in ("node", "row", "col", "distance", "second_node",
+                                                "is_adjacent")} if assigned.height else None)
+    stored = assigned["latent"][0] if assigned.height and "latent" in assigned.columns else None
+    latent = np.asarray(stored, dtype=np.float32) if stored is not None else None
     labels: dict[str, float] = {}
     if _has_view(con, "labels"):
         cols = ", ".join(
@@ -611,7 +618,7 @@ def baxel_data(con: ReadOnlyConnection, model: ModelInfo, release: str, plateifu
     latest = con.sql("select count(*) from latest_cubes where release = ? and plateifu = ?",
                      params=[release, plateifu]).fetchall()[0][0] > 0
     return BaxelData(release, plateifu, str(row.get("mangaid")), bin_id, shown, x[0], row,
-                     assignment, labels, pdfs, bool(latest))
+                     assignment, labels, pdfs, bool(latest), latent)
 
 
 # ----------------------------------------------------------------------------- sql
