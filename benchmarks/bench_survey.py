@@ -239,6 +239,37 @@ def growth(ns: list[int], ts: list[float]) -> float:
     return float(np.polyfit(np.log(ns), np.log(np.maximum(ts, 1e-6)), 1)[0])
 
 
+def print_table(results: dict[int, dict[str, dict]], sizes: list[int], workers: int) -> None:
+    """Print per-stage time and RSS per N, growth exponents and the DR17 extrapolation.
+
+    ``b`` is fitted over every size; ``b_last`` between the two largest sizes only (fixed
+    costs weigh less there, so it is the better test of linear growth).
+    """
+    stages = [s for s in results[sizes[0]] if not s.startswith("_")]
+    head = "".join(f" | N={n:>5} s, MB" for n in sizes)
+    print(f"\n| stage        {head} | b | b_last | DR17 2 cores | DR17 64 cores |")
+    print("|---" * (len(sizes) + 5) + "|")
+    big = sizes[-1]
+    baxels_per_cube = results[big]["_baxels"]["n"] / big
+    for s in stages:
+        ts = [results[n][s]["seconds"] for n in sizes]
+        b, b_last = growth(sizes, ts), growth(sizes[-2:], ts[-2:])
+        per_cube = ts[-1] / big
+        scale = SURVEY_BAXELS_PER_CUBE / baxels_per_cube if s in ("ingest", "assign") else 1.0
+        est = per_cube * scale * DR17_CUBES
+        if s == "train":
+            est = ts[-1]
+        cells = "".join(f" | {results[n][s]['seconds']:7.1f}, {results[n][s]['rss_mb']:5.0f}"
+                        for n in sizes)
+        parallel = s in ("ingest", "label", "assign", "refresh")
+        est64 = est * workers / 64 if parallel else est
+        print(f"| {s:<12}{cells} | {b:5.2f} | {b_last:6.2f} | {est / 3600:9.1f} h "
+              f"| {est64 / 3600:10.2f} h |")
+    print(f"\nbaxels per cube here: {baxels_per_cube:.0f} (survey: {SURVEY_BAXELS_PER_CUBE:.0f}); "
+          "ingest/assign estimates scaled by baxels; label is at 2 fits per cube "
+          "(labelling every baxel: see bench_labels.py)")
+
+
 def main() -> None:
     """Run the survey at each size; print per-stage times, RSS, growth and DR17 estimates."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -249,7 +280,13 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path("/tmp/desomdb-bench-survey"))
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--table", type=Path,
+                        help="only print the table of a results file written by --json")
     args = parser.parse_args()
+    if args.table is not None:
+        saved = {int(k): v for k, v in json.loads(args.table.read_text()).items()}
+        print_table(saved, sorted(saved), args.workers)
+        return
     sizes = [10] if args.quick else [int(v) for v in args.sizes.split(",")]
     fits_per_cube = 1 if args.quick else 2
     iterations = 60 if args.quick else args.iterations
@@ -264,30 +301,9 @@ def main() -> None:
         results[n] = run_survey(pool, n, args.out / f"n{n}", args.workers, fits_per_cube,
                                 iterations)
         print(f"N={n}: {time.perf_counter() - t:.0f} s wall (cube writing included)", flush=True)
-    stages = [s for s in results[sizes[0]] if not s.startswith("_")]
-    head = "".join(f" | N={n:>5} s, MB" for n in sizes)
-    print(f"\n| stage        {head} | growth b | DR17 2 cores | DR17 64 cores |")
-    print("|---" * (len(sizes) + 4) + "|")
-    big = sizes[-1]
-    baxels_per_cube = results[big]["_baxels"]["n"] / big
-    for s in stages:
-        ts = [results[n][s]["seconds"] for n in sizes]
-        b = growth(sizes, ts)
-        per_cube = ts[-1] / big
-        scale = SURVEY_BAXELS_PER_CUBE / baxels_per_cube if s in ("ingest", "assign") else 1.0
-        est = per_cube * scale * DR17_CUBES
-        if s == "train":
-            est = ts[-1]
-        cells = "".join(f" | {results[n][s]['seconds']:7.1f}, {results[n][s]['rss_mb']:5.0f}"
-                        for n in sizes)
-        parallel = s in ("ingest", "label", "assign", "refresh")
-        est64 = est * args.workers / 64 if parallel else est
-        print(f"| {s:<12}{cells} | {b:8.2f} | {est / 3600:9.1f} h | {est64 / 3600:10.2f} h |")
-    print(f"\nbaxels per cube here: {baxels_per_cube:.0f} (survey: {SURVEY_BAXELS_PER_CUBE:.0f}); "
-          "ingest/assign estimates scaled by baxels; label is at 2 fits per cube "
-          "(labelling every baxel: see bench_labels.py)")
-    if args.json:
-        args.json.write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
+        if args.json:  # after every size, so a long run killed later keeps what it measured
+            args.json.write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
+    print_table(results, sizes, args.workers)
     for h in pool.hdus:
         h.close()
 
