@@ -319,7 +319,7 @@ def assign(archive: str | Path, model_id: str | None = None, device: str = "cpu"
         run = runner.run_tasks(assign_cube, plan.tasks, workers=workers, scheduler=scheduler,
                                desc=f"assign {model_id}", progress=progress,
                                labels=[f"{t.release} {t.plateifu}" for t in plan.tasks],
-                               on_result=on_result)
+                               on_result=on_result, keep_results=False)
         if pending:
             writer.commit(add=pending)
         seconds = time.perf_counter() - t0

@@ -138,6 +138,7 @@ def run_tasks(
     labels: Sequence[str] | None = None,
     on_result: Callable[[int, Any], None] | None = None,
     setup: Callable[[], None] | None = None,
+    keep_results: bool = True,
 ) -> RunReport:
     """Apply ``func`` to every task and collect results and failures.
 
@@ -163,6 +164,10 @@ def run_tasks(
     setup : callable, optional
         A picklable top-level function run once in every worker before its first task
         (e.g. importing heavy modules), so no task pays for it.
+    keep_results : bool
+        Keep every result in ``RunReport.results``. With False, results go only to
+        ``on_result`` (``results`` holds None), so the parent's memory stays flat over any
+        number of tasks (an assign of 1,000 cubes held every cube's partial sums: +1 GB).
 
     Returns
     -------
@@ -175,7 +180,7 @@ def run_tasks(
 
     def record(i: int, ok: bool, value: Any) -> None:
         if ok:
-            results[i] = value
+            results[i] = value if keep_results else None
             if on_result is not None:
                 on_result(i, value)
         else:
@@ -202,7 +207,7 @@ def run_tasks(
             ) as pool:
                 futures = {pool.submit(_call, func, t): i for i, t in enumerate(tasks)}
                 for fut in as_completed(futures):
-                    i = futures[fut]
+                    i = futures.pop(fut)  # a finished future holds its result
                     try:
                         ok, value = fut.result()
                     except Exception as exc:  # a worker process died (e.g. out of memory)
@@ -242,8 +247,10 @@ def _run_dask(
             client.run(_single_thread_init)
         if setup is not None:
             client.run(setup)
-        futures = client.map(_call, [func] * len(tasks), tasks, pure=False)
+        futures: list[Any] = client.map(_call, [func] * len(tasks), tasks, pure=False)
         index = {f.key: i for i, f in enumerate(futures)}
         for fut in dask_completed(futures):
             ok, value = fut.result()
-            record(index[fut.key], ok, value)
+            i = index[fut.key]
+            futures[i] = None  # release the result on the cluster and here
+            record(i, ok, value)
