@@ -130,7 +130,7 @@ def similar_baxels(archive: str | Path, *, baxel: str | None = None,
         query, label = _spectrum_latent(arch, model_id, spectra_file, index, device)
     else:
         raise ConfigError("give a baxel (PLATEIFU:BIN) or a spectra file")
-    rows, dist, seconds, method, note = _nearest(
+    rows, dist, seconds, method, note = nearest(
         arch, model_id, "baxels", files, query, k, exact,
         lambda: sx.read_latents(arch, sorted(files)))
     table = rows.select("release", "plateifu", "bin_id", "node").with_columns(
@@ -138,7 +138,7 @@ def similar_baxels(archive: str | Path, *, baxel: str | None = None,
     return Neighbours(label, "baxels", model_id, BAXEL_METRIC, method, table, seconds, note)
 
 
-def _nearest(
+def nearest(
     arch: Archive, model_id: str, kind: str, files: Any, query: np.ndarray, k: int,
     exact: bool, load_exact: Callable[[], tuple[pl.DataFrame, np.ndarray]],
 ) -> tuple[pl.DataFrame, np.ndarray, float, str, str | None]:
@@ -150,7 +150,7 @@ def _nearest(
         The neighbours' rows (nearest first), their distances, the search time (s), which
         search ran, and why the index was not used (None if it was or ``exact`` was asked).
     """
-    opened, note = (None, None) if exact else _open(arch, model_id, kind,
+    opened, note = (None, None) if exact else open_index(arch, model_id, kind,
                                                     sx.source_digest(kind, files))
     if opened is not None:
         idx, keys = opened
@@ -190,7 +190,7 @@ def similar_galaxies(archive: str | Path, mangaid: str, k: int = 10,
         raise QueryError(f"{arch.root}: no fingerprint of galaxy {mangaid!r} under model "
                          f"{model_id} ({rows_all.height} galaxies, e.g. {sample})")
     query = vectors[hit[0]]
-    rows, dist, seconds, method, note = _nearest(
+    rows, dist, seconds, method, note = nearest(
         arch, model_id, "galaxies", files, query, k, exact, lambda: (rows_all, vectors))
     table = rows.select("mangaid").with_columns(
         pl.Series("hellinger", np.minimum(dist / np.sqrt(2.0), 1.0)),
@@ -205,7 +205,7 @@ def _check_k(k: int) -> None:
         raise ConfigError(f"-k must be at least 1, got {k}")
 
 
-def _open(arch: Archive, model_id: str, kind: str, source: str
+def open_index(arch: Archive, model_id: str, kind: str, source: str
           ) -> tuple[tuple[Any, pl.DataFrame] | None, str | None]:
     """Open the index of ``kind`` and its keys if current; else None and why not."""
     fix = ("'desomdb assign ARCHIVE' rebuilds it" if kind == "baxels"

@@ -232,7 +232,7 @@ class Explorer:
         with self._lock:
             if key not in self._index:
                 self._index = {k: v for k, v in self._index.items() if k[0] == key[0]}
-                self._index[key] = similar._open(self.arch, model_id, "baxels",
+                self._index[key] = similar.open_index(self.arch, model_id, "baxels",
                                                  sx.source_digest("baxels", files))
             return self._index[key]
 
@@ -280,6 +280,14 @@ def create_app(archive: str | Path, allowed_hosts: list[str] | None = None,
     def model_of(request: Request) -> str:
         return str(request.path_params.get("model_id") or ex.current())
 
+    def node_of(request: Request) -> tuple[str, int, int, pages.NodeData]:
+        """Return the model and node that ``/model/<id>/node/<row>,<col>`` names (404: unknown)."""
+        model_id = model_of(request)
+        row, col = _row_col(request.path_params["rc"])
+        with ex.connection(model_id) as (con, info):
+            assert info is not None
+            return model_id, row, col, pages.node_data(con, info, row, col)
+
     def home(request: Request) -> Response:
         return RedirectResponse(f"/model/{quote(ex.current())}/map")
 
@@ -307,11 +315,7 @@ def create_app(archive: str | Path, allowed_hosts: list[str] | None = None,
                     quantities=pages.quantities(), colour=colour, model_id=model_id)
 
     def node_page(request: Request) -> Response:
-        model_id = model_of(request)
-        row, col = _row_col(request.path_params["rc"])
-        with ex.connection(model_id) as (con, info):
-            assert info is not None
-            data = pages.node_data(con, info, row, col)
+        model_id, row, col, data = node_of(request)
         curves = [("co-add of members", data.coadd, "0.6"),
                   ("decoded prototype", data.decoded, "k")]
         spectrum = figures.spectrum_figure(
@@ -322,29 +326,18 @@ def create_app(archive: str | Path, allowed_hosts: list[str] | None = None,
                     model_id=model_id, stack=_stack_available(), title=f"node {row},{col}")
 
     def node_download(request: Request) -> Response:
-        model_id = model_of(request)
-        row, col = _row_col(request.path_params["rc"])
-        with ex.connection(model_id) as (con, info):
-            assert info is not None
-            data = pages.node_data(con, info, row, col)
+        model_id, row, col, data = node_of(request)
         fmt = request.path_params["fmt"]
-        name = f"node-{row}-{col}-{model_id}.{fmt}"
         body, media = _coadd_file(data, fmt)
-        return Response(body, media_type=media,
-                        headers={"content-disposition": f'attachment; filename="{name}"'})
+        return _attachment(body, media, f"node-{row}-{col}-{model_id}.{fmt}")
 
     def node_stack(request: Request) -> Response:
-        model_id = model_of(request)
-        row, col = _row_col(request.path_params["rc"])
-        with ex.connection(model_id) as (con, info):
-            assert info is not None
-            data = pages.node_data(con, info, row, col)
+        model_id, row, col, data = node_of(request)
         fmt = request.path_params["fmt"]
-        name = f"stack-node-{row}-{col}-{model_id}.{fmt}"
-        return Response(_stack_file(ex, model_id, data.node, fmt),
-                        media_type="application/fits" if fmt == "fits" else
-                        "application/vnd.apache.parquet",
-                        headers={"content-disposition": f'attachment; filename="{name}"'})
+        return _attachment(_stack_file(ex, model_id, data.node, fmt),
+                           "application/fits" if fmt == "fits" else
+                           "application/vnd.apache.parquet",
+                           f"stack-node-{row}-{col}-{model_id}.{fmt}")
 
     def galaxy_page(request: Request) -> Response:
         model_id = model_of(request)
@@ -404,8 +397,7 @@ def create_app(archive: str | Path, allowed_hosts: list[str] | None = None,
         query = request.query_params.get("q", "").strip()
         with ex.connection() as (con, _):
             df = views.query(con, query).pl()
-        return Response(pages.csv_text(df), media_type="text/csv", headers={
-            "content-disposition": 'attachment; filename="desomdb-query.csv"'})
+        return _attachment(pages.csv_text(df), "text/csv", "desomdb-query.csv")
 
     async def predict_page(request: Request) -> Response:
         results, error, name = None, None, None
@@ -550,6 +542,12 @@ def _node_summary(n: pages.MapNode) -> str:
     return "; ".join(parts)
 
 
+def _attachment(body: str | bytes, media_type: str, filename: str) -> Response:
+    """Return a download response: ``body``, saved by the browser as ``filename``."""
+    return Response(body, media_type=media_type,
+                    headers={"content-disposition": f'attachment; filename="{filename}"'})
+
+
 def _row_col(text: str) -> tuple[int, int]:
     try:
         r, c = (int(v) for v in text.split(","))
@@ -664,7 +662,7 @@ def _similar_galaxies(ex: Explorer, model_id: str, mangaid: str) -> tuple[Any, s
         return None, (f"no fingerprint of galaxy {mangaid} under model {model_id} "
                       f"('desomdb fingerprints {ex.root}' adds it)")
     try:
-        rows, dist, _, _, note = similar._nearest(  # the index if current, else exact
+        rows, dist, _, _, note = similar.nearest(  # the index if current, else exact
             ex.arch, model_id, "galaxies", files, vectors[hit[0]], K_SIMILAR, False,
             lambda: (rows_all, vectors))
     except DesomdbError as exc:
@@ -698,7 +696,7 @@ def _similar_baxels(ex: Explorer, model_id: str, data: pages.BaxelData, exact: b
     if exact:
         files = ex.latest_assignment_files(model_id)
         try:
-            rows, dist, _, _, note = similar._nearest(
+            rows, dist, _, _, note = similar.nearest(
                 ex.arch, model_id, "baxels", files, data.latent, K_SIMILAR, True,
                 lambda: sx.read_latents(ex.arch, sorted(files)))
         except DesomdbError as exc:
