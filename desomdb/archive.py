@@ -68,13 +68,18 @@ class StagedFile:
 
 @dataclass(frozen=True)
 class FileRecord:
-    """What a commit recorded about one file: its size (bytes) and sha256 (hex).
+    """What a commit recorded about one file: its size (bytes), sha256 (hex) and schema.
 
-    Both are None for files committed by format version 1 (no record was kept).
+    ``size`` and ``sha256`` are None for files committed by format version 1 (no record was
+    kept). ``schema`` is a digest of a Parquet file's column names and types
+    (:func:`schema_digest`), None for other files and for files committed before it was kept:
+    readers bind a table's view without reading every file's footer when all its files share
+    one schema.
     """
 
     size: int | None
     sha256: str | None
+    schema: str | None = None
 
 
 @dataclass
@@ -189,7 +194,7 @@ class Archive:
         for rel, rec in files.items():
             if not isinstance(rec, dict):
                 raise _damaged(path, self.root, f"the record of {rel} is not a mapping")
-            out[rel] = FileRecord(rec.get("size"), rec.get("sha256"))
+            out[rel] = FileRecord(rec.get("size"), rec.get("sha256"), rec.get("schema"))
         return out
 
     def _tables(self, top: _Top) -> list[str]:
@@ -417,8 +422,7 @@ class Writer:
                 name = paths.manifest_segment(table, generation)
                 write_json_atomic(self.root / name, {
                     "table": table,
-                    "files": {rel: {"size": r.size, "sha256": r.sha256}
-                              for rel, r in sorted(segs[table].items())},
+                    "files": {rel: _record_json(r) for rel, r in sorted(segs[table].items())},
                 })
                 segments[table] = name
         now = time.time()
@@ -599,14 +603,36 @@ def _load_json(path: Path, root: Path) -> dict[str, Any]:
 
 
 def file_record(path: Path) -> FileRecord:
-    """Size and sha256 of a file."""
+    """Size, sha256 and (for Parquet) schema digest of a file."""
     try:
         with path.open("rb") as fh:
             digest = hashlib.file_digest(fh, "sha256").hexdigest()
-        return FileRecord(path.stat().st_size, digest)
+        size = path.stat().st_size
     except OSError as exc:
         raise ArchiveError(f"{path}: cannot read a file being committed ({exc.strerror or exc})"
                            ) from exc
+    return FileRecord(size, digest, schema_digest(path) if path.suffix == ".parquet" else None)
+
+
+def schema_digest(path: Path) -> str | None:
+    """Digest of a Parquet file's column names and Arrow types (None if it has no footer).
+
+    Order-free: DuckDB matches the columns of a multi-file scan by name, so files that hold
+    the same columns in another order still share one view without ``union_by_name``.
+    """
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowInvalid):
+        return None
+    text = ";".join(sorted(f"{f.name}:{f.type}" for f in schema))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _record_json(record: FileRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {"size": record.size, "sha256": record.sha256}
+    if record.schema is not None:
+        out["schema"] = record.schema
+    return out
 
 
 def _write_error(path: Path, exc: OSError) -> ArchiveError:

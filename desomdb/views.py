@@ -47,15 +47,19 @@ def macro_sql() -> dict[str, str]:
 
 
 def _statements(archive: Archive, model: str | None, relative: bool,
-                tables: dict[str, list[str]] | None = None) -> tuple[list[str], set[str]]:
+                manifest: dict[str, Any] | None = None) -> tuple[list[str], set[str]]:
     """SET VARIABLE statements for the committed files, and the tables that have files.
 
     Both come from one reading of the manifest: a second reading could see a commit made in
     between, and a view would then be created over a file list that was never set (a reader
-    racing a writer got ``read_parquet`` of a NULL list).
+    racing a writer got ``read_parquet`` of a NULL list). ``union_<table>`` is false when the
+    commits recorded one schema for all the table's files (:func:`uniform_schema`): DuckDB then
+    binds the view from one footer instead of reading every file's (~0.1 ms each, times every
+    view built on it; 1,000 per-cube files made ``connect`` take 1.5 s).
     """
-    if tables is None:
-        tables = archive.manifest()["tables"]
+    if manifest is None:
+        manifest = archive.manifest()
+    tables, records = manifest["tables"], manifest["records"]
     stmts = [f"create or replace macro current_model() as {_quote(model)}"]
     present = set()
     for table in paths.TABLES:
@@ -63,8 +67,16 @@ def _statements(archive: Archive, model: str | None, relative: bool,
         if files:
             listed = files if relative else [str(archive.root / f) for f in files]
             stmts.append(f"set variable files_{table} = {_file_list(listed)}")
+            union = "false" if uniform_schema([records.get(f) for f in files]) else "true"
+            stmts.append(f"set variable union_{table} = {union}")
             present.add(table)
     return stmts, present
+
+
+def uniform_schema(records: list[Any]) -> bool:
+    """Whether every file's commit record holds the same schema digest (none missing)."""
+    digests = {getattr(r, "schema", None) for r in records}
+    return len(digests) == 1 and None not in digests
 
 
 class ReadOnlyConnection:
@@ -253,13 +265,13 @@ def setup_sql(archive: str | Path) -> str:
     lines = ["-- desomdb views for the DuckDB CLI; regenerate with 'desomdb sql ARCHIVE --setup'.",
              "-- Run from inside the archive folder (file paths are relative to it)."]
     model = current_model(arch)
-    committed = arch.manifest()["tables"]
-    relative, present = _statements(arch, model, relative=True, tables=committed)
+    committed = arch.manifest()
+    relative, present = _statements(arch, model, relative=True, manifest=committed)
     lines += [s + ";" for s in READ_SETTINGS]
     lines += [s + ";" for s in relative]
     defs = view_sql()
     con = duckdb.connect(":memory:")
-    absolute, _ = _statements(arch, model, relative=False, tables=committed)
+    absolute, _ = _statements(arch, model, relative=False, manifest=committed)
     for stmt in absolute:
         con.execute(stmt)
     made = _create_views(con, present)

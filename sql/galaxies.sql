@@ -2,7 +2,7 @@
 -- Reads exactly the committed Parquet files (desomdb sets the variable files_galaxies from the
 -- archive manifest; setup.sql does the same for the DuckDB CLI). Columns: sql/schema.yml.
 with source as (
-    select * from read_parquet(getvariable('files_galaxies'), hive_partitioning = true, union_by_name = true)
+    select * from read_parquet(getvariable('files_galaxies'), hive_partitioning = true, union_by_name = getvariable('union_galaxies'))
 ),
 
 final as (

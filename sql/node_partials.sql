@@ -3,7 +3,7 @@
 -- Reads exactly the committed Parquet files (desomdb sets the variable files_node_partials from
 -- the archive manifest; setup.sql does the same for the DuckDB CLI). Columns: sql/schema.yml.
 with source as (
-    select * from read_parquet(getvariable('files_node_partials'), hive_partitioning = true, union_by_name = true)
+    select * from read_parquet(getvariable('files_node_partials'), hive_partitioning = true, union_by_name = getvariable('union_node_partials'))
 ),
 
 final as (

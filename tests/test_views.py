@@ -6,6 +6,7 @@ import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from astropy import units as u
@@ -229,3 +230,47 @@ def test_connect_reads_the_manifest_once(trained_archive, tmp_path) -> None:
     con.close()
     with views.connect(root) as con:
         assert con.sql("select count(*) from assignments").fetchall() == [(kept.num_rows,)]
+
+
+def test_views_read_every_footer_only_when_schemas_differ(trained_archive, tmp_path) -> None:
+    """A table whose commits recorded one schema binds its view from one footer
+    (``union_by_name`` off); a file with another schema, or a record from before schemas
+    were kept, turns ``union_by_name`` back on, so no column is lost."""
+    import json
+
+    import pyarrow.compute as pc
+
+    from desomdb import paths
+    from desomdb.archive import Archive
+
+    root = tmp_path / "arch"  # a commit before schemas were kept: the baxels below
+    shutil.copytree(trained_archive[0], root)
+    arch = Archive(root)
+
+    def union(table: str) -> bool:
+        with views.connect(root) as con:
+            return con.sql(f"select getvariable('union_{table}')").fetchall()[0][0]
+
+    records = arch.manifest()["records"]
+    assert all(records[str(f.relative_to(root))].schema for f in arch.files("assignments"))
+    assert union("assignments") is False and union("baxels") is False
+    n = arch.read("assignments").num_rows
+    one = arch.files("assignments")[0]
+    extra = pq.read_table(one)
+    extra = extra.append_column("extra", pc.add(extra.column("node"), 1000))
+    with arch.writer("test") as w:
+        w.commit(add=[w.stage_table("assignments", extra,
+                                    str(one.parent.relative_to(root) / "part-extra.parquet"))])
+    assert union("assignments") is True
+    with views.connect(root) as con:
+        rows = con.sql("select count(*), count(extra) from assignments").fetchall()
+    assert rows == [(n + extra.num_rows, extra.num_rows)]
+    for seg in (root / paths.MANIFEST_DIR).glob("*.json"):
+        data = json.loads(seg.read_text())
+        if data.get("table") == "baxels":
+            for rec in data["files"].values():
+                rec.pop("schema", None)
+            seg.write_text(json.dumps(data))
+    assert union("baxels") is True
+    with views.connect(root) as con:
+        assert con.sql("select count(*) from baxels").fetchall()[0][0] > 0
