@@ -20,6 +20,7 @@ from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from scipy import sparse
 
 from desomdb import emission
@@ -41,10 +42,27 @@ def to_list_column(values: np.ndarray, typ: pa.DataType | None = None) -> pa.Fix
 
 
 def from_list_column(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """View a fixed-size-list column as an (n, width) array (no copy for one chunk)."""
+    """View a list column of equal-length rows as an (n, width) array.
+
+    A fixed-size-list column (how the archive writes spectra) is viewed without a copy when
+    it has one chunk; a variable-size list column (DuckDB returns one for the same Parquet
+    column) is accepted when every row has the same length.
+
+    Raises
+    ------
+    ValueError
+        If the rows of a variable-size list column differ in length.
+    """
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    width = arr.type.list_size
-    return np.asarray(arr.values.to_numpy(zero_copy_only=False)).reshape(-1, width)
+    if pa.types.is_fixed_size_list(arr.type):
+        return np.asarray(arr.values.to_numpy(zero_copy_only=False)).reshape(-1,
+                                                                            arr.type.list_size)
+    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+    if len(arr) and not (lengths == lengths[0]).all():
+        raise ValueError(f"list rows of {len(set(lengths.tolist()))} lengths cannot form an "
+                         "(n, width) array")
+    width = int(lengths[0]) if len(arr) else 0
+    return np.asarray(arr.flatten().to_numpy(zero_copy_only=False)).reshape(-1, max(width, 1))
 
 
 def rest_wave_aa() -> np.ndarray:

@@ -42,7 +42,6 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from desomdb import coadd, manga, paths, registry, spectra, views
@@ -218,31 +217,33 @@ def stack(archive: str | Path, where: str = "true", by: str = "none", model_id: 
     con = views.connect(arch.root, model=model)
     try:
         sel = views.query(con, selection_sql(where, shift_velocity)).pl()
+        if by == "node":
+            sel = sel.filter(pl.col("node").is_not_null())
+        if sel.height == 0:
+            raise ConfigError(f"the selection `{where}` holds no baxels of the newest cubes"
+                              f"{' with a node' if by == 'node' else ''}; check it with "
+                              f"desomdb sql \"select count(*) from baxel_labels where {where}\"")
+        n_without = 0
+        if shift_velocity:
+            fitted = sel.filter(pl.col("vel").is_not_null() & pl.col("vel").is_finite())
+            n_without, sel, use_partials = sel.height - fitted.height, fitted, False
+            if sel.height == 0:
+                raise ConfigError(f"no baxel of the selection `{where}` has a fitted velocity; "
+                                  "label them first ('desomdb label ARCHIVE --max-per-cube 0' "
+                                  "fits every baxel) or stack without --shift-velocity")
+        sel = sel.with_columns(
+            pl.lit(None).alias("group") if by == "none" else pl.col(by).alias("group"))
+        partials = (_partials(con, arch, model, sel) if (use_partials and model is not None)
+                    else None)
     finally:
         con.close()
-    if by == "node":
-        sel = sel.filter(pl.col("node").is_not_null())
-    if sel.height == 0:
-        raise ConfigError(f"the selection `{where}` holds no baxels of the newest cubes"
-                          f"{' with a node' if by == 'node' else ''}; check it with "
-                          f"desomdb sql \"select count(*) from baxel_labels where {where}\"")
-    n_without = 0
-    if shift_velocity:
-        fitted = sel.filter(pl.col("vel").is_not_null() & pl.col("vel").is_finite())
-        n_without, sel, use_partials = sel.height - fitted.height, fitted, False
-        if sel.height == 0:
-            raise ConfigError(f"no baxel of the selection `{where}` has a fitted velocity; "
-                              "label them first ('desomdb label ARCHIVE --max-per-cube 0' "
-                              "fits every baxel) or stack without --shift-velocity")
-    sel = sel.with_columns(
-        pl.lit(None).alias("group") if by == "none" else pl.col(by).alias("group"))
-    partials = _partials(arch, model, sel) if (use_partials and model is not None) else None
     accs: dict[Any, _Acc] = defaultdict(_Acc)
     lsfs: dict[float, np.ndarray] = {}
+    wave = spectra.rest_wave_aa()
 
     def lsf_at(z: float) -> np.ndarray:
         if z not in lsfs:
-            lsfs[z] = manga.rest_lsf_fwhm_aa(spectra.rest_wave_aa(), z)
+            lsfs[z] = manga.rest_lsf_fwhm_aa(wave, z)
         return lsfs[z]
 
     read = sel
@@ -279,16 +280,17 @@ def stack(archive: str | Path, where: str = "true", by: str = "none", model_id: 
                        shift_velocity, n_without)
 
 
-def _partials(arch: Archive, model: str, sel: pl.DataFrame
+def _partials(con: views.ReadOnlyConnection, arch: Archive, model: str, sel: pl.DataFrame
               ) -> dict[tuple[str, str], dict[int, tuple[int, np.ndarray, np.ndarray]]] | None:
     """Read the stored node partial sums of the selected cubes and nodes (None if none).
 
     Only the selected cubes' part files are opened (a compacted file is always read), and
     only rows of the selected nodes are decoded: assign writes a few nodes per row group, so
-    the ``node`` filter skips the others by their statistics.
+    the ``node`` filter skips the others by their statistics. DuckDB reads the files on the
+    selection's connection (0.25 s for 480 cubes against 0.34-0.40 s with a pyarrow dataset).
     """
     files = arch.files("node_partials", model_id=model)
-    nodes = sel["node"].drop_nulls().unique().to_list()
+    nodes = sel["node"].drop_nulls().unique().sort().to_list()
     if not files or not nodes:
         return None
     cubes = set(sel.select(_KEY).unique().iter_rows())
@@ -296,14 +298,15 @@ def _partials(arch: Archive, model: str, sel: pl.DataFrame
               if (cube := paths.model_part_cube(f.name)) is None or cube in cubes]
     if not chosen:
         return None
-    table = ds.dataset(chosen, format="parquet").to_table(
-        filter=pc.field("node").isin(nodes))
+    table = con.sql(
+        "select * exclude (model_id) from read_parquet($files, hive_partitioning = true, "
+        "union_by_name = getvariable('union_node_partials')) "
+        f"where node in ({', '.join(str(int(n)) for n in nodes)}) "
+        "order by release, plateifu, node", params={"files": chosen}).to_arrow_table()
     if table.num_rows == 0:
         return {}
     keys = pc.binary_join_element_wise(table.column("release"), table.column("plateifu"), "/")
-    table = table.append_column("_key", keys).sort_by([("_key", "ascending"),
-                                                      ("node", "ascending")])
-    key = table.column("_key").to_pylist()
+    key = keys.to_pylist()
     starts = [i for i in range(len(key)) if i == 0 or key[i] != key[i - 1]]
     out: dict[tuple[str, str], dict[int, tuple[int, np.ndarray, np.ndarray]]] = {}
     for first, stop in zip(starts, [*starts[1:], len(key)], strict=True):

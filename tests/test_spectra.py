@@ -122,3 +122,21 @@ def test_norm_flux_window() -> None:
     assert spectra.norm_flux(flux, mask)[0] == pytest.approx(2.0)
     mask[:, (rest >= 4000) & (rest <= 4200)] = 1
     assert np.isnan(spectra.norm_flux(flux, mask)[0])
+
+
+def test_from_list_column_accepts_variable_size_lists_of_equal_length() -> None:
+    """DuckDB returns the archive's fixed-size list columns as plain lists; both give the
+    same (n, width) array, and rows of unequal length are refused."""
+    import pyarrow as pa
+
+    from desomdb.spectra import from_list_column
+
+    values = np.arange(12, dtype=np.float32).reshape(4, 3)
+    fixed = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), 3)
+    plain = pa.chunked_array([fixed.cast(pa.list_(pa.float32()))[:1],
+                              fixed.cast(pa.list_(pa.float32()))[1:]])
+    np.testing.assert_array_equal(from_list_column(fixed), values)
+    np.testing.assert_array_equal(from_list_column(plain), values)
+    np.testing.assert_array_equal(from_list_column(plain.combine_chunks()[2:]), values[2:])
+    with pytest.raises(ValueError, match="lengths"):
+        from_list_column(pa.array([[1.0, 2.0], [3.0]]))
