@@ -13,9 +13,14 @@ Columns per (node, label):
   mixture ``(1/n) Σ_i N(v_i, σ_i²)`` of the members' values ``v_i`` each convolved with its
   own fit error ``σ_i``. ``σ_i`` comes from the archive's error model
   (:mod:`desomdb.calibrate`, table ``label_errors``) for the member's fitter, label and S/N
-  bin; the quantiles are found by bisection on the mixture CDF (vectorised over all nodes of
-  a batch, to 1e-9 of the label's histogram range). Null where a member has no σ: no
-  error model yet (run ``desomdb calibrate``), or labels of a fitter it does not cover.
+  bin, widened in quadrature by the label's galaxy term ``sigma_galaxy``
+  (:func:`galaxy_term`: a node's members come from a few galaxies, and a new galaxy's baxel
+  differs from them by more than its fit error; the term is fitted, leaving one galaxy out
+  at a time, so that the intervals cover 68 % of held-out galaxies' *fits* — no truth is
+  used, so it applies to real surveys). The quantiles are found by bisection on the mixture
+  CDF (vectorised over all nodes of a batch, to 1e-9 of the label's histogram range). Null
+  where a member has no σ: no error model yet (run ``desomdb calibrate``), or labels of a
+  fitter it does not cover.
 
 Memory stays flat in archive size: DuckDB joins the Parquet files and streams the members
 ordered by (label, node, value) in record batches; each batch's complete nodes are reduced
@@ -53,11 +58,15 @@ INTERVAL = (0.16, 0.84)
 #: Rows per streamed record batch.
 BATCH_ROWS = 1 << 17
 _BISECT_STEPS = 40
+#: Members per label (expected) from which the galaxy term is fitted.
+GALAXY_SAMPLE = 20_000
+_HASH_BINS = 1_000_000
 
 SCHEMA = pa.schema([
     ("node", pa.int32()), ("label", pa.string()), ("n", pa.int64()), ("median", pa.float64()),
     ("p16", pa.float64()), ("p84", pa.float64()), ("mean", pa.float64()),
-    ("lo68", pa.float64()), ("hi68", pa.float64()), ("hist_lo", pa.float64()),
+    ("lo68", pa.float64()), ("hi68", pa.float64()), ("sigma_galaxy", pa.float64()),
+    ("hist_lo", pa.float64()),
     ("hist_hi", pa.float64()), ("histogram", pa.list_(pa.int64())),
 ])
 
@@ -75,21 +84,43 @@ def members_sql(model_id: str, has_errors: bool, where: str = "true") -> str:
         Extra SQL condition on the members (columns of ``assignments a`` and ``labels l``),
         e.g. to leave held-out galaxies out when measuring coverage.
     """
+    return (f"{_members_cte(model_id, where)} select label, node, value, "
+            f"{_sigma_sql(has_errors)} as sigma from m order by label, node, value")
+
+
+def sample_sql(model_id: str, where: str = "true", fraction: float = 1.0) -> str:
+    """Return the query of a seeded sample of node members with their galaxy (mangaid).
+
+    A member is kept when a hash of its key falls in the first ``fraction`` of the hash range
+    (the same sample every time; streamed, so memory stays flat). Columns label, node, value,
+    sigma, galaxy. The error model must exist.
+    """
+    keep = round(min(max(fraction, 0.0), 1.0) * _HASH_BINS)
+    return (f"{_members_cte(model_id, where)} select label, node, value, "
+            f"{_sigma_sql(True)} as sigma, galaxy from m where h % {_HASH_BINS} < {keep}")
+
+
+def _sigma_sql(has_errors: bool) -> str:
+    if not has_errors:
+        return "null::double"
+    return ("(select sqrt(avg(e.sigma * e.sigma)) from label_errors e "
+            "where e.fitter = m.fitter and e.label = m.label "
+            "and m.snr >= e.snr_lo and m.snr < e.snr_hi)")
+
+
+def _members_cte(model_id: str, where: str) -> str:
+    """``with ... m as (...)``: one row per member and label (label, node, value, ...)."""
     quoted = "'" + model_id.replace("'", "''") + "'"
     values = ", ".join(f"l.{label}::double as {label}" for label in LABEL_EDGES)
     flags = ", ".join(f"l.{flag}" for flag in sorted(set(LABEL_CUTS.values())))
     cuts = " and ".join(
         f"(label not in ({', '.join(repr(k) for k, v in LABEL_CUTS.items() if v == flag)}) "
         f"or {flag})" for flag in sorted(set(LABEL_CUTS.values())))
-    if has_errors:
-        sigma = ("(select sqrt(avg(e.sigma * e.sigma)) from label_errors e "
-                 "where e.fitter = m.fitter and e.label = m.label "
-                 "and m.snr >= e.snr_lo and m.snr < e.snr_hi)")
-    else:
-        sigma = "null::double"
     # One scan of each table; UNPIVOT turns the label columns into (label, value) rows.
     return (
-        f"with base as (select a.node::integer as node, l.fitter, b.snr, {flags}, {values} "
+        f"with base as (select a.node::integer as node, l.fitter, b.snr, "
+        f"coalesce(b.mangaid, a.plateifu) as galaxy, hash(a.release, a.plateifu, a.bin_id) "
+        f"as h, {flags}, {values} "
         f"from assignments a "
         f"semi join latest_cubes c on a.release = c.release and a.plateifu = c.plateifu "
         f"join labels l on l.release = a.release and l.plateifu = a.plateifu "
@@ -98,8 +129,109 @@ def members_sql(model_id: str, has_errors: bool, where: str = "true") -> str:
         f"and b.bin_id = a.bin_id "
         f"where a.model_id = {quoted} and l.status = 'ok' and l.chi2_ok and ({where})), "
         f"long as (unpivot base on {', '.join(LABEL_EDGES)} into name label value value), "
-        f"m as (select * from long where isfinite(value) and {cuts}) "
-        f"select label, node, value, {sigma} as sigma from m order by label, node, value")
+        f"m as (select * from long where isfinite(value) and {cuts})")
+
+
+def galaxy_term(value: np.ndarray, sigma: np.ndarray, node: np.ndarray, galaxy: np.ndarray,
+                target: float = INTERVAL[1] - INTERVAL[0], max_held: int = 2000,
+                upper: float = 1.0, seed: int = 0) -> float:
+    """Spread between galaxies that the members' error model does not carry (same unit).
+
+    Leave one galaxy out: for a held-out member ``i`` (at most ``max_held``, seeded) of node
+    ``k``, its probability integral transform under the interval's mixture built from the
+    members ``j`` of node ``k`` in *other* galaxies, each widened by the new fit's own error,
+
+        PIT_i = mean_j Φ((v_i − v_j) / sqrt(σ_j² + σ_i² + τ²)),
+
+    is in [0.16, 0.84] for a fraction of members that grows with τ. The result is the
+    smallest ``τ ≥ 0`` for which that fraction reaches ``target`` (bisection). It uses fits
+    only, never a truth, so it applies to real surveys: it is what a new galaxy's baxel adds
+    beyond the spread of the node's other galaxies and its own fit error (with few galaxies
+    per node, or galaxy-wide offsets the map does not separate, it is large; with the
+    members of many galaxies per node it tends to 0).
+
+    Parameters
+    ----------
+    value, sigma : ndarray, shape (n,)
+        Members' fitted values and error-model σ (same unit).
+    node, galaxy : ndarray, shape (n,)
+        Node and galaxy (mangaid) of each member.
+    target : float
+        Coverage to reach (0.68).
+    max_held : int
+        Held-out members used (seeded sample of those with another galaxy in their node).
+    upper : float
+        Largest τ tried (the label's range); returned when even it falls short.
+    seed : int
+
+    Returns
+    -------
+    float
+        τ; 0.0 when the intervals already cover ``target`` or no node has two galaxies.
+    """
+    order = np.lexsort((galaxy, node))
+    value, sigma, node, galaxy = value[order], sigma[order], node[order], galaxy[order]
+    start = np.flatnonzero(np.r_[True, node[1:] != node[:-1]])
+    stop = np.r_[start[1:], node.size]
+    seg = np.repeat(np.arange(start.size), stop - start)
+    multi = galaxy[start] != galaxy[stop - 1]  # the node holds members of two galaxies
+    candidates = np.flatnonzero(multi[seg])
+    if candidates.size == 0:
+        return 0.0
+    rng = np.random.default_rng(seed)
+    held = np.sort(rng.choice(candidates, min(max_held, candidates.size), replace=False))
+    width = (stop - start)[seg[held]]
+    i = np.repeat(held, width)
+    j = np.repeat(start[seg[held]], width) + (np.arange(i.size) - np.repeat(
+        np.cumsum(width) - width, width))
+    other = galaxy[i] != galaxy[j]
+    i, j = i[other], j[other]
+    pos = np.searchsorted(held, i)
+    counts = np.bincount(pos, minlength=held.size).astype(float)
+    diff = value[i] - value[j]
+    var = sigma[i] ** 2 + sigma[j] ** 2
+
+    def covered(tau: float) -> float:
+        pit = np.bincount(pos, weights=ndtr(diff / np.sqrt(var + tau * tau + 1e-300)),
+                          minlength=held.size) / counts
+        return float(np.mean((pit >= INTERVAL[0]) & (pit <= INTERVAL[1])))
+
+    if covered(0.0) >= target:
+        return 0.0
+    if covered(upper) < target:
+        return upper
+    lo, hi = 0.0, upper
+    for _ in range(_BISECT_STEPS):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if covered(mid) >= target else (mid, hi)
+        if hi - lo < upper * 1e-4:
+            break
+    return hi
+
+
+def galaxy_terms(con: duckdb.DuckDBPyConnection, model_id: str, where: str = "true"
+                 ) -> dict[str, float]:
+    """:func:`galaxy_term` of every label, on a seeded sample of members (error model needed).
+
+    About :data:`GALAXY_SAMPLE` members per label are drawn (all of them in small archives).
+    """
+    quoted = "'" + model_id.replace("'", "''") + "'"
+    n = con.sql(f"select count(*) from assignments where model_id = {quoted}").fetchall()
+    fraction = GALAXY_SAMPLE / max(int(n[0][0]), 1)
+    rows = con.sql(sample_sql(model_id, where, fraction)).to_arrow_table()
+    out = {}
+    labels = rows.column("label").to_numpy(zero_copy_only=False)
+    for name in np.unique(labels):
+        sel = labels == name
+        sigma = rows.column("sigma").to_numpy(zero_copy_only=False).astype(float)[sel]
+        if not np.isfinite(sigma).all():
+            continue  # labels of a fitter the error model does not cover
+        lo_e, hi_e, _ = LABEL_EDGES[str(name)]
+        out[str(name)] = galaxy_term(
+            rows.column("value").to_numpy()[sel], sigma,
+            rows.column("node").to_numpy()[sel],
+            rows.column("galaxy").to_numpy(zero_copy_only=False)[sel], upper=hi_e - lo_e)
+    return out
 
 
 @dataclass
@@ -170,8 +302,11 @@ def mixture_quantiles(value: np.ndarray, sigma: np.ndarray, group: np.ndarray, n
 
 
 def _reduce(label: np.ndarray, node: np.ndarray, value: np.ndarray,
-            sigma: np.ndarray) -> pa.Table:
-    """Statistics of complete (label, node) groups of rows sorted by (label, node, value)."""
+            sigma: np.ndarray, terms: dict[str, float]) -> pa.Table:
+    """Statistics of complete (label, node) groups of rows sorted by (label, node, value).
+
+    ``terms`` holds each label's :func:`galaxy_term`, added in quadrature to every member's σ.
+    """
     new = np.ones(label.size, dtype=bool)
     new[1:] = (label[1:] != label[:-1]) | (node[1:] != node[:-1])
     start = np.flatnonzero(new)
@@ -184,6 +319,7 @@ def _reduce(label: np.ndarray, node: np.ndarray, value: np.ndarray,
     g_label = label[start]
     lo68 = np.full(start.size, np.nan)
     hi68 = np.full(start.size, np.nan)
+    tau = np.full(start.size, np.nan)
     hist_lo = np.empty(start.size)
     hist_hi = np.empty(start.size)
     hists: list[list[int]] = [[] for _ in start]
@@ -199,7 +335,8 @@ def _reduce(label: np.ndarray, node: np.ndarray, value: np.ndarray,
                              minlength=gsel.size * nbins).reshape(gsel.size, nbins)
         for j, g in enumerate(gsel):
             hists[g] = counts[j].tolist()
-        s = sigma[rows]
+        term = terms.get(str(name), np.nan)
+        s = np.sqrt(sigma[rows] ** 2 + term**2)
         known = np.isfinite(s)
         ok_groups = np.bincount(local, weights=(~known).astype(float), minlength=gsel.size) == 0
         if ok_groups.any():
@@ -209,11 +346,13 @@ def _reduce(label: np.ndarray, node: np.ndarray, value: np.ndarray,
                                   int(ok_groups.sum()), INTERVAL, tol=(hi_e - lo_e) * 1e-9)
             lo68[gsel[ok_groups]] = q[:, 0]
             hi68[gsel[ok_groups]] = q[:, 1]
+            tau[gsel[ok_groups]] = term
     return pa.table({
         "node": pa.array(node[start].astype(np.int32)), "label": pa.array(g_label.astype(str)),
         "n": pa.array(n.astype(np.int64)), "median": median, "p16": p16, "p84": p84,
         "mean": mean, "lo68": pa.array(lo68, from_pandas=True),
-        "hi68": pa.array(hi68, from_pandas=True), "hist_lo": hist_lo, "hist_hi": hist_hi,
+        "hi68": pa.array(hi68, from_pandas=True),
+        "sigma_galaxy": pa.array(tau, from_pandas=True), "hist_lo": hist_lo, "hist_hi": hist_hi,
         "histogram": pa.array(hists, type=pa.list_(pa.int64())),
     }, schema=SCHEMA)
 
@@ -241,6 +380,7 @@ def node_label_table(archive: str | Archive, model_id: str, where: str = "true")
     con.execute("set enable_progress_bar = false")  # it would draw on the caller's terminal
     try:
         has_errors = bool(arch.files(paths.LABEL_ERRORS))
+        terms = galaxy_terms(con, model_id, where) if has_errors else {}
         sql = members_sql(model_id, has_errors, where)
         parts: list[pa.Table] = []
         carry: _Carry | None = None
@@ -260,9 +400,10 @@ def node_label_table(archive: str | Archive, model_id: str, where: str = "true")
             tail = int(np.argmax(last))  # rows are grouped, so the last group is a suffix
             carry = _Carry(label[tail:], node[tail:], value[tail:], sigma[tail:])
             if tail > 0:
-                parts.append(_reduce(label[:tail], node[:tail], value[:tail], sigma[:tail]))
+                parts.append(_reduce(label[:tail], node[:tail], value[:tail], sigma[:tail],
+                                      terms))
         if carry is not None:
-            parts.append(_reduce(carry.label, carry.node, carry.value, carry.sigma))
+            parts.append(_reduce(carry.label, carry.node, carry.value, carry.sigma, terms))
     finally:
         con.close()
     return pa.concat_tables(parts) if parts else SCHEMA.empty_table()
