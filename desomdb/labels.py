@@ -106,6 +106,10 @@ COARSE_METALS = slice(1, None, 2)
 LINE_WINDOW_KMS = 800.0
 #: Step in A_V (mag) of the fast fitter's parabolic refinement of the stellar dust.
 AV_STEP = 0.05
+#: Gauss-Newton steps of the fast fitter's last stage (each: one step in stellar V, σ, A_V
+#: at fixed weights, then A_V on a parabola of linear fits); stops early when one does not
+#: lower the objective.
+GN_ITERATIONS = 1
 
 
 @dataclass(frozen=True)
@@ -596,28 +600,38 @@ def _fit_fast(setup: FitSetup, galaxy: np.ndarray, noise: np.ndarray, good: np.n
     conv = np.column_stack([convolved_templates(setup, vel, sig, slice(0, n_stars)), gas_conv])
     first = linear_fit(setup, galaxy, noise, good, (vel, sig, vel_gas, sig_gas), a_v,
                        options.regul, conv)
-    vel, sig, a_v = _gauss_newton_step(setup, galaxy, noise, good, first, (vel, sig, a_v))
-    conv[:, :n_stars] = convolved_templates(setup, vel, sig, slice(0, n_stars))
-    kin = (vel, sig, vel_gas, sig_gas)
+    best, kin = first, (vel, sig, vel_gas, sig_gas)
+    for _ in range(GN_ITERATIONS):
+        vel, sig, a_v = _gauss_newton_step(setup, galaxy, noise, good, best,
+                                           (kin[0], kin[1], best.a_v))
+        conv[:, :n_stars] = convolved_templates(setup, vel, sig, slice(0, n_stars))
+        step = _refine_av(setup, galaxy, noise, good, (vel, sig, vel_gas, sig_gas), a_v,
+                          options.regul, conv)
+        if step.objective >= best.objective:  # no improvement: keep the previous parameters
+            break
+        best, kin = step, (vel, sig, vel_gas, sig_gas)
+    return best, float(best.a_v)
+
+
+def _refine_av(setup: FitSetup, galaxy: np.ndarray, noise: np.ndarray, good: np.ndarray,
+               kin: tuple[float, float, float, float], a_v: float, regul: float,
+               conv: np.ndarray) -> LinearFit:
+    """Best linear fit over A_V: three fits around ``a_v`` and the parabola's vertex."""
 
     def at(av: float) -> LinearFit:
-        return linear_fit(setup, galaxy, noise, good, kin, av, options.regul, conv)
+        return linear_fit(setup, galaxy, noise, good, kin, av, regul, conv)
 
     trial = [max(a_v, AV_STEP) + d * AV_STEP for d in (-1, 0, 1)]
     fits = [at(av) for av in trial]
     obj = np.array([f.objective for f in fits])
-    k = int(np.argmin(obj))
-    pp, a_v = fits[k], trial[k]
+    best = fits[int(np.argmin(obj))]
     curvature = obj[0] - 2 * obj[1] + obj[2]
     if curvature > 0:  # the parabola's vertex (at most 3 steps out), kept if it does better
         shift = float(np.clip(0.5 * (obj[0] - obj[2]) / curvature, -3.0, 3.0))
-        vertex = max(trial[1] + shift * AV_STEP, 0.0)
-        refined = at(vertex)
-        if refined.objective < pp.objective:
-            pp, a_v = refined, vertex
-    if first.objective < pp.objective:  # the step did not help: keep stage 1's parameters
-        pp, a_v = first, float(first.a_v)
-    return pp, a_v
+        refined = at(max(trial[1] + shift * AV_STEP, 0.0))
+        if refined.objective < best.objective:
+            best = refined
+    return best
 
 
 #: Fitter name -> its stages.
