@@ -998,9 +998,10 @@ def demo(out: Path, n_galaxies: int, workers: int, seed: int, ifu_sizes: str, ma
          label_max_per_cube: int) -> None:
     """Run the whole pipeline on a generated mock survey.
 
-    mock -> ingest -> pPXF labels -> DESOM-1 -> assign -> fingerprints/DESOM-2,
-    then a few SQL queries. Scaled to minutes on 2 cores by default: 19/37-fibre
-    IFUs, a 6x6 map, a short schedule, 20 pPXF fits per cube.
+    mock -> ingest -> pPXF labels -> DESOM-1 -> assign -> calibrate ->
+    fingerprints/DESOM-2, then a few SQL queries. Scaled to minutes on 2 cores by
+    default: 19/37-fibre IFUs, a 6x6 map, a short schedule, 20 pPXF fits per cube,
+    an error model from 3 baxels per S/N bin.
 
     \b
     Example:

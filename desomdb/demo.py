@@ -1,8 +1,9 @@
 """``desomdb demo``: the whole pipeline on a generated mock survey, in minutes on 2 cores.
 
 Scaled down so it fits in a few minutes, and says so: small IFUs (19 and 37 fibres by
-default), a map of ``map_size``² nodes instead of 15×15, a short training schedule, and pPXF
-labels for ``labels_per_cube`` baxels per cube (evenly spaced) instead of all of them.
+default), a map of ``map_size``² nodes instead of 15×15, a short training schedule, pPXF
+labels for ``labels_per_cube`` baxels per cube (evenly spaced) instead of all of them, and an
+error model (``desomdb calibrate``) from a few baxels per S/N bin.
 """
 
 from __future__ import annotations
@@ -14,7 +15,19 @@ from typing import Any
 
 import click
 
-from desomdb import assign, fingerprint, ingest, labels, mock, model, registry, report, train, views
+from desomdb import (
+    assign,
+    calibrate,
+    fingerprint,
+    ingest,
+    labels,
+    mock,
+    model,
+    registry,
+    report,
+    train,
+    views,
+)
 from desomdb.archive import Archive
 
 
@@ -30,7 +43,16 @@ class DemoResult:
     report: Path | None = None
 
 
+#: Error-model sample of the demo's ``desomdb calibrate`` (per S/N bin) and its noise re-fits:
+#: enough to give every node a calibrated interval, far too few to quote the errors.
+CALIBRATION_PER_BIN = 3
+CALIBRATION_REFITS = 2
+
 EXAMPLE_QUERIES = {
+    "node age intervals: members' p16-p84 and the calibrated lo68-hi68 (Gyr)":
+        "select node, n, round(median, 2) as median, round(p16, 2) as p16, round(p84, 2) as p84, "
+        "round(lo68, 2) as lo68, round(hi68, 2) as hi68 from node_labels "
+        "where label = 'age_mw_gyr' and model_id = current_model() order by n desc limit 5",
     "median stellar age per node (first rows)":
         "select node, count(*) as n, round(median(age_mw_gyr), 2) as median_age_gyr "
         "from baxel_labels where chi2_ok group by node order by node limit 8",
@@ -48,7 +70,7 @@ EXAMPLE_QUERIES = {
 def run_demo(out: str | Path, n_galaxies: int = 12, seed: int = 0, workers: int = 2,
              map_size: int = 6, labels_per_cube: int = 20, iterations: int = 600,
              progress: bool = True, ifu_sizes: tuple[int, ...] = (19, 37)) -> DemoResult:
-    """Run mock -> ingest -> label -> train -> assign (-> fingerprints) -> queries.
+    """Run mock -> ingest -> label -> train -> assign -> calibrate (-> fingerprints) -> queries.
 
     Parameters
     ----------
@@ -106,6 +128,11 @@ def run_demo(out: str | Path, n_galaxies: int = 12, seed: int = 0, workers: int 
     t = stage("assign every baxel")
     assign.assign(archive, model_id, progress=progress)
     seconds["assign"] = time.perf_counter() - t
+
+    t = stage(f"calibrate the node labels ({CALIBRATION_PER_BIN} baxels per S/N bin)")
+    calibrate.calibrate(archive, per_bin=CALIBRATION_PER_BIN, refits=CALIBRATION_REFITS,
+                        workers=workers, progress=progress)
+    seconds["calibrate"] = time.perf_counter() - t
 
     t = stage("fingerprints and DESOM-2")
     fingerprint.build(archive, model_id, progress=progress)
