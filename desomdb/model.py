@@ -43,7 +43,8 @@ Conventions
 - Prototypes: organised once by a batch SOM (:func:`fit_som`: PCA plane, then per
   epoch every latent's BMU and m_k ← Σ_j h_kj S_j / Σ_j h_kj N_j with S_j, N_j the sum and
   count of latents whose BMU is j, h on the Euclidean grid distance; T from ``t_max`` to
-  ``t_min`` over ``som_epochs`` epochs) on a sample of latents after AE pre-training;
+  ``t_min`` over the first 70 % of ``som_epochs`` epochs, then fine-tuning at ``t_min``) on a
+  sample of latents after AE pre-training;
   during the joint phase they then track the latents at T = ``t_min`` with the step
   m_k ← m_k + α (Σ_i w_ik z_i / Σ_i w_ik − m_k), a gradient step on L_SOM with a per-node
   step size. (``som_epochs = 0``: random-sample initialisation and the decaying-T schedule
