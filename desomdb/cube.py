@@ -127,14 +127,15 @@ def _image(hdul: fits.HDUList, name: str, dtype: type, buf: memoryview | None
 
     With ``buf``, the in-memory file ``hdul`` was opened from, the raw big-endian bytes are
     converted straight from it (astropy would first copy them out, then ``astype`` would copy
-    again: ~1 s per 127-fibre cube). Scaled data (BSCALE/BZERO/BLANK), or a file on disk
-    (``buf`` None), go through astropy.
+    again: ~1 s per 127-fibre cube). Scaled data (BSCALE/BZERO/BLANK), tile-compressed HDUs,
+    or a file on disk (``buf`` None), go through astropy.
     """
     hdu = hdul[name]
     hdr = hdu.header
     code = _BITPIX.get(int(hdr.get("BITPIX", 0)))
     scaled = float(hdr.get("BSCALE", 1.0)) != 1.0 or float(hdr.get("BZERO", 0.0)) != 0.0
-    if buf is None or code is None or scaled or "BLANK" in hdr:
+    plain = type(hdu) in (fits.ImageHDU, fits.PrimaryHDU)  # not tile-compressed, say
+    if buf is None or not plain or code is None or scaled or "BLANK" in hdr:
         return np.asarray(hdu.data, dtype=dtype)
     shape = tuple(int(hdr[f"NAXIS{k}"]) for k in range(int(hdr["NAXIS"]), 0, -1))
     count = int(np.prod(shape)) if shape else 0

@@ -86,3 +86,32 @@ def test_missing_file(tmp_path) -> None:
     with pytest.raises(CubeFormatError, match="nothere"):
         read_cube(tmp_path / "nothere.fits.gz")
     shutil.rmtree(tmp_path)
+
+
+def test_tile_compressed_and_scaled_hdus_read_through_astropy(mock_cube_paths, tmp_path) -> None:
+    """HDUs whose bytes are not the plain big-endian array (fpack'ed FLUX, a scaled IVAR)
+    give the same values as astropy's reading, not their raw bytes."""
+    import gzip
+
+    with fits.open(mock_cube_paths[0]) as hdul:
+        flux = hdul["FLUX"].data.astype(np.float32)
+        ivar = hdul["IVAR"].data.astype(np.float32)
+        out = fits.HDUList([h.copy() for h in hdul])
+    i = out.index_of("FLUX")
+    out[i] = fits.CompImageHDU(flux, header=out[i].header, name="FLUX",
+                               compression_type="GZIP_1")
+    j = out.index_of("IVAR")
+    scaled = fits.ImageHDU(ivar.astype(np.float64), header=out[j].header, name="IVAR")
+    scaled.scale("float32", bzero=1.0)
+    out[j] = scaled
+    path = tmp_path / mock_cube_paths[0].name
+    raw = tmp_path / "raw.fits"
+    out.writeto(raw)
+    path.write_bytes(gzip.compress(raw.read_bytes(), compresslevel=1))
+    cube = read_cube(path)
+    with fits.open(raw) as hdul:  # astropy's values (the tile compression is lossy)
+        want_flux = np.asarray(hdul["FLUX"].data, dtype=np.float32)
+        want_ivar = np.asarray(hdul["IVAR"].data, dtype=np.float32)
+    np.testing.assert_array_equal(cube.flux[cube.good], want_flux[cube.good])
+    np.testing.assert_allclose(cube.ivar[cube.good], want_ivar[cube.good], rtol=1e-6)
+    assert cube.good.sum() == read_cube(mock_cube_paths[0]).good.sum()
