@@ -161,3 +161,31 @@ def test_shifted_stack_uses_only_fitted_members(full_archive) -> None:
     assert good.sum() > 4000
     assert not np.allclose(s.flux[good], p.flux[good], rtol=1e-4)  # the members did move
     np.testing.assert_allclose(np.nanmedian(s.flux), np.nanmedian(p.flux), rtol=0.02)
+
+
+def test_partial_sums_committed_after_the_readers_snapshot(full_archive, tmp_path: Path) -> None:
+    """A stack reads its partial-sum files from a later manifest reading than its
+    connection's. When assign commits the model's first partial sums in between, the
+    connection has no ``union_node_partials`` flag: the read still works (it read a NULL
+    ``union_by_name`` before) and gives the same sums."""
+    from desomdb import views
+
+    src, model_id, _, _ = full_archive
+    root = tmp_path / "arch"
+    shutil.copytree(src, root)
+    arch = Archive(root)
+    files = arch.files("node_partials", model_id=model_id)
+    tables = {str(f.relative_to(root)): pq.read_table(f) for f in files}
+    with arch.writer("test") as w:
+        w.commit(remove=[("node_partials", rel) for rel in tables])
+    node = _biggest_node(root, model_id)
+    with views.connect(root, model=model_id) as con:  # the snapshot: no partial sums yet
+        sel = views.query(con, stack_mod.selection_sql(f"node = {node}")).pl()
+        sel = sel.with_columns(pl.col("node").alias("group"))
+        with arch.writer("test") as w:  # assign lands before the stack lists the files
+            w.commit(add=[w.stage_table("node_partials", t, rel.replace(".parquet", "-b.parquet"))
+                          for rel, t in tables.items()])
+        got = stack_mod._partials(con, arch, model_id, sel)
+    assert got is not None and sum(len(v) for v in got.values()) > 0
+    result = stack_mod.stack(root, where=f"node = {node}", by="node", fit=False)
+    assert result.stacks[0].from_partials == result.stacks[0].n_members
