@@ -134,7 +134,7 @@ def _members_cte(model_id: str, where: str) -> str:
 
 def galaxy_term(value: np.ndarray, sigma: np.ndarray, node: np.ndarray, galaxy: np.ndarray,
                 target: float = INTERVAL[1] - INTERVAL[0], max_held: int = 2000,
-                upper: float = 1.0, seed: int = 0) -> float:
+                max_reference: int = 400, upper: float = 1.0, seed: int = 0) -> float:
     """Spread between galaxies that the members' error model does not carry (same unit).
 
     Leave one galaxy out: for a held-out member ``i`` (at most ``max_held``, seeded) of node
@@ -160,6 +160,9 @@ def galaxy_term(value: np.ndarray, sigma: np.ndarray, node: np.ndarray, galaxy: 
         Coverage to reach (0.68).
     max_held : int
         Held-out members used (seeded sample of those with another galaxy in their node).
+    max_reference : int
+        Members kept per node (seeded sample), so at most ``max_held × max_reference``
+        pairs are formed however the members crowd onto one node.
     upper : float
         Largest τ tried (the label's range); returned when even it falls short.
     seed : int
@@ -169,6 +172,13 @@ def galaxy_term(value: np.ndarray, sigma: np.ndarray, node: np.ndarray, galaxy: 
     float
         τ; 0.0 when the intervals already cover ``target`` or no node has two galaxies.
     """
+    rng = np.random.default_rng(seed)
+    keep = np.ones(node.size, dtype=bool)
+    _, inverse, counts = np.unique(node, return_inverse=True, return_counts=True)
+    for k in np.flatnonzero(counts > max_reference):  # bounds the pairs (and memory)
+        members = np.flatnonzero(inverse == k)
+        keep[rng.choice(members, members.size - max_reference, replace=False)] = False
+    value, sigma, node, galaxy = value[keep], sigma[keep], node[keep], galaxy[keep]
     order = np.lexsort((galaxy, node))
     value, sigma, node, galaxy = value[order], sigma[order], node[order], galaxy[order]
     start = np.flatnonzero(np.r_[True, node[1:] != node[:-1]])
@@ -178,7 +188,6 @@ def galaxy_term(value: np.ndarray, sigma: np.ndarray, node: np.ndarray, galaxy: 
     candidates = np.flatnonzero(multi[seg])
     if candidates.size == 0:
         return 0.0
-    rng = np.random.default_rng(seed)
     held = np.sort(rng.choice(candidates, min(max_held, candidates.size), replace=False))
     width = (stop - start)[seg[held]]
     i = np.repeat(held, width)

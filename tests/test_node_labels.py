@@ -234,3 +234,17 @@ def test_calibrate_needs_labels(ingested) -> None:
     arch, _ = ingested
     with pytest.raises(ArchiveError, match="desomdb label"):
         calibrate.calibrate(arch, progress=False)
+
+
+def test_galaxy_term_bounds_its_pairs_when_members_crowd_one_node() -> None:
+    """Every member on one node (a degenerate map): a seeded sample of the node's members is
+    the reference, so the pairs stay bounded and the term is still estimated."""
+    rng = np.random.default_rng(3)
+    n = 60_000
+    galaxy = rng.integers(0, 300, n)
+    fit = rng.normal(0, 0.1, 300)[galaxy] + rng.normal(0, 0.02, n)
+    sig = np.full(n, 0.02)
+    node = np.zeros(n, dtype=np.int64)
+    tau = node_labels.galaxy_term(fit, sig, node, galaxy, max_held=500, max_reference=200,
+                                  upper=5.0)
+    assert np.isfinite(tau) and 0.0 <= tau < 0.1  # 300 galaxies: the node's spread covers
