@@ -95,9 +95,12 @@ class DesomConfig:
     som_epochs: int = 20
     t_max: float = 15.0
     t_min: float = 0.7
-    iterations: int = 3000
-    decay_iters: int = 2400
-    pretrain_iters: int = 500
+    #: Compact default schedule: on a 48-galaxy mock (15×15) 1,800 + 400 iterations gave the
+    #: same held-out MSE as 3,000 + 500 (0.70x PCA-256), TE4 0.19 vs 0.21, in 37 % fewer
+    #: steps (README, "DESOM-1 against the baseline").
+    iterations: int = 1800
+    decay_iters: int = 1440
+    pretrain_iters: int = 400
     batch_size: int = 128
     lr: float = 1e-3
     som_lr: float = 0.1
