@@ -133,9 +133,31 @@ def similar_baxels(archive: str | Path, *, baxel: str | None = None,
     rows, dist, seconds, method, note = nearest(
         arch, model_id, "baxels", files, query, k, exact,
         lambda: sx.read_latents(arch, sorted(files)))
-    table = rows.select("release", "plateifu", "bin_id", "node").with_columns(
+    return Neighbours(label, "baxels", model_id, BAXEL_METRIC, method,
+                      baxel_table(rows, dist), seconds, note)
+
+
+def baxel_table(rows: pl.DataFrame, dist: np.ndarray) -> pl.DataFrame:
+    """Rank, key, node and latent distance of neighbour baxels (nearest first)."""
+    return rows.select("release", "plateifu", "bin_id", "node").with_columns(
         pl.Series("distance", dist)).with_row_index("rank", offset=1)
-    return Neighbours(label, "baxels", model_id, BAXEL_METRIC, method, table, seconds, note)
+
+
+def galaxy_table(rows: pl.DataFrame, dist: np.ndarray) -> pl.DataFrame:
+    """Rank, mangaid, Hellinger distance and fingerprint facts of neighbour galaxies.
+
+    ``dist`` is the Euclidean distance between square-root fingerprints; Hellinger is that
+    over √2, clipped to 1.
+    """
+    return rows.select("mangaid").with_columns(
+        pl.Series("hellinger", np.minimum(dist / np.sqrt(2.0), 1.0)),
+        *(rows[c] for c in ("desom2_node", "n_baxels", "n_cubes"))
+    ).with_row_index("rank", offset=1)
+
+
+def index_rows(keys: pl.DataFrame, found: np.ndarray) -> pl.DataFrame:
+    """Rows of ``keys`` (sorted by ``key``) for the keys an index search returned."""
+    return keys[np.searchsorted(keys["key"].to_numpy(), found)]
 
 
 def nearest(
@@ -157,8 +179,7 @@ def nearest(
         t0 = time.perf_counter()
         found, dist = ann.search(idx, query, k)
         seconds = time.perf_counter() - t0
-        return keys[np.searchsorted(keys["key"].to_numpy(), found)], dist, seconds, \
-            "usearch HNSW", note
+        return index_rows(keys, found), dist, seconds, "usearch HNSW", note
     rows_all, vectors = load_exact()
     t0 = time.perf_counter()
     pos, dist = ann.ExactSearch(vectors).search(query, k)
@@ -192,12 +213,8 @@ def similar_galaxies(archive: str | Path, mangaid: str, k: int = 10,
     query = vectors[hit[0]]
     rows, dist, seconds, method, note = nearest(
         arch, model_id, "galaxies", files, query, k, exact, lambda: (rows_all, vectors))
-    table = rows.select("mangaid").with_columns(
-        pl.Series("hellinger", np.minimum(dist / np.sqrt(2.0), 1.0)),
-        *(rows[c] for c in ("desom2_node", "n_baxels", "n_cubes"))
-    ).with_row_index("rank", offset=1)
-    return Neighbours(f"galaxy {mangaid}", "galaxies", model_id, GALAXY_METRIC, method, table,
-                      seconds, note)
+    return Neighbours(f"galaxy {mangaid}", "galaxies", model_id, GALAXY_METRIC, method,
+                      galaxy_table(rows, dist), seconds, note)
 
 
 def _check_k(k: int) -> None:

@@ -649,8 +649,6 @@ def _similar_galaxies(ex: Explorer, model_id: str, mangaid: str) -> tuple[Any, s
     The fingerprint vectors come from :meth:`Explorer.galaxy_vectors` (read once per archive
     generation: at 10,000 galaxies, listing and reading them took ~200 ms of every page).
     """
-    import polars as pl
-
     from desomdb import similar
 
     files, rows_all, vectors = ex.galaxy_vectors(model_id)
@@ -667,10 +665,7 @@ def _similar_galaxies(ex: Explorer, model_id: str, mangaid: str) -> tuple[Any, s
             lambda: (rows_all, vectors))
     except DesomdbError as exc:
         return None, " ".join(str(exc).split())
-    table = rows.select("mangaid").with_columns(
-        pl.Series("hellinger", np.minimum(dist / np.sqrt(2.0), 1.0)),
-        *(rows[c] for c in ("desom2_node", "n_baxels", "n_cubes"))
-    ).with_row_index("rank", offset=1)
+    table = similar.galaxy_table(rows, dist)
     return table.filter(table["mangaid"] != mangaid), note
 
 
@@ -681,8 +676,6 @@ def _similar_baxels(ex: Explorer, model_id: str, data: pages.BaxelData, exact: b
     Without a current index the exact search reads every stored latent (seconds at survey
     scale), so the page offers it as a link instead of running it on every visit.
     """
-    import polars as pl
-
     from desomdb import ann, similar
     from desomdb import similar_index as sx
 
@@ -709,9 +702,8 @@ def _similar_baxels(ex: Explorer, model_id: str, data: pages.BaxelData, exact: b
         index, keys = opened
         with ex.search_lock:
             found, dist = ann.search(index, data.latent, K_SIMILAR)
-        rows = keys[np.searchsorted(keys["key"].to_numpy(), found)]
-    t = rows.select("release", "plateifu", "bin_id", "node").with_columns(
-        pl.Series("distance", dist)).with_row_index("rank", offset=1)
+        rows = similar.index_rows(keys, found)
+    t = similar.baxel_table(rows, dist)
     return t.filter((t["plateifu"] != data.plateifu) | (t["bin_id"] != data.bin_id)), note
 
 
