@@ -227,19 +227,28 @@ def galaxy_terms(con: duckdb.DuckDBPyConnection, model_id: str, where: str = "tr
     quoted = "'" + model_id.replace("'", "''") + "'"
     n = con.sql(f"select count(*) from assignments where model_id = {quoted}").fetchall()
     fraction = GALAXY_SAMPLE / max(int(n[0][0]), 1)
-    rows = con.sql(sample_sql(model_id, where, fraction)).to_arrow_table()
-    out = {}
+    return terms_of_sample(con.sql(sample_sql(model_id, where, fraction)).to_arrow_table())
+
+
+def terms_of_sample(rows: pa.Table) -> dict[str, float]:
+    """:func:`galaxy_term` per label of a member sample (columns of :func:`sample_sql`).
+
+    Members without a σ (labels of a fitter the error model does not cover) are left out of
+    the fit; their nodes get no interval anyway. A label with no member left has no entry:
+    :func:`_reduce` then adds no galaxy term.
+    """
     labels = rows.column("label").to_numpy(zero_copy_only=False)
+    value = rows.column("value").to_numpy(zero_copy_only=False).astype(float)
+    sigma = rows.column("sigma").to_numpy(zero_copy_only=False).astype(float)
+    node = rows.column("node").to_numpy(zero_copy_only=False)
+    galaxy = rows.column("galaxy").to_numpy(zero_copy_only=False)
+    out = {}
     for name in np.unique(labels):
-        sel = labels == name
-        sigma = rows.column("sigma").to_numpy(zero_copy_only=False).astype(float)[sel]
-        if not np.isfinite(sigma).all():
-            continue  # labels of a fitter the error model does not cover
-        lo_e, hi_e, _ = LABEL_EDGES[str(name)]
-        out[str(name)] = galaxy_term(
-            rows.column("value").to_numpy()[sel], sigma,
-            rows.column("node").to_numpy()[sel],
-            rows.column("galaxy").to_numpy(zero_copy_only=False)[sel], upper=hi_e - lo_e)
+        sel = (labels == name) & np.isfinite(sigma)
+        if sel.any():
+            lo_e, hi_e, _ = LABEL_EDGES[str(name)]
+            out[str(name)] = galaxy_term(value[sel], sigma[sel], node[sel], galaxy[sel],
+                                         upper=hi_e - lo_e)
     return out
 
 
@@ -314,7 +323,8 @@ def _reduce(label: np.ndarray, node: np.ndarray, value: np.ndarray,
             sigma: np.ndarray, terms: dict[str, float]) -> pa.Table:
     """Statistics of complete (label, node) groups of rows sorted by (label, node, value).
 
-    ``terms`` holds each label's :func:`galaxy_term`, added in quadrature to every member's σ.
+    ``terms`` holds each label's :func:`galaxy_term`, added in quadrature to every member's σ
+    (0 for a label without one: no sampled member had a σ to fit it on).
     """
     new = np.ones(label.size, dtype=bool)
     new[1:] = (label[1:] != label[:-1]) | (node[1:] != node[:-1])
@@ -344,7 +354,7 @@ def _reduce(label: np.ndarray, node: np.ndarray, value: np.ndarray,
                              minlength=gsel.size * nbins).reshape(gsel.size, nbins)
         for j, g in enumerate(gsel):
             hists[g] = counts[j].tolist()
-        term = terms.get(str(name), np.nan)
+        term = terms.get(str(name), 0.0)
         s = np.sqrt(sigma[rows] ** 2 + term**2)
         known = np.isfinite(s)
         ok_groups = np.bincount(local, weights=(~known).astype(float), minlength=gsel.size) == 0

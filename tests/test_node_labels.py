@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import yaml
 from scipy import optimize, stats
@@ -248,3 +250,26 @@ def test_galaxy_term_bounds_its_pairs_when_members_crowd_one_node() -> None:
     tau = node_labels.galaxy_term(fit, sig, node, galaxy, max_held=500, max_reference=200,
                                   upper=5.0)
     assert np.isfinite(tau) and 0.0 <= tau < 0.1  # 300 galaxies: the node's spread covers
+
+
+def test_a_member_without_sigma_does_not_drop_the_labels_galaxy_term() -> None:
+    """One sampled member of a fitter the error model does not cover used to drop the whole
+    label's galaxy term, and a label with no term lost every node's interval."""
+    rng = np.random.default_rng(4)
+    _truth, fit, sig, node, galaxy = _galaxies(rng, 16, 40, 16, offset=0.2, within=0.02,
+                                               sigma=0.03)
+    sig_missing = sig.copy()
+    sig_missing[0] = np.nan  # one member of an uncovered fitter
+    rows = pa.table({"label": ["mh_mw"] * fit.size, "node": node, "value": fit,
+                     "sigma": sig_missing, "galaxy": galaxy.astype(str)})
+    terms = node_labels.terms_of_sample(rows)
+    keep = np.isfinite(sig_missing)
+    assert terms["mh_mw"] == node_labels.galaxy_term(
+        fit[keep], sig[keep], node[keep], galaxy[keep].astype(str), upper=1.1)
+    assert terms["mh_mw"] > 0.1
+    # no term for a label (nothing sampled): the members' own sigma still gives intervals
+    order = np.lexsort((fit, node))
+    table = node_labels._reduce(np.full(fit.size, "mh_mw"), node[order], fit[order],
+                                sig[order], {})
+    assert table.column("lo68").null_count == 0
+    assert pc.all(pc.equal(table.column("sigma_galaxy"), 0.0)).as_py()
