@@ -164,10 +164,9 @@ def test_shifted_stack_uses_only_fitted_members(full_archive) -> None:
 
 
 def test_partial_sums_committed_after_the_readers_snapshot(full_archive, tmp_path: Path) -> None:
-    """A stack reads its partial-sum files from a later manifest reading than its
-    connection's. When assign commits the model's first partial sums in between, the
-    connection has no ``union_node_partials`` flag: the read still works (it read a NULL
-    ``union_by_name`` before) and gives the same sums."""
+    """A stack reads the partial-sum files of its connection's snapshot of the manifest. Sums
+    that assign commits after that snapshot are not mixed in (the snapshot had none: the
+    spectra are read), and sums replaced after it are still read from the snapshot's files."""
     from desomdb import views
 
     src, model_id, _, _ = full_archive
@@ -176,16 +175,30 @@ def test_partial_sums_committed_after_the_readers_snapshot(full_archive, tmp_pat
     arch = Archive(root)
     files = arch.files("node_partials", model_id=model_id)
     tables = {str(f.relative_to(root)): pq.read_table(f) for f in files}
-    with arch.writer("test") as w:
-        w.commit(remove=[("node_partials", rel) for rel in tables])
     node = _biggest_node(root, model_id)
-    with views.connect(root, model=model_id) as con:  # the snapshot: no partial sums yet
+
+    def selection(con: views.ReadOnlyConnection) -> pl.DataFrame:
         sel = views.query(con, stack_mod.selection_sql(f"node = {node}")).pl()
-        sel = sel.with_columns(pl.col("node").alias("group"))
+        return sel.with_columns(pl.col("node").alias("group"))
+
+    with views.connect(root, model=model_id) as con:  # a snapshot with the partial sums
+        sel = selection(con)
+        before = stack_mod._partials(con, arch, model_id, sel)
+        with arch.writer("test") as w:  # assign replaces them before the stack reads them
+            w.commit(remove=[("node_partials", rel) for rel in tables])
+        again = stack_mod._partials(con, arch, model_id, sel)
+    assert before and again
+    assert before.keys() == again.keys()
+    for cube, nodes in before.items():
+        for n, (count, sum_w, sum_wx) in nodes.items():
+            assert again[cube][n][0] == count
+            np.testing.assert_array_equal(again[cube][n][1], sum_w)
+            np.testing.assert_array_equal(again[cube][n][2], sum_wx)
+    with views.connect(root, model=model_id) as con:  # the snapshot: no partial sums
+        sel = selection(con)
         with arch.writer("test") as w:  # assign lands before the stack lists the files
             w.commit(add=[w.stage_table("node_partials", t, rel.replace(".parquet", "-b.parquet"))
                           for rel, t in tables.items()])
-        got = stack_mod._partials(con, arch, model_id, sel)
-    assert got is not None and sum(len(v) for v in got.values()) > 0
+        assert stack_mod._partials(con, arch, model_id, sel) is None
     result = stack_mod.stack(root, where=f"node = {node}", by="node", fit=False)
     assert result.stacks[0].from_partials == result.stacks[0].n_members
