@@ -107,9 +107,12 @@ LINE_WINDOW_KMS = 800.0
 #: Step in A_V (mag) of the fast fitter's parabolic refinement of the stellar dust.
 AV_STEP = 0.05
 #: Gauss-Newton steps of the fast fitter's last stage (each: one step in stellar V, σ, A_V
-#: at fixed weights, then A_V on a parabola of linear fits); stops early when one does not
-#: lower the objective.
-GN_ITERATIONS = 1
+#: and gas V, σ at fixed weights, then A_V on a parabola of linear fits); stops early when
+#: one does not lower the data χ². Two reach pPXF's own minimum (README, "Labels: speed").
+GN_ITERATIONS = 2
+#: Below this S/N of the fitted lines together (√Σ (gas model / noise)² over the fitted bins)
+#: the Gauss-Newton step leaves the gas V, σ of stage 2 alone.
+GN_GAS_MIN_SNR = 5.0
 
 
 @dataclass(frozen=True)
@@ -282,7 +285,9 @@ class LinearFit:
     sol : list of list of float
         ``[[V, σ], [V_gas, σ_gas]]``, km/s.
     objective : float
-        χ² plus the regularisation penalty (what the weights minimise).
+        χ² plus the regularisation penalty (what the weights minimise). The nonlinear
+        parameters minimise ``chi2`` alone, as pPXF's do: its ``linear_fit`` hands capfit the
+        data residuals only, the regularisation shapes the weights.
     a_v : float
         Stellar A_V of the fit, mag.
     """
@@ -449,13 +454,17 @@ def linear_fit(setup: FitSetup, galaxy: np.ndarray, noise: np.ndarray, good: np.
 
 def _gauss_newton_step(setup: FitSetup, galaxy: np.ndarray, noise: np.ndarray,
                        good: np.ndarray, fit: LinearFit,
-                       params: tuple[float, float, float]) -> tuple[float, float, float]:
-    """One Gauss-Newton step in stellar (V, σ, A_V) at fixed weights, from analytic derivatives.
+                       params: tuple[float, float, float, float, float]
+                       ) -> tuple[float, float, float, float, float]:
+    """One Gauss-Newton step in all five nonlinear parameters at fixed weights.
 
-    The stellar model is att(λ; A_V) × IFFT(T_w K), with T_w the weighted sum of the stellar
-    template transforms and K = exp(-i v ω - σ² ω² / 2) pPXF's Gaussian LOSVD transform
-    (v, σ in pixels), so ∂/∂v = IFFT(-i ω T_w K), ∂/∂σ = IFFT(-σ ω² T_w K) and
-    ∂/∂A_V = model × ∂ ln att/∂A_V: one FFT column each.
+    The parameters are pPXF's: stellar V, σ, A_V and gas V, σ. The stellar model is
+    att(λ; A_V) × IFFT(T_w K), with T_w the weighted sum of the stellar template transforms
+    and K = exp(-i v ω - σ² ω² / 2) pPXF's Gaussian LOSVD transform (v, σ in pixels), so
+    ∂/∂v = IFFT(-i ω T_w K), ∂/∂σ = IFFT(-σ ω² T_w K) and ∂/∂A_V = model × ∂ ln att/∂A_V: one
+    FFT column each. The gas model IFFT(G_w K_gas) (no attenuation) gives its two columns the
+    same way. When the fitted lines together have S/N below :data:`GN_GAS_MIN_SNR` the gas
+    kinematics are left alone: their columns would be noise, and the step a random walk.
 
     Parameters
     ----------
@@ -465,38 +474,49 @@ def _gauss_newton_step(setup: FitSetup, galaxy: np.ndarray, noise: np.ndarray,
     fit : LinearFit
         The fit at ``params``.
     params : tuple of float
-        Stellar V (km/s), σ (km/s), A_V (mag).
+        Stellar V (km/s), σ (km/s), A_V (mag), gas V (km/s), gas σ (km/s).
 
     Returns
     -------
     tuple of float
-        The stepped V, σ, A_V, clipped to σ ≥ 10 km/s, A_V in [0, 4] and a step of at most
-        50 km/s in V and σ.
+        The stepped parameters, in the same order: a step of at most 50 km/s in every V and σ,
+        stellar σ ≥ 10 km/s, gas σ ≥ 1 km/s, A_V in [0, 4].
     """
     from ppxf.ppxf import attenuation
 
-    vel, sig, a_v = params
+    vel, sig, a_v, vel_gas, sig_gas = params
     n_stars = setup.stars.shape[1]
     n_freq = setup.templates_rfft.shape[0]
     n_pix = galaxy.size
     wave = spectra.rest_wave_aa()
     omega = np.linspace(0, np.pi, n_freq)
-    v_pix, s_pix = vel / setup.velscale + setup.vsyst, sig / setup.velscale
-    kernel = np.exp(-1j * v_pix * omega - 0.5 * (s_pix * omega) ** 2)
-    t_w = setup.templates_rfft[:, :n_stars] @ fit.weights[:n_stars]
-    spectra_w = np.stack([t_w * kernel, -1j * omega * t_w * kernel,
-                          -s_pix * omega**2 * t_w * kernel], axis=1)
-    conv = np.fft.irfft(spectra_w, setup.npad, axis=0)[:n_pix]
+
+    def columns(v_kms: float, s_kms: float, t_w: np.ndarray) -> list[np.ndarray]:
+        v_pix, s_pix = v_kms / setup.velscale + setup.vsyst, s_kms / setup.velscale
+        shaped = t_w * np.exp(-1j * v_pix * omega - 0.5 * (s_pix * omega) ** 2)
+        return [shaped, -1j * omega * shaped, -s_pix * omega**2 * shaped]
+
+    stars = columns(vel, sig, setup.templates_rfft[:, :n_stars] @ fit.weights[:n_stars])
+    gas = columns(vel_gas, sig_gas, setup.templates_rfft[:, n_stars:] @ fit.weights[n_stars:])
+    conv = np.fft.irfft(np.stack([*stars, *gas[1:]], axis=1), setup.npad, axis=0)[:n_pix]
     att = attenuation(wave, a_v)
     d_ln_att = np.log(attenuation(wave, 1.0))  # ln att is linear in A_V
-    model = conv[:, 0] * att
     jac = np.column_stack([conv[:, 1] * att / setup.velscale,
-                           conv[:, 2] * att / setup.velscale, model * d_ln_att])
+                           conv[:, 2] * att / setup.velscale, conv[:, 0] * att * d_ln_att,
+                           conv[:, 3] / setup.velscale, conv[:, 4] / setup.velscale])
+    gas_snr = float(np.sqrt(np.sum((fit.gas_bestfit / noise)[good] ** 2)))
+    if gas_snr < GN_GAS_MIN_SNR:
+        jac = jac[:, :3]
     resid = (galaxy - fit.bestfit) / noise
     step = np.linalg.lstsq(jac[good] / noise[good, None], resid[good], rcond=None)[0]
-    d_vel, d_sig = np.clip(step[:2], -50.0, 50.0)
+    full = np.zeros(5)
+    full[:step.size] = step  # no gas step below the line S/N cut
+    d_vel, d_sig, d_av, d_vel_gas, d_sig_gas = (float(d) for d in full)
+    d_vel, d_sig, d_vel_gas, d_sig_gas = np.clip([d_vel, d_sig, d_vel_gas, d_sig_gas],
+                                                 -50.0, 50.0)
     return (vel + float(d_vel), max(sig + float(d_sig), 10.0),
-            float(np.clip(a_v + step[2], 0.0, 4.0)))
+            float(np.clip(a_v + d_av, 0.0, 4.0)),
+            vel_gas + float(d_vel_gas), max(sig_gas + float(d_sig_gas), 1.0))
 
 
 def _fit_ppxf(setup: FitSetup, galaxy: np.ndarray, noise: np.ndarray, good: np.ndarray,
@@ -554,13 +574,17 @@ def _fit_fast(setup: FitSetup, galaxy: np.ndarray, noise: np.ndarray, good: np.n
     2. Gas V, σ (pPXF) from the gas templates alone, on the spectrum minus stage 1's stellar
        model, within the line windows.
     3. Every stellar and gas template at the kinematics of stages 1-2, convolved once in one
-       batched FFT; :func:`linear_fit` (regularised, the reference's objective) at three A_V
-       around stage 1's, and at the vertex of the parabola through them: the weights, line
+       batched FFT, solved by :func:`linear_fit` (regularised, the reference's objective).
+       Then :data:`GN_ITERATIONS` times: one Gauss-Newton step in all five nonlinear
+       parameters at fixed weights (:func:`_gauss_newton_step`), the templates convolved
+       again, and :func:`linear_fit` at three A_V around the stepped one and at the vertex of
+       the parabola through them, kept if the data χ² drops (the quantity pPXF's nonlinear
+       optimiser minimises; the regularisation only shapes the weights): the weights, line
        fluxes, χ² and A_V of the labels.
 
     The reference spends ~30 evaluations of all 115 templates on a finite-difference
     Jacobian over 5 parameters; here the nonlinear stages see 16 or 19 templates and the
-    full set is solved 4 times (README, "Labels: speed").
+    full set is solved once plus 4 times per Gauss-Newton iteration (README, "Labels: speed").
 
     Parameters and returns as :func:`_fit_ppxf`.
     """
@@ -593,8 +617,8 @@ def _fit_fast(setup: FitSetup, galaxy: np.ndarray, noise: np.ndarray, good: np.n
                    gas_names=setup.gas_names)
     vel_gas, sig_gas = (float(v) for v in gas_fit.sol[:2])
     # Stage 3: every template at fixed kinematics. One Gauss-Newton step moves the stellar
-    # V, σ and A_V to the full set's optimum (weights held), then A_V is refined on a
-    # parabola through three linear fits.
+    # V, σ, A_V and the gas V, σ towards the full set's optimum (weights held), then A_V is
+    # refined on a parabola through three linear fits.
     n_stars = setup.stars.shape[1]
     gas_conv = convolved_templates(setup, vel_gas, sig_gas, slice(n_stars, n_stars + n_gas))
     conv = np.column_stack([convolved_templates(setup, vel, sig, slice(0, n_stars)), gas_conv])
@@ -602,12 +626,14 @@ def _fit_fast(setup: FitSetup, galaxy: np.ndarray, noise: np.ndarray, good: np.n
                        options.regul, conv)
     best, kin = first, (vel, sig, vel_gas, sig_gas)
     for _ in range(GN_ITERATIONS):
-        vel, sig, a_v = _gauss_newton_step(setup, galaxy, noise, good, best,
-                                           (kin[0], kin[1], best.a_v))
+        vel, sig, a_v, vel_gas, sig_gas = _gauss_newton_step(
+            setup, galaxy, noise, good, best, (kin[0], kin[1], best.a_v, kin[2], kin[3]))
         conv[:, :n_stars] = convolved_templates(setup, vel, sig, slice(0, n_stars))
+        conv[:, n_stars:] = convolved_templates(setup, vel_gas, sig_gas,
+                                                slice(n_stars, n_stars + n_gas))
         step = _refine_av(setup, galaxy, noise, good, (vel, sig, vel_gas, sig_gas), a_v,
                           options.regul, conv)
-        if step.objective >= best.objective:  # no improvement: keep the previous parameters
+        if step.chi2 >= best.chi2:  # no improvement: keep the previous parameters
             break
         best, kin = step, (vel, sig, vel_gas, sig_gas)
     return best, float(best.a_v)
@@ -616,20 +642,20 @@ def _fit_fast(setup: FitSetup, galaxy: np.ndarray, noise: np.ndarray, good: np.n
 def _refine_av(setup: FitSetup, galaxy: np.ndarray, noise: np.ndarray, good: np.ndarray,
                kin: tuple[float, float, float, float], a_v: float, regul: float,
                conv: np.ndarray) -> LinearFit:
-    """Best linear fit over A_V: three fits around ``a_v`` and the parabola's vertex."""
+    """Best linear fit over A_V by data χ²: three fits around ``a_v`` and the parabola's vertex."""
 
     def at(av: float) -> LinearFit:
         return linear_fit(setup, galaxy, noise, good, kin, av, regul, conv)
 
     trial = [max(a_v, AV_STEP) + d * AV_STEP for d in (-1, 0, 1)]
     fits = [at(av) for av in trial]
-    obj = np.array([f.objective for f in fits])
+    obj = np.array([f.chi2 for f in fits])
     best = fits[int(np.argmin(obj))]
     curvature = obj[0] - 2 * obj[1] + obj[2]
     if curvature > 0:  # the parabola's vertex (at most 3 steps out), kept if it does better
         shift = float(np.clip(0.5 * (obj[0] - obj[2]) / curvature, -3.0, 3.0))
         refined = at(max(trial[1] + shift * AV_STEP, 0.0))
-        if refined.objective < best.objective:
+        if refined.chi2 < best.chi2:
             best = refined
     return best
 

@@ -229,6 +229,28 @@ def test_fast_fitter_agrees_with_the_reference(case) -> None:
     assert fast["log_ssfr"] == pytest.approx(ref["log_ssfr"], abs=0.05)
 
 
+def test_gauss_newton_step_moves_the_gas_kinematics_towards_the_truth() -> None:
+    # Constructed: stars at V = 0, σ = 120 km/s, A_V = 0.405 (E(B-V)_* 0.1); lines at V = 0,
+    # σ = 60 km/s. Started with the gas 30 km/s off in V and 20 km/s low in σ, one step (the
+    # weights held) must bring both most of the way back and leave the stars where they are.
+    # Without lines the gas columns are zero and the gas kinematics must not move.
+    setup = labels.fit_setup(0.03)
+    for ew, moves in ((20.0, True), (0.0, False)):
+        flux, ivar, _ = _constructed("miuscat", 2.5, ew, 3.5, 30.0, seed=1)
+        galaxy, noise = flux.astype(float), 1 / np.sqrt(ivar.astype(float))
+        good = np.ones(flux.size, bool)
+        start = (0.0, 120.0, 30.0, 40.0)
+        fit = labels.linear_fit(setup, galaxy, noise, good, start, 0.405, 10.0)
+        vel, sig, a_v, vel_gas, sig_gas = labels._gauss_newton_step(
+            setup, galaxy, noise, good, fit, (0.0, 120.0, 0.405, 30.0, 40.0))
+        assert abs(vel) < 5 and abs(sig - 120) < 10 and abs(a_v - 0.405) < 0.05
+        if moves:
+            assert abs(vel_gas) < 10, vel_gas
+            assert abs(sig_gas - 60) < 10, sig_gas
+        else:
+            assert (vel_gas, sig_gas) == pytest.approx((30.0, 40.0), abs=1e-6)
+
+
 def test_fast_linear_fit_matches_pixels_of_ppxf() -> None:
     # The batched convolution and the Cholesky-NNLS solve rebuild pPXF's own model: at the
     # reference fit's kinematics and A_V, the same objective gives the same best fit.
