@@ -4,16 +4,20 @@ The science of one spectrum is :func:`fit_spectrum`; :func:`label` runs it over 
 
 Fitters (``fitter=`` / ``desomdb label --fitter``; the id is stored in every row)
 ---------------------------------------------------------------------------------
-- ``fast`` (``fast-miuscat-v1``, the default): stellar V, σ and A_V once with a coarse 16-
+- ``fast`` (``fast-miuscat-v2``, the default): stellar V, σ and A_V once with a coarse 16-
   template subset on the line-free bins, gas V, σ on the continuum-subtracted line windows,
   then the full template set at fixed kinematics as regularised linear fits (one batched
-  FFT, non-negative least squares on the normal equations), A_V refined on a parabola
-  through three of them. ~5x the reference's fits/s with the same accuracy on both mocks
-  (README, "Labels: speed").
+  FFT, non-negative least squares on the normal equations), and two Gauss-Newton steps in
+  all five nonlinear parameters, each followed by A_V on a parabola through three linear
+  fits. ~4-5x the reference's fits/s with the same accuracy on both mocks (README,
+  "Labels: speed"). Its ``fast-miuscat-v1`` (before December 2026) chose the nonlinear
+  parameters by χ² + regularisation instead; rows keep the id of the fitter that made them.
 - ``ppxf`` (``ppxf-miuscat-v2``, the reference): one pPXF fit with all five nonlinear
   parameters free.
-Both minimise the same χ² + regularisation over the same templates; every fit runs with one
-BLAS thread (``threadpoolctl``), whatever the caller's setting.
+Both solve the weights by χ² + regularisation over the same templates and choose the
+nonlinear parameters by the data χ² alone (pPXF's ``linear_fit`` hands capfit only the data
+residuals); every fit runs with one BLAS thread (``threadpoolctl``), whatever the caller's
+setting.
 
 Fit set-up and conventions
 --------------------------
@@ -89,7 +93,7 @@ from desomdb.constants import COSMOLOGY, FWHM_PER_SIGMA, L_SUN_ERG_S, MPC_CM
 from desomdb.errors import ArchiveError, ConfigError
 
 #: Fitter name (``--fitter``) -> the fitter id stored in the labels rows (a partition key).
-FITTERS = {"fast": "fast-miuscat-v1", "ppxf": "ppxf-miuscat-v2"}
+FITTERS = {"fast": "fast-miuscat-v2", "ppxf": "ppxf-miuscat-v2"}
 DEFAULT_FITTER = "fast"
 #: Id of the default fitter.
 FITTER = FITTERS[DEFAULT_FITTER]
