@@ -77,7 +77,7 @@ import contextlib
 import io
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -281,7 +281,8 @@ class LinearFit:
         Each gas template times its weight.
     gas_flux, gas_flux_error : ndarray, shape (n_gas,)
         Integrated line fluxes (galaxy units × pixels) and formal errors, as pPXF defines
-        them; NaN for a line with no flux in the fitted bins.
+        them; NaN for a line with no flux in the fitted bins. The errors are computed on first
+        use (an SVD of the gas columns): the fast fitter's trial fits never need them.
     gas_names : ndarray, shape (n_gas,)
     gas_component : ndarray of bool, shape (n_stars + n_gas,)
     chi2 : float
@@ -301,13 +302,29 @@ class LinearFit:
     gas_bestfit: np.ndarray
     gas_bestfit_templates: np.ndarray
     gas_flux: np.ndarray
-    gas_flux_error: np.ndarray
     gas_names: np.ndarray
     gas_component: np.ndarray
     chi2: float
     sol: list[list[float]]
     objective: float
     a_v: float
+    #: The gas templates as fitted (n_pix, n_gas) and the bins and noise of the fit.
+    gas_design: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 0)))
+    noise: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    good: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, bool))
+
+    @cached_property
+    def gas_flux_error(self) -> np.ndarray:
+        """Formal 1σ errors of :attr:`gas_flux`, as pPXF's ``gas_flux_error``; shape (n_gas,)."""
+        from capfit.capfit import cov_err
+
+        n_gas = self.gas_design.shape[1]
+        integ = np.abs(self.gas_design.sum(axis=0))
+        empty = ~np.any(self.gas_design[self.good] != 0, axis=0)
+        err = np.full(n_gas, np.nan)
+        err[~empty] = integ[~empty] * cov_err(self.gas_design[:, ~empty]
+                                              / self.noise[:, None])[1]
+        return err
 
 
 #: Nonlinear parameters of every fitter (V, σ, V_gas, σ_gas, A_V): the χ² degrees of freedom.
@@ -421,7 +438,6 @@ def linear_fit(setup: FitSetup, galaxy: np.ndarray, noise: np.ndarray, good: np.
     -------
     LinearFit
     """
-    from capfit.capfit import cov_err
     from ppxf.ppxf import attenuation
 
     n_stars, n_gas = setup.stars.shape[1], setup.gas.shape[1]
@@ -442,17 +458,16 @@ def linear_fit(setup: FitSetup, galaxy: np.ndarray, noise: np.ndarray, good: np.
     gas_cols = design[:, n_stars:]
     integ = np.abs(gas_cols.sum(axis=0))
     empty = ~np.any(gas_cols[good] != 0, axis=0)
-    flux_err = np.full(n_gas, np.nan)
-    flux_err[~empty] = integ[~empty] * cov_err(gas_cols[:, ~empty] / noise[:, None])[1]
     gas_flux = integ * weights[n_stars:]
     gas_flux[empty] = np.nan
     gas_templates = gas_cols * weights[n_stars:]
     return LinearFit(
         weights=weights, bestfit=bestfit, gas_bestfit=gas_templates.sum(axis=1),
-        gas_bestfit_templates=gas_templates, gas_flux=gas_flux, gas_flux_error=flux_err,
+        gas_bestfit_templates=gas_templates, gas_flux=gas_flux,
         gas_names=setup.gas_names, gas_component=np.arange(n_stars + n_gas) >= n_stars,
         chi2=float(resid @ resid) / max(resid.size - N_NONLINEAR, 1),
         sol=[[vel, sig], [vel_gas, sig_gas]],
+        gas_design=gas_cols, noise=noise, good=good,
         objective=objective, a_v=float(a_v))
 
 
