@@ -308,20 +308,18 @@ class LinearFit:
     sol: list[list[float]]
     objective: float
     a_v: float
-    #: The gas templates as fitted (n_pix, n_gas) and the bins and noise of the fit.
+    #: The gas templates as fitted (n_pix, n_gas) and the noise of the fit (n_pix,).
     gas_design: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 0)))
     noise: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
-    good: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, bool))
 
     @cached_property
     def gas_flux_error(self) -> np.ndarray:
         """Formal 1σ errors of :attr:`gas_flux`, as pPXF's ``gas_flux_error``; shape (n_gas,)."""
         from capfit.capfit import cov_err
 
-        n_gas = self.gas_design.shape[1]
         integ = np.abs(self.gas_design.sum(axis=0))
-        empty = ~np.any(self.gas_design[self.good] != 0, axis=0)
-        err = np.full(n_gas, np.nan)
+        empty = np.isnan(self.gas_flux)  # no flux in the fitted bins (linear_fit)
+        err = np.full(empty.size, np.nan)
         err[~empty] = integ[~empty] * cov_err(self.gas_design[:, ~empty]
                                               / self.noise[:, None])[1]
         return err
@@ -467,7 +465,7 @@ def linear_fit(setup: FitSetup, galaxy: np.ndarray, noise: np.ndarray, good: np.
         gas_names=setup.gas_names, gas_component=np.arange(n_stars + n_gas) >= n_stars,
         chi2=float(resid @ resid) / max(resid.size - N_NONLINEAR, 1),
         sol=[[vel, sig], [vel_gas, sig_gas]],
-        gas_design=gas_cols, noise=noise, good=good,
+        gas_design=gas_cols, noise=noise,
         objective=objective, a_v=float(a_v))
 
 
