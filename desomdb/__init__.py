@@ -16,10 +16,12 @@ from desomdb.errors import DesomdbError
 
 
 def _regenerate_setup_sql(archive: Any) -> None:
-    # The views own setup.sql; imported here, when a writer ends, not at package import.
-    from desomdb.views import write_setup_sql
+    # The views own setup.sql and the query cache; imported here, when a writer ends, not at
+    # package import.
+    from desomdb.views import write_query_cache, write_setup_sql
 
     write_setup_sql(archive)
+    write_query_cache(archive)
 
 
 hooks.on_commit(_regenerate_setup_sql)

@@ -156,7 +156,7 @@ def _check_through_views(arch: Archive, tables: dict[str, list[str]]) -> list[Pr
     from desomdb import views
 
     try:
-        con = views.connect(arch.root, raw=True)
+        con = views.connect(arch.root, raw=True, cached=False)  # the files, not the cache
     except (DesomdbError, duckdb.Error) as exc:
         return [Problem("view", "views", f"the views cannot be created ({exc})")]
     try:

@@ -17,6 +17,9 @@ Layout::
                                 <kind>-<source>.usearch and its -keys.parquet)
       _current_model.json       the current model of each kind
       setup.sql                 views for the plain DuckDB CLI
+      _query_cache.duckdb       baxel_labels of the current model, pre-joined (rebuilt after
+                                each writer session; readers use it only while it matches
+                                their snapshot of the manifest)
       _last_report.json         where the last 'desomdb report' went and what it was drawn from
 """
 
@@ -32,6 +35,7 @@ STAGING = "_staging"
 MODELS_DIR = "artefacts"
 CURRENT_MODEL = "_current_model.json"
 SETUP_SQL = "setup.sql"
+QUERY_CACHE = "_query_cache.duckdb"
 LAST_REPORT = "_last_report.json"
 
 #: Tables partitioned by data release.

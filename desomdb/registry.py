@@ -39,7 +39,15 @@ def current_model(archive: Archive, kind: str = "desom1") -> str | None:
 
 
 def set_current_model(archive: Archive, model_id: str, kind: str = "desom1") -> None:
-    """Make ``model_id`` the current model of ``kind`` (explicit, reversible)."""
+    """Make ``model_id`` the current model of ``kind`` (explicit, reversible).
+
+    Raises
+    ------
+    ModelError
+        If ``model_id`` is not a registered model of ``kind``.
+    LockError
+        If another process is writing to the archive.
+    """
     known = registered_models(archive)
     if model_id not in known:
         raise ModelError(f"{archive.root}: no registered model {model_id!r}; registered: "
@@ -47,14 +55,17 @@ def set_current_model(archive: Archive, model_id: str, kind: str = "desom1") -> 
     if known[model_id] != kind:
         raise ModelError(f"{model_id} is a {known[model_id]} model, not {kind}")
     path = archive.root / paths.CURRENT_MODEL
-    try:
-        data = json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, json.JSONDecodeError):
-        data = {}  # damaged: rewritten below with the model the user names
-    if not isinstance(data, dict):
-        data = {}
-    data[kind] = model_id
-    write_json_atomic(path, data)
+    # A writer session: one change at a time, and its end regenerates what follows the
+    # current model (setup.sql's current_model(), the query cache).
+    with archive.writer(f"model use {model_id}"):
+        try:
+            data = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, json.JSONDecodeError):
+            data = {}  # damaged: rewritten below with the model the user names
+        if not isinstance(data, dict):
+            data = {}
+        data[kind] = model_id
+        write_json_atomic(path, data)
 
 
 def registered_models(archive: Archive) -> dict[str, str]:

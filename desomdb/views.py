@@ -6,10 +6,20 @@ committed Parquet files (the manifest), with hive partition columns (``release``
 read-only (:class:`ReadOnlyConnection`: every statement passes
 :func:`desomdb.guard.check_read_only`, and the connection is sandboxed to the archive folder);
 ``connect(archive, raw=True)`` gives the plain DuckDB connection instead.
+
+The views also own the query cache (:data:`desomdb.paths.QUERY_CACHE`): after each writer
+session, ``baxel_labels`` of the archive's current model is materialised into a DuckDB file,
+so the queries users run most (per-node aggregations, one galaxy's rows) skip its two
+1.2 M-row joins. Readers attach it read-only and use it only while its stamp matches their own
+snapshot of the manifest; otherwise (or for another model) ``baxel_labels`` is the live join.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -18,9 +28,18 @@ import duckdb
 
 from desomdb import paths
 from desomdb.archive import Archive, write_text_atomic
-from desomdb.errors import QueryError
+from desomdb.errors import DesomdbError, QueryError
 from desomdb.guard import check_read_only, sandbox, syntax_error_message
 from desomdb.registry import current_model, resolve_model
+
+#: Views materialised in the query cache -> the base tables they read. A cache's stamp digests
+#: these tables' committed file lists, the views' SQL and the model, so any commit that could
+#: change the view's rows, or a new definition of it, makes the cache stale.
+CACHED_VIEWS = {"baxel_labels": ("baxels", "labels", "assignments")}
+#: Bump when the cache's layout changes: older caches are then stale.
+CACHE_FORMAT = 1
+#: The name the query cache is attached under in every reading connection.
+CACHE_ALIAS = "desomdb_cache"
 
 #: DuckDB settings of every reading connection (and of setup.sql). Committed files never
 #: change under their name (a commit adds new files), so cached Parquet footers stay valid;
@@ -166,17 +185,17 @@ class ReadOnlyConnection:
 
 
 @overload
-def connect(archive: str | Path, model: str | None = None, raw: Literal[False] = False
-            ) -> ReadOnlyConnection: ...
+def connect(archive: str | Path, model: str | None = None, raw: Literal[False] = False,
+            cached: bool = True) -> ReadOnlyConnection: ...
 
 
 @overload
-def connect(archive: str | Path, model: str | None = None, *, raw: Literal[True]
-            ) -> duckdb.DuckDBPyConnection: ...
+def connect(archive: str | Path, model: str | None = None, *, raw: Literal[True],
+            cached: bool = True) -> duckdb.DuckDBPyConnection: ...
 
 
-def connect(archive: str | Path, model: str | None = None, raw: bool = False
-            ) -> ReadOnlyConnection | duckdb.DuckDBPyConnection:
+def connect(archive: str | Path, model: str | None = None, raw: bool = False,
+            cached: bool = True) -> ReadOnlyConnection | duckdb.DuckDBPyConnection:
     """Open a DuckDB connection with a view for every table of the archive.
 
     Parameters
@@ -189,6 +208,10 @@ def connect(archive: str | Path, model: str | None = None, raw: bool = False
     raw : bool
         Return the plain DuckDB connection: no statement check, no sandbox. You can damage
         the archive with it (``COPY ... TO`` a committed file, say); for debugging only.
+    cached : bool
+        Read ``baxel_labels`` from the query cache where it matches this connection's
+        snapshot (the same rows, without the joins). False: always the live join (what
+        ``desomdb check`` verifies).
 
     Returns
     -------
@@ -205,10 +228,12 @@ def connect(archive: str | Path, model: str | None = None, raw: bool = False
     arch = Archive(archive)
     chosen = resolve_model(arch, model) if model is not None else current_model(arch)
     con = duckdb.connect(":memory:")
-    stmts, present = _statements(arch, chosen, relative=False)
+    manifest = arch.manifest()  # one snapshot for the file lists and the cache's stamp
+    stmts, present = _statements(arch, chosen, relative=False, manifest=manifest)
     for stmt in (*READ_SETTINGS, *stmts):  # the footer cache first: binding a view over
         con.execute(stmt)                 # per-cube files reads each footer (~0.3 ms)
-    _create_views(con, present)
+    overrides = _attach_cache(con, arch, manifest) if cached else {}
+    _create_views(con, present, overrides)
     if raw:
         return con
     sandbox(con, [arch.root])
@@ -225,9 +250,13 @@ def _quote(value: str | None) -> str:
     return "null" if value is None else "'" + value.replace("'", "''") + "'"
 
 
-def _create_views(con: duckdb.DuckDBPyConnection, present: set[str]) -> list[str]:
-    """Create base views for present tables, derived views and macros whose inputs exist."""
-    defs = view_sql()
+def _create_views(con: duckdb.DuckDBPyConnection, present: set[str],
+                  overrides: dict[str, str] | None = None) -> list[str]:
+    """Create base views for present tables, derived views and macros whose inputs exist.
+
+    ``overrides`` replaces the text of derived views by name (the query cache's versions).
+    """
+    defs = {**view_sql(), **(overrides or {})}
     created = []
     for table in paths.TABLES:
         if table in present and table in defs:
@@ -284,6 +313,117 @@ def setup_sql(archive: str | Path) -> str:
 def write_setup_sql(archive: Archive) -> None:
     """Regenerate ``setup.sql`` (views for the plain DuckDB CLI) after a writer's commits."""
     write_text_atomic(archive.root / paths.SETUP_SQL, setup_sql(archive.root))
+
+
+def cache_stamp(manifest: dict[str, Any], model_id: str) -> str:
+    """Digest of what the cached views' rows depend on (hex sha256).
+
+    Parameters
+    ----------
+    manifest : dict
+        A snapshot of the archive's manifest (:meth:`desomdb.archive.Archive.manifest`).
+    model_id : str
+        The model whose assignments the cache holds.
+    """
+    defs = view_sql()
+    bases = sorted({t for tables in CACHED_VIEWS.values() for t in tables})
+    payload = {"format": CACHE_FORMAT, "model": model_id,
+               "files": {t: manifest["tables"].get(t, []) for t in bases},
+               "sql": {name: defs.get(name) for name in (*CACHED_VIEWS, *bases)}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _attach_cache(con: duckdb.DuckDBPyConnection, arch: Archive, manifest: dict[str, Any]
+                  ) -> dict[str, str]:
+    """Attach the query cache read-only if it matches ``manifest``; the views to override.
+
+    A missing, stale, damaged or unreadable cache is not an error: the views stay the live
+    joins (the cache only saves time). The cached view still answers for any other model
+    than the cache's through the live join, so :func:`use_model` needs no rebuild.
+    """
+    path = arch.root / paths.QUERY_CACHE
+    if not path.is_file():
+        return {}
+    try:
+        con.execute(f"attach {_quote(str(path))} as {CACHE_ALIAS} (read_only)")
+    except duckdb.Error:
+        return {}
+    try:
+        rows = con.execute(f"select model_id, stamp from {CACHE_ALIAS}.stamp").fetchall()
+    except duckdb.Error:
+        rows = []
+    if len(rows) != 1 or rows[0][1] != cache_stamp(manifest, rows[0][0]):
+        con.execute(f"detach {CACHE_ALIAS}")
+        return {}
+    model = _quote(rows[0][0])
+    defs = view_sql()
+    return {name: f"select * from {CACHE_ALIAS}.{name} where current_model() = {model}\n"
+                  f"union all\nselect * from ({defs[name].strip()})\n"
+                  f"where current_model() is distinct from {model}"
+            for name in CACHED_VIEWS}
+
+
+def write_query_cache(archive: Archive) -> None:
+    """Rebuild the query cache after a writer session (skipped when it is up to date).
+
+    Materialises each of :data:`CACHED_VIEWS` for the archive's current DESOM-1 model into
+    :data:`desomdb.paths.QUERY_CACHE`, sorted by (release, plateifu, bin_id) so one galaxy's
+    rows are a few row groups. Written in the staging folder and moved into place, so a
+    reader sees the old file or the new one. Without a current model (or without the
+    tables) there is no cache. A failure leaves no cache and says so on stderr: the commit
+    itself has landed, and readers fall back to the live joins.
+    """
+    target = archive.root / paths.QUERY_CACHE
+    try:
+        model = current_model(archive)
+    except DesomdbError:
+        model = None
+    manifest = archive.manifest()
+    bases = {t for tables in CACHED_VIEWS.values() for t in tables}
+    if model is None or any(not manifest["tables"].get(t) for t in bases):
+        target.unlink(missing_ok=True)
+        return
+    stamp = cache_stamp(manifest, model)
+    if _stamp_of(target) == (model, stamp):
+        return
+    tmp = archive.root / paths.STAGING / f"{paths.QUERY_CACHE}.{os.getpid()}"
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)
+        con = duckdb.connect(":memory:")
+        try:
+            stmts, present = _statements(archive, model, relative=False, manifest=manifest)
+            for stmt in (*READ_SETTINGS, *stmts):
+                con.execute(stmt)
+            _create_views(con, present)
+            con.execute(f"attach {_quote(str(tmp))} as {CACHE_ALIAS}")
+            for name in CACHED_VIEWS:
+                con.execute(f"create table {CACHE_ALIAS}.{name} as select * from {name} "
+                            "order by release, plateifu, bin_id")
+            con.execute(f"create table {CACHE_ALIAS}.stamp as select ? as model_id, "
+                        "? as stamp", [model, stamp])
+            con.execute(f"detach {CACHE_ALIAS}")
+        finally:
+            con.close()
+        tmp.replace(target)
+    except (duckdb.Error, OSError) as exc:
+        tmp.unlink(missing_ok=True)
+        target.unlink(missing_ok=True)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"desomdb: {target}: query cache not rebuilt ({first}); queries use the live "
+              "joins (slower, same rows)", file=sys.stderr)
+
+
+def _stamp_of(path: Path) -> tuple[str, str] | None:
+    """(model_id, stamp) recorded in the query cache at ``path`` (None if unreadable)."""
+    if not path.is_file():
+        return None
+    try:
+        with duckdb.connect(str(path), read_only=True) as con:
+            rows = con.execute("select model_id, stamp from stamp").fetchall()
+    except duckdb.Error:
+        return None
+    return (rows[0][0], rows[0][1]) if len(rows) == 1 else None
 
 
 

@@ -274,3 +274,102 @@ def test_views_read_every_footer_only_when_schemas_differ(trained_archive, tmp_p
     assert union("baxels") is True
     with views.connect(root) as con:
         assert con.sql("select count(*) from baxels").fetchall()[0][0] > 0
+
+
+def _cache_in_use(con) -> bool:
+    names = {r[0] for r in con.sql("select database_name from duckdb_databases()").fetchall()}
+    return views.CACHE_ALIAS in names
+
+
+def _baxel_labels(con) -> pl.DataFrame:
+    return con.sql("select * from baxel_labels order by release, plateifu, bin_id").pl()
+
+
+def _same(a: pl.DataFrame, b: pl.DataFrame) -> bool:
+    return a.height > 0 and a.equals(b)  # NaN equals NaN, as null equals null
+
+
+def test_query_cache_gives_the_rows_of_the_live_join(trained_archive, tmp_path) -> None:
+    """The writer's session end materialises baxel_labels of the current model; readers get
+    exactly the live join's rows from it, for the current model and (live) for any other."""
+    from desomdb import paths
+
+    root = tmp_path / "arch"
+    shutil.copytree(trained_archive[0], root)
+    assert (root / paths.QUERY_CACHE).is_file()
+    with views.connect(root) as cached, views.connect(root, cached=False) as live:
+        assert _cache_in_use(cached) and not _cache_in_use(live)
+        assert _same(_baxel_labels(cached), _baxel_labels(live))
+        assert "desomdb_cache" in cached.sql(
+            "explain select count(*) from baxel_labels").fetchall()[0][1]
+        agg = ("select node, count(*), median(age_mw_gyr) from baxel_labels "
+               "group by node order by node")
+        assert cached.sql(agg).fetchall() == live.sql(agg).fetchall()
+        for con in (cached, live):
+            views.use_model(con, "desom1-other")  # not the cache's model: the live join
+        assert _same(_baxel_labels(cached), _baxel_labels(live))
+        assert cached.sql("select count(node) from baxel_labels").fetchall() == [(0,)]
+
+
+def test_a_stale_or_damaged_query_cache_is_not_read(trained_archive, tmp_path) -> None:
+    """A cache left from before a commit (the writer was killed before rebuilding it) or a
+    damaged one is ignored: readers get the live join of their snapshot."""
+    from desomdb import paths
+    from desomdb.archive import Archive
+
+    root = tmp_path / "arch"
+    shutil.copytree(trained_archive[0], root)
+    cache = root / paths.QUERY_CACHE
+    old = cache.read_bytes()
+    arch = Archive(root)
+    first = arch.files("labels")[0]
+    with arch.writer("test") as w:
+        w.commit(remove=[("labels", str(first.relative_to(root)))])
+    cache.write_bytes(old)  # as if the session had died between its commit and the rebuild
+    with views.connect(root) as con, views.connect(root, cached=False) as live:
+        assert not _cache_in_use(con)
+        assert _same(_baxel_labels(con), _baxel_labels(live))
+    cache.write_bytes(b"not a duckdb file" * 100)
+    with views.connect(root) as con, views.connect(root, cached=False) as live:
+        assert not _cache_in_use(con)
+        assert _same(_baxel_labels(con), _baxel_labels(live))
+    with arch.writer("test"):
+        pass  # the next session end rebuilds it
+    with views.connect(root) as con, views.connect(root, cached=False) as live:
+        assert _cache_in_use(con) and _same(_baxel_labels(con), _baxel_labels(live))
+
+
+def test_an_open_reader_keeps_its_snapshot_across_a_rebuild(trained_archive, tmp_path) -> None:
+    from desomdb import paths
+    from desomdb.archive import Archive
+
+    root = tmp_path / "arch"
+    shutil.copytree(trained_archive[0], root)
+    arch = Archive(root)
+    with views.connect(root) as con:
+        before = _baxel_labels(con)
+        assert _cache_in_use(con)
+        with arch.writer("test") as w:
+            w.commit(remove=[("assignments", str(f.relative_to(root)))
+                             for f in arch.files("assignments")])
+        assert _same(_baxel_labels(con), before)  # the old cache file, still open
+    assert not (root / paths.QUERY_CACHE).exists()  # no assignments: no cache
+    with views.connect(root) as con:
+        assert not _cache_in_use(con)
+
+
+def test_model_use_regenerates_setup_sql_and_the_query_cache(trained_archive, tmp_path) -> None:
+    """Changing the current model is a writer session: what follows the current model
+    (setup.sql's current_model(), the query cache) is regenerated."""
+    from desomdb import paths, registry
+    from desomdb.archive import Archive
+
+    root = tmp_path / "arch"
+    shutil.copytree(trained_archive[0], root)
+    model_id = trained_archive[1]
+    (root / paths.QUERY_CACHE).unlink()
+    (root / paths.SETUP_SQL).unlink()
+    registry.set_current_model(Archive(root), model_id)
+    assert f"current_model() as '{model_id}'" in (root / paths.SETUP_SQL).read_text()
+    with views.connect(root) as con:
+        assert _cache_in_use(con)
