@@ -146,21 +146,35 @@ def resample_to_rest(
         1 where masked.
     """
     dlog10 = float(np.log10(wave_obs_aa[1] / wave_obs_aa[0]))
-    W = _matrix_for(round(float(z), 10), float(wave_obs_aa[0]), wave_obs_aa.size, dlog10)
-    g = (good & ~sky_mask(wave_obs_aa)[:, None]).astype(np.float64)
-    var = np.where(g > 0, 1.0 / np.where(ivar > 0, ivar, 1.0), 0.0)
-    width = np.asarray(W.sum(axis=1)).ravel()[:, None]
-    covered = W @ g
+    W, W2, width = _matrices32(round(float(z), 10), float(wave_obs_aa[0]), wave_obs_aa.size,
+                               dlog10)
+    # float32 throughout (the cube's precision): sums of ~2 input pixels per output pixel.
+    g = good & ~sky_mask(wave_obs_aa)[:, None]
+    var = np.where(g, np.float32(1) / np.where(ivar > 0, ivar, 1).astype(np.float32),
+                   np.float32(0))
+    g32 = g.astype(np.float32)
+    covered = W @ g32
     with np.errstate(divide="ignore", invalid="ignore"):
-        f_out = (W @ (g * flux)) / covered
-        v_out = ((W.multiply(W)) @ var) / covered**2
+        f_out = (W @ np.where(g, np.asarray(flux, np.float32), np.float32(0))) / covered
+        v_out = (W2 @ var) / covered**2
     ok = covered >= MIN_GOOD_COVERAGE * width
-    scale = 1.0 + z
-    flux_rest = np.where(ok, f_out * scale, 0.0).T.astype(np.float32)
+    scale = np.float32(1.0 + z)
+    flux_rest = np.ascontiguousarray(np.where(ok, f_out * scale, np.float32(0)).T)
     with np.errstate(divide="ignore"):
-        ivar_rest = np.where(ok & (v_out > 0), 1.0 / (v_out * scale**2), 0.0).T.astype(np.float32)
-    mask = (~ok).T.astype(np.uint8)
+        ivar_rest = np.ascontiguousarray(np.where(
+            ok & (v_out > 0), np.float32(1) / (v_out * scale**2), np.float32(0)).T)
+    mask = np.ascontiguousarray((~ok).T.astype(np.uint8))
     return flux_rest, ivar_rest, mask
+
+
+@lru_cache(maxsize=64)
+def _matrices32(z_key: float, wave0: float, n_in: int, dlog10: float
+                ) -> tuple[sparse.csr_matrix, sparse.csr_matrix, np.ndarray]:
+    """float32 rebinning matrix W, its element-wise square and its row sums (n_out, 1)."""
+    W = _matrix_for(z_key, wave0, n_in, dlog10)
+    W32 = W.astype(np.float32)
+    width = np.asarray(W.sum(axis=1), dtype=np.float32).reshape(-1, 1)
+    return W32, W32.multiply(W32).tocsr(), width
 
 
 def observed_to_rest(
@@ -222,7 +236,7 @@ def coadd(
 
     Returns
     -------
-    flux_sum, ivar_sum : ndarray, shape (n_wave, n_bins), float64
+    flux_sum, ivar_sum : ndarray, shape (n_wave, n_bins), float32
         Scaled sums and their inverse variance *without* the covariance correction (multiply
         the variance by :func:`desomdb.binning.law_correction` squared); ivar 0 where no
         member is good.
@@ -231,17 +245,22 @@ def coadd(
     n_members : ndarray, shape (n_bins,), float64
     """
     n_spaxels = bin_of.size
+    # float32 sparse products (the cube's precision; a bin sums a few to a few hundred
+    # spaxels): 2-3x faster than float64 on a 1,933-bin 127-fibre cube, same sums to 1e-6.
     member = sparse.csr_matrix(
-        (np.ones(n_spaxels), (bin_of, np.arange(n_spaxels))), shape=(n_bins, n_spaxels))
-    n_members = np.asarray(member.sum(axis=1)).ravel()
-    g = good.astype(np.float64)
-    n_good = (member @ g.T).T
+        (np.ones(n_spaxels, np.float32), (bin_of, np.arange(n_spaxels))),
+        shape=(n_bins, n_spaxels))
+    n_members = np.bincount(bin_of, minlength=n_bins).astype(np.float64)
+    flux = np.asarray(flux, np.float32)
+    n_good = (member @ good.T.astype(np.float32)).T
     with np.errstate(divide="ignore", invalid="ignore"):
-        var = np.where(good, 1.0 / np.where(ivar > 0, ivar, 1.0), 0.0)
-        scale = np.where(n_good > 0, n_members[None, :] / n_good, 0.0)
-        flux_sum = (member @ np.where(good, flux, 0.0).T).T * scale
+        var = np.where(good, np.float32(1) / np.where(ivar > 0, ivar, 1).astype(np.float32),
+                       np.float32(0))
+        scale = np.where(n_good > 0, n_members.astype(np.float32)[None, :] / n_good,
+                         np.float32(0))
+        flux_sum = (member @ np.where(good, flux, np.float32(0)).T).T * scale
         var_sum = (member @ var.T).T * scale**2
-        ivar_sum = np.where(var_sum > 0, 1.0 / var_sum, 0.0)
+        ivar_sum = np.where(var_sum > 0, np.float32(1) / var_sum, np.float32(0))
     good_sum = (n_good * 2 >= n_members[None, :]) & (n_good > 0)
     return flux_sum, ivar_sum, good_sum, n_members
 
