@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
-from isal import igzip, isal_zlib
+from isal import igzip
+from isal.igzip_lib import IsalError
 
 from desomdb import manga
 from desomdb.errors import CubeFormatError
@@ -203,7 +204,7 @@ def read_cube(path: str | Path) -> Cube:
             drp_version = str(hdr.get("VERSDRP3", ""))
     except CubeFormatError:
         raise
-    except (OSError, EOFError, zlib.error, isal_zlib.error, gzip.BadGzipFile, TypeError,
+    except (OSError, EOFError, zlib.error, IsalError, gzip.BadGzipFile, TypeError,
             ValueError) as exc:
         raise CubeFormatError(
             f"{path}: cannot read as FITS ({type(exc).__name__}: {exc}); the file is truncated "
