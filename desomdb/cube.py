@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from astropy.io import fits
@@ -25,6 +26,11 @@ from desomdb import manga
 from desomdb.errors import CubeFormatError
 
 REQUIRED_HDUS = ("FLUX", "IVAR", "MASK", "WAVE")
+#: What a truncated or corrupt file raises while it is decompressed and parsed (isal's
+#: stubs do not declare IsalError an exception class, hence the cast).
+_READ_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, EOFError, zlib.error, cast("type[BaseException]", IsalError), gzip.BadGzipFile,
+    TypeError, ValueError)
 HEADER_KEYS = ("PLATEIFU", "MANGAID", "OBJRA", "OBJDEC", "IFURA", "IFUDEC", "EBVGAL")
 
 
@@ -204,8 +210,7 @@ def read_cube(path: str | Path) -> Cube:
             drp_version = str(hdr.get("VERSDRP3", ""))
     except CubeFormatError:
         raise
-    except (OSError, EOFError, zlib.error, IsalError, gzip.BadGzipFile, TypeError,
-            ValueError) as exc:
+    except _READ_ERRORS as exc:
         raise CubeFormatError(
             f"{path}: cannot read as FITS ({type(exc).__name__}: {exc}); the file is truncated "
             "or corrupt — re-download it"
