@@ -19,7 +19,7 @@ galaxies' members (the map itself was trained on every galaxy's spectra, never o
 - ``fit±σ``: the baxel's own fit ± the error model's σ (checks the error model alone).
 
 The goal is 68 ± 5 %. Stages already done in ``--out`` are not redone (delete the folder to
-start again). On the BC03 mock the truth's age and [M/H] are weighted by initial mass (the
+start again; ``--recalibrate`` re-runs only the calibration). On the BC03 mock the truth's age and [M/H] are weighted by initial mass (the
 bundled BC03 has no living-mass table) while the node labels are weighted by current mass;
 that difference of definition is part of what the interval has to cover there.
 """
@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_coverage"))
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="run desomdb calibrate even where the archive has an error model "
+                        "(e.g. after the error model changed)")
     parser.add_argument("--archive", type=Path,
                         help="measure this labelled, assigned mock archive instead of building "
                         "one (e.g. the demo's, labelled by the current fitter)")
@@ -100,7 +103,7 @@ def main() -> None:
             archive, model_id = build(args.out / library, library, args.galaxies,
                                       args.per_cube, args.workers, args.seed)
         arch = Archive(archive)
-        if not arch.files(paths.LABEL_ERRORS):
+        if args.recalibrate or not arch.files(paths.LABEL_ERRORS):
             t = time.perf_counter()
             rep = calibrate.calibrate(archive, per_bin=args.per_bin, refits=args.refits,
                                       workers=args.workers, progress=False)
