@@ -19,9 +19,10 @@ galaxies' members (the map itself was trained on every galaxy's spectra, never o
 - ``fit±σ``: the baxel's own fit ± the error model's σ (checks the error model alone).
 
 The goal is 68 ± 5 %. Stages already done in ``--out`` are not redone (delete the folder to
-start again; ``--recalibrate`` re-runs only the calibration). On the BC03 mock the truth's age and [M/H] are weighted by initial mass (the
-bundled BC03 has no living-mass table) while the node labels are weighted by current mass;
-that difference of definition is part of what the interval has to cover there.
+start again; ``--recalibrate`` re-runs only the calibration). On the BC03 mock the truth's
+age and [M/H] are weighted by initial mass (the bundled BC03 has no living-mass table) while
+the node labels are weighted by current mass; that difference of definition is part of what
+the interval has to cover there.
 """
 
 from __future__ import annotations
