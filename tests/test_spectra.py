@@ -197,8 +197,8 @@ def test_float32_coadd_and_resampling_match_the_float64_ones() -> None:
     np.testing.assert_array_equal(got[2], ref[2])
     np.testing.assert_array_equal(got[3], ref[3])
     z = 0.0312
-    rs = spectra.resample_to_rest(wave, *got[:3], z)
-    rr = _resample_float64(wave, *ref[:3], z)
+    rs = spectra.resample_to_rest(wave, got[0], got[1], got[2], z)
+    rr = _resample_float64(wave, ref[0], ref[1], ref[2], z)
     np.testing.assert_array_equal(rs[2], rr[2])
     assert rs[0].dtype == np.float32 and rs[0].flags.c_contiguous
     for a, b in zip(rs[:2], rr[:2], strict=True):
