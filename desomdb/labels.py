@@ -837,6 +837,11 @@ def label(
 ) -> LabelReport:
     """Fit every not-yet-labelled baxel of the archive (one task per cube).
 
+    A cube is done when every baxel asked for (all of them, or the ``max_per_cube`` sample)
+    has a label. A cube labelled from a smaller sample by the same fitter (``desomdb demo``
+    labels 20 per cube) gets only its missing baxels fitted, merged into its label file; the
+    rows it had are kept as they were. A cube with labels of the other fitter counts as done.
+
     Parameters
     ----------
     archive : str or Path
@@ -884,11 +889,15 @@ def label(
         tasks: list[dict[str, Any]] = []
         targets: list[str] = []
         names: list[str] = []
+        merge_with: list[Path | None] = []  # the cube's committed label file to extend
         for rel in releases:
-            done = set()
+            labelled: dict[str, tuple[set[int], set[str]]] = {}
             if arch.files("labels", release=rel):
-                lab = pl.from_arrow(arch.read("labels", columns=["plateifu"], release=rel))
-                done = set(lab["plateifu"].unique())  # type: ignore[index]
+                lab = pl.from_arrow(arch.read("labels", columns=["plateifu", "bin_id", "fitter"],
+                                              release=rel))
+                for (pifu_l,), g in lab.group_by("plateifu"):  # type: ignore[union-attr]
+                    labelled[str(pifu_l)] = (set(g["bin_id"].to_list()), set(g["fitter"]))
+            label_files = {f.name: f for f in arch.files("labels", release=rel)}
             bax = pl.from_arrow(arch.read("baxels", columns=["plateifu", "bin_id", "norm_flux"],
                                           release=rel))
             gal = pl.from_arrow(arch.read("galaxies", columns=["plateifu", "z"], release=rel))
@@ -899,13 +908,18 @@ def label(
                 pifu = str(plateifu[0])
                 if plateifus is not None and pifu not in plateifus:
                     continue
-                if pifu in done:
-                    report.n_skipped_cubes += 1
-                    continue
                 if max_per_cube is not None and group.height > max_per_cube:
                     keep = np.linspace(0, group.height - 1, max_per_cube).round().astype(int)
                     group = group[np.unique(keep)]
                 name = paths.label_part_name(pifu, FITTERS[name_of_fitter])
+                have, fitters = labelled.get(pifu, (set(), set()))
+                if have:
+                    group = group.filter(~pl.col("bin_id").is_in(sorted(have)))
+                    if (group.height == 0 or fitters != {FITTERS[name_of_fitter]}
+                            or name not in label_files):
+                        report.n_skipped_cubes += 1
+                        continue
+                merge_with.append(label_files[name] if have else None)
                 tasks.append({
                     "plateifu": pifu, "z": float(z_of[pifu]),
                     "spectra_file": str(spec_files[pifu]),
@@ -917,6 +931,10 @@ def label(
                 names.append(pifu)
 
         def on_result(i: int, staged: str) -> None:
+            if merge_with[i] is not None:  # the cube's earlier rows, unchanged, and the new
+                merged = pa.concat_tables([pq.read_table(merge_with[i]), pq.read_table(staged)],
+                                          promote_options="permissive").sort_by("bin_id")
+                pq.write_table(merged, staged, compression="zstd")
             writer.commit(add=[StagedFile("labels", targets[i], Path(staged))])
 
         run = runner.run_tasks(_label_task, tasks, workers=workers, scheduler=scheduler,

@@ -95,6 +95,36 @@ def test_rerun_skips_labelled_cubes(labelled) -> None:
     assert _frame(Archive(archive).read("labels")).equals(before)
 
 
+def test_a_sampled_cube_gets_its_missing_baxels(labelled_archive, tmp_path) -> None:
+    """A cube labelled from a sample (the demo's --label-max-per-cube) is not "done" for a
+    full run: its other baxels are fitted and merged; the rows it had are kept as they were
+    (the old code skipped the cube and labelled nothing)."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "arch"
+    shutil.copytree(labelled_archive, root)
+    arch = Archive(root)
+    with arch.writer("test") as w:
+        for f in arch.files("labels"):  # keep each cube's first row only
+            first = pq.read_table(f).slice(0, 1)
+            w.commit(add=[w.stage_table("labels", first, str(f.relative_to(root)))])
+    kept = _frame(arch.read("labels")).sort("plateifu", "bin_id")
+    sizes = _frame(arch.read("baxels")).group_by("plateifu").len()
+    extendable = int((sizes["len"] > 1).sum())  # a one-baxel cube is still complete
+    assert extendable >= 1
+    report = labels.label(root, workers=1, progress=False)
+    assert report.n_cubes == extendable and report.n_skipped_cubes == 2 - extendable
+    lab = _frame(arch.read("labels")).sort("plateifu", "bin_id")
+    bax = _frame(arch.read("baxels")).sort("plateifu", "bin_id")
+    assert lab.select("plateifu", "bin_id").equals(bax.select("plateifu", "bin_id"))
+    old = lab.join(kept.select("plateifu", "bin_id"), on=["plateifu", "bin_id"])
+    assert old.select(kept.columns).equals(kept)
+    again = labels.label(root, workers=1, progress=False)
+    assert again.n_cubes == 0 and again.n_skipped_cubes == 2
+
+
 def test_unfittable_spectrum_is_reported() -> None:
     row = labels.fit_spectrum(np.zeros(4544, np.float32), np.zeros(4544, np.float32),
                               np.ones(4544, np.uint8), np.nan, 0.03)
