@@ -44,7 +44,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from desomdb import hooks, paths
-from desomdb.errors import ArchiveError, LockError
+from desomdb.errors import ArchiveError, LockError, first_line
 
 FORMAT_VERSION = 2
 #: Versions this code reads (version 1 kept every table's file list inline, without
@@ -285,8 +285,8 @@ class Archive:
             raise self._read_error(table, exc) from exc
 
     def _read_error(self, table: str, exc: BaseException) -> ArchiveError:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return ArchiveError(f"{self.root}: cannot read committed table {table!r} ({first}); "
+        return ArchiveError(f"{self.root}: cannot read committed table {table!r} "
+                            f"({first_line(exc)}); "
                             f"run 'desomdb check {self.root}' to find the damaged file")
 
     # ---------------------------------------------------------------- writing

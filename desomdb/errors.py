@@ -50,3 +50,9 @@ class ModelError(DesomdbError):
 
 class QueryError(DesomdbError):
     """A SQL query is refused (not read-only) or names unknown tables or columns."""
+
+
+def first_line(exc: BaseException) -> str:
+    """Return an exception's first message line for one-line errors (its type if empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -28,7 +28,7 @@ import duckdb
 
 from desomdb import paths
 from desomdb.archive import Archive, write_text_atomic
-from desomdb.errors import DesomdbError, QueryError
+from desomdb.errors import DesomdbError, QueryError, first_line
 from desomdb.guard import check_read_only, sandbox, syntax_error_message
 from desomdb.registry import current_model, resolve_model
 
@@ -36,6 +36,7 @@ from desomdb.registry import current_model, resolve_model
 #: these tables' committed file lists, the views' SQL and the model, so any commit that could
 #: change the view's rows, or a new definition of it, makes the cache stale.
 CACHED_VIEWS = {"baxel_labels": ("baxels", "labels", "assignments")}
+_CACHE_BASES = tuple(sorted({t for tables in CACHED_VIEWS.values() for t in tables}))
 #: Bump when the cache's layout changes: older caches are then stale.
 CACHE_FORMAT = 1
 #: The name the query cache is attached under in every reading connection.
@@ -232,8 +233,10 @@ def connect(archive: str | Path, model: str | None = None, raw: bool = False,
     stmts, present = _statements(arch, chosen, relative=False, manifest=manifest)
     for stmt in (*READ_SETTINGS, *stmts):  # the footer cache first: binding a view over
         con.execute(stmt)                 # per-cube files reads each footer (~0.3 ms)
-    overrides = _attach_cache(con, arch, manifest) if cached else {}
-    _create_views(con, present, overrides)
+    defs = view_sql()
+    if cached:
+        defs |= _attach_cache(con, arch, manifest, defs)
+    _create_views(con, present, defs)
     if raw:
         return con
     sandbox(con, [arch.root])
@@ -251,12 +254,14 @@ def _quote(value: str | None) -> str:
 
 
 def _create_views(con: duckdb.DuckDBPyConnection, present: set[str],
-                  overrides: dict[str, str] | None = None) -> list[str]:
+                  defs: dict[str, str] | None = None) -> list[str]:
     """Create base views for present tables, derived views and macros whose inputs exist.
 
-    ``overrides`` replaces the text of derived views by name (the query cache's versions).
+    ``defs`` gives the view texts by name (default :func:`view_sql`; :func:`connect` passes
+    the query cache's versions of the cached views).
     """
-    defs = {**view_sql(), **(overrides or {})}
+    if defs is None:
+        defs = view_sql()
     created = []
     for table in paths.TABLES:
         if table in present and table in defs:
@@ -315,7 +320,7 @@ def write_setup_sql(archive: Archive) -> None:
     write_text_atomic(archive.root / paths.SETUP_SQL, setup_sql(archive.root))
 
 
-def cache_stamp(manifest: dict[str, Any], model_id: str) -> str:
+def cache_stamp(manifest: dict[str, Any], model_id: str, defs: dict[str, str]) -> str:
     """Digest of what the cached views' rows depend on (hex sha256).
 
     Parameters
@@ -324,17 +329,17 @@ def cache_stamp(manifest: dict[str, Any], model_id: str) -> str:
         A snapshot of the archive's manifest (:meth:`desomdb.archive.Archive.manifest`).
     model_id : str
         The model whose assignments the cache holds.
+    defs : dict
+        The view texts (:func:`view_sql`).
     """
-    defs = view_sql()
-    bases = sorted({t for tables in CACHED_VIEWS.values() for t in tables})
     payload = {"format": CACHE_FORMAT, "model": model_id,
-               "files": {t: manifest["tables"].get(t, []) for t in bases},
-               "sql": {name: defs.get(name) for name in (*CACHED_VIEWS, *bases)}}
+               "files": {t: manifest["tables"].get(t, []) for t in _CACHE_BASES},
+               "sql": {name: defs.get(name) for name in (*CACHED_VIEWS, *_CACHE_BASES)}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _attach_cache(con: duckdb.DuckDBPyConnection, arch: Archive, manifest: dict[str, Any]
-                  ) -> dict[str, str]:
+def _attach_cache(con: duckdb.DuckDBPyConnection, arch: Archive, manifest: dict[str, Any],
+                  defs: dict[str, str]) -> dict[str, str]:
     """Attach the query cache read-only if it matches ``manifest``; the views to override.
 
     A missing, stale, damaged or unreadable cache is not an error: the views stay the live
@@ -352,11 +357,10 @@ def _attach_cache(con: duckdb.DuckDBPyConnection, arch: Archive, manifest: dict[
         rows = con.execute(f"select model_id, stamp from {CACHE_ALIAS}.stamp").fetchall()
     except duckdb.Error:
         rows = []
-    if len(rows) != 1 or rows[0][1] != cache_stamp(manifest, rows[0][0]):
+    if len(rows) != 1 or rows[0][1] != cache_stamp(manifest, rows[0][0], defs):
         con.execute(f"detach {CACHE_ALIAS}")
         return {}
     model = _quote(rows[0][0])
-    defs = view_sql()
     return {name: f"select * from {CACHE_ALIAS}.{name} where current_model() = {model}\n"
                   f"union all\nselect * from ({defs[name].strip()})\n"
                   f"where current_model() is distinct from {model}"
@@ -378,24 +382,19 @@ def write_query_cache(archive: Archive) -> None:
         model = current_model(archive)
     except DesomdbError:
         model = None
-    manifest = archive.manifest()
-    bases = {t for tables in CACHED_VIEWS.values() for t in tables}
-    if model is None or any(not manifest["tables"].get(t) for t in bases):
+    manifest = archive.manifest()  # stable: the hook runs inside the writer lock
+    if model is None or any(not manifest["tables"].get(t) for t in _CACHE_BASES):
         target.unlink(missing_ok=True)
         return
-    stamp = cache_stamp(manifest, model)
+    stamp = cache_stamp(manifest, model, view_sql())
     if _stamp_of(target) == (model, stamp):
         return
     tmp = archive.root / paths.STAGING / f"{paths.QUERY_CACHE}.{os.getpid()}"
     try:
         tmp.parent.mkdir(parents=True, exist_ok=True)
         tmp.unlink(missing_ok=True)
-        con = duckdb.connect(":memory:")
+        con = connect(archive.root, raw=True, cached=False)  # the current model's views
         try:
-            stmts, present = _statements(archive, model, relative=False, manifest=manifest)
-            for stmt in (*READ_SETTINGS, *stmts):
-                con.execute(stmt)
-            _create_views(con, present)
             con.execute(f"attach {_quote(str(tmp))} as {CACHE_ALIAS}")
             for name in CACHED_VIEWS:
                 con.execute(f"create table {CACHE_ALIAS}.{name} as select * from {name} "
@@ -406,12 +405,11 @@ def write_query_cache(archive: Archive) -> None:
         finally:
             con.close()
         tmp.replace(target)
-    except (duckdb.Error, OSError) as exc:
+    except (DesomdbError, duckdb.Error, OSError) as exc:
         tmp.unlink(missing_ok=True)
         target.unlink(missing_ok=True)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"desomdb: {target}: query cache not rebuilt ({first}); queries use the live "
-              "joins (slower, same rows)", file=sys.stderr)
+        print(f"desomdb: {target}: query cache not rebuilt ({first_line(exc)}); queries use "
+              "the live joins (slower, same rows)", file=sys.stderr)
 
 
 def _stamp_of(path: Path) -> tuple[str, str] | None:
