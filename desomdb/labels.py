@@ -780,7 +780,11 @@ def fit_spectrum(
 
 
 def _label_task(task: dict[str, Any]) -> str:
-    """Worker: fit every baxel of one cube; write the rows to a staged Parquet file."""
+    """Worker: fit the given baxels of one cube; write the rows to a staged Parquet file.
+
+    When the task extends a sampled cube, ``merge_with`` names its committed label file,
+    whose rows are written unchanged beside the new ones.
+    """
     table = pq.read_table(task["spectra_file"])
     bax = {r["bin_id"]: r for r in task["baxels"]}
     ids = table.column("bin_id").to_numpy()
@@ -807,6 +811,9 @@ def _label_task(task: dict[str, Any]) -> str:
     # A cube without a single classified baxel would otherwise write a null-typed column.
     table = table.set_column(table.schema.get_field_index("bpt_class"), "bpt_class",
                              table.column("bpt_class").cast(pa.string()))
+    if task.get("merge_with"):  # the cube's committed rows, unchanged, and the new ones
+        table = pa.concat_tables([pq.read_table(task["merge_with"]), table],
+                                 promote_options="permissive").sort_by("bin_id")
     pq.write_table(table, out, compression="zstd")
     return str(out)
 
@@ -889,15 +896,14 @@ def label(
         tasks: list[dict[str, Any]] = []
         targets: list[str] = []
         names: list[str] = []
-        merge_with: list[Path | None] = []  # the cube's committed label file to extend
         for rel in releases:
             labelled: dict[str, tuple[set[int], set[str]]] = {}
-            if arch.files("labels", release=rel):
+            label_files = {f.name: f for f in arch.files("labels", release=rel)}
+            if label_files:
                 lab = pl.from_arrow(arch.read("labels", columns=["plateifu", "bin_id", "fitter"],
                                               release=rel))
                 for (pifu_l,), g in lab.group_by("plateifu"):  # type: ignore[union-attr]
                     labelled[str(pifu_l)] = (set(g["bin_id"].to_list()), set(g["fitter"]))
-            label_files = {f.name: f for f in arch.files("labels", release=rel)}
             bax = pl.from_arrow(arch.read("baxels", columns=["plateifu", "bin_id", "norm_flux"],
                                           release=rel))
             gal = pl.from_arrow(arch.read("galaxies", columns=["plateifu", "z"], release=rel))
@@ -914,13 +920,13 @@ def label(
                 name = paths.label_part_name(pifu, FITTERS[name_of_fitter])
                 have, fitters = labelled.get(pifu, (set(), set()))
                 if have:
-                    group = group.filter(~pl.col("bin_id").is_in(sorted(have)))
+                    group = group.filter(~pl.col("bin_id").is_in(list(have)))
                     if (group.height == 0 or fitters != {FITTERS[name_of_fitter]}
                             or name not in label_files):
                         report.n_skipped_cubes += 1
                         continue
-                merge_with.append(label_files[name] if have else None)
                 tasks.append({
+                    "merge_with": str(label_files[name]) if have else None,
                     "plateifu": pifu, "z": float(z_of[pifu]),
                     "spectra_file": str(spec_files[pifu]),
                     "baxels": group.select("bin_id", "norm_flux").to_dicts(),
@@ -931,10 +937,6 @@ def label(
                 names.append(pifu)
 
         def on_result(i: int, staged: str) -> None:
-            if merge_with[i] is not None:  # the cube's earlier rows, unchanged, and the new
-                merged = pa.concat_tables([pq.read_table(merge_with[i]), pq.read_table(staged)],
-                                          promote_options="permissive").sort_by("bin_id")
-                pq.write_table(merged, staged, compression="zstd")
             writer.commit(add=[StagedFile("labels", targets[i], Path(staged))])
 
         run = runner.run_tasks(_label_task, tasks, workers=workers, scheduler=scheduler,

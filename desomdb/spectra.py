@@ -150,8 +150,7 @@ def resample_to_rest(
                                dlog10)
     # float32 throughout (the cube's precision): sums of ~2 input pixels per output pixel.
     g = good & ~sky_mask(wave_obs_aa)[:, None]
-    var = np.where(g, np.float32(1) / np.where(ivar > 0, ivar, 1).astype(np.float32),
-                   np.float32(0))
+    var = _variance32(g, ivar)
     g32 = g.astype(np.float32)
     covered = W @ g32
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -165,6 +164,12 @@ def resample_to_rest(
             ok & (v_out > 0), np.float32(1) / (v_out * scale**2), np.float32(0)).T)
     mask = np.ascontiguousarray((~ok).T.astype(np.uint8))
     return flux_rest, ivar_rest, mask
+
+
+def _variance32(good: np.ndarray, ivar: np.ndarray) -> np.ndarray:
+    """Variance 1/ivar where ``good`` (1 where a good pixel has ivar ≤ 0), else 0; float32."""
+    return np.where(good, np.float32(1) / np.where(ivar > 0, ivar, 1).astype(np.float32),
+                    np.float32(0))
 
 
 @lru_cache(maxsize=64)
@@ -254,8 +259,7 @@ def coadd(
     flux = np.asarray(flux, np.float32)
     n_good = (member @ good.T.astype(np.float32)).T
     with np.errstate(divide="ignore", invalid="ignore"):
-        var = np.where(good, np.float32(1) / np.where(ivar > 0, ivar, 1).astype(np.float32),
-                       np.float32(0))
+        var = _variance32(good, ivar)
         scale = np.where(n_good > 0, n_members.astype(np.float32)[None, :] / n_good,
                          np.float32(0))
         flux_sum = (member @ np.where(good, flux, np.float32(0)).T).T * scale
