@@ -78,7 +78,7 @@ def process_cube(
     mw = dust.milky_way_transmission(cube.wave, cube.ebvgal)
     signal, noise = binning.spaxel_signal_noise(cube.flux, cube.ivar, cube.good, cube.wave,
                                                 transmission=mw)
-    bins = binning.voronoi_bins(signal, noise, cfg.target_snr, cfg.min_spaxel_snr)
+    bins = binning.voronoi_bins(signal, noise, cfg.target_snr, cfg.min_spaxel_snr, cfg.wvt)
     if bins.n_bins == 0:
         raise InputDataError(
             f"{cube.path}: no spaxel reaches S/N {cfg.min_spaxel_snr} in the g band; nothing to bin"

@@ -251,8 +251,14 @@ def calibrate(archive: str | Path, per_bin: int = 8, refits: int = 4, seed: int 
                      for f in arch.files("assignments")})
     with arch.writer("desomdb calibrate") as writer:
         for release, fid, table in staged:
-            target = paths.release_file(paths.LABEL_ERRORS, release, paths.label_errors_name(fid))
-            writer.commit(add=[writer.stage_table(paths.LABEL_ERRORS, table.to_arrow(), target)])
+            # A new name each time; the fitter's earlier model in that release is dropped.
+            old = [(paths.LABEL_ERRORS, str(f.relative_to(arch.root)))
+                   for f in arch.files(paths.LABEL_ERRORS, release=release)
+                   if paths.parse_label_errors_name(f.name) == fid]
+            name = paths.label_errors_name(fid, arch.generation() + 1)
+            target = paths.release_file(paths.LABEL_ERRORS, release, name)
+            writer.commit(add=[writer.stage_table(paths.LABEL_ERRORS, table.to_arrow(), target)],
+                          remove=old)
         for model_id in models:
             node_labels.write_node_labels(writer, arch, model_id)
     n_fits = n_baxels * (1 + refits + len(ALTERNATIVES))

@@ -20,9 +20,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
 from desomdb import paths, versions
 from desomdb.archive import Archive, StagedFile, Writer
+from desomdb.errors import ArchiveError, first_line
 
 DRP_KEYS_USED = ("z", "nsa_elpetro_phi", "nsa_elpetro_ba", "nsa_elpetro_th50_r")
 
@@ -34,21 +36,42 @@ def same_drp(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
     return all(np.isclose(float(a[k]), float(b[k]), rtol=1e-9, atol=0) for k in DRP_KEYS_USED)
 
 
-def carry_sources(arch: Archive, release: str) -> dict[str, dict[str, Any]]:
+def cube_rows(arch: Archive, release: str, columns: Sequence[str]) -> list[dict[str, Any]]:
+    """Read the committed ``cubes`` rows of a release (string columns); a missing column is None.
+
+    ``binning_config`` was added to ``cubes`` later: rows written before it have none, so
+    their cubes are neither skipped nor carried over (their binning settings are unknown).
+    """
+    files = arch.files("cubes", release=release)
+    if not files:
+        return []
+    schema = pa.schema([(c, pa.string()) for c in columns])
+    try:  # a dataset with a given schema reads a field a file lacks as null
+        table = ds.dataset([str(f) for f in files], schema=schema, format="parquet").to_table()
+    except (OSError, pa.ArrowException) as exc:
+        raise ArchiveError(f"{arch.root}: cannot read committed table 'cubes' "
+                           f"({first_line(exc)}); run 'desomdb check {arch.root}' to find the "
+                           "damaged file") from exc
+    return table.to_pylist()
+
+
+def carry_sources(arch: Archive, release: str, binning_key: str) -> dict[str, dict[str, Any]]:
     """Per plateifu, its newest successfully ingested version in another release.
 
-    A cube of the new release with the same checksum and the same drpall inputs is carried
-    over from there (rows copied, files hard-linked) instead of being processed again.
+    A cube of the new release with the same checksum, the same drpall inputs and the same
+    binning settings (``binning_key``, :meth:`IngestConfig.binning_key`) is carried over from
+    there (rows copied, files hard-linked) instead of being processed again.
     """
     out: dict[str, dict[str, Any]] = {}
     for rel in versions.release_order(arch):
         if rel == release or not arch.files("galaxies", release=rel):
             continue
-        cubes = arch.read("cubes", columns=["plateifu", "checksum", "status"], release=rel)
+        cubes = cube_rows(arch, rel, ["plateifu", "checksum", "status", "binning_config"])
         gal = {r["plateifu"]: r for r in arch.read(
             "galaxies", columns=["plateifu", *DRP_KEYS_USED], release=rel).to_pylist()}
-        for row in cubes.to_pylist():
-            if row["status"] == "ok" and row["plateifu"] in gal:
+        for row in cubes:
+            if (row["status"] == "ok" and row["plateifu"] in gal
+                    and row["binning_config"] == binning_key):
                 out[row["plateifu"]] = {"release": rel, "checksum": row["checksum"],
                                         "drp": gal[row["plateifu"]]}
     return out

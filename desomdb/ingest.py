@@ -138,7 +138,8 @@ def _cube_task(task: dict[str, Any]) -> list[dict[str, Any]]:
             source = item.get("carry")
             if (source and source["checksum"] == checksum
                     and carry.same_drp(source["drp"], item["drp"])):
-                outcome.update(status="carried", from_release=source["release"])
+                outcome.update(status="carried", from_release=source["release"],
+                               binning_config=cfg.binning_key())
                 out.append(outcome)
                 continue
             cube = read_cube(path)
@@ -162,7 +163,7 @@ def _cube_task(task: dict[str, Any]) -> list[dict[str, Any]]:
                 files[name] = str(target)
             outcome.update(status="ok", files=files, n_spaxels=tables.n_spaxels,
                            n_baxels=tables.baxels.num_rows, mangaid=cube.mangaid,
-                           binning=tables.binning_method)
+                           binning=tables.binning_method, binning_config=cfg.binning_key())
         except Exception as exc:  # one bad cube is recorded; the batch goes on
             outcome.update(status="failed", error=_readable(exc))
         out.append(outcome)
@@ -207,7 +208,8 @@ def ingest(
 
     with arch.writer("desomdb ingest") as writer:
         existing = _existing_cubes(arch, rel)
-        sources = carry.carry_sources(arch, rel) if job.reuse else {}
+        key = job.config.binning_key()
+        sources = carry.carry_sources(arch, rel, key) if job.reuse else {}
         pending_refusals: list[dict[str, Any]] = []
         staging = writer.staging_dir("ingest")
         items: list[dict[str, Any]] = []
@@ -227,7 +229,9 @@ def ingest(
                 "path": str(path),
                 "plateifu": plateifu,
                 "drp": drpall.get(plateifu),
-                "existing_checksum": prev["checksum"] if prev and prev["status"] == "ok" else None,
+                # Re-processed when its bins were made with other settings.
+                "existing_checksum": (prev["checksum"] if prev and prev["status"] == "ok"
+                                      and prev["binning_config"] == key else None),
                 "carry": sources.get(plateifu),
             })
         size = max(1, job.cubes_per_task)
@@ -295,10 +299,8 @@ def _one_file_per_cube(
 
 
 def _existing_cubes(arch: Archive, release: str) -> dict[str, dict[str, Any]]:
-    if not arch.files("cubes", release=release):
-        return {}
-    t = arch.read("cubes", columns=["plateifu", "checksum", "status"], release=release)
-    return {r["plateifu"]: r for r in t.to_pylist()}
+    rows = carry.cube_rows(arch, release, ["plateifu", "checksum", "status", "binning_config"])
+    return {r["plateifu"]: r for r in rows}
 
 
 def _cube_row(row: dict[str, Any]) -> pa.Table:
@@ -329,7 +331,8 @@ def _commit_outcomes(
             files, row = next(carried)
             adds.extend(files)
             row.update(source_path=o["path"], ingested_at=now, carried_from=o["from_release"],
-                       release_ordinal=manga.release(release).ordinal)
+                       release_ordinal=manga.release(release).ordinal,
+                       binning_config=o["binning_config"])
             adds.append(writer.stage_table("cubes", _cube_row(row),
                                            paths.release_file("cubes", release, name)))
             report.n_carried += 1
@@ -351,6 +354,7 @@ def _commit_outcomes(
             "n_spaxels": o.get("n_spaxels", 0),
             "n_baxels": o.get("n_baxels", 0),
             "binning": o.get("binning", ""),
+            "binning_config": o.get("binning_config", ""),
             "status": o["status"],
             "error": o.get("error", ""),
             "ingested_at": now,

@@ -26,9 +26,21 @@ class IngestConfig:
 
     target_snr: float = 20.0
     min_spaxel_snr: float = 2.0
+    #: vorbin's final step: the CVT of Cappellari & Copin (2003) (False, the default) or the
+    #: WVT of Diehl & Statler (2006) (True, vorbin's and the MaNGA DAP's default; ~4x slower).
+    wvt: bool = False
     min_good_bins: int = 3900
     train_min_snr: float = 10.0
     tail_fraction: float = 0.005
+
+    def binning_key(self) -> str:
+        """Return the settings that decide a cube's bins (``cubes.binning_config``).
+
+        A cube is carried over or skipped only when its recorded key equals the job's.
+        """
+        step = "wvt" if self.wvt else "cvt"
+        return (f"vorbin {step} target_snr={self.target_snr:g} "
+                f"min_spaxel_snr={self.min_spaxel_snr:g}")
 
 
 @dataclass
@@ -72,6 +84,7 @@ class _Job(_Section):
 class _Binning(_Section):
     target_snr: float = Field(default=20.0, gt=0)
     min_spaxel_snr: float = Field(default=2.0, ge=0)
+    wvt: bool = False
 
 
 class _Quality(_Section):

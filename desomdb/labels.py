@@ -895,10 +895,13 @@ def label(
         staging = writer.staging_dir("labels")
         tasks: list[dict[str, Any]] = []
         targets: list[str] = []
+        replaced: list[str | None] = []
         names: list[str] = []
+        generation = arch.generation() + 1
         for rel in releases:
             labelled: dict[str, tuple[set[int], set[str]]] = {}
-            label_files = {f.name: f for f in arch.files("labels", release=rel)}
+            label_files = {paths.parse_label_part_name(f.name): f
+                           for f in arch.files("labels", release=rel)}
             if label_files:
                 lab = pl.from_arrow(arch.read("labels", columns=["plateifu", "bin_id", "fitter"],
                                               release=rel))
@@ -917,16 +920,19 @@ def label(
                 if max_per_cube is not None and group.height > max_per_cube:
                     keep = np.linspace(0, group.height - 1, max_per_cube).round().astype(int)
                     group = group[np.unique(keep)]
-                name = paths.label_part_name(pifu, FITTERS[name_of_fitter])
+                key = (pifu, FITTERS[name_of_fitter])
                 have, fitters = labelled.get(pifu, (set(), set()))
+                old_file = label_files.get(key) if have else None
                 if have:
                     group = group.filter(~pl.col("bin_id").is_in(list(have)))
                     if (group.height == 0 or fitters != {FITTERS[name_of_fitter]}
-                            or name not in label_files):
+                            or old_file is None):
                         report.n_skipped_cubes += 1
                         continue
+                # The merged rows get a new name; the old file is dropped in the same commit.
+                name = paths.label_part_name(*key, generation if old_file else None)
                 tasks.append({
-                    "merge_with": str(label_files[name]) if have else None,
+                    "merge_with": str(old_file) if old_file else None,
                     "plateifu": pifu, "z": float(z_of[pifu]),
                     "spectra_file": str(spec_files[pifu]),
                     "baxels": group.select("bin_id", "norm_flux").to_dicts(),
@@ -934,10 +940,13 @@ def label(
                     "gate": gate, "options": options, "fitter": name_of_fitter,
                 })
                 targets.append(f"{paths.release_dir('labels', rel)}/{name}")
+                replaced.append(str(old_file.relative_to(arch.root)) if old_file else None)
                 names.append(pifu)
 
         def on_result(i: int, staged: str) -> None:
-            writer.commit(add=[StagedFile("labels", targets[i], Path(staged))])
+            old = replaced[i]
+            writer.commit(add=[StagedFile("labels", targets[i], Path(staged))],
+                          remove=[("labels", old)] if old else [])
 
         run = runner.run_tasks(_label_task, tasks, workers=workers, scheduler=scheduler,
                                desc=f"{name_of_fitter} labels (cubes)", progress=progress,

@@ -131,9 +131,25 @@ def cube_part_name(plateifu: str, checksum: str) -> str:
     return f"part-{plateifu}-{checksum[:12]}.parquet"
 
 
-def label_part_name(plateifu: str, fitter: str) -> str:
-    """File name of one cube's labels by one fitter."""
-    return f"part-{plateifu}-{fitter}.parquet"
+#: Separates a file's generation tag from the rest of its name (see :func:`label_part_name`).
+GENERATION_TAG = "@"
+
+
+def label_part_name(plateifu: str, fitter: str, generation: int | None = None) -> str:
+    """File name of one cube's labels by one fitter.
+
+    A cube's label file rewritten with more rows (a sampled cube extended) is committed under
+    a new name tagged with the manifest generation it was planned at: a committed file never
+    changes under its name, which readers (DuckDB's Parquet footer cache) rely on.
+    """
+    tag = f"{GENERATION_TAG}{generation}" if generation is not None else ""
+    return f"part-{plateifu}-{fitter}{tag}.parquet"
+
+
+def parse_label_part_name(name: str) -> tuple[str, str] | None:
+    """Inverse of :func:`label_part_name`: ``(plateifu, fitter)``, None for other names."""
+    part = parse_part_name(name)
+    return (part[0], part[1].split(GENERATION_TAG, 1)[0]) if part else None
 
 
 _PART = re.compile(r"^part-([^-/]+-[^-/]+)-([^/]+)\.parquet$")
@@ -196,9 +212,21 @@ def node_partials_file(model_id: str, release: str, spectra_name: str) -> str:
 LABEL_ERRORS = "label_errors"
 
 
-def label_errors_name(fitter: str) -> str:
-    """File name of one fitter's error model in a release partition of ``label_errors``."""
-    return f"label_errors-{fitter}.parquet"
+def label_errors_name(fitter: str, generation: int | None = None) -> str:
+    """File name of one fitter's error model in a release partition of ``label_errors``.
+
+    Re-calibrating commits the new model under a new name (tagged with the manifest
+    generation, as :func:`label_part_name`) and drops the old file.
+    """
+    tag = f"{GENERATION_TAG}{generation}" if generation is not None else ""
+    return f"label_errors-{fitter}{tag}.parquet"
+
+
+def parse_label_errors_name(name: str) -> str | None:
+    """Inverse of :func:`label_errors_name`: the fitter id, None for other names."""
+    if not (name.startswith("label_errors-") and name.endswith(".parquet")):
+        return None
+    return name.removeprefix("label_errors-").removesuffix(".parquet").split(GENERATION_TAG)[0]
 
 
 def checkpoint_name(model_id: str, digest: str) -> str:

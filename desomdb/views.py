@@ -42,10 +42,13 @@ CACHE_FORMAT = 1
 #: The name the query cache is attached under in every reading connection.
 CACHE_ALIAS = "desomdb_cache"
 
-#: DuckDB settings of every reading connection (and of setup.sql). Committed files never
-#: change under their name (a commit adds new files), so cached Parquet footers stay valid;
-#: reusing them cut one galaxy's baxel_labels query from 16 to 10 ms (benchmarks/bench_sql.py,
-#: 300k baxels in 6 files), as each query otherwise re-reads every file's footer.
+#: DuckDB settings of every reading connection (and of setup.sql). Release files (ingest
+#: tables, labels, label_errors) never change under their name: a commit adds new files.
+#: A model's one-file tables (nodes, node_labels, fingerprints) are replaced under theirs by
+#: an atomic rename; DuckDB checks a cached footer against the file's modification time
+#: before using it. Reusing footers cut one galaxy's baxel_labels query from 16 to 10 ms
+#: (benchmarks/bench_sql.py, 300k baxels in 6 files), as each query otherwise re-reads every
+#: file's footer.
 READ_SETTINGS = ("set parquet_metadata_cache = true",)
 
 

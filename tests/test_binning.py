@@ -87,7 +87,8 @@ def test_bin_snr_equals_binned_snr_to_the_bit() -> None:
     assert fast(np.int64(17), signal, noise) == _reference_sn_func(np.int64(17), signal, noise)
 
 
-def test_voronoi_bins_equal_vorbin_with_the_reference_callback() -> None:
+@pytest.mark.parametrize("wvt", [False, True])
+def test_voronoi_bins_equal_vorbin_with_the_reference_callback(wvt: bool) -> None:
     import warnings
 
     with warnings.catch_warnings():
@@ -95,7 +96,7 @@ def test_voronoi_bins_equal_vorbin_with_the_reference_callback() -> None:
         from vorbin.voronoi_2d_binning import voronoi_2d_binning
 
     signal, noise = _field(n=36, seed=5)
-    got = binning.voronoi_bins(signal, noise, target_snr=20, min_snr=2)
+    got = binning.voronoi_bins(signal, noise, target_snr=20, min_snr=2, wvt=wvt)
     assert got.method == "voronoi"
     use = signal / noise >= 2
     yy, xx = np.nonzero(use)
@@ -103,7 +104,7 @@ def test_voronoi_bins_equal_vorbin_with_the_reference_callback() -> None:
         warnings.filterwarnings("ignore", message=".*PowerBin.*")
         ref = voronoi_2d_binning(xx.astype(float), yy.astype(float), signal[use], noise[use],
                                  20.0, plot=False, quiet=True, pixelsize=1.0,
-                                 sn_func=_reference_sn_func)[0]
+                                 sn_func=_reference_sn_func, wvt=wvt)[0]
     _, ref = np.unique(ref, return_inverse=True)
     np.testing.assert_array_equal(got.bin_id[yy, xx], ref)
     ref_snr = [_reference_sn_func(np.flatnonzero(ref == k), signal[use], noise[use])

@@ -15,10 +15,11 @@ from astropy.table import Table
 from click.testing import CliRunner
 from conftest import make_job
 
-from desomdb import ingest, manga
+from desomdb import carry, ingest, manga
 from desomdb.archive import Archive
 from desomdb.cli import main
 from desomdb.errors import ConfigError, LockError
+from desomdb.jobs import IngestConfig
 
 
 def df(table: pa.Table) -> pl.DataFrame:
@@ -129,6 +130,49 @@ def test_rerun_is_idempotent(ingested, ingest_survey, tmp_path) -> None:
     after = _tables(copy)
     for name in before:
         assert before[name].equals(after[name]), name
+
+
+def test_other_binning_settings_reprocess_and_are_not_carried(ingested, ingest_survey,
+                                                              tmp_path) -> None:
+    archive, _ = ingested
+    copy = tmp_path / "arch"
+    shutil.copytree(archive, copy)
+    default = IngestConfig()
+    assert set(_tables(copy)["cubes"]["binning_config"]) == {default.binning_key()}
+    # Another release would carry these cubes over only with the same binning settings.
+    wvt = IngestConfig(wvt=True)
+    assert wvt.binning_key() != default.binning_key()
+    assert len(carry.carry_sources(Archive(copy), "DR17", default.binning_key())) == 3
+    assert carry.carry_sources(Archive(copy), "DR17", wvt.binning_key()) == {}
+    # The same release re-run with other settings re-bins every cube (not "already done").
+    report = ingest.ingest(copy, make_job(ingest_survey, config=IngestConfig(target_snr=15)),
+                           progress=False)
+    assert (report.n_ingested, report.n_skipped) == (3, 0)
+    cubes = _tables(copy)["cubes"]
+    assert cubes.height == 3
+    assert set(cubes["binning_config"]) == {IngestConfig(target_snr=15).binning_key()}
+
+
+def test_cube_rows_without_binning_settings_are_neither_skipped_nor_carried(
+        ingested, ingest_survey, tmp_path) -> None:
+    archive, _ = ingested
+    copy = tmp_path / "arch"
+    shutil.copytree(archive, copy)
+    for f in Archive(copy).files("cubes"):  # an archive written before the column existed
+        pq.write_table(pq.read_table(f).drop_columns(["binning_config"]), f)
+    assert carry.carry_sources(Archive(copy), "DR17", IngestConfig().binning_key()) == {}
+    report = ingest.ingest(copy, make_job(ingest_survey), progress=False)
+    assert (report.n_ingested, report.n_skipped) == (3, 0)
+    # Old and new rows side by side (compaction keeps the old rows' nulls): the new ones are
+    # read, and a rerun skips them.
+    (compacted,) = Archive(copy).files("cubes")
+    t = pq.read_table(compacted)
+    settings = t.column("binning_config").to_pylist()
+    t = t.set_column(t.schema.get_field_index("binning_config"), "binning_config",
+                     pa.array([None, *settings[1:]], pa.string()))
+    pq.write_table(t, compacted)
+    report = ingest.ingest(copy, make_job(ingest_survey), progress=False)
+    assert (report.n_ingested, report.n_skipped) == (1, 2)
 
 
 def test_changed_cube_is_replaced_atomically(ingested, ingest_survey, tmp_path) -> None:

@@ -18,9 +18,11 @@ def _load(tmp_path: Path, text: str):
 
 
 def test_paths_resolve_against_the_job_file(tmp_path) -> None:
-    job, opts = _load(tmp_path, BASE + "[binning]\ntarget_snr = 15\n[run]\nworkers = 3\n")
+    job, opts = _load(tmp_path,
+                      BASE + "[binning]\ntarget_snr = 15\nwvt = true\n[run]\nworkers = 3\n")
     assert job.cubes == str(tmp_path / "cubes") and job.drpall == "/abs/drpall.fits"
     assert job.config.target_snr == 15.0 and job.workers == 3 and opts.retrain is False
+    assert job.config.wvt is True
 
 
 @pytest.mark.parametrize("extra, message", [

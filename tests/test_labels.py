@@ -6,7 +6,7 @@ import pytest
 from astropy.io import fits
 from click.testing import CliRunner
 
-from desomdb import labels, spectra
+from desomdb import labels, paths, spectra
 from desomdb.archive import Archive
 from desomdb.cli import main
 from desomdb.errors import ConfigError
@@ -114,8 +114,15 @@ def test_a_sampled_cube_gets_its_missing_baxels(labelled_archive, tmp_path) -> N
     sizes = _frame(arch.read("baxels")).group_by("plateifu").len()
     extendable = int((sizes["len"] > 1).sum())  # a one-baxel cube is still complete
     assert extendable >= 1
+    before = {f.name for f in arch.files("labels")}
     report = labels.label(root, workers=1, progress=False)
     assert report.n_cubes == extendable and report.n_skipped_cubes == 2 - extendable
+    # The merged rows are committed under a new name (a committed file never changes under
+    # its name: readers cache Parquet footers by path) and the old file is dropped.
+    after = {f.name for f in arch.files("labels")}
+    assert len(after) == len(before) and len(after - before) == extendable
+    assert {paths.parse_label_part_name(n) for n in after} == \
+        {paths.parse_label_part_name(n) for n in before}
     lab = _frame(arch.read("labels")).sort("plateifu", "bin_id")
     bax = _frame(arch.read("baxels")).sort("plateifu", "bin_id")
     assert lab.select("plateifu", "bin_id").equals(bax.select("plateifu", "bin_id"))

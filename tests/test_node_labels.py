@@ -12,7 +12,8 @@ import pytest
 import yaml
 from scipy import optimize, stats
 
-from desomdb import calibrate, labels, node_labels, views
+from desomdb import calibrate, labels, node_labels, paths, views
+from desomdb.archive import Archive
 
 
 def test_mixture_quantiles_match_a_root_of_the_mixture_cdf() -> None:
@@ -228,6 +229,21 @@ def test_coverage_of_held_out_truth_is_measured(calibrated) -> None:
     if j.height:
         want = ((j["truth"] >= j["lo68"]) & (j["truth"] <= j["hi68"])).to_numpy().mean()
         assert cov["age_mw_gyr"].calibrated == pytest.approx(want)
+
+
+@pytest.mark.slow
+def test_recalibrating_replaces_the_error_model_under_a_new_name(calibrated, tmp_path) -> None:
+    """A committed file never changes under its name (readers cache footers by path): the
+    old code rewrote label_errors-<fitter>.parquet in place."""
+    arch, _, _ = calibrated
+    copy = tmp_path / "arch"
+    shutil.copytree(arch, copy)
+    before = {f.name for f in Archive(copy).files(paths.LABEL_ERRORS)}
+    calibrate.calibrate(copy, per_bin=1, refits=1, workers=1, seed=1, progress=False)
+    after = {f.name for f in Archive(copy).files(paths.LABEL_ERRORS)}
+    assert len(after) == len(before) and not after & before
+    assert {paths.parse_label_errors_name(n) for n in after} == \
+        {paths.parse_label_errors_name(n) for n in before}
 
 
 def test_calibrate_needs_labels(ingested) -> None:

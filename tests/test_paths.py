@@ -13,6 +13,16 @@ def test_builders_and_parsers_round_trip() -> None:
     assert paths.parse_part_name(paths.label_part_name("8485-1901", "ppxf-miuscat-v1")) == \
         ("8485-1901", "ppxf-miuscat-v1")
     assert paths.parse_part_name(paths.compact_name(7)) is None
+    for gen in (None, 12):
+        assert paths.parse_label_part_name(
+            paths.label_part_name("8485-1901", "fast-miuscat-v2", gen)) == \
+            ("8485-1901", "fast-miuscat-v2")
+        part = paths.parse_part_name(paths.label_part_name("8485-1901", "f", gen))
+        assert part is not None and part[0] == "8485-1901"
+        assert paths.parse_label_errors_name(paths.label_errors_name("fast-miuscat-v2", gen)) \
+            == "fast-miuscat-v2"
+    assert paths.label_part_name("8485-1901", "f", 3) != paths.label_part_name("8485-1901", "f")
+    assert paths.parse_label_errors_name(paths.compact_name(7)) is None
     rel = paths.release_file("baxels", "DR17", name)
     assert paths.parse_partition(rel) == ("baxels", "release", "DR17")
     assert paths.parse_partition(paths.model_file("nodes", "desom1-x")) == \
