@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import sys
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -57,16 +58,25 @@ def _file_list(files: list[str]) -> str:
 
 
 def view_sql() -> dict[str, str]:
-    """Read the ``sql/`` view definitions: name -> SELECT text (one file per view)."""
-    folder = resources.files("desomdb.sql")
-    return {p.name[:-4]: p.read_text() for p in folder.iterdir()
-            if p.name.endswith(".sql") and p.name != "setup.sql"}
+    """Read the ``sql/`` view definitions: name -> SELECT text (one file per view).
+
+    Read once per process (the package's files; ~0.9 ms, an eighth of a one-galaxy query,
+    when every ``connect`` read them).
+    """
+    return dict(_package_sql(""))
 
 
 def macro_sql() -> dict[str, str]:
     """Read the table macros (``sql/macros/``, e.g. ``cone``): name -> CREATE MACRO text."""
-    folder = resources.files("desomdb.sql").joinpath("macros")
-    return {p.name[:-4]: p.read_text() for p in folder.iterdir() if p.name.endswith(".sql")}
+    return dict(_package_sql("macros"))
+
+
+@lru_cache(maxsize=2)
+def _package_sql(sub: str) -> tuple[tuple[str, str], ...]:
+    folder = resources.files("desomdb.sql")
+    folder = folder.joinpath(sub) if sub else folder
+    return tuple(sorted((p.name[:-4], p.read_text()) for p in folder.iterdir()
+                        if p.name.endswith(".sql") and p.name != "setup.sql"))
 
 
 def _statements(archive: Archive, model: str | None, relative: bool,
