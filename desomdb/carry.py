@@ -36,11 +36,15 @@ def same_drp(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
     return all(np.isclose(float(a[k]), float(b[k]), rtol=1e-9, atol=0) for k in DRP_KEYS_USED)
 
 
+def same_binning(recorded: str | None, binning_key: str) -> bool:
+    """Whether a cube's recorded binning settings are the job's (unrecorded ones count as so)."""
+    return recorded is None or recorded == binning_key
+
+
 def cube_rows(arch: Archive, release: str, columns: Sequence[str]) -> list[dict[str, Any]]:
     """Read the committed ``cubes`` rows of a release (string columns); a missing column is None.
 
-    ``binning_config`` was added to ``cubes`` later: rows written before it have none, so
-    their cubes are neither skipped nor carried over (their binning settings are unknown).
+    ``binning_config`` was added to ``cubes`` later: rows written before it read as None.
     """
     files = arch.files("cubes", release=release)
     if not files:
@@ -60,7 +64,9 @@ def carry_sources(arch: Archive, release: str, binning_key: str) -> dict[str, di
 
     A cube of the new release with the same checksum, the same drpall inputs and the same
     binning settings (``binning_key``, :meth:`IngestConfig.binning_key`) is carried over from
-    there (rows copied, files hard-linked) instead of being processed again.
+    there (rows copied, files hard-linked) instead of being processed again. A row written
+    before the settings were recorded is taken as made with the job's (as it was then):
+    re-binning it would also drop its labels.
     """
     out: dict[str, dict[str, Any]] = {}
     for rel in versions.release_order(arch):
@@ -71,7 +77,7 @@ def carry_sources(arch: Archive, release: str, binning_key: str) -> dict[str, di
             "galaxies", columns=["plateifu", *DRP_KEYS_USED], release=rel).to_pylist()}
         for row in cubes:
             if (row["status"] == "ok" and row["plateifu"] in gal
-                    and row["binning_config"] == binning_key):
+                    and same_binning(row["binning_config"], binning_key)):
                 out[row["plateifu"]] = {"release": rel, "checksum": row["checksum"],
                                         "drp": gal[row["plateifu"]]}
     return out

@@ -231,7 +231,8 @@ def ingest(
                 "drp": drpall.get(plateifu),
                 # Re-processed when its bins were made with other settings.
                 "existing_checksum": (prev["checksum"] if prev and prev["status"] == "ok"
-                                      and prev["binning_config"] == key else None),
+                                      and carry.same_binning(prev["binning_config"], key)
+                                      else None),
                 "carry": sources.get(plateifu),
             })
         size = max(1, job.cubes_per_task)

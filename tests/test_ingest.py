@@ -153,25 +153,29 @@ def test_other_binning_settings_reprocess_and_are_not_carried(ingested, ingest_s
     assert set(cubes["binning_config"]) == {IngestConfig(target_snr=15).binning_key()}
 
 
-def test_cube_rows_without_binning_settings_are_neither_skipped_nor_carried(
+def test_cube_rows_without_binning_settings_are_skipped_and_carried_as_before(
         ingested, ingest_survey, tmp_path) -> None:
+    """Rows written before cubes.binning_config existed keep their bins (and so their labels):
+    an upgrade must not re-bin a whole release on the next ingest."""
     archive, _ = ingested
     copy = tmp_path / "arch"
     shutil.copytree(archive, copy)
-    for f in Archive(copy).files("cubes"):  # an archive written before the column existed
-        pq.write_table(pq.read_table(f).drop_columns(["binning_config"]), f)
-    assert carry.carry_sources(Archive(copy), "DR17", IngestConfig().binning_key()) == {}
-    report = ingest.ingest(copy, make_job(ingest_survey), progress=False)
-    assert (report.n_ingested, report.n_skipped) == (3, 0)
-    # Old and new rows side by side (compaction keeps the old rows' nulls): the new ones are
-    # read, and a rerun skips them.
     (compacted,) = Archive(copy).files("cubes")
-    t = pq.read_table(compacted)
-    settings = t.column("binning_config").to_pylist()
-    t = t.set_column(t.schema.get_field_index("binning_config"), "binning_config",
-                     pa.array([None, *settings[1:]], pa.string()))
-    pq.write_table(t, compacted)
+    pq.write_table(pq.read_table(compacted).drop_columns(["binning_config"]), compacted)
+    key = IngestConfig().binning_key()
+    assert len(carry.carry_sources(Archive(copy), "DR17", key)) == 3
     report = ingest.ingest(copy, make_job(ingest_survey), progress=False)
+    assert (report.n_ingested, report.n_skipped) == (0, 3)
+    report = ingest.ingest(copy, make_job(ingest_survey, config=IngestConfig(target_snr=15)),
+                           progress=False)
+    assert (report.n_ingested, report.n_skipped) == (0, 3)  # unrecorded: kept as they were
+    # Beside unrecorded rows, a recorded one with other settings is re-binned.
+    (compacted,) = Archive(copy).files("cubes")  # compacted again by each ingest
+    t = pq.read_table(compacted)
+    t = t.append_column("binning_config", pa.array([key, None, None], pa.string()))
+    pq.write_table(t, compacted)
+    report = ingest.ingest(copy, make_job(ingest_survey, config=IngestConfig(target_snr=15)),
+                           progress=False)
     assert (report.n_ingested, report.n_skipped) == (1, 2)
 
 
