@@ -93,15 +93,9 @@ def set_errors(archive: Path, errors: pl.DataFrame) -> None:
     models = sorted({paths.parse_partition(str(f.relative_to(arch.root)))[2]
                      for f in arch.files("assignments")})
     with arch.writer("bench_coverage --sigma-scale") as writer:
-        old = [(paths.LABEL_ERRORS, str(f.relative_to(arch.root)))
-               for f in arch.files(paths.LABEL_ERRORS)]
-        adds = []
         for (release, fitter), group in errors.group_by("release", "fitter"):
-            name = paths.label_errors_name(str(fitter), arch.generation() + 1)
-            adds.append(writer.stage_table(
-                paths.LABEL_ERRORS, group.drop("release").to_arrow(),
-                paths.release_file(paths.LABEL_ERRORS, str(release), name)))
-        writer.commit(add=adds, remove=old)
+            calibrate.replace_error_model(writer, str(release), str(fitter),
+                                          group.drop("release"))
         for model_id in models:
             node_labels.write_node_labels(writer, arch, model_id)
 

@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from desomdb import labels, node_labels, paths, runner, spectra, views
-from desomdb.archive import Archive
+from desomdb.archive import Archive, Writer
 from desomdb.errors import ArchiveError, ConfigError
 
 #: S/N bin edges on ``baxels.snr`` (the paper's training cut at 10, the binning target 20).
@@ -251,18 +251,35 @@ def calibrate(archive: str | Path, per_bin: int = 8, refits: int = 4, seed: int 
                      for f in arch.files("assignments")})
     with arch.writer("desomdb calibrate") as writer:
         for release, fid, table in staged:
-            # A new name each time; the fitter's earlier model in that release is dropped.
-            old = [(paths.LABEL_ERRORS, str(f.relative_to(arch.root)))
-                   for f in arch.files(paths.LABEL_ERRORS, release=release)
-                   if paths.parse_label_errors_name(f.name) == fid]
-            name = paths.label_errors_name(fid, arch.generation() + 1)
-            target = paths.release_file(paths.LABEL_ERRORS, release, name)
-            writer.commit(add=[writer.stage_table(paths.LABEL_ERRORS, table.to_arrow(), target)],
-                          remove=old)
+            replace_error_model(writer, release, fid, table)
         for model_id in models:
             node_labels.write_node_labels(writer, arch, model_id)
     n_fits = n_baxels * (1 + refits + len(ALTERNATIVES))
     return CalibrationReport(n_baxels, n_fits, pl.concat(frames), models)
+
+
+def replace_error_model(writer: Writer, release: str, fitter: str, table: pl.DataFrame
+                        ) -> None:
+    """Commit a fitter's error model of a release, dropping the one it replaces.
+
+    A new file name each time (tagged with the manifest generation): committed files never
+    change under their name.
+
+    Parameters
+    ----------
+    writer : Writer
+    release, fitter : str
+    table : polars.DataFrame
+        The ``label_errors`` rows (without ``release``, the partition column).
+    """
+    arch = writer.archive
+    old = [(paths.LABEL_ERRORS, str(f.relative_to(arch.root)))
+           for f in arch.files(paths.LABEL_ERRORS, release=release)
+           if paths.parse_label_errors_name(f.name) == fitter]
+    name = paths.label_errors_name(fitter, arch.generation() + 1)
+    target = paths.release_file(paths.LABEL_ERRORS, release, name)
+    writer.commit(add=[writer.stage_table(paths.LABEL_ERRORS, table.to_arrow(), target)],
+                  remove=old)
 
 
 def _tasks(arch: Archive, sample: pl.DataFrame, fitter: str, refits: int,
