@@ -249,8 +249,13 @@ class Archive:
                 out[(paths.parse_partition(str(f.relative_to(self.root)))[2], part[0])] = f
         return out
 
-    def dataset(self, table: str, **partition: str) -> ds.Dataset:
-        """Open a pyarrow dataset over the committed files (hive partition columns included)."""
+    def dataset(self, table: str, schema: pa.Schema | None = None, **partition: str
+                ) -> ds.Dataset:
+        """Open a pyarrow dataset over the committed files (hive partition columns included).
+
+        With ``schema``, rows are read with exactly those columns: one a file lacks (a
+        column added to the table later) reads as null.
+        """
         files = self.files(table, **partition)
         if not files:
             raise ArchiveError(
@@ -264,6 +269,7 @@ class Archive:
                 format="parquet",
                 partitioning=ds.HivePartitioning.discover(infer_dictionary=False),
                 partition_base_dir=str(self.root / table),
+                schema=schema,
             )
         except (OSError, pa.ArrowException) as exc:
             raise self._read_error(table, exc) from exc
@@ -273,10 +279,11 @@ class Archive:
         table: str,
         columns: Sequence[str] | None = None,
         filter: ds.Expression | None = None,
+        schema: pa.Schema | None = None,
         **partition: str,
     ) -> pa.Table:
-        """Read committed rows of ``table`` as a pyarrow Table."""
-        dataset = self.dataset(table, **partition)
+        """Read committed rows of ``table`` as a pyarrow Table (``schema``: see :meth:`dataset`)."""
+        dataset = self.dataset(table, schema, **partition)
         try:
             return dataset.to_table(
                 columns=list(columns) if columns is not None else None, filter=filter

@@ -20,11 +20,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from desomdb import paths, versions
 from desomdb.archive import Archive, StagedFile, Writer
-from desomdb.errors import ArchiveError, first_line
 
 DRP_KEYS_USED = ("z", "nsa_elpetro_phi", "nsa_elpetro_ba", "nsa_elpetro_th50_r")
 
@@ -46,17 +44,10 @@ def cube_rows(arch: Archive, release: str, columns: Sequence[str]) -> list[dict[
 
     ``binning_config`` was added to ``cubes`` later: rows written before it read as None.
     """
-    files = arch.files("cubes", release=release)
-    if not files:
+    if not arch.files("cubes", release=release):
         return []
     schema = pa.schema([(c, pa.string()) for c in columns])
-    try:  # a dataset with a given schema reads a field a file lacks as null
-        table = ds.dataset([str(f) for f in files], schema=schema, format="parquet").to_table()
-    except (OSError, pa.ArrowException) as exc:
-        raise ArchiveError(f"{arch.root}: cannot read committed table 'cubes' "
-                           f"({first_line(exc)}); run 'desomdb check {arch.root}' to find the "
-                           "damaged file") from exc
-    return table.to_pylist()
+    return arch.read("cubes", schema=schema, release=release).to_pylist()
 
 
 def carry_sources(arch: Archive, release: str, binning_key: str) -> dict[str, dict[str, Any]]:

@@ -135,6 +135,10 @@ def cube_part_name(plateifu: str, checksum: str) -> str:
 GENERATION_TAG = "@"
 
 
+def _generation_tag(generation: int | None) -> str:
+    return f"{GENERATION_TAG}{generation}" if generation is not None else ""
+
+
 def label_part_name(plateifu: str, fitter: str, generation: int | None = None) -> str:
     """File name of one cube's labels by one fitter.
 
@@ -142,8 +146,7 @@ def label_part_name(plateifu: str, fitter: str, generation: int | None = None) -
     a new name tagged with the manifest generation it was planned at: a committed file never
     changes under its name, which readers (DuckDB's Parquet footer cache) rely on.
     """
-    tag = f"{GENERATION_TAG}{generation}" if generation is not None else ""
-    return f"part-{plateifu}-{fitter}{tag}.parquet"
+    return f"part-{plateifu}-{fitter}{_generation_tag(generation)}.parquet"
 
 
 def parse_label_part_name(name: str) -> tuple[str, str] | None:
@@ -218,8 +221,7 @@ def label_errors_name(fitter: str, generation: int | None = None) -> str:
     Re-calibrating commits the new model under a new name (tagged with the manifest
     generation, as :func:`label_part_name`) and drops the old file.
     """
-    tag = f"{GENERATION_TAG}{generation}" if generation is not None else ""
-    return f"label_errors-{fitter}{tag}.parquet"
+    return f"label_errors-{fitter}{_generation_tag(generation)}.parquet"
 
 
 def parse_label_errors_name(name: str) -> str | None:
