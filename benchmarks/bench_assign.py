@@ -15,7 +15,7 @@ unassigned archive:
   ``pq.read_table`` of every column, 0/1 mask weights, ``np.add.at`` node co-adds, staged and
   committed 32 cubes at a time, in this process with torch on 1 thread (and on 2 threads,
   as ``desomdb assign`` ran before it had ``--workers``);
-* ``assign(workers=1)`` and ``assign(workers=2)``: :func:`desomdb.assign.assign`.
+* ``assign(workers=1)`` and ``assign(workers=2)``: :func:`desomdb.pipeline.assign.assign`.
 
 Throughput is spectra encoded per second of the cube loop including Parquet reads, writes and
 commits (``AssignReport.spectra_per_s``; the same span for the baseline); the whole call
@@ -46,11 +46,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_scale import build
 
-from desomdb import assign, paths, registry, spectra, train
-from desomdb.archive import Archive, StagedFile
-from desomdb.inference import normalised
-from desomdb.model import compact_config
-from desomdb.registry import load_model
+from desomdb.archive import paths
+from desomdb.archive.store import Archive, StagedFile
+from desomdb.pipeline import assign, train
+from desomdb.science import spectra
+from desomdb.som import registry
+from desomdb.som.inference import normalised
+from desomdb.som.model import compact_config
+from desomdb.som.registry import load_model
 
 
 def add_labels(source: Path, root: Path, seed: int = 0) -> None:
@@ -161,7 +164,7 @@ def fresh_copy(base: Path, dst: Path) -> Path:
 
 CHILD = """
 import json, resource, sys, time
-from desomdb import assign
+from desomdb.pipeline import assign
 t = time.perf_counter()
 out = assign.assign(sys.argv[1], progress=False, workers=int(sys.argv[2]))
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so this process would report

@@ -34,8 +34,10 @@ import numpy as np
 import polars as pl
 import torch
 
-from desomdb import inference, model, registry, train, views
-from desomdb.archive import Archive
+from desomdb.archive.store import Archive
+from desomdb.pipeline import train
+from desomdb.query import views
+from desomdb.som import inference, model, registry
 
 LABELS = {"log age [dex]": "log10(age_mw_gyr)", "[M/H] [dex]": "mh_mw",
           "log M*/L_r [dex]": "log_ml_r", "E(B-V)_* [mag]": "ebv_star"}

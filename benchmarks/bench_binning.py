@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from desomdb import binning, dust, manga, mock
-from desomdb.cube import read_cube
+from desomdb import mock
 from desomdb.mock.galaxy import draw_galaxy
+from desomdb.science import binning, dust
+from desomdb.survey import manga
+from desomdb.survey.cube import read_cube
 
 
 def _row(bins: binning.Binning, seconds: float, target: float) -> str:

@@ -39,20 +39,12 @@ from pathlib import Path
 
 import polars as pl
 
-from desomdb import (
-    assign,
-    calibrate,
-    ingest,
-    labels,
-    mock,
-    model,
-    node_labels,
-    paths,
-    registry,
-    train,
-    views,
-)
-from desomdb.archive import Archive
+from desomdb import mock
+from desomdb.archive import paths
+from desomdb.archive.store import Archive
+from desomdb.pipeline import assign, calibrate, ingest, labels, node_labels, train
+from desomdb.query import views
+from desomdb.som import model, registry
 
 LIBRARIES = ("miuscat", "bc03")
 

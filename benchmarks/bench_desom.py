@@ -18,8 +18,9 @@ import polars as pl
 import torch
 from bench_gpu import throughput  # the one throughput measurement (sibling script)
 
-from desomdb import assign, model, registry, train
-from desomdb.archive import Archive
+from desomdb.archive.store import Archive
+from desomdb.pipeline import assign, train
+from desomdb.som import model, registry
 
 
 def held_out(arch: Archive, preset: str, iterations: int, batch: int) -> dict[str, float]:

@@ -27,8 +27,11 @@ from pathlib import Path
 
 import torch
 
-from desomdb import assign, ingest, mock, model, registry, train, views
-from desomdb.archive import Archive
+from desomdb import mock
+from desomdb.archive.store import Archive
+from desomdb.pipeline import assign, ingest, train
+from desomdb.query import views
+from desomdb.som import model, registry
 
 
 def sync(device: str) -> None:

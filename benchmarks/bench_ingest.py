@@ -22,9 +22,12 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from desomdb import baxels, binning, ingest, manga, mock
-from desomdb.cube import read_cube
+from desomdb import mock
 from desomdb.mock.galaxy import draw_galaxy
+from desomdb.pipeline import baxels, ingest
+from desomdb.science import binning
+from desomdb.survey import manga
+from desomdb.survey.cube import read_cube
 
 
 def read_only(path: Path) -> float:

@@ -37,9 +37,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from desomdb import emission, ingest, labels, mock
-from desomdb.archive import Archive
-from desomdb.jobs import IngestConfig, IngestJob
+from desomdb import mock
+from desomdb.archive.store import Archive
+from desomdb.pipeline import ingest, labels
+from desomdb.pipeline.jobs import IngestConfig, IngestJob
+from desomdb.science import emission
 
 TEST_DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 REAL_FILES = ("MaNGA_test_spectra.fits.gz", "MaNGA_multicomp_test_spectra.fits.gz")
@@ -332,7 +334,7 @@ def real_spectra(fitter: str = labels.DEFAULT_FITTER) -> pl.DataFrame:
     """Label the 8 + 3 real DR15 spectra shipped in tests/data; one row per spectrum."""
     from astropy.io import fits
 
-    from desomdb import spectra
+    from desomdb.science import spectra
 
     rows = []
     for name in REAL_FILES:

@@ -10,7 +10,7 @@ builds the table twice:
 
 - ``polars`` (the baseline, the implementation before streaming): read the model's
   assignments and the whole labels table into polars, join, group per label and node;
-- ``duckdb-stream``: :func:`desomdb.node_labels.node_label_table` (DuckDB joins the Parquet
+- ``duckdb-stream``: :func:`desomdb.pipeline.node_labels.node_label_table` (DuckDB joins the Parquet
   files and streams members ordered by label, node and value; per-node reductions in NumPy),
   here with an error model present so ``lo68``/``hi68`` are computed too.
 
@@ -33,8 +33,9 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from desomdb import calibrate, labels, paths
-from desomdb.archive import Archive
+from desomdb.archive import paths
+from desomdb.archive.store import Archive
+from desomdb.pipeline import calibrate, labels
 
 PER_CUBE = 250
 #: Labels rows per Parquet file (compacted files of many cubes).
@@ -94,8 +95,9 @@ CHILD = """
 import json, resource, sys, time
 import numpy as np
 import polars as pl
-from desomdb import node_labels, versions
-from desomdb.archive import Archive
+from desomdb.pipeline import node_labels
+from desomdb.query import versions
+from desomdb.archive.store import Archive
 root, how, model_id = sys.argv[1], sys.argv[2], sys.argv[3]
 t = time.perf_counter()
 arch = Archive(root)

@@ -27,8 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from desomdb import paths, spectra
-from desomdb.archive import Archive
+from desomdb.archive import paths
+from desomdb.archive.store import Archive
+from desomdb.science import spectra
 
 PER_CUBE = 250
 
@@ -84,8 +85,10 @@ def build(source: Path, root: Path, n: int, seed: int = 0) -> None:
 
 CHILD = """
 import json, resource, sys, time
-from desomdb import assign, model, registry, train, views
-from desomdb.archive import Archive
+from desomdb.pipeline import assign, train
+from desomdb.som import model, registry
+from desomdb.query import views
+from desomdb.archive.store import Archive
 root, stage = sys.argv[1], sys.argv[2]
 t = time.perf_counter()
 if stage == "train":

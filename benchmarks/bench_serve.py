@@ -40,8 +40,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from desomdb import paths, registry
-from desomdb.archive import Archive
+from desomdb.archive import paths
+from desomdb.archive.store import Archive
+from desomdb.som import registry
 
 PER_CUBE = 120  # 1.2 M baxels in 10,000 cubes, as the MaNGA survey
 ROWS_PER_FILE = 200_000
@@ -147,10 +148,11 @@ def _model_tables(arch: Archive, w: Any, model_id: str,
     """Rewrite ``nodes`` and ``fingerprints`` as ``desomdb assign``/``fingerprints`` would.
 
     ``nodes.n_members`` and ``n_beyond_p99`` are counted over the newest cubes (the latter
-    by :func:`desomdb.assign.beyond_p99_counts`, as assign stores it); every synthetic galaxy
-    but the last gets a fingerprint row (counts per node; DESOM-2 columns copied).
+    by :func:`desomdb.pipeline.assign.beyond_p99_counts`, as assign stores it); every
+    synthetic galaxy but the last gets a fingerprint row (counts per node; DESOM-2 columns copied).
     """
-    from desomdb import assign, views
+    from desomdb.pipeline import assign
+    from desomdb.query import views
 
     nodes = arch.read("nodes", model_id=model_id)
     con = views.connect(arch.root, raw=True)
@@ -196,7 +198,7 @@ def _model_tables(arch: Archive, w: Any, model_id: str,
 
 def index(root: Path, model_id: str) -> None:
     """Bring the model's baxel index up to date, as ``desomdb assign`` does after assigning."""
-    from desomdb import similar_index as sx
+    from desomdb.pipeline import similar_index as sx
 
     arch = Archive(root)
     net = registry.load_model(arch, model_id)[0]

@@ -10,9 +10,9 @@ real latents have per-component means of ~9 against a spread of ~0.5; the genera
 that, because it decides whether float16 storage is good enough (``--f16`` measures it).
 
 For each size: index build time (all cores), then per query (one at a time, as the CLI
-asks): exact search (:class:`desomdb.ann.ExactSearch`: one BLAS matrix-vector product over
+asks): exact search (:class:`desomdb.som.ann.ExactSearch`: one BLAS matrix-vector product over
 all vectors, squared norms precomputed, top k re-ranked in float64) and HNSW search
-(``desomdb.ann.search``, one thread), recall@10 of HNSW against exact, and the ratio of
+(``desomdb.som.ann.search``, one thread), recall@10 of HNSW against exact, and the ratio of
 their times. Queries are fresh draws (held-out spectra), not indexed vectors.
 ``--faiss`` adds faiss-cpu IVF-Flat (nlist = 4 sqrt(n), nprobe 16) when it is installed.
 Benchmarks are not tests: nothing here asserts a time.
@@ -27,7 +27,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from desomdb import ann
+from desomdb.som import ann
 
 
 def synthetic_latents(n: int, seed: int, ndim: int = 256, n_params: int = 6) -> np.ndarray:

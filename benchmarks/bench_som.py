@@ -9,7 +9,7 @@ Latents: ``--n`` vectors of 256 dimensions of a smooth 3-parameter family plus s
 DESOM-1. The same latents, map
 (``--size``², Manhattan grid for desomdb) and number of epochs go to
 
-(a) :func:`desomdb.model.fit_som` — PCA-plane initialisation, one batch update per
+(a) :func:`desomdb.som.model.fit_som` — PCA-plane initialisation, one batch update per
     epoch, Euclidean-grid Gaussian neighbourhood, XPySom's own radius schedule
     (:func:`xpysom_temperatures`);
 (b) XPySom (batch SOM, numpy backend; σ size/2 → 1, its default exponential decay and
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from desomdb import model
+from desomdb.som import model
 
 
 def metrics(latents: np.ndarray, protos: np.ndarray, cols: int) -> tuple[float, float, float]:
@@ -69,8 +69,9 @@ def family_latents(n: int, dim: int = 256, seed: int = 0) -> np.ndarray:
 
 def archive_latents(archive: Path) -> np.ndarray:
     """The archive's spectra encoded by its current DESOM-1."""
-    from desomdb import inference, registry, train
-    from desomdb.archive import Archive
+    from desomdb.archive.store import Archive
+    from desomdb.pipeline import train
+    from desomdb.som import inference, registry
 
     arch = Archive(archive)
     m1, _ = registry.load_model(arch, registry.resolve_model(arch, None))
@@ -90,7 +91,7 @@ def xpysom_temperatures(size: int, epochs: int) -> tuple[float, float]:
 
 
 def run_ours(z: np.ndarray, size: int, epochs: int) -> tuple[float, np.ndarray]:
-    """Time and prototypes of :func:`desomdb.model.fit_som`."""
+    """Time and prototypes of :func:`desomdb.som.model.fit_som`."""
     t0 = time.perf_counter()
     t_max, t_min = xpysom_temperatures(size, epochs)
     protos = model.fit_som(torch.from_numpy(z), size, size, epochs, t_max, t_min)

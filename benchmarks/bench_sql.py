@@ -24,8 +24,9 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from desomdb import paths, views
-from desomdb.archive import Archive, write_json_atomic
+from desomdb.archive import paths
+from desomdb.archive.store import Archive, write_json_atomic
+from desomdb.query import views
 
 
 def build(root: Path, n_bax: int, n_gal: int, per_file: int = 200_000) -> Archive:

@@ -8,7 +8,7 @@ briefly trained compact 15×15 DESOM-1 and assigned (``bench_assign.make_archive
 stores the per-cube node partial sums). Then, interleaved for ``--rounds`` rounds:
 
 * **selection** — ``radius_re < 0.2`` (a tenth of the baxels, spread over every cube),
-  one stack, no fit: :func:`desomdb.stack.stack` vs the floor, reading exactly those rows'
+  one stack, no fit: :func:`desomdb.products.stack.stack` vs the floor, reading exactly those rows'
   ``flux``/``ivar``/``mask`` with ``pyarrow.parquet.read_table`` + ``take`` per cube;
 * **node** — the most populated node, every member: the stack from the stored partial sums
   vs reading its members' spectra with pyarrow (and vs ``use_partials=False``).
@@ -33,9 +33,10 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_assign import make_archive
 
-from desomdb import assign, views
-from desomdb import stack as stack_mod
-from desomdb.archive import Archive
+from desomdb.archive.store import Archive
+from desomdb.pipeline import assign
+from desomdb.products import stack as stack_mod
+from desomdb.query import views
 
 SURVEY = 1.2e6
 

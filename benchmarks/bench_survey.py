@@ -59,19 +59,20 @@ stage, root = args["stage"], args["root"]
 t = time.perf_counter()
 extra = {}
 if stage == "ingest":
-    from desomdb import ingest
+    from desomdb.pipeline import ingest
     job = ingest.IngestJob(release=args["release"], cubes=args["cubes"], drpall=args["drpall"],
                            workers=args["workers"])
     rep = ingest.ingest(root, job, progress=False)
     extra = {"n_cubes": rep.n_ingested, "n_carried": rep.n_carried}
 elif stage == "label":
-    from desomdb import labels
+    from desomdb.pipeline import labels
     rep = labels.label(root, workers=args["workers"], progress=False,
                        max_per_cube=args["fits_per_cube"])
     extra = {"n_fits": rep.n_fits}
 elif stage == "train":
-    from desomdb import model, registry, train
-    from desomdb.archive import Archive
+    from desomdb.som import model, registry
+    from desomdb.pipeline import train
+    from desomdb.archive.store import Archive
     cfg = model.compact_config(map_rows=8, map_cols=8, iterations=args["iterations"],
                                decay_iters=int(args["iterations"] * 0.8),
                                pretrain_iters=args["iterations"] // 4, batch_size=32,
@@ -80,26 +81,26 @@ elif stage == "train":
     registry.set_current_model(Archive(root), mid)
 elif stage == "assign":
     import inspect
-    from desomdb import assign
+    from desomdb.pipeline import assign
     params = inspect.signature(assign.assign).parameters
     kw = {"workers": args["workers"]} if "workers" in params else {}
     rep = assign.assign(root, progress=False, **kw)
     extra = {"n_baxels": rep.n_assigned}
 elif stage == "fingerprints":
-    from desomdb import fingerprint
+    from desomdb.pipeline import fingerprint
     fingerprint.build(root, progress=False)
 elif stage == "query":
-    from desomdb import views
+    from desomdb.query import views
     con = views.connect(root)
     con.sql("select node, count(*), avg(age_mw_gyr) from baxel_labels group by node").fetchall()
     n = con.sql("select count(*) from baxels where release = 'DR15'").fetchall()[0][0]
     extra = {"n_dr15_baxels": int(n)}
 elif stage == "check":
-    from desomdb import check
+    from desomdb.products import check
     rep = check.check(root)
     extra = {"n_problems": len(rep.problems)}
 elif stage == "refresh":
-    from desomdb import ingest, refresh
+    from desomdb.pipeline import ingest, refresh
     job = ingest.IngestJob(release=args["release"], cubes=args["cubes"], drpall=args["drpall"],
                            workers=args["workers"])
     rep = refresh.refresh(root, job, refresh.RefreshOptions(

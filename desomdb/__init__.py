@@ -10,15 +10,15 @@ galaxy as fingerprints that a second DESOM groups. See ``README.md`` for the com
 
 from typing import Any
 
-from desomdb import hooks
 from desomdb._version import __version__
+from desomdb.archive import hooks
 from desomdb.errors import DesomdbError
 
 
 def _regenerate_setup_sql(archive: Any) -> None:
     # The views own setup.sql and the query cache; imported here, when a writer ends, not at
     # package import.
-    from desomdb.views import write_query_cache, write_setup_sql
+    from desomdb.query.views import write_query_cache, write_setup_sql
 
     write_setup_sql(archive)
     write_query_cache(archive)
@@ -32,11 +32,11 @@ __all__ = ["DesomdbError", "__version__", "connect", "predict_spectra"]
 def __getattr__(name: str) -> Any:
     # Lazy: importing torch or DuckDB is not needed for every use of the package.
     if name == "connect":
-        from desomdb.views import connect
+        from desomdb.query.views import connect
 
         return connect
     if name == "predict_spectra":
-        from desomdb.predict import predict
+        from desomdb.products.predict import predict
 
         return predict
     raise AttributeError(f"module 'desomdb' has no attribute {name!r}")

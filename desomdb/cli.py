@@ -168,7 +168,7 @@ def ingest(archive: Path, jobfile: Path | None, cubes: str | None, drpall: Path 
       desomdb ingest /tmp/archive --cubes /tmp/survey/DR15 \\
         --drpall /tmp/survey/DR15/drpall-v2_4_3.fits --release DR15
     """
-    from desomdb import ingest as ingest_mod
+    from desomdb.pipeline import ingest as ingest_mod
 
     job = _ingest_job(jobfile, cubes, drpall, release, workers, scheduler, truth, cubes_per_task)
     report = ingest_mod.ingest(archive, job, commit_every_s=commit_every)
@@ -181,7 +181,7 @@ def _ingest_job(jobfile: Path | None, cubes: str | None, drpall: Path | None,
                 release: str | None, workers: int, scheduler: str | None, truth: Path | None,
                 cubes_per_task: int) -> Any:
     """Build the ingest job of a command from a job file or --cubes/--drpall/--release."""
-    from desomdb import ingest as ingest_mod
+    from desomdb.pipeline import ingest as ingest_mod
 
     if jobfile is not None:
         job = ingest_mod.load_job(jobfile)
@@ -237,8 +237,8 @@ def label(archive: Path, release: str | None, workers: int, scheduler: str | Non
     Example:
       desomdb label /tmp/archive --release DR15 --workers 2 --label-max-per-cube 20
     """
-    from desomdb import emission
-    from desomdb import labels as labels_mod
+    from desomdb.pipeline import labels as labels_mod
+    from desomdb.science import emission
 
     report = labels_mod.label(archive, release=release, workers=workers, scheduler=scheduler,
                               max_per_cube=label_max_per_cube,
@@ -276,7 +276,7 @@ def calibrate(archive: Path, per_bin: int, refits: int, seed: int, workers: int,
     Example:
       desomdb calibrate /tmp/archive --per-bin 8 --refits 4 --workers 2
     """
-    from desomdb import calibrate as calibrate_mod
+    from desomdb.pipeline import calibrate as calibrate_mod
 
     report = calibrate_mod.calibrate(archive, per_bin=per_bin, refits=refits, seed=seed,
                                      workers=workers, scheduler=scheduler)
@@ -317,10 +317,10 @@ def train(archive: Path, config: Path | None, preset: str, where: str, seed: int
     """
     import json
 
-    from desomdb import model as model_mod
-    from desomdb import registry as registry_mod
-    from desomdb import train as train_mod
-    from desomdb.archive import Archive
+    from desomdb.archive.store import Archive
+    from desomdb.pipeline import train as train_mod
+    from desomdb.som import model as model_mod
+    from desomdb.som import registry as registry_mod
 
     overrides = json.loads(config.read_text()) if config else {}
     if gamma is not None:
@@ -354,7 +354,7 @@ def assign(archive: Path, model_id: str | None, device: str, precision: str, wor
     Example:
       desomdb assign /tmp/archive --workers 2
     """
-    from desomdb import assign as assign_mod
+    from desomdb.pipeline import assign as assign_mod
 
     out = assign_mod.assign(archive, model_id, device=device, precision=precision,
                             workers=workers, scheduler=scheduler)
@@ -393,7 +393,7 @@ def predict(archive: Path, spectra_file: Path, model_id: str | None,
     """
     import polars as pl
 
-    from desomdb import predict as predict_mod
+    from desomdb.products import predict as predict_mod
 
     df = predict_mod.predict(archive, spectra_file, model_id,
                              min_good_bins=predict_mod.MIN_GOOD_BINS if min_good_bins is None
@@ -444,7 +444,7 @@ def similar(archive: Path, baxel: str | None, spectra_file: Path | None, index: 
       desomdb similar /tmp/archive --spectra tests/data/MaNGA_test_spectra.fits.gz --index 2
       desomdb similar /tmp/archive --galaxy 1-209232
     """
-    from desomdb import similar as similar_mod
+    from desomdb.products import similar as similar_mod
 
     found = similar_mod.similar(archive, baxel=baxel, spectra_file=spectra_file, index=index,
                                 galaxy=galaxy, k=k, model_id=model_id, exact=exact)
@@ -472,7 +472,7 @@ def fingerprints(archive: Path, model_id: str | None, device: str) -> None:
     Example:
       desomdb fingerprints /tmp/archive
     """
-    from desomdb import fingerprint
+    from desomdb.pipeline import fingerprint
 
     d2 = fingerprint.build(archive, model_id, device=device)
     click.echo(f"DESOM-2 model: {d2}")
@@ -519,7 +519,7 @@ def refresh(archive: Path, jobfile: Path | None, cubes: str | None, drpall: Path
       desomdb refresh /tmp/archive --cubes /tmp/survey/DR17 \\
         --drpall /tmp/survey/DR17/drpall-v3_1_1.fits --release DR17
     """
-    from desomdb import refresh as refresh_mod
+    from desomdb.pipeline import refresh as refresh_mod
 
     job = _ingest_job(jobfile, cubes, drpall, release, workers, scheduler, truth, cubes_per_task)
     opts = refresh_mod.load_job(jobfile)[1] if jobfile else refresh_mod.RefreshOptions()
@@ -564,8 +564,8 @@ def refresh(archive: Path, jobfile: Path | None, cubes: str | None, drpall: Path
 
 def _echo_stale_report(archive: Path) -> None:
     """After a write: say if the archive's last report no longer shows it."""
-    from desomdb.archive import Archive
-    from desomdb.report import report_state
+    from desomdb.archive.store import Archive
+    from desomdb.products.report import report_state
 
     rep = report_state(Archive(archive))
     if rep is not None and rep.stale:
@@ -603,7 +603,7 @@ def sql(archive: Path, query: str | None, fmt: str, output: Path | None, model_i
       desomdb sql /tmp/archive "select node, median(age_mw_gyr) from baxel_labels group by node"
       desomdb sql /tmp/archive "select * from galaxy_summary" --format fits --output gal.fits
     """
-    from desomdb import views as views_mod
+    from desomdb.query import views as views_mod
 
     if setup:
         click.echo(views_mod.setup_sql(archive), nl=False)
@@ -611,7 +611,7 @@ def sql(archive: Path, query: str | None, fmt: str, output: Path | None, model_i
     if not query:
         raise ConfigError("give a QUERY (or --setup)")
     if fmt in ("parquet", "fits", "votable"):
-        from desomdb import export
+        from desomdb.products import export
 
         if output is None:
             raise ConfigError(f"--format {fmt} needs --output FILE")
@@ -678,7 +678,7 @@ def export_hats(archive: Path, out: Path, model_id: str | None, overwrite: bool)
       desomdb export-hats /tmp/archive /tmp/desomdb_galaxies
       python -c "import lsdb; print(lsdb.open_catalog('/tmp/desomdb_galaxies'))"
     """
-    from desomdb import export_hats as hats_mod
+    from desomdb.products import export_hats as hats_mod
 
     done = hats_mod.export_hats(archive, out, model=model_id, overwrite=overwrite)
     click.echo(f"wrote {done.n_rows} galaxies to {done.path} (HATS; model "
@@ -709,7 +709,7 @@ def maps(archive: Path, plateifu: str, out: Path, release: str | None,
       desomdb maps /tmp/archive 8131-6102 --out manga-8131-6102-DESOM-MAPS.fits
       ds9 -multiframe manga-8131-6102-DESOM-MAPS.fits
     """
-    from desomdb import maps as maps_mod
+    from desomdb.products import maps as maps_mod
 
     done = maps_mod.write_maps(archive, plateifu, out, release=release, model=model_id)
     click.echo(f"wrote {done.path}: {done.plateifu} ({done.release}), "
@@ -749,7 +749,7 @@ def report(archive: Path, out: Path, model_id: str | None, nodes: str | None,
     Example:
       desomdb report /tmp/archive --out /tmp/report
     """
-    from desomdb import report as report_mod
+    from desomdb.products import report as report_mod
 
     index = report_mod.build_report(archive, out, model_id, _node_list(nodes), galaxy)
     click.echo(f"report: {index}")
@@ -779,14 +779,14 @@ def plot(archive: Path, figure: str, out: Path, model_id: str | None, nodes: str
       desomdb plot /tmp/archive fig6_node_pdfs --nodes 3,17 --out node_pdfs.pdf
     """
     if figure == "stack":
-        from desomdb import stack as stack_mod
+        from desomdb.products import stack as stack_mod
 
         if stack_file is None:
             raise ConfigError("FIGURE stack needs --stack FILE (written by 'desomdb stack "
                               "ARCHIVE --where ... --out FILE.parquet')")
         click.echo(f"wrote {stack_mod.plot(stack_mod.read(stack_file), out)}")
         return
-    from desomdb import report as report_mod
+    from desomdb.products import report as report_mod
 
     path = report_mod.plot(archive, figure, out, model_id, _node_list(nodes), galaxy)
     click.echo(f"wrote {path}")
@@ -818,7 +818,7 @@ def stack(archive: Path, where: str, by: str, model_id: str | None, out: Path | 
       desomdb stack /tmp/archive --where "node = 3" --by node --out node3.fits
       desomdb stack /tmp/archive --where "radius_re < 0.5 and chi2_ok" --by mangaid
     """
-    from desomdb import stack as stack_mod
+    from desomdb.products import stack as stack_mod
 
     result = stack_mod.stack(archive, where=where, by=by, model_id=model_id, fit=not no_fit,
                              shift_velocity=shift_velocity)
@@ -858,7 +858,7 @@ def check(archive: Path, repair: bool, no_checksums: bool) -> None:
       desomdb check /data/manga-desom
       desomdb check /data/manga-desom --repair
     """
-    from desomdb.check import check as run_check
+    from desomdb.products.check import check as run_check
 
     report = run_check(archive, repair=repair, checksums=not no_checksums)
     for rel in report.repaired:
@@ -886,7 +886,7 @@ def status(archive: Path) -> None:
     Example:
       desomdb status /tmp/archive
     """
-    from desomdb import status as status_mod
+    from desomdb.products import status as status_mod
 
     info = status_mod.status(archive)
     click.echo(f"archive: {info.archive}")
@@ -940,8 +940,8 @@ def model_use(archive: Path, model_id: str, kind: str) -> None:
     Example:
       desomdb model use /tmp/archive desom1-3f2a9c
     """
-    from desomdb import registry as registry_mod
-    from desomdb.archive import Archive
+    from desomdb.archive.store import Archive
+    from desomdb.som import registry as registry_mod
 
     arch = Archive(archive)
     before = registry_mod.current_model(arch, kind)
@@ -959,8 +959,8 @@ def model_list(archive: Path) -> None:
     Example:
       desomdb model list /tmp/archive
     """
-    from desomdb import registry as registry_mod
-    from desomdb import views as views_mod
+    from desomdb.query import views as views_mod
+    from desomdb.som import registry as registry_mod
 
     arch = views_mod.Archive(archive)
     current = {registry_mod.current_model(arch, k) for k in ("desom1", "desom2")}
@@ -1061,7 +1061,7 @@ def cluster(kind: str, jobs: int, memory: str, walltime: str, queue: str | None,
       desomdb cluster slurm --jobs 32 --account manga --prologue 'source ~/env/bin/activate'
       desomdb ingest /shared/archive ingest/dr17.toml --scheduler desomdb-scheduler.json
     """
-    from desomdb import cluster as cluster_mod
+    from desomdb.pipeline import cluster as cluster_mod
 
     spec = cluster_mod.ClusterSpec(kind=kind, jobs=jobs, memory=memory, walltime=walltime,
                                    queue=queue, account=account, prologue=list(prologue),

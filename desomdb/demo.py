@@ -15,20 +15,12 @@ from typing import Any
 
 import click
 
-from desomdb import (
-    assign,
-    calibrate,
-    fingerprint,
-    ingest,
-    labels,
-    mock,
-    model,
-    registry,
-    report,
-    train,
-    views,
-)
-from desomdb.archive import Archive
+from desomdb import mock
+from desomdb.archive.store import Archive
+from desomdb.pipeline import assign, calibrate, fingerprint, ingest, labels, train
+from desomdb.products import report
+from desomdb.query import views
+from desomdb.som import model, registry
 
 
 @dataclass

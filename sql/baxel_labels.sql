@@ -1,5 +1,5 @@
 -- baxel_labels: every baxel with its pPXF labels and its node under the current model
--- (current_model(); change it with desomdb.views.use_model or 'desomdb model use').
+-- (current_model(); change it with desomdb.query.views.use_model or 'desomdb model use').
 with all_baxels as (
     select * from baxels
 ),

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from desomdb import ingest, mock, registry
+from desomdb import mock
+from desomdb.pipeline import ingest
+from desomdb.som import registry
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +55,7 @@ def ingested(tmp_path_factory: pytest.TempPathFactory, ingest_survey: mock.Surve
 @pytest.fixture(scope="session")
 def labelled_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two 19-fibre galaxies binned to S/N 40 (few baxels), ingested and labelled."""
-    from desomdb import labels
+    from desomdb.pipeline import labels
 
     out = tmp_path_factory.mktemp("lab")
     survey = mock.generate_survey(out / "survey", n_galaxies=2, release="DR15", seed=4,
@@ -73,8 +75,9 @@ TINY = {"iterations": 120, "decay_iters": 80, "pretrain_iters": 40, "eval_every"
 @pytest.fixture(scope="session")
 def trained_archive(labelled_archive: Path, tmp_path_factory: pytest.TempPathFactory):
     """A copy of the labelled archive with a tiny DESOM-1 trained, made current, assigned."""
-    from desomdb import assign, model, train
-    from desomdb.archive import Archive
+    from desomdb.archive.store import Archive
+    from desomdb.pipeline import assign, train
+    from desomdb.som import model
 
     arch = tmp_path_factory.mktemp("trained") / "arch"
     shutil.copytree(labelled_archive, arch)
@@ -88,7 +91,7 @@ def trained_archive(labelled_archive: Path, tmp_path_factory: pytest.TempPathFac
 @pytest.fixture(scope="session")
 def full_archive(trained_archive):
     """The trained archive with fingerprints and a DESOM-2 as well."""
-    from desomdb import fingerprint
+    from desomdb.pipeline import fingerprint
 
     arch, model_id, cfg = trained_archive
     d2 = fingerprint.build(arch, model_id, progress=False)
@@ -110,7 +113,7 @@ class ReaderLoop:
         self.committed: dict[str, set[int]] = {t: {0} for t in tables}
 
     def _counts(self) -> dict[str, int]:
-        from desomdb.archive import Archive
+        from desomdb.archive.store import Archive
 
         arch = Archive(self.root)
         return {t: arch.read(t, columns=[]).num_rows if arch.has_table(t) else 0
@@ -120,7 +123,7 @@ class ReaderLoop:
         import threading
 
         import desomdb
-        from desomdb import archive as archive_mod
+        from desomdb.archive import store as archive_mod
 
         self._real_commit = real = archive_mod.Writer.commit
         loop = self
@@ -155,7 +158,7 @@ class ReaderLoop:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from desomdb import archive as archive_mod
+        from desomdb.archive import store as archive_mod
 
         self._done.set()
         self._thread.join()

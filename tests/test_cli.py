@@ -82,7 +82,7 @@ def test_bad_ifu_sizes_are_refused_before_any_work(tmp_path) -> None:
 def test_label_takes_a_per_cube_limit(ingested, tmp_path) -> None:
     import shutil
 
-    from desomdb import views
+    from desomdb.query import views
 
     archive, report = ingested
     copy = tmp_path / "arch"

@@ -1,4 +1,8 @@
-"""The import graph: no cycles, and the pipeline never imports the mock."""
+"""The import graph: layered, no cycles, and the pipeline never imports the mock.
+
+:data:`LAYERS` is the one statement of the package's floor plan (``docs/architecture.md`` draws
+it): a module may import from its own layer and the layers below, never from a layer above.
+"""
 
 import ast
 from pathlib import Path
@@ -6,6 +10,21 @@ from pathlib import Path
 import desomdb
 
 ROOT = Path(desomdb.__file__).parent
+
+#: Bottom to top. A top-level module is named by itself, a subpackage by its folder.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("_version", "errors", "constants"),
+    ("runtime",),
+    ("archive",),
+    ("survey",),
+    ("science",),
+    ("som",),
+    ("query",),
+    ("pipeline",),
+    ("products",),
+    ("web", "mock"),
+    ("cli", "demo"),
+)
 
 
 def _graph() -> dict[str, set[str]]:
@@ -26,6 +45,40 @@ def _graph() -> dict[str, set[str]]:
                 targets = [a.name for a in node.names]
             graph[name] |= {t for t in targets if t in mods and t not in (name, "desomdb")}
     return graph
+
+
+def layer_of(module: str) -> int:
+    """Index in :data:`LAYERS` of a ``desomdb.*`` module (the package itself is the top)."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return len(LAYERS)
+    for i, floor in enumerate(LAYERS):
+        if parts[1] in floor:
+            return i
+    raise AssertionError(f"{module} is in no layer: add its folder or name to LAYERS")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import from a module to a module of a higher layer, as 'a -> b'."""
+    return sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps
+                  if layer_of(d) > layer_of(m))
+
+
+def test_every_module_sits_in_a_layer_and_imports_only_downward() -> None:
+    graph = _graph()
+    assert len(graph) > 60  # the walk found the package
+    assert not upward_imports(graph)
+
+
+def test_an_injected_upward_import_is_refused() -> None:
+    graph = _graph()
+    graph["desomdb.science.spectra"].add("desomdb.pipeline.labels")
+    assert upward_imports(graph) == ["desomdb.science.spectra -> desomdb.pipeline.labels"]
+
+
+def test_at_most_a_dozen_modules_stay_at_the_top() -> None:
+    top = sorted(p.name for p in ROOT.glob("*.py"))
+    assert len(top) <= 12, top
 
 
 def test_the_import_graph_has_no_cycle() -> None:
@@ -52,7 +105,7 @@ def test_the_import_graph_has_no_cycle() -> None:
 
 def test_the_pipeline_never_imports_the_mock() -> None:
     """Only the mock itself, the demo and the 'desomdb mock' command import desomdb.mock."""
-    allowed = {"desomdb.demo", "desomdb.cli"}
+    allowed = {"desomdb.demo", "desomdb.cli"}  # the top layer
     offenders = sorted(m for m, deps in _graph().items()
                        if not m.startswith("desomdb.mock") and m not in allowed
                        and any(d.startswith("desomdb.mock") for d in deps))

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from desomdb import emission, geometry, manga
-from desomdb.templates import TemplateLibrary
+from desomdb.science import emission, geometry
+from desomdb.science.templates import TemplateLibrary
+from desomdb.survey import manga
 
 GALAXY_TYPES = (
     "star_forming",

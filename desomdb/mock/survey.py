@@ -6,7 +6,7 @@ Layout written (as on the SDSS archive)::
     OUT/<release>/drpall-<drpver>.fits
     OUT/<release>/truth-<release>.parquet
 
-The cube format follows the DRP data model (see :mod:`desomdb.manga`); the physics is in
+The cube format follows the DRP data model (see :mod:`desomdb.survey.manga`); the physics is in
 :mod:`desomdb.mock.galaxy`. Noise: per-pixel variance = source/G + sky(λ)² (G = 20000 in flux
 units of 1e-17 erg/s/cm^2/Å), spatially correlated by a Gaussian kernel of 1.18 spaxels so
 that the noise of an n-spaxel sum is underestimated by ~4.2 at large n, as Law et al. (2016)
@@ -20,8 +20,8 @@ Same seed, same bytes: every cube uses its own ``numpy`` generator seeded by
 Template library (``library``): ``miuscat`` (default) renders from the library the fits use,
 so label accuracy measured on it is an upper limit; ``bc03`` renders the same galaxies from
 Bruzual & Charlot (2003) SSPs (Chabrier IMF, STELIB, 3 Å FWHM; see
-:mod:`desomdb.templates_build`), which the fits never see. Stellar spectra are convolved from
-the library's own resolution to the MaNGA LSF plus the stellar dispersion; where the library
+:mod:`desomdb.science.templates_build`), which the fits never see. Stellar spectra are convolved
+from the library's own resolution to the MaNGA LSF plus the stellar dispersion; where the library
 is coarser than that (BC03's 3 Å against MaNGA's ~2.5 Å rest-frame FWHM in the blue) the
 spectrum keeps the library's width, and the cube's DISP/LSFPOST and SPECRES record this
 effective LSF, max(MaNGA, library), so the file tells the truth about its resolution. The
@@ -44,12 +44,15 @@ import pyarrow.parquet as pq
 from astropy.io import fits
 from astropy.table import Table
 
-from desomdb import dust, emission, geometry, manga, paths, runner, sidecar, templates
-from desomdb.archive import atomic_write
+from desomdb.archive import paths
+from desomdb.archive.store import atomic_write
 from desomdb.constants import COSMOLOGY, FWHM_PER_SIGMA, L_SUN_ERG_S, MPC_CM
 from desomdb.errors import ConfigError
 from desomdb.mock.galaxy import GalaxyParams, SpaxelModel, draw_galaxy, spaxel_model
 from desomdb.mock.truth import rules as truth_rules
+from desomdb.runtime import runner
+from desomdb.science import dust, emission, geometry, sidecar, templates
+from desomdb.survey import manga
 
 NOISE_GAIN = 20000.0
 SKY_SIGMA = 0.005

@@ -3,7 +3,7 @@
 Conventions (DESIGN.md): age and [M/H] weighted by stellar mass; M*/L_r = ΣM / ΣL_r;
 E(B-V) and kinematics weighted by r-band light; SFR and line fluxes summed; log sSFR =
 log10(ΣSFR / ΣM) with the floor -14; d_BPT from the summed line fluxes. The mock stores these
-rules in its truth file (:mod:`desomdb.sidecar`), and ingest applies them without knowing
+rules in its truth file (:mod:`desomdb.science.sidecar`), and ingest applies them without knowing
 about mocks.
 
 Across libraries (DESIGN.md): a mock rendered from a library without living + remnant

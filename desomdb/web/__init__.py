@@ -10,9 +10,9 @@ are listed in :mod:`desomdb.web.app`.
 Why Starlette + uvicorn and not datasette: datasette serves SQLite databases (its tables,
 facets and permissions are built on SQLite's catalogue and connection model); this archive
 is Parquet read through DuckDB views, and every query must pass the archive's own guard and
-sandbox (:mod:`desomdb.guard`). Starlette is a small, well-kept ASGI toolkit (routing,
+sandbox (:mod:`desomdb.query.guard`). Starlette is a small, well-kept ASGI toolkit (routing,
 Jinja2 templates, static files, multipart uploads) that lets the pages call
-:func:`desomdb.views.connect` directly; uvicorn runs it. Figures are drawn on the server
+:func:`desomdb.query.views.connect` directly; uvicorn runs it. Figures are drawn on the server
 (matplotlib SVG, or SVG grids of links for the maps), with one small script of our own: no
 JavaScript library and nothing fetched from a CDN.
 
@@ -26,7 +26,7 @@ import ipaddress
 import sys
 from pathlib import Path
 
-from desomdb.archive import Archive
+from desomdb.archive.store import Archive
 from desomdb.errors import ConfigError
 from desomdb.web.app import create_app
 

@@ -10,7 +10,7 @@ URLs name the model, so a link keeps showing what it showed::
     /sql?q=<select ...>                       (+ /sql.csv?q=...)
     /predict                                  (POST a spectra FITS: predict in memory)
 
-Every query runs on a guarded, sandboxed connection from :func:`desomdb.views.connect`
+Every query runs on a guarded, sandboxed connection from :func:`desomdb.query.views.connect`
 (the same guard as ``desomdb sql``). Connections are opened per (model, archive generation):
 when a writer commits, the next request sees the new files.
 """
@@ -42,10 +42,11 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from desomdb import report, views
-from desomdb.archive import Archive
+from desomdb.archive.store import Archive
 from desomdb.errors import DesomdbError, QueryError
-from desomdb.registry import current_model
+from desomdb.products import report
+from desomdb.query import views
+from desomdb.som.registry import current_model
 from desomdb.web import figures, pages
 from desomdb.web.pages import ModelInfo, NotFoundError
 
@@ -158,10 +159,10 @@ class Explorer:
         """Return the per-cube part files of spectra, labels and the model's assignments.
 
         Listed once per archive generation (from the manifest; file names parsed by
-        :mod:`desomdb.paths`).
+        :mod:`desomdb.archive.paths`).
         """
-        from desomdb import paths
-        from desomdb import similar_index as sx
+        from desomdb.archive import paths
+        from desomdb.pipeline import similar_index as sx
 
         key = (self.arch.generation(), model_id, "parts")
         with self._lock:
@@ -189,10 +190,10 @@ class Explorer:
     def galaxy_vectors(self, model_id: str) -> tuple[dict[str, str], Any, np.ndarray]:
         """Return the model's fingerprint files and galaxy vectors (for nearest galaxies).
 
-        Read once per archive generation (:func:`desomdb.similar_index.fingerprint_files`
-        and :func:`~desomdb.similar_index.galaxy_vectors`); no files gives empty vectors.
+        Read once per archive generation (:func:`desomdb.pipeline.similar_index.fingerprint_files`
+        and :func:`~desomdb.pipeline.similar_index.galaxy_vectors`); no files gives empty vectors.
         """
-        from desomdb import similar_index as sx
+        from desomdb.pipeline import similar_index as sx
 
         key = (self.arch.generation(), model_id, "galaxy_vectors")
         with self._lock:
@@ -207,9 +208,10 @@ class Explorer:
     def latest_assignment_files(self, model_id: str) -> dict[str, str]:
         """Return the model's assignment files of the newest cubes -> sha256 (search input).
 
-        Listed once per archive generation (:func:`desomdb.similar_index.latest_assignment_files`).
+        Listed once per archive generation
+        (:func:`desomdb.pipeline.similar_index.latest_assignment_files`).
         """
-        from desomdb import similar_index as sx
+        from desomdb.pipeline import similar_index as sx
 
         key = (self.arch.generation(), model_id, "latest_assignment_files")
         with self._lock:
@@ -221,11 +223,11 @@ class Explorer:
     def baxel_index(self, model_id: str) -> tuple[tuple[Any, Any] | None, str | None]:
         """Return the model's opened baxel HNSW index and its keys, or None and why not.
 
-        Opened once per archive generation (by :mod:`desomdb.similar`, which checks that the
-        index matches the newest cubes' assignment files); searches share it under a lock.
+        Opened once per archive generation (by :mod:`desomdb.products.similar`, which checks
+        that the index matches the newest cubes' assignment files); searches share it under a lock.
         """
-        from desomdb import similar
-        from desomdb import similar_index as sx
+        from desomdb.pipeline import similar_index as sx
+        from desomdb.products import similar
 
         files = self.latest_assignment_files(model_id)
         key = (self.arch.generation(), model_id, "baxels")
@@ -240,7 +242,7 @@ class Explorer:
         """Return the loaded DESOM network of ``model_id`` (kept for later requests)."""
         with self._lock:
             if model_id not in self._networks:
-                from desomdb.registry import load_model
+                from desomdb.som.registry import load_model
 
                 self._networks[model_id] = load_model(self.arch, model_id)[0]
             return self._networks[model_id]
@@ -566,7 +568,7 @@ def _pdf(p: pages.LabelPdf) -> figures.Pdf:
 
 def _stack_available() -> bool:
     try:
-        import desomdb.stack  # noqa: F401
+        import desomdb.products.stack  # noqa: F401
     except ImportError:
         return False
     return True
@@ -574,7 +576,7 @@ def _stack_available() -> bool:
 
 def _coadd_file(data: pages.NodeData, fmt: str) -> tuple[bytes, str]:
     """Write the node's decoded prototype and co-add as CSV or a FITS table (bytes, type)."""
-    from desomdb import spectra
+    from desomdb.science import spectra
 
     wave = spectra.rest_wave_aa()
     if fmt == "csv":
@@ -599,16 +601,16 @@ def _coadd_file(data: pages.NodeData, fmt: str) -> tuple[bytes, str]:
 
 
 def _stack_file(ex: Explorer, model_id: str, node: int, fmt: str) -> bytes:
-    """Stack a node's members with :mod:`desomdb.stack` (no fit) and return the file bytes.
+    """Stack a node's members with :mod:`desomdb.products.stack` (no fit) and return the file bytes.
 
-    The file is written by ``desomdb.stack.write`` (units, provenance, WAVE extension) into
+    The file is written by ``desomdb.products.stack.write`` (units, provenance, WAVE extension) into
     a temporary folder outside the archive and read back.
     """
     if fmt not in ("fits", "parquet"):
         raise NotFoundError(f"no stack format {fmt!r}; use stack.fits or stack.parquet")
     if not _stack_available():
-        raise NotFoundError("this installation has no desomdb.stack; download coadd.fits")
-    from desomdb import stack
+        raise NotFoundError("this installation has no desomdb.products.stack; download coadd.fits")
+    from desomdb.products import stack
 
     result = stack.stack(ex.root, where=f"node = {int(node)}", by="none", model_id=model_id,
                          fit=False)
@@ -629,7 +631,7 @@ def _reconstruct(ex: Explorer, model_id: str, x: np.ndarray) -> np.ndarray:
     """
     import torch
 
-    from desomdb.inference import encode_all
+    from desomdb.som.inference import encode_all
 
     net = ex.network(model_id)
     with _ONE_THREAD:
@@ -644,12 +646,12 @@ def _reconstruct(ex: Explorer, model_id: str, x: np.ndarray) -> np.ndarray:
 
 
 def _similar_galaxies(ex: Explorer, model_id: str, mangaid: str) -> tuple[Any, str | None]:
-    """Nearest galaxies by Hellinger distance, as :func:`desomdb.similar.similar_galaxies`.
+    """Nearest galaxies by Hellinger distance, as :func:`desomdb.products.similar.similar_galaxies`.
 
     The fingerprint vectors come from :meth:`Explorer.galaxy_vectors` (read once per archive
     generation: at 10,000 galaxies, listing and reading them took ~200 ms of every page).
     """
-    from desomdb import similar
+    from desomdb.products import similar
 
     files, rows_all, vectors = ex.galaxy_vectors(model_id)
     if not files:
@@ -676,8 +678,9 @@ def _similar_baxels(ex: Explorer, model_id: str, data: pages.BaxelData, exact: b
     Without a current index the exact search reads every stored latent (seconds at survey
     scale), so the page offers it as a link instead of running it on every visit.
     """
-    from desomdb import ann, similar
-    from desomdb import similar_index as sx
+    from desomdb.pipeline import similar_index as sx
+    from desomdb.products import similar
+    from desomdb.som import ann
 
     if data.latent is None:
         return None, (f"{data.release} {data.plateifu} was assigned before latents were "
@@ -708,13 +711,13 @@ def _similar_baxels(ex: Explorer, model_id: str, data: pages.BaxelData, exact: b
 
 
 def _predict_bytes(ex: Explorer, body: bytes, model_id: str) -> Any:
-    """Run :func:`desomdb.predict.predict` on an uploaded file without writing it to disk.
+    """Run :func:`desomdb.products.predict.predict` on an uploaded file without writing it to disk.
 
     The bytes go to an anonymous in-memory file (``memfd_create``) that ``predict`` opens by
     its ``/proc/self/fd`` path; where that does not exist (not Linux), to a temporary file
     deleted straight after.
     """
-    from desomdb import predict
+    from desomdb.products import predict
 
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("desomdb-upload")

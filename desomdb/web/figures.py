@@ -5,7 +5,7 @@ Plots (spectra, label PDFs, radial profiles) use matplotlib's object API
 on several threads share no global figure state. Clickable pictures (the map grids, the bin
 map) are SVG written here: one ``<a>`` per node or bin with a ``<title>`` tooltip, so they
 work without any JavaScript. Colours, units and the continuum scaling come from
-:mod:`desomdb.report`, so the explorer and the static report read alike.
+:mod:`desomdb.products.report`, so the explorer and the static report read alike.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.text import Text
 
-from desomdb import emission, report, spectra
+from desomdb.products import report
+from desomdb.science import emission, spectra
 
 #: Pixel size of one map cell in the SVG grids.
 CELL_PX = 44
@@ -188,7 +189,7 @@ def binmap_svg(xy_bin: np.ndarray, colour: dict[int, str], titles: dict[int, str
 
 
 def node_colours(nodes: dict[int, int], rows: int, cols: int) -> dict[int, str]:
-    """Colour each bin by its node's map position (:func:`desomdb.report.map_colours`)."""
+    """Colour each bin by its node's map position (:func:`desomdb.products.report.map_colours`)."""
     key = report.map_colours(rows, cols)
     return {b: to_hex(key[n // cols, n % cols]) for b, n in nodes.items()}
 
@@ -345,7 +346,7 @@ def pdf_sparkline(pdf: Pdf, mark: float | None = None, width: int = 180,
     Returns
     -------
     str
-        ``<svg>`` markup. PDFs from fewer than :data:`desomdb.report.PDF_MIN_N` baxels are
+        ``<svg>`` markup. PDFs from fewer than :data:`desomdb.products.report.PDF_MIN_N` baxels are
         grey and dotted, as in the report.
     """
     h = np.asarray(pdf.histogram, dtype=float)
@@ -399,7 +400,7 @@ def radial_figure(radius_re: np.ndarray, values: np.ndarray, label: str, title: 
     values : ndarray, shape (n,)
         The label; NaN where it fails its cut (not drawn).
     label : str
-        A key of :data:`desomdb.report.ACCURACY_UNITS` (gives the axis unit).
+        A key of :data:`desomdb.products.report.ACCURACY_UNITS` (gives the axis unit).
     title : str
 
     Returns

@@ -1,6 +1,6 @@
 """What each explorer page shows, read from the archive's views (no HTML here).
 
-One function per page, each taking a guarded :class:`desomdb.views.ReadOnlyConnection`
+One function per page, each taking a guarded :class:`desomdb.query.views.ReadOnlyConnection`
 whose ``current_model()`` is the page's model, and returning a typed result. The queries are
 the page's whole cost on the archive, so ``benchmarks/bench_serve.py`` times these functions
 alone against the rendered page. Unknown nodes, galaxies and baxels raise
@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from desomdb import maps, report, spectra
 from desomdb.errors import QueryError
-from desomdb.views import ReadOnlyConnection
+from desomdb.products import maps, report
+from desomdb.query.views import ReadOnlyConnection
+from desomdb.science import spectra
 
 #: Labels a map can be coloured by and node PDFs are drawn for (the report's units).
 LABELS = tuple(report.ACCURACY_UNITS)

@@ -1,0 +1,236 @@
+"""Verify an archive: committed files, their checksums, keys, references and views.
+
+:func:`check` reads everything the manifest lists and reports problems without changing
+anything. With ``repair=True`` it fixes only what needs no guessing — files a killed writer
+staged or moved in but never committed — and never drops a committed row or file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+from desomdb.archive import paths
+from desomdb.archive.store import Archive, accounted_files, holds_archive_data
+from desomdb.errors import ArchiveError, DesomdbError
+from desomdb.som import registry
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with an archive.
+
+    Attributes
+    ----------
+    kind : str
+        ``manifest``, ``missing``, ``size``, ``checksum``, ``unreadable``, ``duplicate-key``,
+        ``orphan-assignment``, ``view``, ``current-model``, ``uncommitted`` or ``staging``.
+    path : str
+        The file or table at fault (relative to the archive where possible).
+    message : str
+        What is wrong and what to do.
+    repairable : bool
+        ``desomdb check --repair`` can fix it without guessing.
+    """
+
+    kind: str
+    path: str
+    message: str
+    repairable: bool = False
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """Outcome of :func:`check`."""
+
+    root: Path
+    n_files: int
+    problems: tuple[Problem, ...]
+    repaired: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is wrong (after any repair)."""
+        return not self.problems
+
+
+def check(archive: str | Path, repair: bool = False, checksums: bool = True) -> CheckReport:
+    """Verify an archive; optionally repair what a killed writer left behind.
+
+    Parameters
+    ----------
+    archive : str or Path
+    repair : bool
+        Delete uncommitted files and the staging area of a writer that died (under the
+        writer lock, so never those of a running writer). Committed files are never touched.
+    checksums : bool
+        Compare every committed file's sha256 with the one recorded at commit (reads every
+        byte); otherwise sizes only.
+
+    Returns
+    -------
+    CheckReport
+        ``problems`` lists what is still wrong (after the repair, when asked).
+    """
+    root = Path(archive).expanduser().resolve()
+    try:
+        arch = Archive(root)
+        manifest = arch.manifest()
+    except ArchiveError as exc:
+        found = holds_archive_data(root)
+        if not found and not (root / paths.MANIFEST).exists():
+            raise
+        return CheckReport(root, 0, (Problem("manifest", paths.MANIFEST, str(exc)),))
+
+    problems: list[Problem] = []
+    records = manifest["records"]
+    for rel, rec in sorted(records.items()):
+        problems.extend(_check_file(root, rel, rec.size, rec.sha256, checksums))
+    problems.extend(_stray_files(arch))
+
+    repaired: list[str] = []
+    if repair and any(p.repairable for p in problems):
+        with arch.writer("desomdb check --repair"):
+            pass  # opening a writer deletes what a dead writer left, under the lock
+        repaired = [p.path for p in problems if p.repairable and not (root / p.path).exists()]
+        problems = [p for p in problems if not p.repairable] + list(_stray_files(arch))
+
+    if not any(p.kind in ("missing", "size", "checksum") for p in problems):
+        problems.extend(_check_through_views(arch, manifest["tables"]))
+    problems.extend(_check_current_model(arch))
+    return CheckReport(root, len(records), tuple(problems), tuple(repaired))
+
+
+def _check_file(root: Path, rel: str, size: int | None, sha256: str | None,
+                checksums: bool) -> list[Problem]:
+    path = root / rel
+    if not path.is_file():
+        return [Problem("missing", rel, f"{path}: committed file is missing; restore it from "
+                                        "a backup (its rows are lost until then)")]
+    actual = path.stat().st_size
+    if size is not None and actual != size:
+        return [Problem("size", rel, f"{path}: {actual} bytes, {size} recorded at commit "
+                                     "(truncated or overwritten); restore it from a backup")]
+    if checksums and sha256 is not None:
+        with path.open("rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        if digest != sha256:
+            return [Problem("checksum", rel, f"{path}: sha256 differs from the one recorded at "
+                                             "commit (the file was changed); restore it from "
+                                             "a backup")]
+    return []
+
+
+def _stray_files(arch: Archive) -> list[Problem]:
+    """Files a killed writer left: uncommitted data files and the staging area."""
+    if arch.writer_is_running():
+        return []  # a live writer's staged files are not garbage
+    keep = accounted_files(arch)
+    out = []
+    for folder in (*paths.TABLES, paths.MANIFEST_DIR):
+        base = arch.root / folder
+        if not base.is_dir():
+            continue
+        for path in sorted(base.rglob("*")):
+            rel = str(path.relative_to(arch.root))
+            if path.is_file() and rel not in keep:
+                out.append(Problem("uncommitted", rel,
+                                   f"{path}: not committed (left by a killed writer); "
+                                   "'desomdb check --repair' deletes it", repairable=True))
+    staging = arch.root / paths.STAGING
+    if staging.is_dir() and any(f.is_file() for f in staging.rglob("*")):
+        out.append(Problem("staging", paths.STAGING,
+                           f"{staging}: staged files of a writer that died; "
+                           "'desomdb check --repair' deletes them", repairable=True))
+    return out
+
+
+def _check_through_views(arch: Archive, tables: dict[str, list[str]]) -> list[Problem]:
+    """Open every view; check unique keys per table and that assignments name baxels.
+
+    The base views read exactly the committed files (``sql/<table>.sql``), so the key and
+    reference checks query them.
+    """
+    from desomdb.query import views
+
+    try:
+        con = views.connect(arch.root, raw=True, cached=False)  # the files, not the cache
+    except (DesomdbError, duckdb.Error) as exc:
+        return [Problem("view", "views", f"the views cannot be created ({exc})")]
+    try:
+        return _check_tables(con, tables) + _check_views(con)
+    finally:
+        con.close()
+
+
+def _check_tables(con: duckdb.DuckDBPyConnection, tables: dict[str, list[str]]
+                  ) -> list[Problem]:
+    """Check unique keys per table and that assignments point at existing baxels."""
+    out: list[Problem] = []
+    for table, files in sorted(tables.items()):
+        keys = paths.TABLE_KEYS.get(table)
+        if not keys or not files:
+            continue
+        try:
+            cols = {r[0] for r in con.sql(f"describe {table}").fetchall()}
+            present = [k for k in keys if k in cols]
+            row = con.sql(
+                f"select count(*), sum(n - 1) from (select count(*) n from {table} "
+                f"group by {', '.join(present)} having n > 1)").fetchall()[0]
+        except duckdb.Error as exc:
+            out.append(Problem("unreadable", table, f"table {table}: cannot read its "
+                               f"files ({str(exc).splitlines()[0]}); restore them from "
+                               "a backup"))
+            continue
+        if row and row[0]:
+            out.append(Problem(
+                "duplicate-key", table,
+                f"table {table}: {row[0]} key(s) ({', '.join(present)}) appear more than "
+                f"once ({row[1]} extra rows); rerun the stage that writes {table} "
+                "(its rows are replaced as a unit)"))
+    if tables.get("assignments") and tables.get("baxels"):
+        try:
+            row = con.sql("select count(*) from assignments a anti join baxels b "
+                          "using (release, plateifu, bin_id)").fetchall()[0]
+        except duckdb.Error as exc:
+            row = (0,)
+            out.append(Problem("unreadable", "assignments",
+                               f"cannot join assignments to baxels ({exc})"))
+        if row[0]:
+            out.append(Problem(
+                "orphan-assignment", "assignments",
+                f"{row[0]} assignment(s) name a baxel the archive does not hold; rerun "
+                "'desomdb assign' for the model(s) concerned"))
+    return out
+
+
+def _check_views(con: duckdb.DuckDBPyConnection) -> list[Problem]:
+    """Check that every view the archive defines opens."""
+    out: list[Problem] = []
+    names = [r[0] for r in con.sql(
+        "select view_name from duckdb_views() where not internal order by 1").fetchall()]
+    for name in names:
+        try:
+            con.sql(f"select * from {name} limit 0").fetchall()
+        except duckdb.Error as exc:
+            out.append(Problem("view", name, f"view {name} does not open "
+                                             f"({str(exc).splitlines()[0]})"))
+    return out
+
+
+def _check_current_model(arch: Archive) -> list[Problem]:
+
+    try:
+        for kind in ("desom1", "desom2"):
+            model_id = registry.current_model(arch, kind)
+            if model_id is not None and model_id not in registry.registered_models(arch):
+                return [Problem("current-model", paths.CURRENT_MODEL,
+                                f"{arch.root / paths.CURRENT_MODEL}: current {kind} model "
+                                f"{model_id!r} is not registered; pick one with 'desomdb "
+                                "model use ID'")]
+    except DesomdbError as exc:
+        return [Problem("current-model", paths.CURRENT_MODEL, str(exc))]
+    return []

@@ -1,0 +1,148 @@
+import pyarrow as pa
+import pytest
+
+from desomdb.archive.store import Archive
+from desomdb.errors import ArchiveError, LockError
+
+
+def test_missing_archive_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(ArchiveError, match="not a desomdb archive"):
+        Archive(tmp_path / "none")
+
+
+def test_commit_is_what_readers_see(tmp_path) -> None:
+    arch = Archive(tmp_path / "a", create=True)
+    with arch.writer("test") as w:
+        staged = w.stage_table("cubes", pa.table({"plateifu": ["1-1"]}),
+                               "cubes/release=DR15/part-1-1-abc.parquet")
+        # Written and moved but not committed yet: invisible.
+        assert not arch.files("cubes")
+        w.commit(add=[staged])
+    t = arch.read("cubes")
+    assert t.column("plateifu").to_pylist() == ["1-1"]
+    assert t.column("release").to_pylist() == ["DR15"]  # from the hive partition
+
+
+def test_orphans_of_a_killed_writer_are_removed(tmp_path) -> None:
+    arch = Archive(tmp_path / "a", create=True)
+    orphan = arch.root / "baxels" / "release=DR15" / "part-9-9-dead.parquet"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"half")
+    with arch.writer("test"):
+        pass
+    assert not orphan.exists()
+
+
+def test_lock_refuses_a_second_writer(tmp_path) -> None:
+    arch = Archive(tmp_path / "a", create=True)
+    with (arch.writer("first job"), pytest.raises(LockError, match="first job"),
+          Archive(tmp_path / "a").writer("second")):
+        pass
+    with arch.writer("after"):
+        pass
+
+
+def _stage(w, table: str, rows: list[str], name: str):
+    return w.stage_table(table, pa.table({"plateifu": rows}), f"{table}/release=DR15/{name}")
+
+
+def test_commit_records_size_and_checksum_per_table_segment(tmp_path) -> None:
+    import hashlib
+
+    arch = Archive(tmp_path / "a", create=True)
+    with arch.writer("test") as w:
+        w.commit(add=[_stage(w, "cubes", ["1-1"], "a.parquet"),
+                      _stage(w, "galaxies", ["1-1"], "g.parquet")])
+        galaxies_segment = arch.manifest()["segments"]
+        w.commit(add=[_stage(w, "cubes", ["1-2"], "b.parquet")])
+    m = arch.manifest()
+    rec = m["records"]["cubes/release=DR15/b.parquet"]
+    data = (arch.root / "cubes/release=DR15/b.parquet").read_bytes()
+    assert rec.size == len(data) and rec.sha256 == hashlib.sha256(data).hexdigest()
+    # The second commit touched only cubes: the galaxies segment is the same file.
+    assert [s for s in m["segments"] if "galaxies" in s] == \
+        [s for s in galaxies_segment if "galaxies" in s]
+
+
+def test_superseded_files_outlive_the_commit_for_readers(tmp_path, monkeypatch) -> None:
+    import desomdb
+
+    arch = Archive(tmp_path / "a", create=True)
+    with arch.writer("test") as w:
+        w.commit(add=[_stage(w, "cubes", ["1-1"], "a.parquet")])
+    con = desomdb.connect(arch.root)  # plans its files from this manifest
+    with arch.writer("test") as w:  # a compaction replaces a.parquet
+        w.commit(add=[_stage(w, "cubes", ["1-1"], "compact-2.parquet")],
+                 remove=[("cubes", "cubes/release=DR15/a.parquet")])
+    assert con.sql("select count(*) from cubes").fetchall() == [(1,)]
+    assert (arch.root / "cubes/release=DR15/a.parquet").exists()
+    # Deleted once superseded for RETAIN_COMMITS commits and DESOMDB_RETAIN_SECONDS.
+    monkeypatch.setenv("DESOMDB_RETAIN_SECONDS", "0")
+    with arch.writer("test") as w:
+        w.commit(add=[_stage(w, "galaxies", ["1-1"], "g.parquet")])
+        assert (arch.root / "cubes/release=DR15/a.parquet").exists()  # 1 commit only
+        w.commit(add=[_stage(w, "galaxies", ["1-1"], "g2.parquet")])
+    assert not (arch.root / "cubes/release=DR15/a.parquet").exists()
+    assert arch.read("cubes").num_rows == 1
+
+
+def test_format_1_manifest_is_read_and_upgraded(tmp_path) -> None:
+    import json
+
+    root = tmp_path / "a"
+    (root / "cubes/release=DR15").mkdir(parents=True)
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"plateifu": ["1-1"]}), root / "cubes/release=DR15/a.parquet")
+    (root / "_manifest.json").write_text(json.dumps(
+        {"format_version": 1, "generation": 3,
+         "tables": {"cubes": ["cubes/release=DR15/a.parquet"]}}))
+    arch = Archive(root)
+    assert arch.read("cubes").num_rows == 1
+    with arch.writer("test") as w:
+        w.commit(add=[_stage(w, "galaxies", ["1-1"], "g.parquet")])
+    m = arch.manifest()
+    assert m["format_version"] == 2 and m["generation"] == 4
+    assert m["records"]["cubes/release=DR15/a.parquet"].sha256 is not None
+
+
+def test_a_folder_with_data_but_no_manifest_is_damaged(tmp_path) -> None:
+    arch = Archive(tmp_path / "a", create=True)
+    with arch.writer("test") as w:
+        w.commit(add=[_stage(w, "cubes", ["1-1"], "a.parquet")])
+    (arch.root / "_manifest.json").unlink()
+    with pytest.raises(ArchiveError, match="damaged archive"):
+        Archive(arch.root, create=True)
+    assert (arch.root / "cubes/release=DR15/a.parquet").exists()
+
+
+@pytest.mark.parametrize("text, why", [
+    ('{"format_version": 2, "generation": 1, "segm', "not valid JSON"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"format_version": 2, "generation": "x", "segments": {}, "superseded": []}',
+     "generation"),
+    ('{"format_version": 2, "generation": 1, "segments": [], "superseded": []}', "segments"),
+    ('{"format_version": 99, "generation": 1}', "upgrade desomdb"),
+])
+def test_a_damaged_manifest_is_a_clear_error(tmp_path, text, why) -> None:
+    arch = Archive(tmp_path / "a", create=True)
+    (arch.root / "_manifest.json").write_text(text)
+    with pytest.raises(ArchiveError, match=why):
+        Archive(arch.root)
+
+
+def test_a_read_only_filesystem_is_a_clear_error(tmp_path, monkeypatch) -> None:
+    """CI runs as root, where permission bits are not enforced: make the write itself fail."""
+    import errno
+
+    import pyarrow.parquet as pq
+
+    arch = Archive(tmp_path / "a", create=True)
+
+    def erofs(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(pq, "write_table", erofs)
+    with arch.writer("test") as w, pytest.raises(ArchiveError, match="read-only filesystem"):
+        _stage(w, "cubes", ["1-1"], "a.parquet")
+    assert not arch.files("cubes")
