@@ -44,6 +44,7 @@ from desomdb.archive import paths
 from desomdb.archive.store import Archive
 from desomdb.pipeline import assign, calibrate, ingest, labels, node_labels, train
 from desomdb.query import views
+from desomdb.science import label_catalogue
 from desomdb.som import model, registry
 
 LIBRARIES = ("miuscat", "bc03")
@@ -118,7 +119,7 @@ def sigma_scan(archives: dict[str, tuple[Path, str]], scales: list[float]) -> No
     finally:
         for lib, (archive, _) in archives.items():
             set_errors(archive, originals[lib])
-    names = [n for n in calibrate.LABELS
+    names = [n for n in label_catalogue.NODE_LABELS
              if any(n in table[k][lib] for k in scales for lib in archives)]
     print("lo68-hi68 coverage with σ × k (" + ", ".join(archives) + ")")
     print(f"  {'k':>5s} " + " ".join(f"{n:>17s}" for n in names))

@@ -41,7 +41,7 @@ from desomdb import mock
 from desomdb.archive.store import Archive
 from desomdb.pipeline import ingest, labels
 from desomdb.pipeline.jobs import IngestConfig, IngestJob
-from desomdb.science import emission
+from desomdb.science import emission, fitting
 
 TEST_DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 REAL_FILES = ("MaNGA_test_spectra.fits.gz", "MaNGA_multicomp_test_spectra.fits.gz")
@@ -49,22 +49,22 @@ REAL_FILES = ("MaNGA_test_spectra.fits.gz", "MaNGA_multicomp_test_spectra.fits.g
 GRID_MH = (-0.71, 0.22)
 GRID_AGE_MIN_GYR = 0.063
 VARIANTS = {
-    "default": labels.FitOptions(),
-    "noregul": labels.FitOptions(regul=0.0),
-    "regul": labels.FitOptions(regul=100.0),
-    "mdegree": labels.FitOptions(mdegree=8),
+    "default": fitting.FitOptions(),
+    "noregul": fitting.FitOptions(regul=0.0),
+    "regul": fitting.FitOptions(regul=100.0),
+    "mdegree": fitting.FitOptions(mdegree=8),
 }
 
 
-def variant(name: str) -> labels.FitOptions:
+def variant(name: str) -> fitting.FitOptions:
     """A named fit variant, or ``regul=X`` / ``mdegree=N`` for other strengths."""
     if name in VARIANTS:
         return VARIANTS[name]
     key, _, value = name.partition("=")
     if key == "regul" and value:
-        return labels.FitOptions(regul=float(value))
+        return fitting.FitOptions(regul=float(value))
     if key == "mdegree" and value:
-        return labels.FitOptions(mdegree=int(value))
+        return fitting.FitOptions(mdegree=int(value))
     raise ValueError(f"unknown fit variant {name!r}; choose from {list(VARIANTS)}, "
                      "regul=X or mdegree=N")
 
@@ -249,7 +249,7 @@ def run_library(library: str, args: argparse.Namespace) -> dict[str, pl.DataFram
             per_fit = _median(lab["fit_seconds"])
             chi2_frac = both.height / max(fitted.height, 1)
             print(f"\n== {library}, fit variant {name}, fitter {fitter} "
-                  f"({labels.FITTERS[fitter]}): {n_fits} fits, {both.height} with χ²_red < 2 "
+                  f"({fitting.FITTERS[fitter]}): {n_fits} fits, {both.height} with χ²_red < 2 "
                   f"(fraction {chi2_frac:.3f}); bin S/N 10/50/90 %: "
                   f"{np.percentile(both['snr'].to_numpy(), [10, 50, 90]).round(1).tolist()}; "
                   f"{rate:.2f} fits/s with {args.workers} workers (job wall clock), "
@@ -330,7 +330,7 @@ def _significance(ref: np.ndarray, fast: np.ndarray, ok_med: bool, ok_mad: bool,
     return "; " + "; ".join(parts)
 
 
-def real_spectra(fitter: str = labels.DEFAULT_FITTER) -> pl.DataFrame:
+def real_spectra(fitter: str = fitting.DEFAULT_FITTER) -> pl.DataFrame:
     """Label the 8 + 3 real DR15 spectra shipped in tests/data; one row per spectrum."""
     from astropy.io import fits
 
@@ -344,7 +344,7 @@ def real_spectra(fitter: str = labels.DEFAULT_FITTER) -> pl.DataFrame:
             mask = hdul["MASK"].data
         f, iv, m, norm = spectra.observed_to_rest(wave, flux, ivar, mask, z)
         for k in range(len(z)):
-            row = labels.fit_spectrum(f[k], iv[k], m[k], norm[k], float(z[k]), fitter=fitter)
+            row = fitting.fit_spectrum(f[k], iv[k], m[k], norm[k], float(z[k]), fitter=fitter)
             rows.append({"file": name.split("_")[1], "index": k, "z": float(z[k]),
                          **{c: row[c] for c in (
                              "status", "chi2_red", "age_mw_gyr", "mh_mw", "log_ml_r", "ebv_star",
@@ -370,15 +370,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, pl.DataFrame]]:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--fitters", default="fast,ppxf",
                         help="comma-separated fitters, labelled interleaved: "
-                        f"{list(labels.FITTERS)}")
+                        f"{list(fitting.FITTERS)}")
     parser.add_argument("--real", action="store_true", help="also label the real DR15 spectra")
     args = parser.parse_args(argv)
     args.ifu_sizes = tuple(int(s) for s in args.ifu_sizes.split(","))
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     args.fitters = [f.strip() for f in args.fitters.split(",") if f.strip()]
     for fitter in args.fitters:
-        if fitter not in labels.FITTERS:
-            parser.error(f"unknown fitter {fitter!r}; choose from {list(labels.FITTERS)}")
+        if fitter not in fitting.FITTERS:
+            parser.error(f"unknown fitter {fitter!r}; choose from {list(fitting.FITTERS)}")
     for name in args.variants:
         try:
             variant(name)

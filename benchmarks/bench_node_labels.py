@@ -35,7 +35,8 @@ import pyarrow as pa
 
 from desomdb.archive import paths
 from desomdb.archive.store import Archive
-from desomdb.pipeline import calibrate, labels
+from desomdb.pipeline import calibrate
+from desomdb.science import fitting, label_catalogue
 
 PER_CUBE = 250
 #: Labels rows per Parquet file (compacted files of many cubes).
@@ -65,7 +66,7 @@ def build(source: Path, root: Path, n: int, seed: int = 0) -> None:
             k = hi - lo
             pick = lab[rng.integers(0, lab.height, k).tolist()]
             jitter = {name: pl.col(name) + pl.Series(rng.normal(0, 0.01, k))
-                      for name in calibrate.LABELS}
+                      for name in label_catalogue.NODE_LABELS}
             rows = pick.with_columns(pl.Series("plateifu", names[cube[lo:hi]]),
                                      pl.Series("bin_id", bin_id[lo:hi]), **jitter)
             adds.append(w.stage_table("labels", rows.to_arrow(), paths.release_file(
@@ -84,7 +85,7 @@ def build(source: Path, root: Path, n: int, seed: int = 0) -> None:
         err = pl.DataFrame([{"fitter": fitter, "label": name, "snr_lo": lo, "snr_hi": hi,
                              "n_baxels": 1, "sigma_stat": 0.1, "sigma_sys": 0.1,
                              "sigma": 0.1 * np.sqrt(2)}
-                            for name in calibrate.LABELS
+                            for name in label_catalogue.NODE_LABELS
                             for lo, hi in itertools.pairwise(calibrate.SNR_EDGES)])
         adds.append(w.stage_table(paths.LABEL_ERRORS, err.to_arrow(), paths.release_file(
             paths.LABEL_ERRORS, "DR17", paths.label_errors_name(fitter))))
@@ -109,10 +110,10 @@ if how == "polars":
     joined = a.join(lab.filter((pl.col("status") == "ok") & pl.col("chi2_ok")),
                     on=["release", "plateifu", "bin_id"])
     n = 0
-    for label, (lo, hi, nbins) in node_labels.LABEL_EDGES.items():
+    for label, (lo, hi, nbins) in label_catalogue.EDGES.items():
         sel = joined
-        if label in node_labels.LABEL_CUTS:
-            sel = sel.filter(pl.col(node_labels.LABEL_CUTS[label]))
+        if label in label_catalogue.CUTS:
+            sel = sel.filter(pl.col(label_catalogue.CUTS[label]))
         sel = sel.filter(pl.col(label).is_not_nan() & pl.col(label).is_not_null())
         edges = np.linspace(lo, hi, nbins + 1)
         for _, g in sel.group_by("node"):
@@ -142,7 +143,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="100000,400000")
     parser.add_argument("--out", type=Path, default=Path("/tmp/desomdb-bench-node-labels"))
     args = parser.parse_args()
-    print(f"labels fitter of this version: {labels.FITTER}")
+    print(f"labels fitter of this version: {fitting.FITTER}")
     for n in (int(v) for v in args.sizes.split(",")):
         root = args.out / f"n{n}"
         t = time.perf_counter()

@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 
 from desomdb.archive import paths
-from desomdb.archive.store import Archive, write_json_atomic
+from desomdb.archive.store import Archive
+from desomdb.atomic import write_json_atomic
 from desomdb.query import views
 
 

@@ -25,7 +25,6 @@ refuse it, and nothing is deleted (see ``desomdb check``).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -44,6 +43,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from desomdb.archive import hooks, paths
+from desomdb.atomic import write_error, write_json_atomic, write_parquet
 from desomdb.errors import ArchiveError, LockError, first_line
 
 FORMAT_VERSION = 2
@@ -141,7 +141,7 @@ class Archive:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise _write_error(self.root, exc) from exc
+                raise write_error(self.root, exc) from exc
             write_json_atomic(manifest, {"format_version": FORMAT_VERSION, "generation": 0,
                                          "segments": {}, "superseded": []})
         self._top()  # fail early on a damaged manifest
@@ -366,7 +366,7 @@ class Writer:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise _write_error(path, exc) from exc
+            raise write_error(path, exc) from exc
         return path
 
     def stage_table(self, table: str, data: pa.Table, target: str) -> StagedFile:
@@ -410,7 +410,7 @@ class Writer:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 item.staged.replace(dest)
             except OSError as exc:
-                raise _write_error(dest, exc) from exc
+                raise write_error(dest, exc) from exc
             segs[item.table][item.target] = record
         for table in segs:  # records missing since format 1
             for rel, rec in segs[table].items():
@@ -645,27 +645,13 @@ def _record_json(record: FileRecord) -> dict[str, Any]:
     return out
 
 
-def _write_error(path: Path, exc: OSError) -> ArchiveError:
-    """Make a one-line error for a failed write, naming the file and the fix."""
-    if exc.errno == errno.EROFS:
-        fix = ("it is on a read-only filesystem (an archive there can still be queried with "
-               "'desomdb sql'); copy it to a writable disk to change it")
-    elif exc.errno in (errno.EACCES, errno.EPERM):
-        fix = "no permission to write there; ask for write access or copy the archive"
-    elif exc.errno == errno.ENOSPC:
-        fix = "the disk is full; free space and rerun (committed data is unchanged)"
-    else:
-        fix = "nothing was committed; fix the cause and rerun"
-    return ArchiveError(f"{path}: cannot write ({exc.strerror or exc}); {fix}")
-
-
 @contextlib.contextmanager
 def _exclusive(lock_path: Path, root: Path, what: str, command: str) -> Iterator[None]:
     """Take an exclusive ``flock`` on ``lock_path`` (released by the kernel if we die)."""
     try:
         fh = lock_path.open("a+")
     except OSError as exc:
-        raise _write_error(lock_path, exc) from exc
+        raise write_error(lock_path, exc) from exc
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -688,64 +674,3 @@ def _exclusive(lock_path: Path, root: Path, what: str, command: str) -> Iterator
         fh.truncate()
         fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
         fh.close()
-
-
-def atomic_write(path: Path, write: Callable[[Path], None], fsync: bool = False) -> None:
-    """Write a file atomically: ``write(tmp)`` to a temporary name, then rename.
-
-    Parameters
-    ----------
-    path : Path
-        Final file name.
-    write : callable
-        Writes the content to the path it is given.
-    fsync : bool
-        Flush the temporary file to disk before the rename (for commit points).
-
-    Raises
-    ------
-    ArchiveError
-        If the write fails (read-only filesystem, permissions, full disk); the temporary
-        file is removed.
-    """
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        if fsync:
-            with tmp.open("rb") as fh:
-                os.fsync(fh.fileno())
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise _write_error(path, exc) from exc
-
-
-def write_parquet(table: pa.Table, path: Path) -> None:
-    """Write a Parquet file atomically (temporary name, then rename)."""
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd",
-                                                   row_group_size=4096))
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (fsync'ed temporary file, then rename)."""
-    text = json.dumps(data, indent=1, sort_keys=True)
-    atomic_write(path, lambda tmp: _write_text(tmp, text), fsync=True)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write bytes atomically (temporary name, then rename)."""
-    atomic_write(path, lambda tmp: _write_bytes(tmp, data))
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    path.write_bytes(data)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file atomically (temporary name, then rename)."""
-    atomic_write(path, lambda tmp: _write_text(tmp, text))
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.write_text(text)

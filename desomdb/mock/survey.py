@@ -45,7 +45,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from desomdb.archive import paths
-from desomdb.archive.store import atomic_write
+from desomdb.atomic import atomic_write
 from desomdb.constants import COSMOLOGY, FWHM_PER_SIGMA, L_SUN_ERG_S, MPC_CM
 from desomdb.errors import ConfigError
 from desomdb.mock.galaxy import GalaxyParams, SpaxelModel, draw_galaxy, spaxel_model

@@ -14,7 +14,7 @@ template weights), so the fits' uncertainty is estimated by re-fitting, per S/N 
   regularisation). Where the data do not constrain a label, the answer follows the
   regularisation prior, the degenerate direction along which a different template library
   also moves it; ``sigma_sys² = mean of (alternative − fit)²``.
-  ``labels.fit_spectrum`` fits one library (MIUSCAT) only, and the bundled BC03 has no
+  ``fitting.fit_spectrum`` fits one library (MIUSCAT) only, and the bundled BC03 has no
   living-mass table (no mass-weighted age or [M/H] from it), so the scatter between two
   libraries is not part of this term.
 - ``sigma = sqrt(sigma_stat² + sigma_sys²)``, in the label's own unit (Gyr for age, dex for
@@ -46,22 +46,16 @@ import pyarrow.parquet as pq
 from desomdb.archive import paths
 from desomdb.archive.store import Archive, Writer
 from desomdb.errors import ArchiveError, ConfigError
-from desomdb.pipeline import labels, node_labels
+from desomdb.pipeline import node_labels
 from desomdb.query import views
 from desomdb.runtime import runner
-from desomdb.science import spectra
+from desomdb.science import fitting, label_catalogue, spectra
 
 #: S/N bin edges on ``baxels.snr`` (the paper's training cut at 10, the binning target 20).
 SNR_EDGES = (0.0, 10.0, 20.0, 40.0, float("inf"))
 #: Continuum set-ups whose spread around the default fit is the systematic term.
-ALTERNATIVES = {"noregul": labels.FitOptions(regul=0.0),
-                "regul100": labels.FitOptions(regul=100.0)}
-#: Labels of the error model (those of ``node_labels``).
-LABELS = tuple(node_labels.LABEL_EDGES)
-#: Truth column (``truth`` table of a mock survey) of each node label.
-TRUTH_COLUMNS = {"age_mw_gyr": "age_mw_gyr", "mh_mw": "mh_mw", "log_ml_r": "log_ml_r",
-                 "ebv_star": "ebv_star", "ebv_gas": "ebv_gas", "log_ssfr": "log_ssfr",
-                 "d_bpt": "d_bpt", "sigma": "sigma_kms"}
+ALTERNATIVES = {"noregul": fitting.FitOptions(regul=0.0),
+                "regul100": fitting.FitOptions(regul=100.0)}
 
 
 @dataclass(frozen=True)
@@ -87,7 +81,46 @@ class CalibrationReport:
     models: list[str]
 
 
-def _calibration_task(task: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class CalibrateTask:
+    """One calibration baxel, sent to a worker.
+
+    Attributes
+    ----------
+    release, plateifu : str
+    bin_id : int
+    flux : ndarray, shape (4544,), float64
+        Rest-frame flux density, 1e-17 erg/s/cm^2/Å (not normalised).
+    ivar : ndarray, shape (4544,), float32
+        Inverse variance of ``flux``.
+    mask : ndarray, shape (4544,), uint8
+        1 = masked bin.
+    norm_flux : float
+        Mean flux in 4050-4150 Å (``baxels.norm_flux``).
+    z : float
+        drpall redshift.
+    refits : int
+        Noise re-draws to fit.
+    seed : int
+        Seed of the re-draws (from the baxel's key, so a rerun draws the same noise).
+    fitter : str
+        ``fast`` or ``ppxf``.
+    """
+
+    release: str
+    plateifu: str
+    bin_id: int
+    flux: np.ndarray
+    ivar: np.ndarray
+    mask: np.ndarray
+    norm_flux: float
+    z: float
+    refits: int
+    seed: int
+    fitter: str
+
+
+def _calibration_task(task: CalibrateTask) -> dict[str, Any]:
     """Worker: fit one spectrum as is, with ``refits`` noise draws and each alternative.
 
     Returns
@@ -95,19 +128,19 @@ def _calibration_task(task: dict[str, Any]) -> dict[str, Any]:
     dict
         ``base``, ``refits`` (list) and ``alternatives`` (list): label → value.
     """
-    flux, ivar, mask = task["flux"], task["ivar"], task["mask"]
-    rng = np.random.default_rng(task["seed"])
+    flux, ivar, mask = task.flux, task.ivar, task.mask
+    rng = np.random.default_rng(task.seed)
     good = (mask == 0) & (ivar > 0) & np.isfinite(flux)
     sd = np.where(good, 1.0 / np.sqrt(np.where(ivar > 0, ivar, 1.0)), 0.0)
 
-    def fit(f: np.ndarray, options: labels.FitOptions | None = None) -> dict[str, float]:
-        row = labels.fit_spectrum(f, ivar, mask, task["norm_flux"], task["z"], options=options,
-                                  fitter=task["fitter"])
+    def fit(f: np.ndarray, options: fitting.FitOptions | None = None) -> dict[str, float]:
+        row = fitting.fit_spectrum(f, ivar, mask, task.norm_flux, task.z, options=options,
+                                   fitter=task.fitter)
         ok = row["status"] == "ok"
-        return {k: float(row[k]) if ok else float("nan") for k in LABELS}
+        return {k: float(row[k]) if ok else float("nan") for k in label_catalogue.NODE_LABELS}
 
     base = fit(flux)
-    refits = [fit(flux + rng.normal(size=flux.size) * sd) for _ in range(task["refits"])]
+    refits = [fit(flux + rng.normal(size=flux.size) * sd) for _ in range(task.refits)]
     alternatives = [fit(flux, opt) for opt in ALTERNATIVES.values()]
     return {"base": base, "refits": refits, "alternatives": alternatives}
 
@@ -139,7 +172,7 @@ def error_model(results: list[dict[str, Any]], snr: np.ndarray) -> pl.DataFrame:
     edges = np.asarray(SNR_EDGES)
     which = np.clip(np.searchsorted(edges, snr, side="right") - 1, 0, edges.size - 2)
     rows = []
-    for label in LABELS:
+    for label in label_catalogue.NODE_LABELS:
         stat = np.full(edges.size - 1, np.nan)
         sys_ = np.full(edges.size - 1, np.nan)
         count = np.zeros(edges.size - 1, dtype=np.int64)
@@ -223,7 +256,7 @@ def calibrate(archive: str | Path, per_bin: int = 8, refits: int = 4, seed: int 
     arch = Archive(archive)
     if not arch.has_table("labels"):
         raise ArchiveError(f"{arch.root}: no labels yet; run 'desomdb label {arch.root}' first")
-    names = {fid: name for name, fid in labels.FITTERS.items()}
+    names = {fid: name for name, fid in fitting.FITTERS.items()}
     con = views.connect(arch.root, raw=True)
     try:
         present = [r[0] for r in con.sql("select distinct fitter from labels order by 1")
@@ -240,7 +273,7 @@ def calibrate(archive: str | Path, per_bin: int = 8, refits: int = 4, seed: int 
         tasks = _tasks(arch, sample, names[fid], refits, seed)
         run = runner.run_tasks(_calibration_task, tasks, workers=workers, scheduler=scheduler,
                                desc=f"calibration fits ({fid})", progress=progress,
-                               labels=[f"{t['plateifu']}:{t['bin_id']}" for t in tasks])
+                               labels=[f"{t.plateifu}:{t.bin_id}" for t in tasks])
         if run.failures:
             first = run.failures[0]
             raise ArchiveError(f"{arch.root}: calibration fit {first.label} failed "
@@ -287,10 +320,10 @@ def replace_error_model(writer: Writer, release: str, fitter: str, table: pl.Dat
 
 
 def _tasks(arch: Archive, sample: pl.DataFrame, fitter: str, refits: int,
-           seed: int) -> list[dict[str, Any]]:
+           seed: int) -> list[CalibrateTask]:
     """One task per calibration baxel, with its spectrum read from the spectra files."""
     files = arch.cube_files("spectra")
-    tasks: list[dict[str, Any]] = []
+    tasks: list[CalibrateTask] = []
     for (release, plateifu), group in sample.group_by("release", "plateifu",
                                                       maintain_order=True):
         table = pq.read_table(files[(str(release), str(plateifu))])
@@ -303,10 +336,11 @@ def _tasks(arch: Archive, sample: pl.DataFrame, fitter: str, refits: int,
         mask = spectra.from_list_column(sub.column("mask"))
         for j, r in enumerate(group.iter_rows(named=True)):
             key = f"{release}/{plateifu}/{r['bin_id']}/{seed}".encode()
-            tasks.append({"release": release, "plateifu": plateifu, "bin_id": r["bin_id"],
-                          "flux": flux[j].astype(np.float64), "ivar": ivar[j], "mask": mask[j],
-                          "norm_flux": float(r["norm_flux"]), "z": float(r["z"]),
-                          "refits": refits, "seed": zlib.crc32(key), "fitter": fitter})
+            tasks.append(CalibrateTask(
+                release=str(release), plateifu=str(plateifu), bin_id=int(r["bin_id"]),
+                flux=flux[j].astype(np.float64), ivar=ivar[j], mask=mask[j],
+                norm_flux=float(r["norm_flux"]), z=float(r["z"]), refits=refits,
+                seed=zlib.crc32(key), fitter=fitter))
     return tasks
 
 
@@ -359,7 +393,7 @@ class Coverage:
 
 
 def held_out_intervals(archive: str | Path, model_id: str, held_out: str,
-                       label_names: tuple[str, ...] = LABELS) -> pl.DataFrame:
+                       label_names: tuple[str, ...] = label_catalogue.NODE_LABELS) -> pl.DataFrame:
     """Truth, fit and node intervals of held-out baxels of a mock survey.
 
     The node intervals are computed from the other members only (``not held_out``), so a
@@ -395,14 +429,15 @@ def held_out_intervals(archive: str | Path, model_id: str, held_out: str,
     frames = []
     try:
         for label in label_names:
-            flag = node_labels.LABEL_CUTS.get(label)
+            flag = label_catalogue.CUTS.get(label)
             cut = f" and l.{flag}" if flag else ""
             sigma = ("(select sqrt(avg(e.sigma * e.sigma)) from label_errors e where "
                      "e.fitter = l.fitter and e.label = '" + label + "' and b.snr >= e.snr_lo "
                      "and b.snr < e.snr_hi)") if has_errors else "null::double"
             held = con.sql(
                 f"select '{label}' as label, a.node::integer as node, "
-                f"t.{TRUTH_COLUMNS[label]}::double as truth, l.{label}::double as fit, "
+                f"t.{label_catalogue.TRUTH_COLUMNS[label]}::double as truth, "
+                f"l.{label}::double as fit, "
                 f"{sigma}::double as sigma from assignments a "
                 "semi join latest_cubes c on a.release = c.release and a.plateifu = c.plateifu "
                 "join labels l using (release, plateifu, bin_id) "
@@ -416,7 +451,8 @@ def held_out_intervals(archive: str | Path, model_id: str, held_out: str,
     return pl.concat(frames)
 
 
-def summarise(rows: pl.DataFrame, label_names: tuple[str, ...] = LABELS) -> list[Coverage]:
+def summarise(rows: pl.DataFrame, label_names: tuple[str, ...] = label_catalogue.NODE_LABELS
+              ) -> list[Coverage]:
     """Coverage per label of :func:`held_out_intervals` rows (possibly several concatenated)."""
     out = []
     for label in label_names:
@@ -433,7 +469,7 @@ def summarise(rows: pl.DataFrame, label_names: tuple[str, ...] = LABELS) -> list
 
 
 def node_coverage(archive: str | Path, model_id: str, held_out: str,
-                  label_names: tuple[str, ...] = LABELS) -> list[Coverage]:
+                  label_names: tuple[str, ...] = label_catalogue.NODE_LABELS) -> list[Coverage]:
     """Coverage of the truth of held-out baxels by the intervals of their nodes.
 
     :func:`held_out_intervals` summarised by :func:`summarise`; parameters as there.

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from desomdb.archive.store import write_text_atomic
+from desomdb.atomic import write_text_atomic
 from desomdb.errors import ConfigError
 
 KINDS = ("slurm", "pbs")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -124,54 +124,108 @@ class IngestReport:
         return not self.failed
 
 
-def _cube_task(task: dict[str, Any]) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class CubeInput:
+    """One cube file of an ingest task.
+
+    Attributes
+    ----------
+    path : str
+        The LOGCUBE file.
+    plateifu : str
+        From the file name.
+    drp : dict or None
+        Its drpall row (None: not in drpall, refused by :func:`baxels.check_identity`).
+    existing_checksum : str or None
+        sha256 of the release's committed version with the same binning settings: an equal
+        file is skipped.
+    carry : dict or None
+        Its newest earlier version, which it is carried from if byte-identical
+        (:func:`desomdb.pipeline.carry.carry_sources`).
+    """
+
+    path: str
+    plateifu: str
+    drp: dict[str, Any] | None
+    existing_checksum: str | None
+    carry: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class IngestTask:
+    """A batch of cubes sent to one worker.
+
+    Attributes
+    ----------
+    cubes : list of CubeInput
+    config : IngestConfig
+        The job's binning and spectra settings.
+    staging : str
+        The writer's staging folder.
+    truth : str or None
+        A mock survey's per-spaxel truth sidecar.
+    release : str
+    """
+
+    cubes: list[CubeInput]
+    config: IngestConfig
+    staging: str
+    truth: str | None
+    release: str
+
+
+def _cube_task(task: IngestTask) -> list[dict[str, Any]]:
     """Worker: ingest a batch of cubes into staged Parquet files; one outcome per cube."""
-    cfg = IngestConfig(**task["config"])
-    truth_all, truth_rules = sidecar.read(task["truth"]) if task["truth"] else (None, None)
+    truth_all, truth_rules = sidecar.read(task.truth) if task.truth else (None, None)
     out = []
-    for item in task["cubes"]:
-        path = Path(item["path"])
-        outcome: dict[str, Any] = {"path": str(path), "plateifu": item["plateifu"]}
+    for item in task.cubes:
+        outcome: dict[str, Any] = {"path": item.path, "plateifu": item.plateifu}
         try:
-            checksum = file_checksum(path)
-            outcome["checksum"] = checksum
-            if item.get("existing_checksum") == checksum:
-                outcome["status"] = "skipped"
-                out.append(outcome)
-                continue
-            source = item.get("carry")
-            if (source and source["checksum"] == checksum
-                    and carry.same_drp(source["drp"], item["drp"])):
-                outcome.update(status="carried", from_release=source["release"],
-                               binning_config=cfg.binning_key())
-                out.append(outcome)
-                continue
-            cube = read_cube(path)
-            baxels.check_identity(cube, item["plateifu"], item["drp"], task["release"])
-            sp_truth = None
-            if truth_all is not None:
-                sp_truth = truth_all.filter(pl.col("plateifu") == cube.plateifu)
-            outcome.update(ra=cube.objra, dec=cube.objdec, z=float(item["drp"]["z"]),
-                           n_x=cube.shape[1], n_y=cube.shape[0],
-                           wcs_header=cube.wcs.to_header_string())
-            tables = baxels.process_cube(cube, item["drp"], cfg, sp_truth, truth_rules)
-            unit = paths.staged_cube_dir(Path(task["staging"]), cube.plateifu, checksum)
-            unit.mkdir(parents=True, exist_ok=True)
-            files = {}
-            for name in ("baxels", "spectra", "bin_map", "truth"):
-                table = getattr(tables, name)
-                if table is None:
-                    continue
-                target = paths.staged_table_file(unit, name)
-                pq.write_table(table, target, compression="zstd")
-                files[name] = str(target)
-            outcome.update(status="ok", files=files, n_spaxels=tables.n_spaxels,
-                           n_baxels=tables.baxels.num_rows, mangaid=cube.mangaid,
-                           binning=tables.binning_method, binning_config=cfg.binning_key())
+            _one_cube(item, task, truth_all, truth_rules, outcome)
         except Exception as exc:  # one bad cube is recorded; the batch goes on
             outcome.update(status="failed", error=_readable(exc))
         out.append(outcome)
     return out
+
+
+def _one_cube(item: CubeInput, task: IngestTask, truth_all: pl.DataFrame | None,
+              truth_rules: Any, outcome: dict[str, Any]) -> None:
+    """Skip, carry or process one cube; record what happened in ``outcome``."""
+    cfg = task.config
+    path = Path(item.path)
+    checksum = file_checksum(path)
+    outcome["checksum"] = checksum
+    if item.existing_checksum == checksum:
+        outcome["status"] = "skipped"
+        return
+    source = item.carry
+    if source and source["checksum"] == checksum and carry.same_drp(source["drp"], item.drp):
+        outcome.update(status="carried", from_release=source["release"],
+                       binning_config=cfg.binning_key())
+        return
+    cube = read_cube(path)
+    baxels.check_identity(cube, item.plateifu, item.drp, task.release)
+    assert item.drp is not None  # check_identity refuses a cube drpall does not list
+    sp_truth = None
+    if truth_all is not None:
+        sp_truth = truth_all.filter(pl.col("plateifu") == cube.plateifu)
+    outcome.update(ra=cube.objra, dec=cube.objdec, z=float(item.drp["z"]),
+                   n_x=cube.shape[1], n_y=cube.shape[0],
+                   wcs_header=cube.wcs.to_header_string())
+    tables = baxels.process_cube(cube, item.drp, cfg, sp_truth, truth_rules)
+    unit = paths.staged_cube_dir(Path(task.staging), cube.plateifu, checksum)
+    unit.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name in ("baxels", "spectra", "bin_map", "truth"):
+        table = getattr(tables, name)
+        if table is None:
+            continue
+        target = paths.staged_table_file(unit, name)
+        pq.write_table(table, target, compression="zstd")
+        files[name] = str(target)
+    outcome.update(status="ok", files=files, n_spaxels=tables.n_spaxels,
+                   n_baxels=tables.baxels.num_rows, mangaid=cube.mangaid,
+                   binning=tables.binning_method, binning_config=cfg.binning_key())
 
 
 def _readable(exc: Exception) -> str:
@@ -216,7 +270,7 @@ def ingest(
         sources = carry.carry_sources(arch, rel, key) if job.reuse else {}
         pending_refusals: list[dict[str, Any]] = []
         staging = writer.staging_dir("ingest")
-        items: list[dict[str, Any]] = []
+        items: list[CubeInput] = []
         unique, refused = _one_file_per_cube(cube_paths)
         report.n_duplicates = len(cube_paths) - len(unique) - sum(len(v) for v in refused.values())
         for plateifu, (error, files) in sorted(refused.items()):
@@ -229,23 +283,17 @@ def ingest(
         for path in unique:
             plateifu = manga.plateifu_from_filename(path.name)
             prev = existing.get(plateifu)
-            items.append({
-                "path": str(path),
-                "plateifu": plateifu,
-                "drp": drpall.get(plateifu),
+            items.append(CubeInput(
+                path=str(path), plateifu=plateifu, drp=drpall.get(plateifu),
                 # Re-processed when its bins were made with other settings.
-                "existing_checksum": (prev["checksum"] if prev and prev["status"] == "ok"
-                                      and carry.same_binning(prev["binning_config"], key)
-                                      else None),
-                "carry": sources.get(plateifu),
-            })
+                existing_checksum=(prev["checksum"] if prev and prev["status"] == "ok"
+                                   and carry.same_binning(prev["binning_config"], key)
+                                   else None),
+                carry=sources.get(plateifu)))
         size = max(1, job.cubes_per_task)
         batches = [items[i : i + size] for i in range(0, len(items), size)]
-        tasks = [
-            {"cubes": batch, "config": asdict(job.config), "staging": str(staging),
-             "truth": truth_path, "release": rel}
-            for batch in batches
-        ]
+        tasks = [IngestTask(cubes=batch, config=job.config, staging=str(staging),
+                            truth=truth_path, release=rel) for batch in batches]
         pending: list[dict[str, Any]] = list(pending_refusals)
         last = [time.monotonic()]
 
@@ -259,7 +307,7 @@ def ingest(
         run = runner.run_tasks(
             _cube_task, tasks, workers=job.workers, scheduler=job.scheduler,
             desc=f"ingest {rel}", progress=progress,
-            labels=[",".join(c["plateifu"] for c in batch) for batch in batches],
+            labels=[",".join(c.plateifu for c in batch) for batch in batches],
             on_result=on_result, setup=binning.preload,
         )
         _commit_outcomes(writer, rel, pending, report)

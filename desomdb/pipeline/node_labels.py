@@ -8,7 +8,7 @@ Columns per (node, label):
 
 - ``n``, ``median``, ``p16``, ``p84``, ``mean`` and ``histogram`` describe the members' point
   estimates (percentiles interpolated linearly, as ``numpy.percentile``); histogram edges are
-  fixed per label (:data:`LABEL_EDGES`; values clipped into range) so node PDFs compare.
+  fixed per label (:data:`label_catalogue.EDGES`; values clipped into range) so node PDFs compare.
 - ``lo68``, ``hi68``: the calibrated 68 % interval, the 16th and 84th percentiles of the
   mixture ``(1/n) Σ_i N(v_i, σ_i²)`` of the members' values ``v_i`` each convolved with its
   own fit error ``σ_i``. ``σ_i`` comes from the archive's error model
@@ -40,20 +40,8 @@ from scipy.special import ndtr
 from desomdb.archive import paths
 from desomdb.archive.store import Archive, Writer
 from desomdb.query import views
+from desomdb.science import label_catalogue
 
-#: Labels summarised per node, with their fixed histogram range and bin count.
-LABEL_EDGES: dict[str, tuple[float, float, int]] = {
-    "age_mw_gyr": (0.0, 14.0, 28),
-    "mh_mw": (-0.8, 0.3, 22),
-    "log_ml_r": (-1.0, 1.5, 25),
-    "ebv_star": (0.0, 1.0, 20),
-    "ebv_gas": (-0.5, 1.5, 20),
-    "log_ssfr": (-14.0, -8.0, 24),
-    "d_bpt": (-1.0, 1.5, 25),
-    "sigma": (0.0, 400.0, 20),
-}
-#: Labels that need a flag besides chi2_ok (the paper's cuts).
-LABEL_CUTS = {"log_ssfr": "ssfr_ok", "d_bpt": "bpt_ok", "ebv_gas": "ssfr_ok"}
 #: Central probability of the calibrated interval (16th to 84th percentile).
 INTERVAL = (0.16, 0.84)
 #: Rows per streamed record batch.
@@ -112,11 +100,12 @@ def _sigma_sql(has_errors: bool) -> str:
 def _members_cte(model_id: str, where: str) -> str:
     """``with ... m as (...)``: one row per member and label (label, node, value, ...)."""
     quoted = "'" + model_id.replace("'", "''") + "'"
-    values = ", ".join(f"l.{label}::double as {label}" for label in LABEL_EDGES)
-    flags = ", ".join(f"l.{flag}" for flag in sorted(set(LABEL_CUTS.values())))
+    values = ", ".join(f"l.{label}::double as {label}" for label in label_catalogue.EDGES)
+    label_cuts = label_catalogue.CUTS
+    flags = ", ".join(f"l.{flag}" for flag in sorted(set(label_cuts.values())))
     cuts = " and ".join(
-        f"(label not in ({', '.join(repr(k) for k, v in LABEL_CUTS.items() if v == flag)}) "
-        f"or {flag})" for flag in sorted(set(LABEL_CUTS.values())))
+        f"(label not in ({', '.join(repr(k) for k, v in label_cuts.items() if v == flag)}) "
+        f"or {flag})" for flag in sorted(set(label_cuts.values())))
     # One scan of each table; UNPIVOT turns the label columns into (label, value) rows.
     return (
         f"with base as (select a.node::integer as node, l.fitter, b.snr, "
@@ -129,7 +118,8 @@ def _members_cte(model_id: str, where: str) -> str:
         f"join baxels b on b.release = a.release and b.plateifu = a.plateifu "
         f"and b.bin_id = a.bin_id "
         f"where a.model_id = {quoted} and l.status = 'ok' and l.chi2_ok and ({where})), "
-        f"long as (unpivot base on {', '.join(LABEL_EDGES)} into name label value value), "
+        f"long as (unpivot base on {', '.join(label_catalogue.EDGES)} "
+        "into name label value value), "
         f"m as (select * from long where isfinite(value) and {cuts})")
 
 
@@ -247,7 +237,7 @@ def terms_of_sample(rows: pa.Table) -> dict[str, float]:
     for name in np.unique(labels):
         sel = (labels == name) & np.isfinite(sigma)
         if sel.any():
-            lo_e, hi_e, _ = LABEL_EDGES[str(name)]
+            lo_e, hi_e, _ = label_catalogue.EDGES[str(name)]
             out[str(name)] = galaxy_term(value[sel], sigma[sel], node[sel], galaxy[sel],
                                          upper=hi_e - lo_e)
     return out
@@ -344,7 +334,7 @@ def _reduce(label: np.ndarray, node: np.ndarray, value: np.ndarray,
     hist_hi = np.empty(start.size)
     hists: list[list[int]] = [[] for _ in start]
     for name in np.unique(g_label):
-        lo_e, hi_e, nbins = LABEL_EDGES[str(name)]
+        lo_e, hi_e, nbins = label_catalogue.EDGES[str(name)]
         gsel = np.flatnonzero(g_label == name)
         hist_lo[gsel], hist_hi[gsel] = lo_e, hi_e
         rows = np.flatnonzero(label == name)

@@ -34,7 +34,8 @@ import numpy as np
 import polars as pl
 
 from desomdb.archive import paths
-from desomdb.archive.store import Archive, write_json_atomic
+from desomdb.archive.store import Archive
+from desomdb.atomic import write_json_atomic
 from desomdb.pipeline import assign as assign_mod
 from desomdb.pipeline import fingerprint, ingest, jobs, labels
 from desomdb.pipeline.jobs import RefreshOptions

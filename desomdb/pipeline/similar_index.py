@@ -37,7 +37,8 @@ import pyarrow.parquet as pq
 from usearch import __version__ as usearch_version
 
 from desomdb.archive import paths
-from desomdb.archive.store import Archive, atomic_write, write_json_atomic, write_parquet
+from desomdb.archive.store import Archive
+from desomdb.atomic import atomic_write, write_json_atomic, write_parquet
 from desomdb.errors import ModelError
 from desomdb.query import versions
 from desomdb.som import ann

@@ -33,13 +33,10 @@ from desomdb.products.export import ascii_text, provenance_header, set_card
 from desomdb.products.provenance import Provenance, provenance
 from desomdb.query import views
 from desomdb.query.schema import fits_unit, view_docs
+from desomdb.science import label_catalogue
 
 #: Label column -> the flag its value needs besides chi2_ok (None: chi2_ok alone).
-LABELS: dict[str, str | None] = {
-    "age_mw_gyr": None, "mh_mw": None, "log_ml_r": None, "ebv_star": None,
-    "ebv_gas": "ssfr_ok", "log_ssfr": "ssfr_ok", "d_bpt": "bpt_ok", "vel": None,
-    "sigma": None,
-}
+LABELS: dict[str, str | None] = {lab.column: lab.flag for lab in label_catalogue.LABELS}
 
 
 @dataclass(frozen=True)

@@ -42,30 +42,20 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from desomdb.archive import paths
-from desomdb.archive.store import Archive, write_json_atomic, write_text_atomic
+from desomdb.archive.store import Archive
+from desomdb.atomic import write_json_atomic, write_text_atomic
 from desomdb.errors import ConfigError
 from desomdb.query import views
-from desomdb.science import emission, spectra
+from desomdb.science import emission, label_catalogue, spectra
 from desomdb.som import registry
 from desomdb.survey import manga
 
-LABEL_UNITS = {"age_mw_gyr": "age [Gyr]", "mh_mw": "[M/H] [dex]",
-               "log_ml_r": "log M*/L_r [dex]", "ebv_star": "E(B−V)_* [mag]",
-               "log_ssfr": "log sSFR [yr⁻¹]", "d_bpt": "d_BPT [dex]"}
-ACCURACY_UNITS = {**LABEL_UNITS, "ebv_gas": "E(B−V)_gas [mag]"}
 #: Node PDFs (Fig. 6) built from fewer labelled baxels than this are drawn grey.
 PDF_MIN_N = 20
 #: Half-width of the emission-line windows masked when Fig. 3 scales to the continuum.
 LINE_WINDOW_AA = 20.0
 #: Okabe-Ito colours (colour-blind safe) for overlaid nodes.
 NODE_COLOURS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7")
-#: Labels compared with the mock truth, and the selection of each (the paper's label cuts;
-#: sSFR from Hα only where the truth is star-forming, as benchmarks/bench_labels.py: Hα
-#: from AGN/LI(N)ER-like gas is not star formation).
-ACCURACY = {"age_mw_gyr": "l.chi2_ok", "mh_mw": "l.chi2_ok", "log_ml_r": "l.chi2_ok",
-            "ebv_star": "l.chi2_ok", "ebv_gas": "l.ssfr_ok",
-            "log_ssfr": "l.ssfr_ok and t.d_bpt < 0 and t.log_ssfr > -13",
-            "d_bpt": "l.bpt_ok"}
 
 
 class FigureSkippedError(Exception):
@@ -265,7 +255,7 @@ def fig5_node_medians(ctx: Context) -> Any:
     annotate = ctx.rows * ctx.cols <= 100  # n per cell stays legible up to a 10x10 map
     fig, axes = plt.subplots(2, 3, figsize=(10, 6.6))
     cmap = plt.get_cmap("cividis").with_extremes(bad="0.88")
-    for ax, (label, unit) in zip(axes.ravel(), LABEL_UNITS.items(), strict=False):
+    for ax, (label, unit) in zip(axes.ravel(), label_catalogue.FIGURE_LABELS.items(), strict=False):
         grid = _grid(list(df.select("row", "col", f"median_{label}").iter_rows()),
                      ctx.rows, ctx.cols)
         im = ax.imshow(grid, cmap=cmap, origin="upper")
@@ -301,7 +291,7 @@ def fig6_node_pdfs(ctx: Context) -> Any:
     if df.height == 0:
         raise FigureSkippedError("no node_labels: run 'desomdb label' then 'desomdb assign'")
     fig, axes = plt.subplots(2, 3, figsize=(10, 5.6))
-    for ax, (label, unit) in zip(axes.ravel(), LABEL_UNITS.items(), strict=False):
+    for ax, (label, unit) in zip(axes.ravel(), label_catalogue.FIGURE_LABELS.items(), strict=False):
         for i, node in enumerate(pair):
             sel = df.filter((df["node"] == node) & (df["label"] == label))
             if sel.height == 0:
@@ -537,7 +527,7 @@ def fig_accuracy(ctx: Context) -> Any:
     if not (ctx.arch.has_table("truth") and ctx.arch.has_table("labels")):
         raise FigureSkippedError("no truth table (not a mock survey) or no labels")
     fig, axes = plt.subplots(2, 4, figsize=(13, 6.4))
-    for ax, (label, cut) in zip(axes.ravel(), ACCURACY.items(), strict=False):
+    for ax, (label, cut) in zip(axes.ravel(), label_catalogue.ACCURACY.items(), strict=False):
         df = ctx.con.sql(f"select l.{label} as fit, t.{label} as true from labels l join truth "
                          f"t using (release, plateifu, bin_id) where l.status = 'ok' and "
                          f"{cut} and isfinite(l.{label}) and isfinite(t.{label})").pl()
@@ -559,7 +549,7 @@ def fig_accuracy(ctx: Context) -> Any:
             n = int(off.sum())
             ax.text(0.03, 0.97, f"{n} point{'s' if n > 1 else ''} off-scale (x on the frame)",
                     fontsize=7, transform=ax.transAxes, va="top", color="#D55E00")
-        unit = ACCURACY_UNITS[label]
+        unit = label_catalogue.ACCURACY_DISPLAY[label]
         ax.set_xlabel(f"true {unit}")
         ax.set_ylabel(f"pPXF {unit}")
         note = " (star-forming)" if label == "log_ssfr" else ""

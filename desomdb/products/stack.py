@@ -48,12 +48,12 @@ from desomdb.archive import paths
 from desomdb.archive.store import Archive
 from desomdb.errors import ConfigError, QueryError
 from desomdb.query import views
-from desomdb.science import coadd, spectra
+from desomdb.science import coadd, label_catalogue, spectra
 from desomdb.som import registry
 from desomdb.survey import manga
 
 BY = ("none", "node", "mangaid")
-#: Redshift buckets the labels use (``labels.fit_setup`` rounds z to 0.005).
+#: Redshift buckets the labels use (``fitting.fit_setup`` rounds z to 0.005).
 Z_BUCKET = 0.005
 _KEY = ["release", "plateifu"]
 
@@ -402,10 +402,10 @@ def fit_stack(s: Stack) -> dict[str, Any]:
     dict
         The labels row; ``log_mstar`` NaN (normalised spectra carry no absolute flux).
     """
-    from desomdb.pipeline import labels
+    from desomdb.science import fitting
 
     flux = np.where(s.ivar > 0, s.flux, 0.0).astype(np.float32)
-    row = labels.fit_spectrum(flux, s.ivar.astype(np.float32), s.mask.astype(np.uint8), 1.0,
+    row = fitting.fit_spectrum(flux, s.ivar.astype(np.float32), s.mask.astype(np.uint8), 1.0,
                               s.z_eff if np.isfinite(s.z_eff) else 0.0)
     row["log_mstar"] = float("nan")
     return row
@@ -444,10 +444,9 @@ def column_docs() -> dict[str, Any]:
     from desomdb.query.schema import ColumnDoc
     from desomdb.query.schema import column_docs as schema_docs
 
-    docs: dict[str, Any] = dict(schema_docs(["mangaid", "node", "age_mw_gyr", "mh_mw",
-                                              "log_ml_r", "ebv_star", "ebv_gas", "log_ssfr",
-                                              "d_bpt", "chi2_red", "sigma", "vel"],
-                                             "select * from baxel_labels"))
+    docs: dict[str, Any] = dict(schema_docs(
+        ["mangaid", "node", *label_catalogue.BY_COLUMN, "chi2_red"],
+        "select * from baxel_labels"))
     docs.update({
         "n_members": ColumnDoc("Baxels stacked (newest cube versions only).", None),
         "n_cubes": ColumnDoc("Cubes contributing.", None),

@@ -28,7 +28,8 @@ from typing import Any, Literal, overload
 import duckdb
 
 from desomdb.archive import paths
-from desomdb.archive.store import Archive, write_text_atomic
+from desomdb.archive.store import Archive
+from desomdb.atomic import write_text_atomic
 from desomdb.errors import DesomdbError, QueryError, first_line
 from desomdb.query.guard import check_read_only, sandbox, syntax_error_message
 from desomdb.som.registry import current_model, resolve_model

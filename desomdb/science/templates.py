@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from astropy import units as u
 
-from desomdb.archive.store import atomic_write
+from desomdb.atomic import atomic_write
 from desomdb.constants import L_SUN_ERG_S
 from desomdb.errors import TemplateLibraryError
 

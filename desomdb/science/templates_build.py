@@ -64,7 +64,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from desomdb.archive.store import atomic_write
+from desomdb.atomic import atomic_write
 from desomdb.errors import TemplateLibraryError
 
 MANGADAP_PIN = "sdss-mangadap==4.5.0"

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from desomdb.archive import paths
-from desomdb.archive.store import atomic_write, write_bytes_atomic
+from desomdb.atomic import atomic_write, write_bytes_atomic
 from desomdb.errors import ModelError
 from desomdb.som.model import Desom, DesomConfig
 

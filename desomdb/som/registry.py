@@ -15,7 +15,8 @@ from typing import Any
 import pyarrow as pa
 
 from desomdb.archive import paths
-from desomdb.archive.store import Archive, StagedFile, Writer, write_json_atomic
+from desomdb.archive.store import Archive, StagedFile, Writer
+from desomdb.atomic import write_json_atomic
 from desomdb.errors import ModelError, QueryError
 from desomdb.som import checkpoint
 from desomdb.som.model import Desom, DesomConfig

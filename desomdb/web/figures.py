@@ -27,7 +27,7 @@ from matplotlib.lines import Line2D
 from matplotlib.text import Text
 
 from desomdb.products import report
-from desomdb.science import emission, spectra
+from desomdb.science import emission, label_catalogue, spectra
 
 #: Pixel size of one map cell in the SVG grids.
 CELL_PX = 44
@@ -400,7 +400,7 @@ def radial_figure(radius_re: np.ndarray, values: np.ndarray, label: str, title: 
     values : ndarray, shape (n,)
         The label; NaN where it fails its cut (not drawn).
     label : str
-        A key of :data:`desomdb.products.report.ACCURACY_UNITS` (gives the axis unit).
+        A key of :data:`desomdb.products.label_catalogue.ACCURACY_DISPLAY` (gives the axis unit).
     title : str
 
     Returns
@@ -447,7 +447,7 @@ def _radial_plot(label: str) -> _RadialPlot:
         points = ax.scatter([], [], s=7, color=report.NODE_COLOURS[0], alpha=0.6, lw=0)
         median = ax.plot([], [], color="k", lw=1.2, marker="o", ms=3)[0]
         ax.set_xlabel("R / R_e")
-        ax.set_ylabel(report.ACCURACY_UNITS.get(label, label))
+        ax.set_ylabel(label_catalogue.ACCURACY_DISPLAY.get(label, label))
         title = ax.set_title(" ", fontsize=8, y=1.0)
         fig.subplots_adjust(left=0.17, right=0.97, bottom=0.16, top=0.88)
         plots[label] = _RadialPlot(fig, ax, points, median, title)

@@ -17,12 +17,12 @@ import numpy as np
 import polars as pl
 
 from desomdb.errors import QueryError
-from desomdb.products import maps, report
+from desomdb.products import maps
 from desomdb.query.views import ReadOnlyConnection
-from desomdb.science import spectra
+from desomdb.science import label_catalogue, spectra
 
 #: Labels a map can be coloured by and node PDFs are drawn for (the report's units).
-LABELS = tuple(report.ACCURACY_UNITS)
+LABELS = tuple(label_catalogue.ACCURACY_DISPLAY)
 #: Rows shown in the SQL page (the CSV download has all).
 SQL_ROWS_SHOWN = 500
 #: Members, neighbours and nearest items listed per page.
@@ -153,9 +153,10 @@ def quantities() -> list[tuple[str, str]]:
     """Return the quantities a DESOM-1 map can be coloured by: (key, description)."""
     out = [("occupancy", "baxels per node"),
            ("beyond_p99", "fraction of members beyond the model's p99 latent distance")]
-    out += [(f"median:{lab}", f"median {unit}") for lab, unit in report.ACCURACY_UNITS.items()]
+    out += [(f"median:{lab}", f"median {unit}")
+            for lab, unit in label_catalogue.ACCURACY_DISPLAY.items()]
     out += [(f"width:{lab}", f"p84 − p16 width of {unit}")
-            for lab, unit in report.ACCURACY_UNITS.items()]
+            for lab, unit in label_catalogue.ACCURACY_DISPLAY.items()]
     return out
 
 

@@ -11,7 +11,7 @@ from desomdb.archive.store import Archive
 from desomdb.cli import main
 from desomdb.errors import ConfigError
 from desomdb.pipeline import labels
-from desomdb.science import spectra
+from desomdb.science import fastfit, fitting, spectra
 
 DATA = Path(__file__).parents[1] / "data" / "MaNGA_test_spectra.fits.gz"
 
@@ -29,7 +29,7 @@ def real_fits() -> list[dict]:
         flux, ivar = hdul["FLUX"].data.astype(float), hdul["IVAR"].data.astype(float)
         mask, z = hdul["MASK"].data, hdul["Z"].data
     f, iv, m, norm = spectra.observed_to_rest(wave, flux, ivar, mask, z)
-    return [labels.fit_spectrum(f[k], iv[k], m[k], norm[k], float(z[k])) for k in range(len(z))]
+    return [fitting.fit_spectrum(f[k], iv[k], m[k], norm[k], float(z[k])) for k in range(len(z))]
 
 
 def test_real_manga_spectra(real_fits) -> None:
@@ -63,7 +63,7 @@ def test_label_job_covers_every_baxel(labelled) -> None:
     bax = _frame(arch.read("baxels")).sort("plateifu", "bin_id")
     assert lab.height == bax.height > 0
     assert lab.select("plateifu", "bin_id").equals(bax.select("plateifu", "bin_id"))
-    assert (lab["fitter"] == labels.FITTER).all()
+    assert (lab["fitter"] == fitting.FITTER).all()
     ok = lab.filter(pl.col("status") == "ok")
     assert ok.height == lab.height
     assert (ok["chi2_ok"] == (ok["chi2_red"] < 2)).all()
@@ -135,7 +135,7 @@ def test_a_sampled_cube_gets_its_missing_baxels(labelled_archive, tmp_path) -> N
 
 
 def test_unfittable_spectrum_is_reported() -> None:
-    row = labels.fit_spectrum(np.zeros(4544, np.float32), np.zeros(4544, np.float32),
+    row = fitting.fit_spectrum(np.zeros(4544, np.float32), np.zeros(4544, np.float32),
                               np.ones(4544, np.uint8), np.nan, 0.03)
     assert row["status"] == "unfittable" and "good bins" in row["error"]
 
@@ -186,7 +186,7 @@ def test_weak_hbeta_in_absorption_publishes_no_negative_reddening() -> None:
 
     flux, ivar, mask = _constructed("miuscat", 10.0, 1.0, 2.86, 30.0, seed=3,
                                     hb_residual=0.03)
-    row = labels.fit_spectrum(flux, ivar, mask, 1.0, 0.03)
+    row = fitting.fit_spectrum(flux, ivar, mask, 1.0, 0.03)
     assert row["status"] == "ok"
     assert row["ebv_gas_raw"] < 0  # the trap is real: the raw value is negative
     assert row["sn_hb"] < 3 < row["sn_ha"]  # the mismatch allowance widened Hβ's error
@@ -202,7 +202,7 @@ def test_strong_lines_from_another_library_publish_the_decrement() -> None:
     true_ebv = 0.3
     decrement = 2.86 * 10 ** (0.4 * true_ebv * 1.27)  # k(Hβ) - k(Hα) = 1.27, Cardelli
     flux, ivar, mask = _constructed("bc03", 2.5, 30.0, decrement, 25.0, seed=4)
-    row = labels.fit_spectrum(flux, ivar, mask, 1.0, 0.03)
+    row = fitting.fit_spectrum(flux, ivar, mask, 1.0, 0.03)
     assert row["ebv_gas_flags"] == 0 and row["d_bpt_flags"] == 0
     assert row["ebv_gas"] == pytest.approx(true_ebv, abs=0.1)
     assert row["ebv_gas_raw"] == row["ebv_gas"]
@@ -249,8 +249,8 @@ def test_fast_fitter_agrees_with_the_reference(case) -> None:
     # (see _constructed). Tolerances: ~3x the largest difference seen on these spectra.
     library, age, ew, decrement, snr, seed = case
     flux, ivar, mask = _constructed(library, age, ew, decrement, snr, seed=seed)
-    ref = labels.fit_spectrum(flux, ivar, mask, 1.0, 0.03, fitter="ppxf")
-    fast = labels.fit_spectrum(flux, ivar, mask, 1.0, 0.03, fitter="fast")
+    ref = fitting.fit_spectrum(flux, ivar, mask, 1.0, 0.03, fitter="ppxf")
+    fast = fitting.fit_spectrum(flux, ivar, mask, 1.0, 0.03, fitter="fast")
     assert ref["status"] == fast["status"] == "ok"
     assert fast["ebv_star"] == pytest.approx(ref["ebv_star"], abs=0.01)
     assert fast["ebv_star"] == pytest.approx(0.1, abs=0.02)  # and both find the truth
@@ -274,14 +274,14 @@ def test_gauss_newton_step_moves_the_gas_kinematics_towards_the_truth() -> None:
     # σ = 60 km/s. Started with the gas 30 km/s off in V and 20 km/s low in σ, one step (the
     # weights held) must bring both most of the way back and leave the stars where they are.
     # Without lines the gas columns are zero and the gas kinematics must not move.
-    setup = labels.fit_setup(0.03)
+    setup = fitting.fit_setup(0.03)
     for ew, moves in ((20.0, True), (0.0, False)):
         flux, ivar, _ = _constructed("miuscat", 2.5, ew, 3.5, 30.0, seed=1)
         galaxy, noise = flux.astype(float), 1 / np.sqrt(ivar.astype(float))
         good = np.ones(flux.size, bool)
         start = (0.0, 120.0, 30.0, 40.0)
-        fit = labels.linear_fit(setup, galaxy, noise, good, start, 0.405, 10.0)
-        vel, sig, a_v, vel_gas, sig_gas = labels._gauss_newton_step(
+        fit = fastfit.linear_fit(setup, galaxy, noise, good, start, 0.405, 10.0)
+        vel, sig, a_v, vel_gas, sig_gas = fastfit._gauss_newton_step(
             setup, galaxy, noise, good, fit, (0.0, 120.0, 0.405, 30.0, 40.0))
         assert abs(vel) < 5 and abs(sig - 120) < 10 and abs(a_v - 0.405) < 0.05
         if moves:
@@ -297,7 +297,7 @@ def test_fast_linear_fit_matches_pixels_of_ppxf() -> None:
     from ppxf.ppxf import ppxf
 
     flux, ivar, _ = _constructed("miuscat", 2.5, 10.0, 3.5, 30.0, seed=1)
-    setup = labels.fit_setup(0.03)
+    setup = fitting.fit_setup(0.03)
     good = np.ones(flux.size, bool)
     galaxy, noise = flux.astype(float), 1 / np.sqrt(ivar.astype(float))
     n_stars, n_gas = setup.stars.shape[1], setup.gas.shape[1]
@@ -308,7 +308,7 @@ def test_fast_linear_fit_matches_pixels_of_ppxf() -> None:
                component=component, gas_component=component > 0, gas_names=setup.gas_names,
                lam=spectra.rest_wave_aa(), lam_temp=setup.lam_temp, regul=10.0,
                reg_dim=setup.reg_dim, quiet=True)
-    ours = labels.linear_fit(setup, galaxy, noise, good, kin, 0.0, 10.0)
+    ours = fastfit.linear_fit(setup, galaxy, noise, good, kin, 0.0, 10.0)
     assert np.max(np.abs(ours.bestfit - ref.bestfit)) < 1e-3 * np.max(ref.bestfit)
     np.testing.assert_allclose(ours.gas_flux, ref.gas_flux, rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(ours.gas_flux_error, ref.gas_flux_error, rtol=1e-6)
@@ -342,7 +342,7 @@ def test_reference_fitter_and_thread_limits_with_one_worker(ingested, tmp_path,
     assert set(after) == {2}
     lab = _frame(Archive(archive).read("labels"))
     assert lab.height == len(set(lab["plateifu"])) > 0
-    assert (lab["fitter"] == labels.FITTERS["ppxf"]).all() and (lab["status"] == "ok").all()
+    assert (lab["fitter"] == fitting.FITTERS["ppxf"]).all() and (lab["status"] == "ok").all()
 
 
 def test_fast_fitter_limits_threads_and_rejects_a_polynomial(monkeypatch) -> None:
@@ -350,17 +350,17 @@ def test_fast_fitter_limits_threads_and_rejects_a_polynomial(monkeypatch) -> Non
 
     flux, ivar, mask = _constructed("miuscat", 2.5, 10.0, 3.5, 30.0, seed=1)
     seen: list[int] = []
-    real = labels.linear_fit
+    real = fastfit.linear_fit
 
     def spy(*args, **kwargs):
         seen.extend(lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(labels, "linear_fit", spy)
+    monkeypatch.setattr(fastfit, "linear_fit", spy)
     with threadpool_limits(2, user_api="blas"):
-        row = labels.fit_spectrum(flux, ivar, mask, 1.0, 0.03)
+        row = fitting.fit_spectrum(flux, ivar, mask, 1.0, 0.03)
     assert row["status"] == "ok" and seen and set(seen) == {1}
     with pytest.raises(ConfigError, match="--fitter ppxf"):
-        labels.fit_spectrum(flux, ivar, mask, 1.0, 0.03, options=labels.FitOptions(mdegree=4))
+        fitting.fit_spectrum(flux, ivar, mask, 1.0, 0.03, options=fitting.FitOptions(mdegree=4))
     with pytest.raises(ConfigError, match="unknown fitter"):
-        labels.fit_spectrum(flux, ivar, mask, 1.0, 0.03, fitter="nope")
+        fitting.fit_spectrum(flux, ivar, mask, 1.0, 0.03, fitter="nope")

@@ -14,8 +14,9 @@ from scipy import optimize, stats
 
 from desomdb.archive import paths
 from desomdb.archive.store import Archive
-from desomdb.pipeline import calibrate, labels, node_labels
+from desomdb.pipeline import calibrate, node_labels
 from desomdb.query import views
+from desomdb.science import fitting, label_catalogue
 
 
 def test_mixture_quantiles_match_a_root_of_the_mixture_cdf() -> None:
@@ -112,7 +113,7 @@ def test_galaxy_term_is_zero_without_offsets_or_second_galaxies() -> None:
 
 def test_error_model_pools_squared_differences_per_snr_bin() -> None:
     def res(base: float, refits: list[float], alts: list[float]) -> dict:
-        row = dict.fromkeys(calibrate.LABELS, np.nan)
+        row = dict.fromkeys(label_catalogue.NODE_LABELS, np.nan)
         return {"base": {**row, "mh_mw": base},
                 "refits": [{**row, "mh_mw": r} for r in refits],
                 "alternatives": [{**row, "mh_mw": a} for a in alts]}
@@ -132,7 +133,7 @@ def test_error_model_pools_squared_differences_per_snr_bin() -> None:
 
 
 def _members(con, label: str, model_id: str) -> pl.DataFrame:
-    cut = f" and l.{node_labels.LABEL_CUTS[label]}" if label in node_labels.LABEL_CUTS else ""
+    cut = f" and l.{label_catalogue.CUTS[label]}" if label in label_catalogue.CUTS else ""
     return con.sql(f"select a.node, l.{label} as v, b.snr, l.fitter from assignments a "
                    "join labels l using (release, plateifu, bin_id) "
                    "join baxels b using (release, plateifu, bin_id) "
@@ -182,8 +183,8 @@ def test_calibrate_writes_the_error_model_and_intervals(calibrated) -> None:
     for view in ("label_errors", "node_labels"):
         cols = {r[0] for r in con.sql(f"describe {view}").fetchall()}
         assert set(documented[view]["columns"]) <= cols, view
-    assert set(err["fitter"]) <= set(labels.FITTERS.values())
-    assert err.height == len(set(err["fitter"])) * len(calibrate.LABELS) * (
+    assert set(err["fitter"]) <= set(fitting.FITTERS.values())
+    assert err.height == len(set(err["fitter"])) * len(label_catalogue.NODE_LABELS) * (
         len(calibrate.SNR_EDGES) - 1)
     assert err.filter(pl.col("label") == "age_mw_gyr")["sigma"].is_finite().all()
     np.testing.assert_allclose(err["sigma"] ** 2, err["sigma_stat"] ** 2 + err["sigma_sys"] ** 2)

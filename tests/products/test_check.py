@@ -152,21 +152,21 @@ def test_ingest_on_a_read_only_filesystem_is_one_line(ingest_survey, tmp_path,
     """The write helper fails with EROFS (root ignores permission bits, so no chmod test)."""
     import errno
 
-    import desomdb.archive.store as archive_mod
+    import desomdb.atomic as atomic_mod
 
     root = tmp_path / "arch"
     Archive(root, create=True)
-    real = archive_mod.atomic_write
+    real = atomic_mod.atomic_write
 
     def read_only(path, write, fsync=False):
         if "_staging" in str(path) or path.suffix == ".json":
             try:
                 raise OSError(errno.EROFS, "Read-only file system", str(path))
             except OSError as exc:
-                raise archive_mod._write_error(path, exc) from exc
+                raise atomic_mod.write_error(path, exc) from exc
         return real(path, write, fsync)
 
-    monkeypatch.setattr(archive_mod, "atomic_write", read_only)
+    monkeypatch.setattr(atomic_mod, "atomic_write", read_only)
     result = _cli("ingest", root, "--cubes", ingest_survey.release_dir, "--drpall",
                   ingest_survey.drpall_path, "--release", "DR15", "--workers", "1")
     assert result.exit_code != 0

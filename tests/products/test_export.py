@@ -9,9 +9,9 @@ from astropy.table import Table
 from click.testing import CliRunner
 
 from desomdb.cli import main
-from desomdb.pipeline import labels
 from desomdb.products import export
 from desomdb.products.provenance import Provenance, provenance
+from desomdb.science import fitting
 
 QUERY = ("select plateifu, bin_id, age_mw_gyr, mh_mw, log_ml_r, flux_ha, chi2_ok, "
          "median(age_mw_gyr) over () as \"median(age_mw_gyr)\" from labels order by 1, 2")
@@ -40,7 +40,7 @@ def test_fits_columns_carry_units_descriptions_and_provenance(full_archive, tmp_
         assert comments["flux_ha"] == "Halpha flux."  # ASCII in FITS headers
         for header in (hdul[0].header, h):
             assert header["DESOM1"] == model_id
-            assert header["FITTER"] == labels.FITTER
+            assert header["FITTER"] == fitting.FITTER
             assert "MIUSCAT" in header["TEMPLIB"] and "0.2 dex" in header["TEMPLIB"]
             assert header["RELEASES"] == "DR15"
             assert header["DESOMVER"]
@@ -71,7 +71,7 @@ def test_parquet_export_keeps_units_for_pyarrow_and_astropy(full_archive, tmp_pa
     assert schema.metadata[b"desomdb_model_id"] == model_id.encode()
     table = Table.read(tmp_path / "labels.parquet")
     assert str(table["age_mw_gyr"].unit) == "Gyr"
-    assert table.meta["desomdb_fitters"] == labels.FITTER
+    assert table.meta["desomdb_fitters"] == fitting.FITTER
     assert set(table["plateifu"]) == set(pq.read_table(tmp_path / "labels.parquet")
                                          .column("plateifu").to_pylist())
 
@@ -80,7 +80,7 @@ def test_provenance_of_the_archive(full_archive) -> None:
     arch, model_id, _, d2 = full_archive
     prov = provenance(arch)
     assert prov.model_id == model_id and prov.desom2_model_id == d2
-    assert prov.releases == ("DR15",) and prov.fitters == (labels.FITTER,)
+    assert prov.releases == ("DR15",) and prov.fitters == (fitting.FITTER,)
     assert prov.generation > 0
     assert any("Cappellari & Copin 2003" in r for r in prov.references)
 

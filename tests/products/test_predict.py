@@ -202,8 +202,9 @@ def test_predict_returns_the_calibrated_interval(trained_archive, bad_spectra, t
 
     from desomdb.archive import paths
     from desomdb.pipeline import node_labels
-    from desomdb.pipeline.calibrate import LABELS, SNR_EDGES
+    from desomdb.pipeline.calibrate import SNR_EDGES
     from desomdb.query import views
+    from desomdb.science.label_catalogue import NODE_LABELS as LABELS
 
     arch_path, model_id, _ = trained_archive
     uncalibrated = predict.predict(arch_path, bad_spectra)

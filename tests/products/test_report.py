@@ -14,6 +14,7 @@ from desomdb.archive.store import Archive
 from desomdb.cli import main
 from desomdb.products import report
 from desomdb.query import views
+from desomdb.science import label_catalogue
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -204,7 +205,7 @@ def test_figures_explain_what_they_show(full_archive) -> None:
     assert "no galaxies" in report.fig14_morphology(ctx).get_suptitle()
     training = report.fig_training(ctx)
     assert [ax.get_yscale() for ax in training.axes] == ["log", "log", "linear"]
-    assert "sSFR [yr⁻¹]" in report.LABEL_UNITS["log_ssfr"]
+    assert "sSFR [yr⁻¹]" in label_catalogue.FIGURE_LABELS["log_ssfr"]
     fig7 = report.fig7_fingerprint(ctx)
     assert "arcsec" in fig7.axes[1].get_xlabel()
     assert fig7.axes[1].images[0].get_array().shape[-1] == 4  # RGBA from map_colours
