@@ -40,10 +40,6 @@ class TemplateLibraryError(DesomdbError):
     """The stellar-population template library cannot be built or loaded."""
 
 
-class FitError(DesomdbError):
-    """A spectral fit (pPXF) failed for a reason that is recorded per spectrum."""
-
-
 class ModelError(DesomdbError):
     """A DESOM model checkpoint is missing, corrupt, or does not match the archive."""
 

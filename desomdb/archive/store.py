@@ -340,14 +340,6 @@ class Archive:
             return False
 
 
-def on_commit(hook: Callable[[Archive], None]) -> None:
-    """Register ``hook(archive)`` to run when a writer session ends.
-
-    See :mod:`desomdb.archive.hooks`.
-    """
-    hooks.on_commit(hook)
-
-
 def _after_commit(archive: Archive) -> None:
     for hook in hooks.POST_COMMIT:
         hook(archive)

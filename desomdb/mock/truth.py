@@ -53,5 +53,4 @@ def rules(mass_weight: str = "current") -> dict[str, list[Any]]:
     }
 
 
-#: The rules of a survey rendered from the fitting library (MIUSCAT).
 RULES: dict[str, list[Any]] = rules("current")

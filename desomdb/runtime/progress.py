@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator, Sequence
 from typing import Any, TextIO, TypeVar
 
 from tqdm.auto import tqdm
@@ -114,15 +113,3 @@ def progress_bar(total: int, desc: str, *, unit: str = "it", initial: int = 0,
     if _interactive(stream):
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=stream)
     return Milestones(total, desc, unit=unit, initial=initial, file=stream)
-
-
-def track(items: Sequence[T], desc: str, *, unit: str = "it", enabled: bool = True,
-          file: TextIO | None = None) -> Iterator[T]:
-    """Yield ``items`` while showing progress (as ``tqdm(items)``, via :func:`progress_bar`)."""
-    bar = progress_bar(len(items), desc, unit=unit, enabled=enabled, file=file)
-    try:
-        for item in items:
-            yield item
-            bar.update(1)
-    finally:
-        bar.close()

@@ -634,11 +634,3 @@ def init_prototypes(model: Desom, latents: torch.Tensor, seed: int) -> None:
 def n_parameters(model: nn.Module) -> int:
     """Count the trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def flops_hint(cfg: DesomConfig) -> str:
-    """Human-readable summary of the architecture for logs."""
-    return (f"{cfg.name}: {cfg.arch} {list(cfg.channels)} → latent {cfg.latent}; "
-            f"map {cfg.map_rows}×{cfg.map_cols}; γ={cfg.gamma:g}; "
-            f"T {cfg.t_max}→{cfg.t_min} over {cfg.decay_iters}/{cfg.iterations} iterations")
-

@@ -15,7 +15,9 @@ def test_normalisation_follows_the_paper() -> None:
     assert np.all(x.max(axis=1) == 1) and np.all(x.min(axis=1) == 0)
     # node 1 (5, 5, 100) scaled 0-1 over galaxies before the per-galaxy step
     clipped = fingerprint.normalise_for_desom2(counts, clip_percentile=50)
-    assert clipped.shape == counts.shape
+    # Clipped at each node's median: (0, 2, 4) -> (0, 2, 2), (5, 5, 100) -> 5 (constant, so
+    # 0), (10, 0, 1) -> (1, 0, 1); scaled 0-1 per node, then per galaxy.
+    np.testing.assert_array_equal(clipped, [[0, 0, 1], [1, 0, 0], [1, 0, 1]])
 
 
 def test_galaxy_counts_sum_a_galaxys_cubes_in_their_newest_release(tmp_path) -> None:
