@@ -401,7 +401,7 @@ def refresh(archive: Path, jobfile: Path | None, cubes: str | None, drpall: Path
 def _echo_stale_report(archive: Path) -> None:
     """After a write: say if the archive's last report no longer shows it."""
     from desomdb.archive.store import Archive
-    from desomdb.products.report import report_state
+    from desomdb.products.report_state import report_state
 
     rep = report_state(Archive(archive))
     if rep is not None and rep.stale:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from desomdb.archive.store import Archive
-from desomdb.products.report import ReportState, report_state
+from desomdb.products.report_state import ReportState, report_state
 from desomdb.query import views
 from desomdb.query.drift import DriftSummary, drift_rows
 from desomdb.som import registry

@@ -44,7 +44,7 @@ from starlette.templating import Jinja2Templates
 
 from desomdb.archive.store import Archive
 from desomdb.errors import DesomdbError, QueryError
-from desomdb.products import report
+from desomdb.products import figure_base
 from desomdb.query import views
 from desomdb.som.registry import current_model
 from desomdb.web import figures, pages
@@ -324,7 +324,7 @@ def create_app(archive: str | Path, allowed_hosts: list[str] | None = None,
             curves, f"node {row},{col} of {model_id}: {data.n_members} baxels")
         sparks = {q.label: figures.pdf_sparkline(_pdf(q)) for q in data.pdfs}
         return page(request, "node.html", data=data, spectrum=spectrum, sparks=sparks,
-                    min_n=report.PDF_MIN_N,
+                    min_n=figure_base.PDF_MIN_N,
                     model_id=model_id, stack=_stack_available(), title=f"node {row},{col}")
 
     def node_download(request: Request) -> Response:
@@ -369,7 +369,7 @@ def create_app(archive: str | Path, allowed_hosts: list[str] | None = None,
         residual = np.where(good, data.flux - recon, np.nan)
         spectrum = figures.spectrum_figure(
             [("spectrum", data.flux, "k"), ("DESOM reconstruction", recon,
-                                             report.NODE_COLOURS[0])],
+                                             figure_base.NODE_COLOURS[0])],
             f"{data.release} {data.plateifu} bin {data.bin_id} (normalised)", residual)
         sparks = {q.label: figures.pdf_sparkline(_pdf(q), data.labels.get(q.label))
                   for q in data.pdfs}

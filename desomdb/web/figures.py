@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.text import Text
 
-from desomdb.products import report
+from desomdb.products import figure_base
 from desomdb.science import emission, label_catalogue, spectra
 
 #: Pixel size of one map cell in the SVG grids.
@@ -189,8 +189,11 @@ def binmap_svg(xy_bin: np.ndarray, colour: dict[int, str], titles: dict[int, str
 
 
 def node_colours(nodes: dict[int, int], rows: int, cols: int) -> dict[int, str]:
-    """Colour each bin by its node's map position (:func:`desomdb.products.report.map_colours`)."""
-    key = report.map_colours(rows, cols)
+    """Colour each bin by its node's map position.
+
+    See :func:`desomdb.products.figure_base.map_colours`.
+    """
+    key = figure_base.map_colours(rows, cols)
     return {b: to_hex(key[n // cols, n % cols]) for b, n in nodes.items()}
 
 
@@ -295,7 +298,7 @@ def spectrum_figure(curves: Sequence[tuple[str, np.ndarray, str]], title: str,
     drawn = [np.asarray(flux, dtype=float) for _, flux, _ in curves]
     for line, f in zip(plot.curves, drawn, strict=True):
         line.set_ydata(f)
-    plot.ax.set_ylim(*report.continuum_limits(wave, *drawn))
+    plot.ax.set_ylim(*figure_base.continuum_limits(wave, *drawn))
     plot.title.set_text(title)
     if plot.axr is not None and plot.residual is not None and residual is not None:
         res = np.asarray(residual, dtype=float)
@@ -346,8 +349,9 @@ def pdf_sparkline(pdf: Pdf, mark: float | None = None, width: int = 180,
     Returns
     -------
     str
-        ``<svg>`` markup. PDFs from fewer than :data:`desomdb.products.report.PDF_MIN_N` baxels are
-        grey and dotted, as in the report.
+        ``<svg>`` markup. PDFs from fewer than
+        :data:`~desomdb.products.figure_base.PDF_MIN_N` baxels are grey and dotted, as in
+        the report.
     """
     h = np.asarray(pdf.histogram, dtype=float)
     plot_h = height - 12
@@ -363,8 +367,8 @@ def pdf_sparkline(pdf: Pdf, mark: float | None = None, width: int = 180,
     for i, y in enumerate(ys):
         pts += [f"{1 + i * step:.1f},{y:.1f}", f"{1 + (i + 1) * step:.1f},{y:.1f}"]
     pts.append(f"{width - 1},{plot_h}")
-    few = pdf.n < report.PDF_MIN_N
-    colour = "#8c8c8c" if few else report.NODE_COLOURS[0]
+    few = pdf.n < figure_base.PDF_MIN_N
+    colour = "#8c8c8c" if few else figure_base.NODE_COLOURS[0]
     dashes = ' stroke-dasharray="2,2"' if few else ""
     joined = " ".join(pts)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="pdf" width="{width}" '
@@ -379,7 +383,7 @@ def pdf_sparkline(pdf: Pdf, mark: float | None = None, width: int = 180,
     if mark is not None and np.isfinite(mark):
         x = x_of(mark)
         out.append(f'<line class="mark" x1="{x:.1f}" x2="{x:.1f}" y1="0" y2="{plot_h}" '
-                   f'stroke="{report.NODE_COLOURS[1]}" stroke-width="2"/>')
+                   f'stroke="{figure_base.NODE_COLOURS[1]}" stroke-width="2"/>')
     out.append(f'<text x="1" y="{height - 1}" font-size="9">{_fmt(pdf.lo)}</text>'
                f'<text x="{width - 1}" y="{height - 1}" font-size="9" text-anchor="end">'
                f"{_fmt(pdf.hi)}</text></svg>")
@@ -444,7 +448,7 @@ def _radial_plot(label: str) -> _RadialPlot:
         fig = Figure(figsize=(5.2, 3.0))
         FigureCanvasAgg(fig)
         ax = fig.subplots(1, 1)
-        points = ax.scatter([], [], s=7, color=report.NODE_COLOURS[0], alpha=0.6, lw=0)
+        points = ax.scatter([], [], s=7, color=figure_base.NODE_COLOURS[0], alpha=0.6, lw=0)
         median = ax.plot([], [], color="k", lw=1.2, marker="o", ms=3)[0]
         ax.set_xlabel("R / R_e")
         ax.set_ylabel(label_catalogue.ACCURACY_DISPLAY.get(label, label))

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from desomdb.archive.store import Archive
 from desomdb.cli import main
-from desomdb.products import report
+from desomdb.products import figure_base, paper_figures, report, report_state
 from desomdb.query import views
 from desomdb.science import label_catalogue
 
@@ -42,11 +42,11 @@ def test_report_draws_every_figure(built) -> None:
     _, _, out = built
     page = (out / "index.html").read_text()
     assert "Not drawn" not in page
-    for name in report.FIGURES:
+    for name in paper_figures.FIGURES:
         _non_blank(out / f"{name}.png")
         assert (out / f"{name}.pdf").read_bytes()[:5] == b"%PDF-", name
     refs = re.findall(r'(?:src|href)="([^"]+)"', page)
-    assert len(refs) == 2 * len(report.FIGURES)
+    assert len(refs) == 2 * len(paper_figures.FIGURES)
     assert all((out / r).is_file() for r in refs)
     assert {p.name for p in out.iterdir()} == {*refs, "index.html"}
 
@@ -54,11 +54,11 @@ def test_report_draws_every_figure(built) -> None:
 def test_default_nodes_are_the_age_extremes(built) -> None:
     arch, _, _ = built
     con = views.connect(arch)
-    nodes = report.default_nodes(con)
+    nodes = figure_base.default_nodes(con)
     ages = dict(con.sql("with l as (select node, n, median from node_labels where model_id "
                         "= current_model() and label = 'age_mw_gyr') select node, median "
                         "from l where median is not null and n >= least(?, (select max(n) "
-                        "from l))", params=[report.PDF_MIN_N]).fetchall())
+                        "from l))", params=[figure_base.PDF_MIN_N]).fetchall())
     populated = con.sql("select count(*) from nodes where model_id = current_model() "
                         "and n_members > 0").fetchall()[0][0]
     assert len(nodes) == len(set(nodes)) >= min(2, populated)
@@ -121,7 +121,7 @@ def test_report_loads_in_headless_chromium(built) -> None:
         title = page.title()
         browser.close()
     assert not errors, errors
-    assert len(widths) == len(report.FIGURES) and min(widths) > 200
+    assert len(widths) == len(paper_figures.FIGURES) and min(widths) > 200
     assert model_id in title
 
 
@@ -135,13 +135,13 @@ def test_status_says_when_the_report_is_stale(built, tmp_path) -> None:
     assert "STALE" not in fresh.output
     with Archive(copy).writer("test") as w:  # any commit (a refresh, a label run) moves on
         w.commit()
-    state = report.report_state(Archive(copy))
+    state = report_state.report_state(Archive(copy))
     assert state is not None and state.stale is not None and "changed since" in state.stale
     stale = CliRunner().invoke(main, ["status", str(copy)])
     assert "STALE" in stale.output
     assert f"desomdb report {copy} --out {out}" in stale.output
     report.build_report(copy, tmp_path / "redrawn")
-    again = report.report_state(Archive(copy))
+    again = report_state.report_state(Archive(copy))
     assert again is not None and again.stale is None
     assert again.index == str(tmp_path / "redrawn" / "index.html")
 
@@ -149,7 +149,7 @@ def test_status_says_when_the_report_is_stale(built, tmp_path) -> None:
 def test_map_colours_follow_map_position() -> None:
     import colorsys
 
-    key = report.map_colours(6, 6)
+    key = figure_base.map_colours(6, 6)
     hue = np.array([[colorsys.rgb_to_hls(*key[r, c])[0] for c in range(6)] for r in range(6)])
     light = np.array([[colorsys.rgb_to_hls(*key[r, c])[1] for c in range(6)] for r in range(6)])
     assert np.allclose(hue[0, 5], hue[5, 5], atol=0.01)  # nodes 5 and 35: one column, one hue
@@ -166,7 +166,7 @@ def test_continuum_limits_clip_emission_lines() -> None:
     wave = spectra.rest_wave_aa()
     flux = 1.0 + 0.2 * (wave - wave[0]) / (wave[-1] - wave[0])  # a red continuum, 1-1.2
     flux[np.abs(wave - 6564.61) < 5] = 30.0  # a strong Hα line
-    lo, hi = report.continuum_limits(wave, flux)
+    lo, hi = figure_base.continuum_limits(wave, flux)
     assert 0.9 < lo < 1.0 and 1.2 < hi < 1.3
 
 
@@ -175,7 +175,7 @@ def test_accuracy_limits_leave_rare_outliers_off_scale() -> None:
     true = rng.uniform(0.0, 0.5, 1000)
     fit = true + rng.normal(0, 0.02, 1000)
     fit[:3] = -0.6  # catastrophic fits
-    lo, hi = report.accuracy_limits(true, fit)  # the truth ± 5 robust scatters (0.02)
+    lo, hi = figure_base.accuracy_limits(true, fit)  # the truth ± 5 robust scatters (0.02)
     assert -0.15 < lo < -0.05 and 0.55 < hi < 0.65
 
 
@@ -186,26 +186,26 @@ def _texts(fig) -> list[str]:
 def test_figures_explain_what_they_show(full_archive) -> None:
     arch, _, cfg, _ = full_archive
     ctx = report._context(arch, None, None, None)
-    fig3 = report.fig3_prototypes(ctx)
+    fig3 = paper_figures.fig3_prototypes(ctx)
     corner = fig3.axes[(cfg.map_rows - 1) * cfg.map_cols]
     assert "rest λ" in corner.get_xlabel() and corner.get_ylabel()
     assert sum(bool(ax.get_xlabel()) for ax in fig3.axes) == 1
     assert "continuum" in fig3.get_suptitle()
-    fig5 = report.fig5_node_medians(ctx)
+    fig5 = paper_figures.fig5_node_medians(ctx)
     assert "no labelled members" in fig5.get_suptitle()
     assert all(float(t).is_integer() for t in fig5.axes[0].get_xticks())
-    fig6 = report.fig6_node_pdfs(ctx)
+    fig6 = paper_figures.fig6_node_pdfs(ctx)
     legend = " ".join(_texts(fig6))
-    assert "n=" in legend and f"fewer than {report.PDF_MIN_N}" in fig6.get_suptitle()
-    fig9 = report.fig9_desom2(ctx)
+    assert "n=" in legend and f"fewer than {figure_base.PDF_MIN_N}" in fig6.get_suptitle()
+    fig9 = paper_figures.fig9_desom2(ctx)
     n_nodes = len(ctx.desom2[1].prototypes) if ctx.desom2 else 0
     numbers = [t for t in fig9.axes[0].texts if t.get_text().isdigit()]
     assert len(numbers) == n_nodes  # empty nodes show 0
     assert all(float(t).is_integer() for t in fig9.axes[0].get_xticks())
-    assert "no galaxies" in report.fig14_morphology(ctx).get_suptitle()
-    training = report.fig_training(ctx)
+    assert "no galaxies" in paper_figures.fig14_morphology(ctx).get_suptitle()
+    training = paper_figures.fig_training(ctx)
     assert [ax.get_yscale() for ax in training.axes] == ["log", "log", "linear"]
     assert "sSFR [yr⁻¹]" in label_catalogue.FIGURE_LABELS["log_ssfr"]
-    fig7 = report.fig7_fingerprint(ctx)
+    fig7 = paper_figures.fig7_fingerprint(ctx)
     assert "arcsec" in fig7.axes[1].get_xlabel()
     assert fig7.axes[1].images[0].get_array().shape[-1] == 4  # RGBA from map_colours
