@@ -47,7 +47,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_scale import build
 
 from desomdb.archive import paths
-from desomdb.archive.store import Archive, StagedFile
+from desomdb.archive.records import StagedFile
+from desomdb.archive.store import Archive
 from desomdb.pipeline import assign, train
 from desomdb.science import spectra
 from desomdb.som import registry

@@ -123,9 +123,9 @@ class ReaderLoop:
         import threading
 
         import desomdb
-        from desomdb.archive import store as archive_mod
+        from desomdb.archive import writer
 
-        self._real_commit = real = archive_mod.Writer.commit
+        self._real_commit = real = writer.Writer.commit
         loop = self
 
         def recording_commit(writer, add=(), remove=()):
@@ -134,7 +134,7 @@ class ReaderLoop:
                 loop.committed[t].add(n)
             return gen
 
-        archive_mod.Writer.commit = recording_commit  # type: ignore[method-assign]
+        writer.Writer.commit = recording_commit  # type: ignore[method-assign]
         for t, n in self._counts().items():
             self.committed[t].add(n)
         self._done = threading.Event()
@@ -158,11 +158,12 @@ class ReaderLoop:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from desomdb.archive import store as archive_mod
 
         self._done.set()
         self._thread.join()
-        archive_mod.Writer.commit = self._real_commit  # type: ignore[method-assign]
+        from desomdb.archive import writer
+
+        writer.Writer.commit = self._real_commit  # type: ignore[method-assign]
 
     def check(self) -> None:
         assert not self.errors, self.errors[:3]

@@ -35,7 +35,11 @@ def _graph() -> dict[str, set[str]]:
         mods[name.removesuffix(".__init__")] = path
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for name, path in mods.items():
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        for block in ast.walk(tree):  # imports for type checkers only do not run
+            if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING":
+                block.body = []
+        for node in ast.walk(tree):
             targets: list[str] = []
             if isinstance(node, ast.ImportFrom) and node.module and \
                     node.module.startswith("desomdb"):

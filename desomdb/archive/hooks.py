@@ -18,3 +18,9 @@ def on_commit(hook: Callable[[Any], None]) -> None:
     """Register ``hook(archive)`` to run when a writer session ends (once per function)."""
     if hook not in POST_COMMIT:
         POST_COMMIT.append(hook)
+
+
+def run_post_commit(archive: Any) -> None:
+    """Run every registered hook with ``archive`` (called when a writer session ends)."""
+    for hook in POST_COMMIT:
+        hook(archive)

@@ -11,9 +11,9 @@ proportion to the tables it touches, not to the archive.
 Files moved in but never committed (a killed job) are invisible and are deleted the next
 time a writer opens the archive. Files a commit drops are *superseded*, not deleted: a reader
 that planned its file list from an older manifest can still open them. They are deleted by a
-later commit once they have been superseded for at least :data:`RETAIN_SECONDS` and
-:data:`RETAIN_COMMITS` commits. So readers never see half a unit of work, and a rerun never
-duplicates rows.
+later commit once they have been superseded for at least ``RETAIN_SECONDS`` and
+``RETAIN_COMMITS`` commits (:mod:`desomdb.archive.records`). So readers never see half a unit
+of work, and a rerun never duplicates rows.
 
 One writer at a time: :meth:`Archive.writer` takes an exclusive ``flock`` on ``_lock``; the
 kernel releases it if the process dies, so there are no stale locks.
@@ -26,60 +26,31 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
-import json
-import os
 import shutil
-import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
 from desomdb.archive import hooks, paths
-from desomdb.atomic import write_error, write_json_atomic, write_parquet
-from desomdb.errors import ArchiveError, LockError, first_line
+from desomdb.archive.records import (
+    FORMAT_VERSION,
+    RESTORE_HINT,
+    FileRecord,
+    damaged,
+    exclusive,
+    load_json,
+)
+from desomdb.archive.writer import Writer
+from desomdb.atomic import write_error, write_json_atomic
+from desomdb.errors import ArchiveError, first_line
 
-FORMAT_VERSION = 2
 #: Versions this code reads (version 1 kept every table's file list inline, without
 #: checksums; the first commit rewrites it as version 2).
 READABLE_VERSIONS = (1, 2)
-#: A superseded file stays on disk at least this many seconds after the commit that dropped
-#: it (override with the environment variable ``DESOMDB_RETAIN_SECONDS``) ...
-RETAIN_SECONDS = 600.0
-#: ... and at least this many commits.
-RETAIN_COMMITS = 2
-
-
-@dataclass(frozen=True)
-class StagedFile:
-    """A file written under ``_staging`` and the committed path it will take."""
-
-    table: str
-    target: str  # relative to the archive root, e.g. "baxels/release=DR15/part-....parquet"
-    staged: Path
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    """What a commit recorded about one file: its size (bytes), sha256 (hex) and schema.
-
-    ``size`` and ``sha256`` are None for files committed by format version 1 (no record was
-    kept). ``schema`` is a digest of a Parquet file's column names and types
-    (:func:`schema_digest`), None for other files and for files committed before it was kept:
-    readers bind a table's view without reading every file's footer when all its files share
-    one schema.
-    """
-
-    size: int | None
-    sha256: str | None
-    schema: str | None = None
 
 
 @dataclass
@@ -91,16 +62,6 @@ class _Top:
     segments: dict[str, str] = field(default_factory=dict)
     superseded: list[dict[str, Any]] = field(default_factory=list)
     inline: dict[str, list[str]] | None = None  # format version 1
-
-
-def retain_seconds() -> float:
-    """Seconds a superseded file is kept (``DESOMDB_RETAIN_SECONDS`` or the default)."""
-    value = os.environ.get("DESOMDB_RETAIN_SECONDS")
-    try:
-        return float(value) if value is not None else RETAIN_SECONDS
-    except ValueError:
-        raise ArchiveError(f"DESOMDB_RETAIN_SECONDS={value!r} is not a number of "
-                           "seconds") from None
 
 
 class Archive:
@@ -149,33 +110,33 @@ class Archive:
     # ---------------------------------------------------------------- reading
     def _top(self) -> _Top:
         path = self.root / paths.MANIFEST
-        data = _load_json(path, self.root)
+        data = load_json(path, self.root)
         version = data.get("format_version")
         if version not in READABLE_VERSIONS:
             newer = isinstance(version, int) and version > FORMAT_VERSION
             raise ArchiveError(
                 f"{path}: format_version {version!r} is not one this desomdb reads "
                 f"({READABLE_VERSIONS}); "
-                + ("upgrade desomdb" if newer else _RESTORE_HINT.format(root=self.root))
+                + ("upgrade desomdb" if newer else RESTORE_HINT.format(root=self.root))
             )
         generation = data.get("generation")
         if not isinstance(generation, int) or generation < 0:
-            raise _damaged(path, self.root, "'generation' is not a non-negative integer")
+            raise damaged(path, self.root, "'generation' is not a non-negative integer")
         if version == 1:
             tables = data.get("tables")
             if not isinstance(tables, dict) or not all(
                     isinstance(v, list) and all(isinstance(f, str) for f in v)
                     for v in tables.values()):
-                raise _damaged(path, self.root, "'tables' is not a mapping of file lists")
+                raise damaged(path, self.root, "'tables' is not a mapping of file lists")
             return _Top(1, generation, inline={str(k): list(v) for k, v in tables.items()})
         segments = data.get("segments")
         superseded = data.get("superseded")
         if not isinstance(segments, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in segments.items()):
-            raise _damaged(path, self.root, "'segments' is not a mapping of table -> file")
+            raise damaged(path, self.root, "'segments' is not a mapping of table -> file")
         if not isinstance(superseded, list) or not all(
                 isinstance(s, dict) and isinstance(s.get("path"), str) for s in superseded):
-            raise _damaged(path, self.root, "'superseded' is not a list of files")
+            raise damaged(path, self.root, "'superseded' is not a list of files")
         return _Top(2, generation, dict(segments), list(superseded))
 
     def _segment(self, top: _Top, table: str) -> dict[str, FileRecord]:
@@ -186,14 +147,14 @@ class Archive:
         if name is None:
             return {}
         path = self.root / name
-        data = _load_json(path, self.root)
+        data = load_json(path, self.root)
         files = data.get("files")
         if not isinstance(files, dict):
-            raise _damaged(path, self.root, "'files' is not a mapping")
+            raise damaged(path, self.root, "'files' is not a mapping")
         out = {}
         for rel, rec in files.items():
             if not isinstance(rec, dict):
-                raise _damaged(path, self.root, f"the record of {rel} is not a mapping")
+                raise damaged(path, self.root, f"the record of {rel} is not a mapping")
             out[rel] = FileRecord(rec.get("size"), rec.get("sha256"), rec.get("schema"))
         return out
 
@@ -306,12 +267,12 @@ class Archive:
         LockError
             If another process holds the lock.
         """
-        with _exclusive(self.root / paths.LOCK, self.root, "written", command):
+        with exclusive(self.root / paths.LOCK, self.root, "written", command):
             writer = Writer(self)
             writer.collect_garbage()
             yield writer
             shutil.rmtree(self.root / paths.STAGING, ignore_errors=True)
-            _after_commit(self)
+            hooks.run_post_commit(self)
 
     @contextlib.contextmanager
     def job_lock(self, job: str, command: str = "") -> Iterator[None]:
@@ -322,7 +283,7 @@ class Archive:
         LockError
             If another process runs the same job on this archive.
         """
-        with _exclusive(self.root / f"{paths.LOCK}.{job}", self.root, f"{job}ed", command):
+        with exclusive(self.root / f"{paths.LOCK}.{job}", self.root, f"{job}ed", command):
             yield
 
     def writer_is_running(self) -> bool:
@@ -340,231 +301,6 @@ class Archive:
             return False
 
 
-def _after_commit(archive: Archive) -> None:
-    for hook in hooks.POST_COMMIT:
-        hook(archive)
-
-
-class Writer:
-    """Stage files and commit them atomically (only inside :meth:`Archive.writer`)."""
-
-    def __init__(self, archive: Archive):
-        self.archive = archive
-        self.root = archive.root
-
-    def staging_dir(self, unit: str) -> Path:
-        """Create a fresh folder under ``_staging`` for one unit of work."""
-        path = self.root / paths.STAGING / unit
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise write_error(path, exc) from exc
-        return path
-
-    def stage_table(self, table: str, data: pa.Table, target: str) -> StagedFile:
-        """Write ``data`` to a staged Parquet file that will commit to ``target``."""
-        staged = self.staging_dir("tables") / target  # unique per target
-        write_parquet(data, staged)
-        return StagedFile(table, target, staged)
-
-    def commit(
-        self,
-        add: Sequence[StagedFile] = (),
-        remove: Sequence[tuple[str, str]] = (),
-    ) -> int:
-        """Atomically add staged files and supersede committed ones.
-
-        Parameters
-        ----------
-        add : sequence of StagedFile
-        remove : sequence of (table, relative path)
-
-        Returns
-        -------
-        int
-            The new manifest generation.
-        """
-        arch = self.archive
-        top = arch._top()
-        touched = {a.table for a in add} | {t for t, _ in remove}
-        if top.inline is not None:  # format 1: rewrite every table as a segment
-            touched |= set(top.inline)
-        segs = {t: arch._segment(top, t) for t in touched}
-        added = {a.target for a in add}
-        if len(added) != len(add):
-            dupes = sorted({a.target for a in add if [b.target for b in add].count(a.target) > 1})
-            raise ArchiveError(f"{self.root}: one commit adds {dupes[0]} twice; nothing was "
-                               "committed (this is a bug in the calling stage)")
-        for item in add:
-            record = file_record(item.staged)
-            dest = self.root / item.target
-            try:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                item.staged.replace(dest)
-            except OSError as exc:
-                raise write_error(dest, exc) from exc
-            segs[item.table][item.target] = record
-        for table in segs:  # records missing since format 1
-            for rel, rec in segs[table].items():
-                if rec.sha256 is None and (self.root / rel).exists():
-                    segs[table][rel] = file_record(self.root / rel)
-        dropped: list[str] = []
-        for table, rel in sorted(set(remove)):
-            if rel in added:
-                continue
-            if segs[table].pop(rel, None) is not None:
-                dropped.append(rel)
-        generation = top.generation + 1
-        segments = dict(top.segments)
-        for table in sorted(touched):
-            old = segments.pop(table, None)
-            if old is not None:
-                dropped.append(old)
-            if segs[table]:
-                name = paths.manifest_segment(table, generation)
-                write_json_atomic(self.root / name, {
-                    "table": table,
-                    "files": {rel: _record_json(r) for rel, r in sorted(segs[table].items())},
-                })
-                segments[table] = name
-        now = time.time()
-        keep_for = retain_seconds()
-        superseded: list[dict[str, Any]] = []
-        expired: list[str] = []
-        for entry in top.superseded:
-            if entry["path"] in added:
-                continue  # re-committed under the same name
-            if (now - float(entry.get("time", 0)) >= keep_for
-                    and generation - int(entry.get("generation", 0)) >= RETAIN_COMMITS):
-                expired.append(str(entry["path"]))
-            else:
-                superseded.append(entry)
-        superseded.extend({"path": rel, "generation": generation, "time": now}
-                          for rel in dropped)
-        write_json_atomic(self.root / paths.MANIFEST, {
-            "format_version": FORMAT_VERSION, "generation": generation,
-            "segments": segments, "superseded": superseded,
-        })
-        for rel in expired:
-            (self.root / rel).unlink(missing_ok=True)
-        return generation
-
-    def compact(
-        self,
-        table: str,
-        release: str,
-        sort_by: Sequence[str],
-        transform: Callable[[pa.Table], pa.Table] | None = None,
-    ) -> tuple[list[StagedFile], list[tuple[str, str]]]:
-        """Stage one file holding every committed row of a release partition.
-
-        Parameters
-        ----------
-        table, release : str
-            The partition.
-        sort_by : sequence of str
-            Row order of the compacted file.
-        transform : callable, optional
-            Applied to the concatenated rows (e.g. release-wide quality flags).
-
-        Returns
-        -------
-        add, remove : list
-            Pass both to :meth:`commit` (one commit may compact several tables).
-        """
-        files = self.archive.files(table, release=release)
-        if not files:
-            return [], []
-        parts = [pq.read_table(f) for f in files]
-        data = pa.concat_tables(parts, promote_options="permissive")
-        data = data.sort_by([(c, "ascending") for c in sort_by if c in data.column_names])
-        if transform is not None:
-            data = transform(data)
-        name = paths.compact_name(self.archive.generation() + 1)
-        staged = self.stage_table(table, data, paths.release_file(table, release, name))
-        return [staged], [(table, str(f.relative_to(self.root))) for f in files]
-
-    def replace_cube_rows(
-        self, release: str, plateifus: set[str], keep: set[str]
-    ) -> tuple[list[StagedFile], list[tuple[str, str]]]:
-        """Earlier rows of re-ingested cubes of ``release``, in every table that holds them.
-
-        Per-cube part files of those cubes are dropped; compacted files are rewritten
-        without their rows; their assignments under every model are dropped (the current
-        model assigns the new version again).
-
-        Parameters
-        ----------
-        release : str
-        plateifus : set of str
-            The cubes being replaced.
-        keep : set of str
-            Relative paths the same commit adds (never dropped).
-
-        Returns
-        -------
-        add, remove : list
-            Rewritten compacted files to add, and files to drop, for :meth:`commit`.
-        """
-        arch = self.archive
-        adds: list[StagedFile] = []
-        removes: list[tuple[str, str]] = []
-        name = paths.compact_name(arch.generation() + 1)
-        values = pa.array(sorted(plateifus), pa.string())
-        for table in paths.RELEASE_TABLES:
-            for f in arch.files(table, release=release):
-                rel = str(f.relative_to(self.root))
-                if rel in keep:
-                    continue
-                part = paths.parse_part_name(f.name)
-                if part is not None:
-                    if part[0] in plateifus:
-                        removes.append((table, rel))
-                    continue
-                if table == "galaxies":
-                    continue  # rebuilt from the drpall when the release is finalised
-                rows = pq.read_table(f)
-                hit = pc.is_in(rows.column("plateifu"), value_set=values)
-                if pc.any(hit).as_py():
-                    removes.append((table, rel))
-                    adds.append(self.stage_table(table, rows.filter(pc.invert(hit)),
-                                                 paths.release_file(table, release, name)))
-        for f in arch.files("assignments"):
-            rel = str(f.relative_to(self.root))
-            try:
-                of_release, spectra_name = paths.parse_assignment_part_name(f.name)
-            except ValueError:
-                continue
-            part = paths.parse_part_name(spectra_name)
-            if rel not in keep and of_release == release and part and part[0] in plateifus:
-                removes.append(("assignments", rel))
-        return adds, removes
-
-    def collect_garbage(self) -> list[Path]:
-        """Delete files no commit lists (left by killed writers) and the staging area.
-
-        Committed and superseded files, and the manifest's segments, are kept.
-        """
-        keep = accounted_files(self.archive)
-        removed = []
-        for folder in (*paths.TABLES, paths.MANIFEST_DIR):
-            base = self.root / folder
-            if not base.is_dir():
-                continue
-            for path in base.rglob("*"):
-                if path.is_file() and str(path.relative_to(self.root)) not in keep:
-                    path.unlink()
-                    removed.append(path)
-        shutil.rmtree(self.root / paths.STAGING, ignore_errors=True)
-        return removed
-
-
-def accounted_files(archive: Archive) -> set[str]:
-    """Relative paths the manifest accounts for: committed, superseded and its segments."""
-    m = archive.manifest()
-    return {*m["records"], *m["superseded"], *m["segments"]}
-
-
 def holds_archive_data(root: Path) -> list[str]:
     """Names of archive data found in ``root`` (tables, artefacts, manifest segments)."""
     names = (*paths.TABLES, paths.MANIFEST_DIR, paths.MODELS_DIR, paths.CURRENT_MODEL)
@@ -576,93 +312,3 @@ def holds_archive_data(root: Path) -> list[str]:
         if p.is_file() or (p.is_dir() and any(p.iterdir())):
             found.append(name)
     return found
-
-
-_RESTORE_HINT = ("restore it from a backup of the archive; desomdb will not guess which files "
-                 "were committed ('desomdb check {root}' lists what else is wrong)")
-
-
-def _damaged(path: Path, root: Path, why: str) -> ArchiveError:
-    return ArchiveError(f"{path}: damaged manifest ({why}); "
-                        + _RESTORE_HINT.format(root=root))
-
-
-def _load_json(path: Path, root: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise _damaged(path, root, "the file is missing") from None
-    except OSError as exc:
-        raise ArchiveError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _damaged(path, root, f"not valid JSON: {exc.msg} at line {exc.lineno}, "
-                                   "perhaps truncated") from None
-    if not isinstance(data, dict):
-        raise _damaged(path, root, "not a JSON object")
-    return data
-
-
-def file_record(path: Path) -> FileRecord:
-    """Size, sha256 and (for Parquet) schema digest of a file."""
-    try:
-        with path.open("rb") as fh:
-            digest = hashlib.file_digest(fh, "sha256").hexdigest()
-        size = path.stat().st_size
-    except OSError as exc:
-        raise ArchiveError(f"{path}: cannot read a file being committed ({exc.strerror or exc})"
-                           ) from exc
-    return FileRecord(size, digest, schema_digest(path) if path.suffix == ".parquet" else None)
-
-
-def schema_digest(path: Path) -> str | None:
-    """Digest of a Parquet file's column names and Arrow types (None if it has no footer).
-
-    Order-free: DuckDB matches the columns of a multi-file scan by name, so files that hold
-    the same columns in another order still share one view without ``union_by_name``.
-    """
-    try:
-        schema = pq.read_schema(path)
-    except (OSError, pa.ArrowInvalid):
-        return None
-    text = ";".join(sorted(f"{f.name}:{f.type}" for f in schema))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _record_json(record: FileRecord) -> dict[str, Any]:
-    out: dict[str, Any] = {"size": record.size, "sha256": record.sha256}
-    if record.schema is not None:
-        out["schema"] = record.schema
-    return out
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path, root: Path, what: str, command: str) -> Iterator[None]:
-    """Take an exclusive ``flock`` on ``lock_path`` (released by the kernel if we die)."""
-    try:
-        fh = lock_path.open("a+")
-    except OSError as exc:
-        raise write_error(lock_path, exc) from exc
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        holder = fh.read().strip() or "unknown process"
-        fh.close()
-        raise LockError(
-            f"{root} is being {what} by another desomdb process ({holder}); wait "
-            "for it to finish (the lock is released automatically when it exits)"
-        ) from None
-    try:
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}, '{command or ' '.join(sys.argv)}', since "
-                 f"{time.strftime('%Y-%m-%dT%H:%M:%S')}")
-        fh.flush()
-        yield
-    finally:
-        fh.seek(0)
-        fh.truncate()
-        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-        fh.close()

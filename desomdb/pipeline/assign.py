@@ -33,7 +33,9 @@ import pyarrow.parquet as pq
 import torch
 
 from desomdb.archive import paths
-from desomdb.archive.store import Archive, StagedFile, Writer
+from desomdb.archive.records import StagedFile
+from desomdb.archive.store import Archive
+from desomdb.archive.writer import Writer
 from desomdb.atomic import atomic_write
 from desomdb.errors import ArchiveError
 from desomdb.pipeline import node_labels, similar_index

@@ -44,7 +44,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from desomdb.archive import paths
-from desomdb.archive.store import Archive, Writer
+from desomdb.archive.store import Archive
+from desomdb.archive.writer import Writer
 from desomdb.errors import ArchiveError, ConfigError
 from desomdb.pipeline import node_labels
 from desomdb.query import views

@@ -22,7 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from desomdb.archive import paths
-from desomdb.archive.store import Archive, StagedFile, Writer
+from desomdb.archive.records import StagedFile
+from desomdb.archive.store import Archive
+from desomdb.archive.writer import Writer
 from desomdb.query import versions
 
 DRP_KEYS_USED = ("z", "nsa_elpetro_phi", "nsa_elpetro_ba", "nsa_elpetro_th50_r")

@@ -29,7 +29,9 @@ import pyarrow as pa
 import torch
 
 from desomdb.archive import paths
-from desomdb.archive.store import Archive, StagedFile, Writer
+from desomdb.archive.records import StagedFile
+from desomdb.archive.store import Archive
+from desomdb.archive.writer import Writer
 from desomdb.errors import ModelError
 from desomdb.pipeline import similar_index
 from desomdb.pipeline.train import BatchStream, evaluate, fit, galaxy_test_split

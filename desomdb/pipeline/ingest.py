@@ -26,7 +26,9 @@ from astropy.table import Table
 
 from desomdb._version import __version__
 from desomdb.archive import paths
-from desomdb.archive.store import Archive, StagedFile, Writer
+from desomdb.archive.records import StagedFile
+from desomdb.archive.store import Archive
+from desomdb.archive.writer import Writer
 from desomdb.errors import InputDataError
 from desomdb.pipeline import baxels, carry
 from desomdb.pipeline.jobs import IngestConfig, IngestJob

@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from desomdb.archive import paths
-from desomdb.archive.store import Archive, StagedFile
+from desomdb.archive.records import StagedFile
+from desomdb.archive.store import Archive
 from desomdb.errors import ArchiveError, ConfigError
 from desomdb.runtime import runner
 from desomdb.science import emission, fitting, spectra

@@ -38,7 +38,8 @@ import pyarrow as pa
 from scipy.special import ndtr
 
 from desomdb.archive import paths
-from desomdb.archive.store import Archive, Writer
+from desomdb.archive.store import Archive
+from desomdb.archive.writer import Writer
 from desomdb.query import views
 from desomdb.science import label_catalogue
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import duckdb
 
 from desomdb.archive import paths
-from desomdb.archive.store import Archive, accounted_files, holds_archive_data
+from desomdb.archive.store import Archive, holds_archive_data
+from desomdb.archive.writer import accounted_files
 from desomdb.errors import ArchiveError, DesomdbError
 from desomdb.som import registry
 

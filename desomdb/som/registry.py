@@ -15,7 +15,9 @@ from typing import Any
 import pyarrow as pa
 
 from desomdb.archive import paths
-from desomdb.archive.store import Archive, StagedFile, Writer
+from desomdb.archive.records import StagedFile
+from desomdb.archive.store import Archive
+from desomdb.archive.writer import Writer
 from desomdb.atomic import write_json_atomic
 from desomdb.errors import ModelError, QueryError
 from desomdb.som import checkpoint

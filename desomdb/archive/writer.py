@@ -1,0 +1,253 @@
+"""The writer session of an archive: staging, commits, compaction, garbage collection.
+
+A :class:`Writer` comes from :meth:`desomdb.archive.store.Archive.writer`, which holds the
+archive's writer lock for the session; the commit protocol is described in
+:mod:`desomdb.archive.store`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from desomdb.archive import paths
+from desomdb.archive.records import (
+    FORMAT_VERSION,
+    RETAIN_COMMITS,
+    StagedFile,
+    file_record,
+    record_json,
+    retain_seconds,
+)
+from desomdb.atomic import write_error, write_json_atomic, write_parquet
+from desomdb.errors import ArchiveError
+
+if TYPE_CHECKING:  # the archive makes writers; a writer only calls its methods
+    from desomdb.archive.store import Archive
+
+
+class Writer:
+    """Stage files and commit them atomically (only inside :meth:`Archive.writer`)."""
+
+    def __init__(self, archive: Archive):
+        self.archive = archive
+        self.root = archive.root
+
+    def staging_dir(self, unit: str) -> Path:
+        """Create a fresh folder under ``_staging`` for one unit of work."""
+        path = self.root / paths.STAGING / unit
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(path, exc) from exc
+        return path
+
+    def stage_table(self, table: str, data: pa.Table, target: str) -> StagedFile:
+        """Write ``data`` to a staged Parquet file that will commit to ``target``."""
+        staged = self.staging_dir("tables") / target  # unique per target
+        write_parquet(data, staged)
+        return StagedFile(table, target, staged)
+
+    def commit(
+        self,
+        add: Sequence[StagedFile] = (),
+        remove: Sequence[tuple[str, str]] = (),
+    ) -> int:
+        """Atomically add staged files and supersede committed ones.
+
+        Parameters
+        ----------
+        add : sequence of StagedFile
+        remove : sequence of (table, relative path)
+
+        Returns
+        -------
+        int
+            The new manifest generation.
+        """
+        arch = self.archive
+        top = arch._top()
+        touched = {a.table for a in add} | {t for t, _ in remove}
+        if top.inline is not None:  # format 1: rewrite every table as a segment
+            touched |= set(top.inline)
+        segs = {t: arch._segment(top, t) for t in touched}
+        added = {a.target for a in add}
+        if len(added) != len(add):
+            dupes = sorted({a.target for a in add if [b.target for b in add].count(a.target) > 1})
+            raise ArchiveError(f"{self.root}: one commit adds {dupes[0]} twice; nothing was "
+                               "committed (this is a bug in the calling stage)")
+        for item in add:
+            record = file_record(item.staged)
+            dest = self.root / item.target
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                item.staged.replace(dest)
+            except OSError as exc:
+                raise write_error(dest, exc) from exc
+            segs[item.table][item.target] = record
+        for table in segs:  # records missing since format 1
+            for rel, rec in segs[table].items():
+                if rec.sha256 is None and (self.root / rel).exists():
+                    segs[table][rel] = file_record(self.root / rel)
+        dropped: list[str] = []
+        for table, rel in sorted(set(remove)):
+            if rel in added:
+                continue
+            if segs[table].pop(rel, None) is not None:
+                dropped.append(rel)
+        generation = top.generation + 1
+        segments = dict(top.segments)
+        for table in sorted(touched):
+            old = segments.pop(table, None)
+            if old is not None:
+                dropped.append(old)
+            if segs[table]:
+                name = paths.manifest_segment(table, generation)
+                write_json_atomic(self.root / name, {
+                    "table": table,
+                    "files": {rel: record_json(r) for rel, r in sorted(segs[table].items())},
+                })
+                segments[table] = name
+        now = time.time()
+        keep_for = retain_seconds()
+        superseded: list[dict[str, Any]] = []
+        expired: list[str] = []
+        for entry in top.superseded:
+            if entry["path"] in added:
+                continue  # re-committed under the same name
+            if (now - float(entry.get("time", 0)) >= keep_for
+                    and generation - int(entry.get("generation", 0)) >= RETAIN_COMMITS):
+                expired.append(str(entry["path"]))
+            else:
+                superseded.append(entry)
+        superseded.extend({"path": rel, "generation": generation, "time": now}
+                          for rel in dropped)
+        write_json_atomic(self.root / paths.MANIFEST, {
+            "format_version": FORMAT_VERSION, "generation": generation,
+            "segments": segments, "superseded": superseded,
+        })
+        for rel in expired:
+            (self.root / rel).unlink(missing_ok=True)
+        return generation
+
+    def compact(
+        self,
+        table: str,
+        release: str,
+        sort_by: Sequence[str],
+        transform: Callable[[pa.Table], pa.Table] | None = None,
+    ) -> tuple[list[StagedFile], list[tuple[str, str]]]:
+        """Stage one file holding every committed row of a release partition.
+
+        Parameters
+        ----------
+        table, release : str
+            The partition.
+        sort_by : sequence of str
+            Row order of the compacted file.
+        transform : callable, optional
+            Applied to the concatenated rows (e.g. release-wide quality flags).
+
+        Returns
+        -------
+        add, remove : list
+            Pass both to :meth:`commit` (one commit may compact several tables).
+        """
+        files = self.archive.files(table, release=release)
+        if not files:
+            return [], []
+        parts = [pq.read_table(f) for f in files]
+        data = pa.concat_tables(parts, promote_options="permissive")
+        data = data.sort_by([(c, "ascending") for c in sort_by if c in data.column_names])
+        if transform is not None:
+            data = transform(data)
+        name = paths.compact_name(self.archive.generation() + 1)
+        staged = self.stage_table(table, data, paths.release_file(table, release, name))
+        return [staged], [(table, str(f.relative_to(self.root))) for f in files]
+
+    def replace_cube_rows(
+        self, release: str, plateifus: set[str], keep: set[str]
+    ) -> tuple[list[StagedFile], list[tuple[str, str]]]:
+        """Earlier rows of re-ingested cubes of ``release``, in every table that holds them.
+
+        Per-cube part files of those cubes are dropped; compacted files are rewritten
+        without their rows; their assignments under every model are dropped (the current
+        model assigns the new version again).
+
+        Parameters
+        ----------
+        release : str
+        plateifus : set of str
+            The cubes being replaced.
+        keep : set of str
+            Relative paths the same commit adds (never dropped).
+
+        Returns
+        -------
+        add, remove : list
+            Rewritten compacted files to add, and files to drop, for :meth:`commit`.
+        """
+        arch = self.archive
+        adds: list[StagedFile] = []
+        removes: list[tuple[str, str]] = []
+        name = paths.compact_name(arch.generation() + 1)
+        values = pa.array(sorted(plateifus), pa.string())
+        for table in paths.RELEASE_TABLES:
+            for f in arch.files(table, release=release):
+                rel = str(f.relative_to(self.root))
+                if rel in keep:
+                    continue
+                part = paths.parse_part_name(f.name)
+                if part is not None:
+                    if part[0] in plateifus:
+                        removes.append((table, rel))
+                    continue
+                if table == "galaxies":
+                    continue  # rebuilt from the drpall when the release is finalised
+                rows = pq.read_table(f)
+                hit = pc.is_in(rows.column("plateifu"), value_set=values)
+                if pc.any(hit).as_py():
+                    removes.append((table, rel))
+                    adds.append(self.stage_table(table, rows.filter(pc.invert(hit)),
+                                                 paths.release_file(table, release, name)))
+        for f in arch.files("assignments"):
+            rel = str(f.relative_to(self.root))
+            try:
+                of_release, spectra_name = paths.parse_assignment_part_name(f.name)
+            except ValueError:
+                continue
+            part = paths.parse_part_name(spectra_name)
+            if rel not in keep and of_release == release and part and part[0] in plateifus:
+                removes.append(("assignments", rel))
+        return adds, removes
+
+    def collect_garbage(self) -> list[Path]:
+        """Delete files no commit lists (left by killed writers) and the staging area.
+
+        Committed and superseded files, and the manifest's segments, are kept.
+        """
+        keep = accounted_files(self.archive)
+        removed = []
+        for folder in (*paths.TABLES, paths.MANIFEST_DIR):
+            base = self.root / folder
+            if not base.is_dir():
+                continue
+            for path in base.rglob("*"):
+                if path.is_file() and str(path.relative_to(self.root)) not in keep:
+                    path.unlink()
+                    removed.append(path)
+        shutil.rmtree(self.root / paths.STAGING, ignore_errors=True)
+        return removed
+
+
+def accounted_files(archive: Archive) -> set[str]:
+    """Relative paths the manifest accounts for: committed, superseded and its segments."""
+    m = archive.manifest()
+    return {*m["records"], *m["superseded"], *m["segments"]}
