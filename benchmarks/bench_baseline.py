@@ -37,7 +37,7 @@ import torch
 from desomdb.archive.store import Archive
 from desomdb.pipeline import train
 from desomdb.query import views
-from desomdb.som import inference, model, registry
+from desomdb.som import inference, lattice, model, registry
 
 LABELS = {"log age [dex]": "log10(age_mw_gyr)", "[M/H] [dex]": "mh_mw",
           "log M*/L_r [dex]": "log_ml_r", "E(B-V)_* [mag]": "ebv_star"}
@@ -65,7 +65,7 @@ def robust_scatter(d: np.ndarray) -> float:
 def nodes_of(z: np.ndarray, protos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Best node, runner-up and squared distance to the best for rows of ``z``."""
     d2 = torch.cdist(torch.from_numpy(z).double(), torch.from_numpy(protos).double()).pow(2)
-    best, second = model.bmu_and_runner_up(d2.numpy())
+    best, second = lattice.bmu_and_runner_up(d2.numpy())
     return best, second, d2.numpy()[np.arange(len(best)), best]
 
 
@@ -84,7 +84,7 @@ def som_on(c_train: np.ndarray, rows: int, cols: int, epochs: int) -> tuple[str,
         from xpysom import XPySom
     except ImportError:
         t_max = max(rows, cols) / 2 / np.sqrt(2)
-        protos = model.fit_som(torch.from_numpy(c_train.astype(np.float32)), rows, cols,
+        protos = lattice.fit_som(torch.from_numpy(c_train.astype(np.float32)), rows, cols,
                                epochs, t_max, 1 / np.sqrt(2))
         return "PCA + desomdb fit_som", protos.numpy()
     xs = XPySom(rows, cols, c_train.shape[1], sigma=max(rows, cols) / 2, sigmaN=1,
@@ -99,9 +99,9 @@ def map_result(name: str, z_train: np.ndarray, z_test: np.ndarray, protos: np.nd
     """Nodes of train and test rows and the test QE/TE of one map."""
     train_best, _, _ = nodes_of(z_train, protos)
     best, second, d2 = nodes_of(z_test, protos)
-    return MapResult(name, train_best, best, model.quantization_error(d2),
-                     model.topographic_error(best, second, cols, 4),
-                     model.topographic_error(best, second, cols, 8))
+    return MapResult(name, train_best, best, lattice.quantization_error(d2),
+                     lattice.topographic_error(best, second, cols, 4),
+                     lattice.topographic_error(best, second, cols, 8))
 
 
 def node_medians(nodes: np.ndarray, values: np.ndarray, n_nodes: int) -> np.ndarray:

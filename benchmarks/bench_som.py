@@ -9,7 +9,7 @@ Latents: ``--n`` vectors of 256 dimensions of a smooth 3-parameter family plus s
 DESOM-1. The same latents, map
 (``--size``², Manhattan grid for desomdb) and number of epochs go to
 
-(a) :func:`desomdb.som.model.fit_som` — PCA-plane initialisation, one batch update per
+(a) :func:`desomdb.som.lattice.fit_som` — PCA-plane initialisation, one batch update per
     epoch, Euclidean-grid Gaussian neighbourhood, XPySom's own radius schedule
     (:func:`xpysom_temperatures`);
 (b) XPySom (batch SOM, numpy backend; σ size/2 → 1, its default exponential decay and
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from desomdb.som import model
+from desomdb.som import lattice
 
 
 def metrics(latents: np.ndarray, protos: np.ndarray, cols: int) -> tuple[float, float, float]:
@@ -42,13 +42,13 @@ def metrics(latents: np.ndarray, protos: np.ndarray, cols: int) -> tuple[float, 
     best, second, d2b = [], [], []
     for s in range(0, len(z), 16384):
         d2 = torch.cdist(z[s : s + 16384].double(), p.double()).pow(2).numpy()
-        b, c = model.bmu_and_runner_up(d2)
+        b, c = lattice.bmu_and_runner_up(d2)
         best.append(b)
         second.append(c)
         d2b.append(d2[np.arange(len(b)), b])
     bb, ss = np.concatenate(best), np.concatenate(second)
-    return (model.quantization_error(np.concatenate(d2b)),
-            model.topographic_error(bb, ss, cols, 4), model.topographic_error(bb, ss, cols, 8))
+    return (lattice.quantization_error(np.concatenate(d2b)),
+            lattice.topographic_error(bb, ss, cols, 4), lattice.topographic_error(bb, ss, cols, 8))
 
 
 def family_latents(n: int, dim: int = 256, seed: int = 0) -> np.ndarray:
@@ -91,10 +91,10 @@ def xpysom_temperatures(size: int, epochs: int) -> tuple[float, float]:
 
 
 def run_ours(z: np.ndarray, size: int, epochs: int) -> tuple[float, np.ndarray]:
-    """Time and prototypes of :func:`desomdb.som.model.fit_som`."""
+    """Time and prototypes of :func:`desomdb.som.lattice.fit_som`."""
     t0 = time.perf_counter()
     t_max, t_min = xpysom_temperatures(size, epochs)
-    protos = model.fit_som(torch.from_numpy(z), size, size, epochs, t_max, t_min)
+    protos = lattice.fit_som(torch.from_numpy(z), size, size, epochs, t_max, t_min)
     return time.perf_counter() - t0, protos.numpy()
 
 

@@ -32,17 +32,8 @@ from desomdb.query import views
 from desomdb.runtime import runner
 from desomdb.runtime.progress import progress_bar
 from desomdb.som import checkpoint, inference, registry
-from desomdb.som.model import (
-    Desom,
-    DesomConfig,
-    fit_som,
-    init_prototypes,
-    masked_mse,
-    quantization_error,
-    som_step,
-    temperature,
-    topographic_error,
-)
+from desomdb.som.lattice import fit_som, quantization_error, temperature, topographic_error
+from desomdb.som.model import Desom, DesomConfig, init_prototypes, masked_mse, som_step
 
 DEFAULT_WHERE = "trainable"
 TEST_FRACTION = 0.2

@@ -17,7 +17,8 @@ import pyarrow as pa
 import torch
 
 from desomdb.science import spectra
-from desomdb.som.model import Desom, bmu_and_runner_up
+from desomdb.som.lattice import bmu_and_runner_up
+from desomdb.som.model import Desom
 
 
 @dataclass(frozen=True)

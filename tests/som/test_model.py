@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from desomdb.som import model
+from desomdb.som import lattice, model
 
 
 def test_grid_distance_is_manhattan_on_rows_and_columns() -> None:
-    d = model.grid_distance(15, 15).numpy()
+    d = lattice.grid_distance(15, 15).numpy()
     k, l_ = np.meshgrid(np.arange(225), np.arange(225), indexing="ij")
     expected = np.abs(k // 15 - l_ // 15) + np.abs(k % 15 - l_ % 15)
     np.testing.assert_array_equal(d, expected)
@@ -19,10 +19,10 @@ def test_grid_distance_is_manhattan_on_rows_and_columns() -> None:
 
 def test_temperature_schedule() -> None:
     cfg = model.compact_config(t_max=15, t_min=0.7, decay_iters=100)
-    assert model.temperature(0, cfg) == pytest.approx(15)
-    assert model.temperature(99, cfg) == pytest.approx(0.7)
-    assert model.temperature(500, cfg) == pytest.approx(0.7)
-    ts = [model.temperature(i, cfg) for i in range(100)]
+    assert lattice.temperature(0, cfg) == pytest.approx(15)
+    assert lattice.temperature(99, cfg) == pytest.approx(0.7)
+    assert lattice.temperature(500, cfg) == pytest.approx(0.7)
+    ts = [lattice.temperature(i, cfg) for i in range(100)]
     assert all(a > b for a, b in itertools.pairwise(ts))
 
 
@@ -30,12 +30,12 @@ def test_qe_and_te_on_a_hand_built_map() -> None:
     cols = 3
     best = np.array([0, 4, 8, 0])
     second = np.array([1, 8, 5, 4])  # 0-1 adjacent; 4-8 diagonal; 8-5 adjacent; 0-4 diagonal
-    assert model.topographic_error(best, second, cols, 4) == pytest.approx(0.5)
-    assert model.topographic_error(best, second, cols, 8) == pytest.approx(0.0)
+    assert lattice.topographic_error(best, second, cols, 4) == pytest.approx(0.5)
+    assert lattice.topographic_error(best, second, cols, 8) == pytest.approx(0.0)
     d2 = np.array([[4.0, 9.0], [1.0, 16.0]])
-    b, s = model.bmu_and_runner_up(d2)
+    b, s = lattice.bmu_and_runner_up(d2)
     assert list(b) == [0, 0] and list(s) == [1, 1]
-    assert model.quantization_error(d2[np.arange(2), b]) == pytest.approx(1.5)
+    assert lattice.quantization_error(d2[np.arange(2), b]) == pytest.approx(1.5)
 
 
 def test_som_loss_weights_the_neighbourhood() -> None:
@@ -181,7 +181,7 @@ def test_batch_som_epoch_matches_a_numpy_reference() -> None:
     protos = rng.normal(size=(12, 3)).astype(np.float32)
     expected = _numpy_batch_som_epoch(protos.astype(np.float64), z.astype(np.float64), 3, 4, 1.3)
     got = torch.from_numpy(protos.copy())
-    model.batch_som_epoch(got, torch.from_numpy(z), model.grid_distance(3, 4), 1.3, chunk=64)
+    lattice.batch_som_epoch(got, torch.from_numpy(z), lattice.grid_distance(3, 4), 1.3, chunk=64)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -192,11 +192,11 @@ def test_fit_som_orders_a_curve_and_reduces_qe() -> None:
                          .astype(np.float32))
 
     def qe(p: torch.Tensor) -> float:
-        return model.quantization_error(torch.cdist(z, p).pow(2).min(1).values.numpy())
+        return lattice.quantization_error(torch.cdist(z, p).pow(2).min(1).values.numpy())
 
-    start = model.pca_prototypes(z, 1, 8)
+    start = lattice.pca_prototypes(z, 1, 8)
     for init in ("pca", "random"):
-        fitted = model.fit_som(z, 1, 8, epochs=15, t_max=3.0, t_min=0.5, init=init, seed=3)
+        fitted = lattice.fit_som(z, 1, 8, epochs=15, t_max=3.0, t_min=0.5, init=init, seed=3)
         assert qe(fitted) < 0.7 * qe(start), init
         steps = np.diff(t[torch.cdist(fitted, z).argmin(1).numpy()])
         assert np.all(steps > 0) or np.all(steps < 0), init  # monotonic along the arc
@@ -207,15 +207,15 @@ def test_fit_som_fine_tunes_at_the_final_radius() -> None:
     at t_min; the fine-tuned map quantises better than 10 ordering epochs."""
     rng = np.random.default_rng(0)
     z = torch.from_numpy(rng.normal(size=(600, 5)).astype(np.float32))
-    tuned = model.fit_som(z, 4, 5, epochs=10, t_max=2.5, t_min=0.6, fine_tune=0.3)
-    by_hand = model.fit_som(z, 4, 5, epochs=7, t_max=2.5, t_min=0.6, fine_tune=0.0)
-    grid = model.grid_distance(4, 5, "euclidean")  # fit_som's metric
+    tuned = lattice.fit_som(z, 4, 5, epochs=10, t_max=2.5, t_min=0.6, fine_tune=0.3)
+    by_hand = lattice.fit_som(z, 4, 5, epochs=7, t_max=2.5, t_min=0.6, fine_tune=0.0)
+    grid = lattice.grid_distance(4, 5, "euclidean")  # fit_som's metric
     for _ in range(3):
-        model.batch_som_epoch(by_hand, z, grid, 0.6)
+        lattice.batch_som_epoch(by_hand, z, grid, 0.6)
     torch.testing.assert_close(tuned, by_hand)
-    plain = model.fit_som(z, 4, 5, epochs=10, t_max=2.5, t_min=0.6, fine_tune=0.0)
+    plain = lattice.fit_som(z, 4, 5, epochs=10, t_max=2.5, t_min=0.6, fine_tune=0.0)
 
     def qe(p: torch.Tensor) -> float:
-        return model.quantization_error(torch.cdist(z, p).pow(2).min(1).values.numpy())
+        return lattice.quantization_error(torch.cdist(z, p).pow(2).min(1).values.numpy())
 
     assert qe(tuned) < qe(plain)
