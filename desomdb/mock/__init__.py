@@ -4,6 +4,7 @@ Tests, docs, the demo and benchmarks use it; the pipeline never imports it (it r
 mock writes like any other survey, and aggregates the truth through :mod:`desomdb.science.sidecar`).
 """
 
-from desomdb.mock.survey import SurveyResult, generate_survey, render_cube, write_cube
+from desomdb.mock.render import render_cube, write_cube
+from desomdb.mock.survey import SurveyResult, generate_survey
 
 __all__ = ["SurveyResult", "generate_survey", "render_cube", "write_cube"]

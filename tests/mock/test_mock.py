@@ -207,9 +207,9 @@ def test_emission_lines_conserve_flux() -> None:
     lib = templates.load()
     model = spaxel_model(p, lib, np.array([10, 12]), np.array([10, 11]), np.array([0.5, -1.0]),
                          np.array([0.3, 0.8]), np.random.default_rng(0))
-    flux = {k: v * mock.survey._line_flux_scale(p.z) for k, v in model.lines_lum.items()}
+    flux = {k: v * mock.render._line_flux_scale(p.z) for k, v in model.lines_lum.items()}
     wave = manga.wave_obs_aa()
-    spec = mock.survey._line_spectra(p, model, flux, wave)
+    spec = mock.render._line_spectra(p, model, flux, wave)
     for name in ("Hbeta", "OIII5007", "Halpha"):
         lam = emission.LINES_AA[name] * (1 + p.z) * (1 + model.velocity_kms / manga.C_KMS)
         trans = dust.nebular_transmission(emission.LINES_AA[name], model.ebv_gas)[:, 0]
@@ -221,7 +221,7 @@ def test_emission_lines_conserve_flux() -> None:
 
 def test_correlated_noise_needs_the_law_correction() -> None:
     rng = np.random.default_rng(0)
-    noise = mock.survey._correlated_noise(rng, (400, 40, 40))
+    noise = mock.render._correlated_noise(rng, (400, 40, 40))
     assert noise[:, 10:30, 10:30].std() == pytest.approx(1.0, rel=0.05)
     block = noise[:, 10:20, 10:20].sum(axis=(1, 2))  # n = 100 spaxels
     ratio = block.std() / np.sqrt(100)
