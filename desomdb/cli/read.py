@@ -308,12 +308,12 @@ def plot(archive: Path, figure: str, out: Path, model_id: str | None, nodes: str
       desomdb plot /tmp/archive fig6_node_pdfs --nodes 3,17 --out node_pdfs.pdf
     """
     if figure == "stack":
-        from desomdb.products import stack as stack_mod
+        from desomdb.products import stack_output
 
         if stack_file is None:
             raise ConfigError("FIGURE stack needs --stack FILE (written by 'desomdb stack "
                               "ARCHIVE --where ... --out FILE.parquet')")
-        click.echo(f"wrote {stack_mod.plot(stack_mod.read(stack_file), out)}")
+        click.echo(f"wrote {stack_output.plot(stack_output.read(stack_file), out)}")
         return
     from desomdb.products import report as report_mod
 
@@ -348,11 +348,12 @@ def stack(archive: Path, where: str, by: str, model_id: str | None, out: Path | 
       desomdb stack /tmp/archive --where "radius_re < 0.5 and chi2_ok" --by mangaid
     """
     from desomdb.products import stack as stack_mod
+    from desomdb.products import stack_output
     from desomdb.science import label_catalogue
 
     result = stack_mod.stack(archive, where=where, by=by, model_id=model_id, fit=not no_fit,
                              shift_velocity=shift_velocity)
-    table = stack_mod.to_table(result)
+    table = stack_output.to_table(result)
     cols = [c for c in (by, "n_members", "n_cubes", "mean_snr", "snr_stack", "z_eff",
                         *label_catalogue.STACK_LABELS, "chi2_red")
             if c in table.column_names]
@@ -367,7 +368,7 @@ def stack(archive: Path, where: str, by: str, model_id: str | None, out: Path | 
                f"{f', fitted in {result.fit_seconds:.1f} s' if not no_fit else ''}{left_out}",
                err=True)
     if out is not None:
-        click.echo(f"wrote {stack_mod.write(result, archive, out)}")
+        click.echo(f"wrote {stack_output.write(result, archive, out)}")
 
 
 @main.command()

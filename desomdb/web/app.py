@@ -603,19 +603,19 @@ def _coadd_file(data: pages.NodeData, fmt: str) -> tuple[bytes, str]:
 def _stack_file(ex: Explorer, model_id: str, node: int, fmt: str) -> bytes:
     """Stack a node's members with :mod:`desomdb.products.stack` (no fit) and return the file bytes.
 
-    The file is written by ``desomdb.products.stack.write`` (units, provenance, WAVE extension) into
-    a temporary folder outside the archive and read back.
+    The file is written by :func:`desomdb.products.stack_output.write` (units, provenance,
+    WAVE extension) into a temporary folder outside the archive and read back.
     """
     if fmt not in ("fits", "parquet"):
         raise NotFoundError(f"no stack format {fmt!r}; use stack.fits or stack.parquet")
     if not _stack_available():
         raise NotFoundError("this installation has no desomdb.products.stack; download coadd.fits")
-    from desomdb.products import stack
+    from desomdb.products import stack, stack_output
 
     result = stack.stack(ex.root, where=f"node = {int(node)}", by="none", model_id=model_id,
                          fit=False)
     with tempfile.TemporaryDirectory(prefix="desomdb-stack-") as tmp:
-        out = stack.write(result, ex.root, Path(tmp) / f"stack.{fmt}")
+        out = stack_output.write(result, ex.root, Path(tmp) / f"stack.{fmt}")
         return out.read_bytes()
 
 

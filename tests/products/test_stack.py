@@ -17,6 +17,7 @@ from astropy.io import fits
 from desomdb.archive.store import Archive
 from desomdb.errors import QueryError
 from desomdb.products import stack as stack_mod
+from desomdb.products import stack_output
 from desomdb.science import spectra
 
 
@@ -112,7 +113,7 @@ def test_cli_stack_fit_fits_file_and_plot(full_archive, tmp_path: Path) -> None:
                            str(png)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    back = stack_mod.read(out)
+    back = stack_output.read(out)
     direct = stack_mod.stack(arch, where="true", by="mangaid", fit=False)
     np.testing.assert_allclose(spectra.from_list_column(back.column("flux")),
                                np.array([s.flux for s in direct.stacks]), rtol=1e-6,
