@@ -148,10 +148,10 @@ def _model_tables(arch: Archive, w: Any, model_id: str,
     """Rewrite ``nodes`` and ``fingerprints`` as ``desomdb assign``/``fingerprints`` would.
 
     ``nodes.n_members`` and ``n_beyond_p99`` are counted over the newest cubes (the latter
-    by :func:`desomdb.pipeline.assign.beyond_p99_counts`, as assign stores it); every
+    by :func:`desomdb.pipeline.node_table.beyond_p99_counts`, as assign stores it); every
     synthetic galaxy but the last gets a fingerprint row (counts per node; DESOM-2 columns copied).
     """
-    from desomdb.pipeline import assign
+    from desomdb.pipeline import node_table
     from desomdb.query import views
 
     nodes = arch.read("nodes", model_id=model_id)
@@ -164,7 +164,7 @@ def _model_tables(arch: Archive, w: Any, model_id: str,
         con.close()
     n_nodes = nodes.num_rows
     members = np.array([found.get(k, 0) for k in range(n_nodes)], np.int64)
-    beyond = assign.beyond_p99_counts(arch, model_id, n_nodes)
+    beyond = node_table.beyond_p99_counts(arch, model_id, n_nodes)
     nodes = nodes.drop_columns([c for c in ("model_id", "n_beyond_p99")
                                 if c in nodes.column_names])
     nodes = _replace(nodes, n_members=members).append_column(

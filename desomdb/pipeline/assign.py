@@ -30,7 +30,6 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from desomdb.archive import paths
 from desomdb.archive.records import StagedFile
@@ -39,6 +38,7 @@ from desomdb.archive.writer import Writer
 from desomdb.atomic import atomic_write
 from desomdb.errors import ArchiveError
 from desomdb.pipeline import node_labels, similar_index
+from desomdb.pipeline.node_table import beyond_p99_counts, write_nodes
 from desomdb.query import versions
 from desomdb.runtime import runner
 from desomdb.science import coadd, spectra
@@ -333,7 +333,7 @@ def assign(archive: str | Path, model_id: str | None = None, device: str = "cpu"
         seconds = time.perf_counter() - t0
         run.raise_if_failed(f"desomdb assign {arch.root}")
         summing.finish()
-        _write_nodes(writer, model, model_id, total.result(), device,
+        write_nodes(writer, model, model_id, total.result(), device,
                      beyond_p99_counts(arch, model_id, model.cfg.n_nodes))
         node_labels.write_node_labels(writer, arch, model_id)
         index = similar_index.update_baxel_index(arch, model_id, model.cfg.latent)
@@ -491,69 +491,3 @@ def _norms_by_cube(arch: Archive) -> dict[tuple[str, str], tuple[np.ndarray, np.
 def _has_latents(part: Path) -> bool:
     """Whether an assignment part file stores latents (files from before they were don't)."""
     return similar_index.LATENT in pq.read_schema(part).names
-
-
-def beyond_p99_counts(arch: Archive, model_id: str, n_nodes: int) -> np.ndarray | None:
-    """Count each node's members beyond the model's p99 latent distance (``nodes.n_beyond_p99``).
-
-    Members are the committed assignments of the newest version of each cube (as
-    ``n_members``); the threshold is ``model_thresholds.distance_p99`` (the training p99,
-    ``models.metrics``). Read once per ``desomdb assign``, so the explorer's "beyond p99"
-    map reads one small file instead of every cube's assignments.
-
-    Parameters
-    ----------
-    arch : Archive
-    model_id : str
-    n_nodes : int
-
-    Returns
-    -------
-    ndarray, shape (n_nodes,), int64, or None
-        Members with ``distance > distance_p99`` per node; None if the model records no
-        p99 (models trained before it was stored).
-    """
-    from desomdb.query import views
-
-    con = views.connect(arch.root, raw=True)
-    con.execute("set enable_progress_bar = false")
-    try:
-        found = con.sql("select distance_p99 from model_thresholds where model_id = ?",
-                        params=[model_id]).fetchall()
-        if not found or found[0][0] is None:
-            return None
-        rows = con.sql(
-            "select a.node, count(*) as n from assignments a semi join latest_cubes c "
-            "on a.release = c.release and a.plateifu = c.plateifu "
-            "where a.model_id = ? and a.distance > ? group by a.node",
-            params=[model_id, float(found[0][0])]).fetchnumpy()
-    finally:
-        con.close()
-    counts = np.zeros(n_nodes, np.int64)
-    np.add.at(counts, rows["node"].astype(np.int64), rows["n"].astype(np.int64))
-    return counts
-
-
-def _write_nodes(writer: Writer, model: Desom, model_id: str, total: coadd.Coadd,
-                 device: str, n_beyond_p99: np.ndarray | None = None) -> None:
-    cfg = model.cfg
-    with torch.no_grad():
-        protos = model.prototypes.detach()
-        decoded = model.decode(protos.to(device)).cpu().numpy()
-    nodes = np.arange(cfg.n_nodes)
-    table = pa.table({
-        "node": pa.array(nodes.astype(np.int16)),
-        "row": pa.array((nodes // cfg.map_cols).astype(np.int16)),
-        "col": pa.array((nodes % cfg.map_cols).astype(np.int16)),
-        "n_members": pa.array(total.n_members),
-        "prototype": spectra.to_list_column(protos.cpu().numpy()),
-        "decoded": spectra.to_list_column(decoded),
-        "coadd": spectra.to_list_column(total.coadd),
-        "n_beyond_p99": pa.array(n_beyond_p99, pa.int64()) if n_beyond_p99 is not None
-        else pa.nulls(cfg.n_nodes, pa.int64()),
-    })
-    target = paths.model_file("nodes", model_id)
-    old = [("nodes", str(f.relative_to(writer.root)))
-           for f in writer.archive.files("nodes", model_id=model_id)]
-    writer.commit(add=[writer.stage_table("nodes", table, target)],
-                  remove=[o for o in old if o[1] != target])
