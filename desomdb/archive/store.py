@@ -210,6 +210,26 @@ class Archive:
                 out[(paths.parse_partition(str(f.relative_to(self.root)))[2], part[0])] = f
         return out
 
+    def cube_parts(self, table: str, **partition: str) -> dict[tuple[str, str], list[Path]]:
+        """Return the committed per-cube part files of a table: ``(release, plateifu) -> files``.
+
+        ``spectra`` and ``labels`` (one file per cube, and per fitter for labels) take the
+        release from their partition; a model's ``assignments`` (``model_id=...``) from the
+        file name. Files holding many cubes (compacted ones) are left out.
+        """
+        out: dict[tuple[str, str], list[Path]] = {}
+        for f in self.files(table, **partition):
+            cube: tuple[str, str] | None
+            if table == "assignments":
+                cube = paths.model_part_cube(f.name)
+            else:
+                part = paths.parse_part_name(f.name)
+                cube = None if part is None else (
+                    paths.parse_partition(str(f.relative_to(self.root)))[2], part[0])
+            if cube is not None:
+                out.setdefault(cube, []).append(f)
+        return out
+
     def dataset(self, table: str, schema: pa.Schema | None = None, **partition: str
                 ) -> ds.Dataset:
         """Open a pyarrow dataset over the committed files (hive partition columns included).

@@ -94,7 +94,7 @@ def test_stored_beyond_p99_counts_equal_the_count_over_every_assignment(site) ->
 def test_galaxy_counts_read_only_the_galaxys_cubes(site) -> None:
     """Without a fingerprint, the galaxy page counts its cubes' own files like the view."""
     from desomdb.web import pages
-    from desomdb.web.app import Explorer
+    from desomdb.web.explorer import Explorer
 
     _, arch, model_id, _, _ = site
     ex = Explorer(arch)
@@ -120,25 +120,26 @@ def test_galaxy_counts_read_only_the_galaxys_cubes(site) -> None:
 
 def test_nearest_galaxies_from_vectors_read_once_equal_desomdb_similar(site) -> None:
     from desomdb.products import similar
-    from desomdb.web import app
+    from desomdb.web import explorer as app
 
     _, arch, model_id, _, _ = site
     ex = app.Explorer(arch)
     for mangaid in views.connect(arch).sql(
             "select distinct mangaid from fingerprints order by 1").fetchnumpy()["mangaid"]:
-        shown, _ = app._similar_galaxies(ex, model_id, mangaid)
+        shown, _ = app.similar_galaxies(ex, model_id, mangaid)
         found = similar.similar_galaxies(arch, mangaid, k=app.K_SIMILAR, model_id=model_id)
         expected = found.table.filter(pl.col("mangaid") != mangaid)
         assert shown.select("mangaid", "hellinger").equals(expected.select("mangaid",
                                                                            "hellinger"))
-    assert len(ex._vectors) == 1  # one reading for all the galaxies
-    missing, note = app._similar_galaxies(ex, model_id, "1-nope")
+    assert [k for k in ex._kept if k[0] == "galaxy_vectors"] == [("galaxy_vectors", model_id)]
+    missing, note = app.similar_galaxies(ex, model_id, "1-nope")
     assert missing is None and "no fingerprint of galaxy 1-nope" in str(note)
 
 
 def test_nearest_baxels_from_the_index_kept_open_equal_desomdb_similar(site) -> None:
     from desomdb.products import similar
-    from desomdb.web import app, pages
+    from desomdb.web import explorer as app
+    from desomdb.web import pages
 
     _, arch, model_id, _, _ = site
     ex = app.Explorer(arch)
@@ -151,8 +152,8 @@ def test_nearest_baxels_from_the_index_kept_open_equal_desomdb_similar(site) -> 
         for release, plateifu, bin_id in baxels:
             data = pages.baxel_data(con, info, release, plateifu, bin_id, ex.cube_parts(model_id))
             for exact in (False, True):
-                shown[(plateifu, bin_id, exact)] = app._similar_baxels(ex, model_id, data, exact)
-    assert len(ex._index) == 1  # opened once for all the pages
+                shown[(plateifu, bin_id, exact)] = app.similar_baxels(ex, model_id, data, exact)
+    assert [k for k in ex._kept if k[0] == "baxel_index"] == [("baxel_index", model_id)]
     for (plateifu, bin_id, exact), (table, note) in shown.items():
         found = similar.similar_baxels(arch, baxel=f"{plateifu}:{bin_id}", k=app.K_SIMILAR,
                                        model_id=model_id, exact=exact)
