@@ -213,7 +213,7 @@ def measure(root: Path, repeats: int) -> list[tuple[str, float, float]]:
     """Time every page and its queries alone, interleaved; best of ``repeats`` each."""
     from starlette.testclient import TestClient
 
-    from desomdb.web import create_app, pages
+    from desomdb.web import create_app, galaxy_pages, pages
     from desomdb.web.app import Explorer
 
     arch = Archive(root)
@@ -239,11 +239,12 @@ def measure(root: Path, repeats: int) -> list[tuple[str, float, float]]:
         "node": (f"/model/{model_id}/node/{row},{col}",
                  lambda c, i: pages.node_data(c, i, row, col)),
         "galaxy": (f"/model/{model_id}/galaxy/{fp_mangaid}",
-                   lambda c, i: pages.galaxy_data(c, i, fp_mangaid, parts=parts)),
+                   lambda c, i: galaxy_pages.galaxy_data(c, i, fp_mangaid, parts=parts)),
         "galaxy (no fingerprint)": (f"/model/{model_id}/galaxy/{mangaid}",
-                                    lambda c, i: pages.galaxy_data(c, i, mangaid, parts=parts)),
+                                    lambda c, i: galaxy_pages.galaxy_data(c, i, mangaid,
+                                                                          parts=parts)),
         "baxel": (f"/model/{model_id}/baxel/{release}/{pifu}/0",
-                  lambda c, i: pages.baxel_data(c, i, release, pifu, 0, parts)),
+                  lambda c, i: galaxy_pages.baxel_data(c, i, release, pifu, 0, parts)),
         "sql (node_summary)": ("/sql?q=select+*+from+node_summary",
                                lambda c, i: c.sql("select * from node_summary").pl()),
     }

@@ -28,7 +28,7 @@ from desomdb.archive.store import Archive
 from desomdb.errors import DesomdbError
 from desomdb.query import views
 from desomdb.som.registry import current_model
-from desomdb.web import pages
+from desomdb.web import galaxy_pages, pages
 from desomdb.web.pages import ModelInfo, NotFoundError
 
 T = TypeVar("T")
@@ -221,7 +221,7 @@ def map_query(con: views.ReadOnlyConnection, info: ModelInfo, colour: str, want_
     """Read the map a request asks for (the DESOM-2 map of ``info`` when ``want_d2``)."""
     if not want_d2:
         return pages.map_data(con, info, colour)
-    d2_id = pages._desom2_id(con, info.model_id)
+    d2_id = pages.desom2_id(con, info.model_id)
     d2 = ex.models(info.model_id).get(d2_id) if d2_id else None
     if d2 is None:
         raise NotFoundError(f"model {info.model_id} has no DESOM-2 yet; build it with "
@@ -309,7 +309,7 @@ def similar_galaxies(ex: Explorer, model_id: str, mangaid: str) -> tuple[Any, st
     return table.filter(table["mangaid"] != mangaid), note
 
 
-def similar_baxels(ex: Explorer, model_id: str, data: pages.BaxelData, exact: bool
+def similar_baxels(ex: Explorer, model_id: str, data: galaxy_pages.BaxelData, exact: bool
                     ) -> tuple[Any, str | None]:
     """Nearest baxels through the model's HNSW index; exact only when asked.
 

@@ -18,7 +18,7 @@ from starlette.templating import Jinja2Templates
 from desomdb.errors import DesomdbError, QueryError
 from desomdb.products import figure_base
 from desomdb.query import views
-from desomdb.web import figures, pages
+from desomdb.web import figures, galaxy_pages, pages
 from desomdb.web.explorer import (
     Explorer,
     map_query,
@@ -141,7 +141,7 @@ def galaxy_page(request: Request) -> Response:
                          f"{', '.join(pages.LABELS)}")
     with ex.connection(model_id) as (con, info):
         assert info is not None
-        data = pages.galaxy_data(con, info, mangaid, request.query_params.get("plateifu"),
+        data = galaxy_pages.galaxy_data(con, info, mangaid, request.query_params.get("plateifu"),
                                  ex.cube_parts(model_id))
     nearest, note = similar_galaxies(ex, model_id, mangaid)
     return page(request, "galaxy.html", data=data, model_id=model_id, colour=colour,
@@ -156,7 +156,7 @@ def baxel_page(request: Request) -> Response:
     p = request.path_params
     with ex.connection(model_id) as (con, info):
         assert info is not None
-        data = pages.baxel_data(con, info, p["release"], p["plateifu"], int(p["bin_id"]),
+        data = galaxy_pages.baxel_data(con, info, p["release"], p["plateifu"], int(p["bin_id"]),
                                 ex.cube_parts(model_id))
     recon = reconstruct(ex, model_id, data.x)
     good = np.isfinite(data.flux)
@@ -248,7 +248,7 @@ async def server_error(request: Request, exc: Exception) -> Response:
 
 
 
-def galaxy_figures(data: pages.GalaxyData, info: ModelInfo, model_id: str, colour: str
+def galaxy_figures(data: galaxy_pages.GalaxyData, info: ModelInfo, model_id: str, colour: str
                    ) -> dict[str, Any]:
     """Draw a galaxy page's pictures: fingerprint grid, bin map and radial profiles."""
     fp = {int(r["node"]): r for r in data.fingerprint.iter_rows(named=True)}

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from desomdb.cli import main
 from desomdb.query import views
 from desomdb.science import spectra
+from desomdb.web import galaxy_pages
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -109,13 +110,13 @@ def test_galaxy_counts_read_only_the_galaxys_cubes(site) -> None:
         for mangaid in view["mangaid"].unique():
             mine = [(r, p) for m, r, p in cubes if m == mangaid]
             expected = view.filter(pl.col("mangaid") == mangaid).drop("mangaid")
-            assert pages.cube_node_counts(con, info, mine, parts).equals(expected)
-            assert pages.cube_node_counts(con, info, mine).equals(expected)  # via the view
+            assert galaxy_pages.cube_node_counts(con, info, mine, parts).equals(expected)
+            assert galaxy_pages.cube_node_counts(con, info, mine).equals(expected)  # via the view
         # the rows come from the files listed for the cube, not from the view over all cubes
         release, plateifu = mine[0]
         moved = pages.CubeParts({"assignments": {(release, plateifu): [str(arch / "gone.pq")]}})
         with pytest.raises(duckdb.IOException, match=r"gone\.pq"):
-            pages.cube_node_counts(con, info, [(release, plateifu)], moved)
+            galaxy_pages.cube_node_counts(con, info, [(release, plateifu)], moved)
 
 
 def test_nearest_galaxies_from_vectors_read_once_equal_desomdb_similar(site) -> None:
@@ -139,7 +140,6 @@ def test_nearest_galaxies_from_vectors_read_once_equal_desomdb_similar(site) -> 
 def test_nearest_baxels_from_the_index_kept_open_equal_desomdb_similar(site) -> None:
     from desomdb.products import similar
     from desomdb.web import explorer as app
-    from desomdb.web import pages
 
     _, arch, model_id, _, _ = site
     ex = app.Explorer(arch)
@@ -150,7 +150,8 @@ def test_nearest_baxels_from_the_index_kept_open_equal_desomdb_similar(site) -> 
                          "order by all limit 4", params=[model_id]).fetchall()
         shown = {}
         for release, plateifu, bin_id in baxels:
-            data = pages.baxel_data(con, info, release, plateifu, bin_id, ex.cube_parts(model_id))
+            data = galaxy_pages.baxel_data(con, info, release, plateifu, bin_id,
+                                           ex.cube_parts(model_id))
             for exact in (False, True):
                 shown[(plateifu, bin_id, exact)] = app.similar_baxels(ex, model_id, data, exact)
     assert [k for k in ex._kept if k[0] == "baxel_index"] == [("baxel_index", model_id)]
