@@ -21,6 +21,7 @@ from desomdb.archive import paths
 from desomdb.archive.records import (
     FORMAT_VERSION,
     RETAIN_COMMITS,
+    FileRecord,
     StagedFile,
     file_record,
     record_json,
@@ -78,24 +79,7 @@ class Writer:
         if top.inline is not None:  # format 1: rewrite every table as a segment
             touched |= set(top.inline)
         segs = {t: arch._segment(top, t) for t in touched}
-        added = {a.target for a in add}
-        if len(added) != len(add):
-            dupes = sorted({a.target for a in add if [b.target for b in add].count(a.target) > 1})
-            raise ArchiveError(f"{self.root}: one commit adds {dupes[0]} twice; nothing was "
-                               "committed (this is a bug in the calling stage)")
-        for item in add:
-            record = file_record(item.staged)
-            dest = self.root / item.target
-            try:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                item.staged.replace(dest)
-            except OSError as exc:
-                raise write_error(dest, exc) from exc
-            segs[item.table][item.target] = record
-        for table in segs:  # records missing since format 1
-            for rel, rec in segs[table].items():
-                if rec.sha256 is None and (self.root / rel).exists():
-                    segs[table][rel] = file_record(self.root / rel)
+        added = self._move_in(add, segs)
         dropped: list[str] = []
         for table, rel in sorted(set(remove)):
             if rel in added:
@@ -115,20 +99,7 @@ class Writer:
                     "files": {rel: record_json(r) for rel, r in sorted(segs[table].items())},
                 })
                 segments[table] = name
-        now = time.time()
-        keep_for = retain_seconds()
-        superseded: list[dict[str, Any]] = []
-        expired: list[str] = []
-        for entry in top.superseded:
-            if entry["path"] in added:
-                continue  # re-committed under the same name
-            if (now - float(entry.get("time", 0)) >= keep_for
-                    and generation - int(entry.get("generation", 0)) >= RETAIN_COMMITS):
-                expired.append(str(entry["path"]))
-            else:
-                superseded.append(entry)
-        superseded.extend({"path": rel, "generation": generation, "time": now}
-                          for rel in dropped)
+        superseded, expired = _retained(top.superseded, added, dropped, generation)
         write_json_atomic(self.root / paths.MANIFEST, {
             "format_version": FORMAT_VERSION, "generation": generation,
             "segments": segments, "superseded": superseded,
@@ -136,6 +107,33 @@ class Writer:
         for rel in expired:
             (self.root / rel).unlink(missing_ok=True)
         return generation
+
+    def _move_in(self, add: Sequence[StagedFile],
+                 segs: dict[str, dict[str, FileRecord]]) -> set[str]:
+        """Move staged files to their committed paths and record them in ``segs``.
+
+        Also records files that format version 1 committed without a record. Returns the
+        committed paths added.
+        """
+        added = {a.target for a in add}
+        if len(added) != len(add):
+            dupes = sorted({a.target for a in add if [b.target for b in add].count(a.target) > 1})
+            raise ArchiveError(f"{self.root}: one commit adds {dupes[0]} twice; nothing was "
+                               "committed (this is a bug in the calling stage)")
+        for item in add:
+            record = file_record(item.staged)
+            dest = self.root / item.target
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                item.staged.replace(dest)
+            except OSError as exc:
+                raise write_error(dest, exc) from exc
+            segs[item.table][item.target] = record
+        for table in segs:  # records missing since format 1
+            for rel, rec in segs[table].items():
+                if rec.sha256 is None and (self.root / rel).exists():
+                    segs[table][rel] = file_record(self.root / rel)
+        return added
 
     def compact(
         self,
@@ -251,3 +249,41 @@ def accounted_files(archive: Archive) -> set[str]:
     """Relative paths the manifest accounts for: committed, superseded and its segments."""
     m = archive.manifest()
     return {*m["records"], *m["superseded"], *m["segments"]}
+
+
+def _retained(previous: list[dict[str, Any]], added: set[str], dropped: list[str],
+              generation: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """Split superseded files into those still kept and those whose retention has passed.
+
+    Parameters
+    ----------
+    previous : list of dict
+        The manifest's superseded entries (``path``, ``generation``, ``time``).
+    added : set of str
+        Paths this commit adds (a path re-committed under its name is no longer superseded).
+    dropped : list of str
+        Paths this commit supersedes.
+    generation : int
+        The new manifest generation.
+
+    Returns
+    -------
+    superseded : list of dict
+        Entries of the new manifest.
+    expired : list of str
+        Paths to delete once the new manifest is committed.
+    """
+    now = time.time()
+    keep_for = retain_seconds()
+    superseded: list[dict[str, Any]] = []
+    expired: list[str] = []
+    for entry in previous:
+        if entry["path"] in added:
+            continue  # re-committed under the same name
+        if (now - float(entry.get("time", 0)) >= keep_for
+                and generation - int(entry.get("generation", 0)) >= RETAIN_COMMITS):
+            expired.append(str(entry["path"]))
+        else:
+            superseded.append(entry)
+    superseded.extend({"path": rel, "generation": generation, "time": now} for rel in dropped)
+    return superseded, expired

@@ -300,22 +300,7 @@ def fit(
     """
     cfg = model.cfg
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    resume = checkpoint.load_resume_state(state_path)
-    loop: dict[str, Any] = {"it": 0, "best": float("inf"), "stale": 0, "history": [],
-                            "seconds": 0.0, "initialised": initialised, "stopped": False,
-                            "batches": 0, "resumed_at": [], "standardised": initialised,
-                            "som_fitted": False}
-    if resume is not None:
-        model.load_state_dict(resume["state"])
-        opt.load_state_dict(resume["optimiser"])
-        loop = resume["loop"]
-        batches.skip(loop["batches"] - batches.position)
-        if batches.rng.bit_generator.state != resume["rng"]["numpy_data"]:
-            raise ModelError(f"{state_path}: replaying {loop['batches']} batches does not "
-                             "reproduce the checkpoint's data order (the training data or its "
-                             "seed changed); delete the checkpoint to restart training")
-        checkpoint.restore_rng_states(resume["rng"], batches.rng)
-        loop["resumed_at"].append(loop["it"])
+    loop = _start_or_resume(model, opt, batches, state_path, initialised)
     total = cfg.pretrain_iters + cfg.iterations
     device_type = "cuda" if str(device).startswith("cuda") else "cpu"
     if cfg.precision not in ("fp32", "bf16"):
@@ -339,24 +324,7 @@ def fit(
     while loop["it"] < total and not loop["stopped"]:
         it = loop["it"]
         if it == cfg.pretrain_iters and not loop["initialised"]:
-            n_rows = max(N_SOM_FIT, 2 * cfg.n_nodes) if cfg.som_epochs > 0 else cfg.n_nodes
-            sample = [next(batches)[0] for _ in range(max(2, n_rows // cfg.batch_size + 1))]
-            # One thread: the SVD, matrix products and reductions of the prototype set-up give
-            # the same floats whatever this process's thread count (resume == uninterrupted).
-            with runner.single_threaded():
-                latents = torch.from_numpy(
-                    inference.encode_all(model, np.concatenate(sample), device)).to(device)
-                if cfg.som_epochs > 0:
-                    with torch.no_grad():
-                        model.prototypes.copy_(fit_som(latents, cfg.map_rows, cfg.map_cols,
-                                                       cfg.som_epochs, cfg.t_max, cfg.t_min,
-                                                       seed=cfg.seed))
-                    loop["som_fitted"] = True
-                else:
-                    init_prototypes(model, latents, cfg.seed)
-                with torch.no_grad():
-                    model.latent_var.copy_((latents - latents.mean(0)).pow(2).sum(1).mean())
-            loop["initialised"] = True
+            _initialise_prototypes(model, batches, device, loop)
         xb, wb = (torch.from_numpy(a).to(device) for a in next(batches))
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
             z = model.encode(xb)
@@ -379,17 +347,7 @@ def fit(
         bar.update(1)
         bar.set_postfix(rec=f"{loss_rec.item():.4g}", som=f"{som.item():.4g}")
         if loop["it"] % cfg.eval_every == 0 or loop["it"] == total:
-            m = evaluate(model, x_eval, w_eval, device)
-            m["it"] = loop["it"]
-            loop["history"].append(m)
-            som_done = loop["it"] - cfg.pretrain_iters >= cfg.decay_iters
-            if m["recon_mse"] < loop["best"] * 0.995:
-                loop["best"], loop["stale"] = m["recon_mse"], 0
-            elif som_done:
-                loop["stale"] += 1
-            # Early stopping (held-out MSE has plateaued) is part of the saved state, so a
-            # run killed after stopping does not train on when resumed.
-            loop["stopped"] = som_done and loop["stale"] >= cfg.patience
+            _evaluate_and_stop(model, x_eval, w_eval, device, loop)
             loop["seconds"] = time.perf_counter() - t_start
             loop["batches"] = batches.position
             checkpoint.save_resume_state(state_path, model, opt, loop,
@@ -397,6 +355,68 @@ def fit(
     bar.close()
     loop["seconds"] = time.perf_counter() - t_start
     return loop
+
+
+def _start_or_resume(model: Desom, opt: torch.optim.Optimizer, batches: BatchStream,
+                     state_path: Path, initialised: bool) -> dict[str, Any]:
+    """Return a new loop state, or restore model, optimiser, RNGs and stream from a checkpoint."""
+    resume = checkpoint.load_resume_state(state_path)
+    if resume is None:
+        return {"it": 0, "best": float("inf"), "stale": 0, "history": [], "seconds": 0.0,
+                "initialised": initialised, "stopped": False, "batches": 0, "resumed_at": [],
+                "standardised": initialised, "som_fitted": False}
+    model.load_state_dict(resume["state"])
+    opt.load_state_dict(resume["optimiser"])
+    loop: dict[str, Any] = resume["loop"]
+    batches.skip(loop["batches"] - batches.position)
+    if batches.rng.bit_generator.state != resume["rng"]["numpy_data"]:
+        raise ModelError(f"{state_path}: replaying {loop['batches']} batches does not "
+                         "reproduce the checkpoint's data order (the training data or its "
+                         "seed changed); delete the checkpoint to restart training")
+    checkpoint.restore_rng_states(resume["rng"], batches.rng)
+    loop["resumed_at"].append(loop["it"])
+    return loop
+
+
+def _initialise_prototypes(model: Desom, batches: BatchStream, device: str,
+                           loop: dict[str, Any]) -> None:
+    """Set the prototypes after AE pre-training: batch SOM on encoded rows, or random latents."""
+    cfg = model.cfg
+    n_rows = max(N_SOM_FIT, 2 * cfg.n_nodes) if cfg.som_epochs > 0 else cfg.n_nodes
+    sample = [next(batches)[0] for _ in range(max(2, n_rows // cfg.batch_size + 1))]
+    # One thread: the SVD, matrix products and reductions of the prototype set-up give the
+    # same floats whatever this process's thread count (resume == uninterrupted).
+    with runner.single_threaded():
+        latents = torch.from_numpy(
+            inference.encode_all(model, np.concatenate(sample), device)).to(device)
+        if cfg.som_epochs > 0:
+            with torch.no_grad():
+                model.prototypes.copy_(fit_som(latents, cfg.map_rows, cfg.map_cols,
+                                               cfg.som_epochs, cfg.t_max, cfg.t_min,
+                                               seed=cfg.seed))
+            loop["som_fitted"] = True
+        else:
+            init_prototypes(model, latents, cfg.seed)
+        with torch.no_grad():
+            model.latent_var.copy_((latents - latents.mean(0)).pow(2).sum(1).mean())
+    loop["initialised"] = True
+
+
+def _evaluate_and_stop(model: Desom, x_eval: np.ndarray, w_eval: np.ndarray, device: str,
+                       loop: dict[str, Any]) -> None:
+    """Evaluate on the held-out rows, record it, and decide whether training stops."""
+    cfg = model.cfg
+    m = evaluate(model, x_eval, w_eval, device)
+    m["it"] = loop["it"]
+    loop["history"].append(m)
+    som_done = loop["it"] - cfg.pretrain_iters >= cfg.decay_iters
+    if m["recon_mse"] < loop["best"] * 0.995:
+        loop["best"], loop["stale"] = m["recon_mse"], 0
+    elif som_done:
+        loop["stale"] += 1
+    # Early stopping (held-out MSE has plateaued) is part of the saved state, so a run
+    # killed after stopping does not train on when resumed.
+    loop["stopped"] = som_done and loop["stale"] >= cfg.patience
 
 
 def train(
