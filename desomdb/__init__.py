@@ -26,7 +26,19 @@ def _regenerate_setup_sql(archive: Any) -> None:
 
 hooks.on_commit(_regenerate_setup_sql)
 
-__all__ = ["DesomdbError", "__version__", "connect", "predict_spectra"]
+#: Modules that lived at the top of the package before it was cut into floors, and where they
+#: are now: ``desomdb.stack.stack(...)`` and ``from desomdb import similar`` keep working.
+MOVED = {
+    "stack": "desomdb.products.stack",
+    "similar": "desomdb.products.similar",
+    "predict": "desomdb.products.predict",
+    "calibrate": "desomdb.pipeline.calibrate",
+    "templates": "desomdb.science.templates",
+    "intake_catalog": "desomdb.query.intake_catalog",
+    "views": "desomdb.query.views",
+}
+
+__all__ = ["DesomdbError", "__version__", "connect", "predict_spectra", *MOVED]
 
 
 def __getattr__(name: str) -> Any:
@@ -39,4 +51,8 @@ def __getattr__(name: str) -> Any:
         from desomdb.products.predict import predict
 
         return predict
+    if name in MOVED:
+        import importlib
+
+        return importlib.import_module(MOVED[name])
     raise AttributeError(f"module 'desomdb' has no attribute {name!r}")

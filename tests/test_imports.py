@@ -114,3 +114,16 @@ def test_the_pipeline_never_imports_the_mock() -> None:
                        if not m.startswith("desomdb.mock") and m not in allowed
                        and any(d.startswith("desomdb.mock") for d in deps))
     assert not offenders
+
+
+def test_the_public_entry_points_of_before_the_floors_still_resolve() -> None:
+    """README, catalog and users' code named these at the top of the package."""
+    from desomdb import calibrate, similar, stack, templates
+    from desomdb.products import stack as stack_mod
+
+    assert stack.stack is stack_mod.stack
+    assert desomdb.stack.stack is stack_mod.stack
+    assert callable(similar.similar_galaxies) and callable(calibrate.coverage)
+    assert callable(templates.load) and callable(desomdb.intake_catalog.open_catalog)
+    assert desomdb.intake_catalog.ArchiveSQL.__module__ == "desomdb.query.intake_catalog"
+    assert callable(desomdb.connect) and callable(desomdb.predict_spectra)

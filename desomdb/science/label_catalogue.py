@@ -69,7 +69,7 @@ LABELS: tuple[Label, ...] = (
     # star formation.
     Label("log_ssfr", "dex(1 / yr)", "log sSFR [yr⁻¹]", (-14.0, -8.0, 24), flag="ssfr_ok",
           truth="log_ssfr", accuracy_where="l.ssfr_ok and t.d_bpt < 0 and t.log_ssfr > -13"),
-    Label("d_bpt", None, "d_BPT [dex]", (-1.0, 1.5, 25), flag="bpt_ok", truth="d_bpt",
+    Label("d_bpt", "dex", "d_BPT [dex]", (-1.0, 1.5, 25), flag="bpt_ok", truth="d_bpt",
           accuracy_where="l.bpt_ok"),
     Label("vel", "km / s", "v_* [km/s]", None, calibrated=False),
     Label("sigma", "km / s", "σ_* [km/s]", (0.0, 400.0, 20), truth="sigma_kms"),
