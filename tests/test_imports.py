@@ -127,3 +127,15 @@ def test_the_public_entry_points_of_before_the_floors_still_resolve() -> None:
     assert callable(templates.load) and callable(desomdb.intake_catalog.open_catalog)
     assert desomdb.intake_catalog.ArchiveSQL.__module__ == "desomdb.query.intake_catalog"
     assert callable(desomdb.connect) and callable(desomdb.predict_spectra)
+
+
+def test_the_architecture_page_names_every_floor_and_module() -> None:
+    """docs/architecture.md draws LAYERS; a module it does not name fails here."""
+    text = (ROOT.parent / "docs" / "architecture.md").read_text()
+    for floor in LAYERS:
+        for name in floor:
+            assert name in text, name
+    for path in ROOT.rglob("*.py"):
+        if path.stem.startswith("__"):
+            continue
+        assert path.stem in text, f"docs/architecture.md does not name {path.stem}"
