@@ -32,6 +32,8 @@ MANIFEST = "_manifest.json"
 MANIFEST_DIR = "_manifest.d"
 LOCK = "_lock"
 STAGING = "_staging"
+#: Where ``desomdb check --repair`` moves files no manifest lists (outside every table folder).
+QUARANTINE = "_quarantine"
 MODELS_DIR = "artefacts"
 CURRENT_MODEL = "_current_model.json"
 SETUP_SQL = "setup.sql"
@@ -68,6 +70,28 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
 def manifest_segment(table: str, generation: int) -> str:
     """Relative path of the manifest segment listing ``table``'s files at ``generation``."""
     return f"{MANIFEST_DIR}/{table}-{generation}.json"
+
+
+def parse_manifest_segment(name: str) -> tuple[str, int] | None:
+    """Inverse of :func:`manifest_segment` (a path or a bare file name): ``(table, generation)``.
+
+    None for any other file name.
+    """
+    stem = name.rsplit("/", 1)[-1]
+    if not stem.endswith(".json"):
+        return None
+    table, _, gen = stem[:-len(".json")].rpartition("-")
+    return (table, int(gen)) if table and gen.isdigit() else None
+
+
+def commit_journal(generation: int) -> str:
+    """Relative path of the journal a writer keeps while it commits ``generation``.
+
+    It lists the files the commit moves into the tables and the segments it writes, before
+    it moves any: if the writer dies mid-commit, the next writer deletes exactly those files
+    (and no other) that no manifest lists.
+    """
+    return f"{STAGING}/commit-{generation}.json"
 
 
 def partition_dir(table: str, key: str, value: str) -> str:

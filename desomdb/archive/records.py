@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from desomdb.archive import paths
 from desomdb.atomic import write_error
 from desomdb.errors import ArchiveError, LockError
 
@@ -33,8 +34,9 @@ RETAIN_SECONDS = 600.0
 RETAIN_COMMITS = 2
 
 
-#: The manifest format this code writes.
-FORMAT_VERSION = 2
+#: The manifest format this code writes (3: the top file records each segment's size,
+#: sha256 and generation, so an edited or rolled-back manifest is detected).
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,34 @@ def load_json(path: Path, root: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise damaged(path, root, "not a JSON object")
     return data
+
+
+def load_segment(path: Path, root: Path, size: int, sha256: str) -> dict[str, Any]:
+    """Read a manifest segment and check it against the size and sha256 the top recorded.
+
+    Raises
+    ------
+    ArchiveError
+        If it is missing, unreadable, or not the file that was committed (edited, truncated
+        or replaced): the archive is damaged.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise damaged(path, root, "the file is missing") from None
+    except OSError as exc:
+        raise ArchiveError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+        raise damaged(path, root, f"{len(data)} bytes whose sha256 differs from what "
+                                  f"{paths.MANIFEST} recorded at commit: it was edited, "
+                                  "truncated or replaced")
+    try:
+        parsed = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise damaged(path, root, f"not valid JSON: {exc.msg}") from None
+    if not isinstance(parsed, dict):
+        raise damaged(path, root, "not a JSON object")
+    return parsed
 
 
 def file_record(path: Path) -> FileRecord:

@@ -43,14 +43,16 @@ from desomdb.archive.records import (
     damaged,
     exclusive,
     load_json,
+    load_segment,
 )
 from desomdb.archive.writer import Writer
 from desomdb.atomic import write_error, write_json_atomic
 from desomdb.errors import ArchiveError, first_line
 
 #: Versions this code reads (version 1 kept every table's file list inline, without
-#: checksums; the first commit rewrites it as version 2).
-READABLE_VERSIONS = (1, 2)
+#: checksums; version 2 kept no record of its segments; the first commit rewrites either as
+#: the current version).
+READABLE_VERSIONS = (1, 2, 3)
 
 
 @dataclass
@@ -62,6 +64,8 @@ class _Top:
     segments: dict[str, str] = field(default_factory=dict)
     superseded: list[dict[str, Any]] = field(default_factory=list)
     inline: dict[str, list[str]] | None = None  # format version 1
+    #: table -> (size, sha256, generation) of its segment (format version 3)
+    segment_records: dict[str, tuple[int, str, int]] = field(default_factory=dict)
 
 
 class Archive:
@@ -109,6 +113,43 @@ class Archive:
 
     # ---------------------------------------------------------------- reading
     def _top(self) -> _Top:
+        """Read ``_manifest.json`` and check it against the segments on disk.
+
+        A segment the manifest neither lists nor keeps as superseded, from its own or an
+        earlier generation, or any segment from a generation past the next one, means the
+        manifest was edited, rolled back or partly restored: the archive is damaged (a
+        writer that died mid-commit leaves only segments of the next generation).
+        """
+        problem = ""
+        for _ in range(3):  # a writer may commit between reading the file and the folder
+            top = self._read_top()
+            found = self._unaccounted_segment(top)
+            if found is None:
+                return top
+            problem = found
+            if self._read_top().generation == top.generation:
+                break
+        raise damaged(self.root / paths.MANIFEST, self.root, problem)
+
+    def _unaccounted_segment(self, top: _Top) -> str | None:
+        if top.version < 3:
+            return None  # earlier formats kept no record to compare with
+        try:
+            names = [p.name for p in (self.root / paths.MANIFEST_DIR).iterdir()]
+        except FileNotFoundError:
+            names = []
+        listed = set(top.segments.values()) | {s["path"] for s in top.superseded}
+        for name in sorted(names):
+            parsed = paths.parse_manifest_segment(name)
+            rel = f"{paths.MANIFEST_DIR}/{name}"
+            if parsed is None or rel in listed or parsed[1] == top.generation + 1:
+                continue
+            return (f"it does not list {rel}, committed at generation {parsed[1]} while the "
+                    f"manifest is at generation {top.generation}: it was edited, rolled back "
+                    "or partly restored")
+        return None
+
+    def _read_top(self) -> _Top:
         path = self.root / paths.MANIFEST
         data = load_json(path, self.root)
         version = data.get("format_version")
@@ -131,13 +172,20 @@ class Archive:
             return _Top(1, generation, inline={str(k): list(v) for k, v in tables.items()})
         segments = data.get("segments")
         superseded = data.get("superseded")
-        if not isinstance(segments, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in segments.items()):
-            raise damaged(path, self.root, "'segments' is not a mapping of table -> file")
         if not isinstance(superseded, list) or not all(
                 isinstance(s, dict) and isinstance(s.get("path"), str) for s in superseded):
             raise damaged(path, self.root, "'superseded' is not a list of files")
-        return _Top(2, generation, dict(segments), list(superseded))
+        if version == 2:
+            if not isinstance(segments, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in segments.items()):
+                raise damaged(path, self.root, "'segments' is not a mapping of table -> file")
+            return _Top(2, generation, dict(segments), list(superseded))
+        records = _segment_records(segments)
+        if records is None:
+            raise damaged(path, self.root, "'segments' is not a mapping of table -> "
+                                           "{path, size, sha256, generation}")
+        return _Top(3, generation, {t: r[0] for t, r in records.items()}, list(superseded),
+                    segment_records={t: r[1:] for t, r in records.items()})
 
     def _segment(self, top: _Top, table: str) -> dict[str, FileRecord]:
         """Return the committed files of one table with their records."""
@@ -147,7 +195,11 @@ class Archive:
         if name is None:
             return {}
         path = self.root / name
-        data = load_json(path, self.root)
+        record = top.segment_records.get(table)
+        if record is None:
+            data = load_json(path, self.root)
+        else:
+            data = load_segment(path, self.root, record[0], record[1])
         files = data.get("files")
         if not isinstance(files, dict):
             raise damaged(path, self.root, "'files' is not a mapping")
@@ -319,6 +371,21 @@ class Archive:
                 return True
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
             return False
+
+
+def _segment_records(segments: Any) -> dict[str, tuple[str, int, str, int]] | None:
+    """Parse format 3's ``segments``: table -> (path, size, sha256, generation); None if bad."""
+    if not isinstance(segments, dict):
+        return None
+    out = {}
+    for table, rec in segments.items():
+        if not (isinstance(table, str) and isinstance(rec, dict)
+                and isinstance(rec.get("path"), str) and isinstance(rec.get("size"), int)
+                and isinstance(rec.get("sha256"), str)
+                and isinstance(rec.get("generation"), int)):
+            return None
+        out[table] = (rec["path"], rec["size"], rec["sha256"], rec["generation"])
+    return out
 
 
 def holds_archive_data(root: Path) -> list[str]:

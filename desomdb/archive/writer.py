@@ -7,6 +7,7 @@ archive's writer lock for the session; the commit protocol is described in
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -79,6 +80,13 @@ class Writer:
         if top.inline is not None:  # format 1: rewrite every table as a segment
             touched |= set(top.inline)
         segs = {t: arch._segment(top, t) for t in touched}
+        generation = top.generation + 1
+        # The journal names every file this commit may leave behind, before any is moved:
+        # the next writer deletes those (and only those) if this one dies before the end.
+        journal = self.root / paths.commit_journal(generation)
+        write_json_atomic(journal, {
+            "targets": sorted(a.target for a in add),
+            "segments": sorted(paths.manifest_segment(t, generation) for t in touched)})
         added = self._move_in(add, segs)
         dropped: list[str] = []
         for table, rel in sorted(set(remove)):
@@ -86,10 +94,10 @@ class Writer:
                 continue
             if segs[table].pop(rel, None) is not None:
                 dropped.append(rel)
-        generation = top.generation + 1
-        segments = dict(top.segments)
+        segments = {t: {"path": name, **self._segment_record(top, t, name)}
+                    for t, name in top.segments.items() if t not in touched}
         for table in sorted(touched):
-            old = segments.pop(table, None)
+            old = top.segments.get(table)
             if old is not None:
                 dropped.append(old)
             if segs[table]:
@@ -98,15 +106,28 @@ class Writer:
                     "table": table,
                     "files": {rel: record_json(r) for rel, r in sorted(segs[table].items())},
                 })
-                segments[table] = name
+                rec = file_record(self.root / name)
+                segments[table] = {"path": name, "size": rec.size, "sha256": rec.sha256,
+                                   "generation": generation}
         superseded, expired = _retained(top.superseded, added, dropped, generation)
         write_json_atomic(self.root / paths.MANIFEST, {
             "format_version": FORMAT_VERSION, "generation": generation,
-            "segments": segments, "superseded": superseded,
+            "segments": dict(sorted(segments.items())), "superseded": superseded,
         })
+        journal.unlink(missing_ok=True)
         for rel in expired:
             (self.root / rel).unlink(missing_ok=True)
         return generation
+
+    def _segment_record(self, top: Any, table: str, name: str) -> dict[str, Any]:
+        """Return the size, sha256 and generation of a segment this commit keeps as it is."""
+        kept = top.segment_records.get(table)
+        if kept is not None:
+            return {"size": kept[0], "sha256": kept[1], "generation": kept[2]}
+        rec = file_record(self.root / name)  # an earlier format kept no record: make one
+        parsed = paths.parse_manifest_segment(name)
+        return {"size": rec.size, "sha256": rec.sha256,
+                "generation": parsed[1] if parsed else top.generation}
 
     def _move_in(self, add: Sequence[StagedFile],
                  segs: dict[str, dict[str, FileRecord]]) -> set[str]:
@@ -227,22 +248,58 @@ class Writer:
         return adds, removes
 
     def collect_garbage(self) -> list[Path]:
-        """Delete files no commit lists (left by killed writers) and the staging area.
+        """Delete what a writer that died left, and nothing else.
 
-        Committed and superseded files, and the manifest's segments, are kept.
+        That is: the files its commit journal names that no manifest lists, segments of the
+        next generation (only a commit in progress writes those), and the staging area.
+        Any other file the manifest does not list is left alone (``desomdb check`` reports
+        it; ``--repair`` moves it to the quarantine folder).
         """
-        keep = accounted_files(self.archive)
-        removed = []
-        for folder in (*paths.TABLES, paths.MANIFEST_DIR):
-            base = self.root / folder
-            if not base.is_dir():
-                continue
-            for path in base.rglob("*"):
-                if path.is_file() and str(path.relative_to(self.root)) not in keep:
-                    path.unlink()
-                    removed.append(path)
-        shutil.rmtree(self.root / paths.STAGING, ignore_errors=True)
-        return removed
+        return [self.root / rel for rel in dead_writer_files(self.archive)
+                if _unlink(self.root / rel)] + _clear_staging(self.root)
+
+
+def dead_writer_files(archive: Archive) -> list[str]:
+    """Files (relative paths) a writer that died mid-commit left and no manifest lists.
+
+    Read from its commit journals (:func:`desomdb.archive.paths.commit_journal`), plus any
+    segment of the generation after the committed one. Call only without a live writer.
+    """
+    keep = accounted_files(archive)
+    root = archive.root
+    found: set[str] = set()
+    for journal in sorted((root / paths.STAGING).glob("commit-*.json")):
+        try:
+            data = json.loads(journal.read_text())
+        except (OSError, ValueError):
+            continue  # a journal cut short by the crash named nothing yet
+        for rel in [*data.get("targets", []), *data.get("segments", [])]:
+            if (isinstance(rel, str) and rel not in keep and ".." not in Path(rel).parts
+                    and (root / rel).is_file()):
+                found.add(rel)
+    nxt = archive.generation() + 1
+    seg_dir = root / paths.MANIFEST_DIR
+    for path in seg_dir.glob("*.json") if seg_dir.is_dir() else []:
+        rel = f"{paths.MANIFEST_DIR}/{path.name}"
+        parsed = paths.parse_manifest_segment(path.name)
+        if parsed is not None and parsed[1] == nxt and rel not in keep:
+            found.add(rel)
+    return sorted(found)
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _clear_staging(root: Path) -> list[Path]:
+    staging = root / paths.STAGING
+    removed = sorted(p for p in staging.rglob("*") if p.is_file()) if staging.is_dir() else []
+    shutil.rmtree(staging, ignore_errors=True)
+    return removed
 
 
 def accounted_files(archive: Archive) -> set[str]:

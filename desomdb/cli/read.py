@@ -374,8 +374,9 @@ def stack(archive: Path, where: str, by: str, model_id: str | None, out: Path | 
 @main.command()
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.option("--repair", is_flag=True,
-              help="delete what a killed writer left (uncommitted and staged files); committed "
-                   "files and rows are never touched")
+              help="delete what a writer that died left (its uncommitted and staged files); "
+                   "move any other file no commit lists to _quarantine/; committed files and "
+                   "rows are never touched")
 @click.option("--no-checksums", is_flag=True,
               help="compare file sizes only (skip reading every byte for sha256)")
 @_friendly_errors
@@ -393,7 +394,7 @@ def check(archive: Path, repair: bool, no_checksums: bool) -> None:
 
     report = run_check(archive, repair=repair, checksums=not no_checksums)
     for rel in report.repaired:
-        click.echo(f"repaired: deleted {rel}")
+        click.echo(f"repaired: {'moved' if ' -> ' in rel else 'deleted'} {rel}")
     for problem in report.problems:
         click.echo(f"{problem.kind}: {problem.message}")
     if not report.ok:

@@ -1,13 +1,16 @@
 """Verify an archive: committed files, their checksums, keys, references and views.
 
 :func:`check` reads everything the manifest lists and reports problems without changing
-anything. With ``repair=True`` it fixes only what needs no guessing — files a killed writer
-staged or moved in but never committed — and never drops a committed row or file.
+anything. With ``repair=True`` it fixes only what needs no guessing: files a writer that died
+staged or moved in but never committed (its commit journal names them) are deleted; any
+other file no commit lists is moved to ``_quarantine/<time>/`` inside the archive (outside
+every table folder), never deleted. A committed row or file is never touched.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import duckdb
 
 from desomdb.archive import paths
 from desomdb.archive.store import Archive, holds_archive_data
-from desomdb.archive.writer import accounted_files
+from desomdb.archive.writer import accounted_files, dead_writer_files
 from desomdb.errors import ArchiveError, DesomdbError
 from desomdb.som import registry
 
@@ -28,7 +31,8 @@ class Problem:
     ----------
     kind : str
         ``manifest``, ``missing``, ``size``, ``checksum``, ``unreadable``, ``duplicate-key``,
-        ``orphan-assignment``, ``view``, ``current-model``, ``uncommitted`` or ``staging``.
+        ``orphan-assignment``, ``view``, ``current-model``, ``uncommitted`` (left by a writer
+        that died), ``unlisted`` (no commit lists it) or ``staging``.
     path : str
         The file or table at fault (relative to the archive where possible).
     message : str
@@ -94,9 +98,7 @@ def check(archive: str | Path, repair: bool = False, checksums: bool = True) -> 
 
     repaired: list[str] = []
     if repair and any(p.repairable for p in problems):
-        with arch.writer("desomdb check --repair"):
-            pass  # opening a writer deletes what a dead writer left, under the lock
-        repaired = [p.path for p in problems if p.repairable and not (root / p.path).exists()]
+        repaired = _repair(arch, problems)
         problems = [p for p in problems if not p.repairable] + list(_stray_files(arch))
 
     if not any(p.kind in ("missing", "size", "checksum") for p in problems):
@@ -126,10 +128,17 @@ def _check_file(root: Path, rel: str, size: int | None, sha256: str | None,
 
 
 def _stray_files(arch: Archive) -> list[Problem]:
-    """Files a killed writer left: uncommitted data files and the staging area."""
+    """Files the manifest does not list, in the table and manifest folders, and staging.
+
+    Those a writer that died mid-commit left (its journal names them) are ``uncommitted``:
+    repair deletes them, as the next writer would. Any other is ``unlisted`` (a user's
+    file, or one a damaged manifest forgot): repair moves it to the quarantine folder and
+    never deletes it.
+    """
     if arch.writer_is_running():
         return []  # a live writer's staged files are not garbage
     keep = accounted_files(arch)
+    dead = set(dead_writer_files(arch))
     out = []
     for folder in (*paths.TABLES, paths.MANIFEST_DIR):
         base = arch.root / folder
@@ -137,16 +146,45 @@ def _stray_files(arch: Archive) -> list[Problem]:
             continue
         for path in sorted(base.rglob("*")):
             rel = str(path.relative_to(arch.root))
-            if path.is_file() and rel not in keep:
+            if not path.is_file() or rel in keep:
+                continue
+            if rel in dead:
                 out.append(Problem("uncommitted", rel,
-                                   f"{path}: not committed (left by a killed writer); "
+                                   f"{path}: not committed (left by a writer that died); "
                                    "'desomdb check --repair' deletes it", repairable=True))
+            else:
+                out.append(Problem("unlisted", rel,
+                                   f"{path}: no commit lists it (a file desomdb did not "
+                                   "write, or one an edited manifest forgot); 'desomdb check "
+                                   f"--repair' moves it to {paths.QUARANTINE}/",
+                                   repairable=True))
     staging = arch.root / paths.STAGING
     if staging.is_dir() and any(f.is_file() for f in staging.rglob("*")):
         out.append(Problem("staging", paths.STAGING,
                            f"{staging}: staged files of a writer that died; "
                            "'desomdb check --repair' deletes them", repairable=True))
     return out
+
+
+def _repair(arch: Archive, problems: list[Problem]) -> list[str]:
+    """Delete a dead writer's own files; move every other unlisted file to the quarantine.
+
+    Returns what was done, one line per file (``path`` or ``path -> quarantine path``).
+    """
+    done = []
+    with arch.writer("desomdb check --repair"):  # opening it deletes a dead writer's files
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        for p in problems:
+            if p.kind != "unlisted":
+                continue
+            src = arch.root / p.path
+            dst = arch.root / paths.QUARANTINE / stamp / p.path
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            src.replace(dst)
+            done.append(f"{p.path} -> {dst.relative_to(arch.root)}")
+    done += [p.path for p in problems
+             if p.repairable and p.kind != "unlisted" and not (arch.root / p.path).exists()]
+    return done
 
 
 def _check_through_views(arch: Archive, tables: dict[str, list[str]]) -> list[Problem]:

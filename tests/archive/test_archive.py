@@ -23,14 +23,36 @@ def test_commit_is_what_readers_see(tmp_path) -> None:
     assert t.column("release").to_pylist() == ["DR15"]  # from the hive partition
 
 
-def test_orphans_of_a_killed_writer_are_removed(tmp_path) -> None:
+def test_a_writer_that_died_mid_commit_leaves_only_its_own_files_deleted(tmp_path,
+                                                                         monkeypatch) -> None:
+    """The next writer deletes what the dead one moved in, and no file it did not create."""
+    from desomdb.archive import paths
+    from desomdb.archive import writer as writer_mod
+
     arch = Archive(tmp_path / "a", create=True)
-    orphan = arch.root / "baxels" / "release=DR15" / "part-9-9-dead.parquet"
-    orphan.parent.mkdir(parents=True)
-    orphan.write_bytes(b"half")
-    with arch.writer("test"):
+    notes = arch.root / "cubes" / "NOTES.txt"  # a user's file inside a table folder
+    stray = arch.root / "cubes" / "release=DR15" / "part-9-9-old.parquet"  # no journal names it
+    stray.parent.mkdir(parents=True)
+    notes.write_text("mine")
+    stray.write_bytes(b"half")
+    real = writer_mod.write_json_atomic
+
+    def dies_at_the_commit_point(path, data):
+        if path.name == paths.MANIFEST:
+            raise KeyboardInterrupt  # killed after moving files in, before the commit
+        real(path, data)
+
+    monkeypatch.setattr(writer_mod, "write_json_atomic", dies_at_the_commit_point)
+    with pytest.raises(KeyboardInterrupt), arch.writer("dies") as w:
+        w.commit(add=[_stage(w, "cubes", ["1-1"], "part-1-1-aaa.parquet")])
+    monkeypatch.undo()
+    moved = arch.root / "cubes" / "release=DR15" / "part-1-1-aaa.parquet"
+    assert moved.exists() and list((arch.root / paths.MANIFEST_DIR).glob("cubes-1.json"))
+    assert arch.generation() == 0 and not arch.files("cubes")  # readers never saw it
+    with arch.writer("next"):
         pass
-    assert not orphan.exists()
+    assert not moved.exists() and not list((arch.root / paths.MANIFEST_DIR).glob("*.json"))
+    assert notes.read_text() == "mine" and stray.read_bytes() == b"half"
 
 
 def test_lock_refuses_a_second_writer(tmp_path) -> None:
@@ -102,7 +124,7 @@ def test_format_1_manifest_is_read_and_upgraded(tmp_path) -> None:
     with arch.writer("test") as w:
         w.commit(add=[_stage(w, "galaxies", ["1-1"], "g.parquet")])
     m = arch.manifest()
-    assert m["format_version"] == 2 and m["generation"] == 4
+    assert m["format_version"] == 3 and m["generation"] == 4
     assert m["records"]["cubes/release=DR15/a.parquet"].sha256 is not None
 
 

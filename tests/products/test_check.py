@@ -13,6 +13,7 @@ from conftest import make_job
 
 from desomdb.archive.store import Archive
 from desomdb.cli import main
+from desomdb.errors import ArchiveError
 from desomdb.pipeline import ingest
 from desomdb.products.check import check
 
@@ -91,23 +92,95 @@ def test_check_finds_duplicate_keys_and_orphan_assignments(trained_archive, tmp_
     assert {"duplicate-key", "orphan-assignment"} <= kinds
 
 
-def test_repair_removes_only_what_a_dead_writer_left(ingested, tmp_path) -> None:
+def test_repair_quarantines_unlisted_files_and_deletes_only_staging(ingested,
+                                                                    tmp_path) -> None:
+    """Seen: '--repair' deleted a user's baxels/NOTES.txt and any file no manifest listed."""
     root = _copy(ingested[0], tmp_path)
     committed = _digests(root)
     stray = root / "baxels" / "release=DR15" / "part-0000-dead.parquet"
     pq.write_table(pa.table({"x": [1]}), stray)
+    notes = root / "baxels" / "NOTES.txt"
+    notes.write_text("my notes")
     (root / "_staging" / "ingest").mkdir(parents=True)
     (root / "_staging" / "ingest" / "half.parquet").write_bytes(b"half")
     report = check(root)
-    assert {p.kind for p in report.problems} == {"uncommitted", "staging"}
+    assert sorted(p.kind for p in report.problems) == ["staging", "unlisted", "unlisted"]
     assert all(p.repairable for p in report.problems)
+    stray_bytes = stray.read_bytes()
     result = _cli("check", root, "--repair")
     assert result.exit_code == 0, result.output
-    assert "repaired: deleted baxels/release=DR15/part-0000-dead.parquet" in result.output
+    assert "repaired: moved baxels/NOTES.txt -> _quarantine/" in result.output
+    assert not stray.exists() and not notes.exists()
+    assert not (root / "_staging").exists()
+    quarantine = root / "_quarantine"
+    assert [p.read_text() for p in quarantine.rglob("NOTES.txt")] == ["my notes"]
+    assert [p.read_bytes() for p in quarantine.rglob("part-0000-dead.parquet")] == [stray_bytes]
     after = _digests(root)
-    assert not stray.exists()
-    assert {k: v for k, v in after.items() if k != "setup.sql"} == \
-        {k: v for k, v in committed.items() if k != "setup.sql"}
+    assert {k: v for k, v in after.items() if k != "setup.sql" and "_quarantine" not in k} \
+        == {k: v for k, v in committed.items() if k != "setup.sql"}
+    assert check(root).ok  # the quarantine is outside every table folder
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_a_manifest_missing_a_table_is_damaged_and_writers_delete_nothing(
+        labelled_archive, tmp_path) -> None:
+    """Seen: with 'labels' removed from _manifest.json, a writer session deleted every labels
+    file (exit 0)."""
+    root = _copy(labelled_archive, tmp_path)
+    _edit_json(root / "_manifest.json", lambda d: d["segments"].pop("labels"))
+    before = _digests(root)
+    for args in (("label", root, "--workers", "1"), ("check", root, "--repair"),
+                 ("status", root)):
+        result = _cli(*args)
+        assert result.exit_code != 0, (args, result.output)
+        assert "damaged manifest" in result.output, result.output
+    assert _digests(root) == before
+
+
+def test_empty_segments_are_damaged_and_repair_deletes_nothing(labelled_archive,
+                                                               tmp_path) -> None:
+    """Seen: with "segments": {}, 'status' exited 0 and '--repair' deleted 28 of 30 files."""
+    root = _copy(labelled_archive, tmp_path)
+    _edit_json(root / "_manifest.json", lambda d: d.update(segments={}))
+    before = _digests(root)
+    assert _cli("status", root).exit_code != 0
+    result = _cli("check", root, "--repair")
+    assert result.exit_code == 1 and "damaged manifest" in result.output
+    assert _digests(root) == before
+
+
+def test_an_edited_segment_is_damaged_for_readers_and_writers(labelled_archive,
+                                                              tmp_path) -> None:
+    """Seen: two entries removed from a labels segment: 'sql' showed 16 of 32 labels."""
+    root = _copy(labelled_archive, tmp_path)
+    top = json.loads((root / "_manifest.json").read_text())
+    segment = root / top["segments"]["labels"]["path"]
+    _edit_json(segment, lambda d: d["files"].pop(sorted(d["files"])[0]))
+    before = _digests(root)
+    result = _cli("sql", root, "select count(*) from labels")
+    assert result.exit_code != 0
+    assert "edited, truncated or replaced" in _one_error_line(result)
+    assert _cli("check", root, "--repair").exit_code == 1
+    assert _digests(root) == before
+
+
+def test_a_rolled_back_manifest_is_damaged(labelled_archive, tmp_path) -> None:
+    root = _copy(labelled_archive, tmp_path)
+    old = (root / "_manifest.json").read_text()
+    arch = Archive(root)
+    for _ in range(2):  # two commits after the copy of the manifest was taken
+        with arch.writer("test") as w:
+            rows = arch.read("galaxies").drop_columns(["release"])
+            target = f"galaxies/release=DR15/part-x{arch.generation()}.parquet"
+            w.commit(add=[w.stage_table("galaxies", rows, target)])
+    (root / "_manifest.json").write_text(old)  # restored from an older backup
+    with pytest.raises(ArchiveError, match="rolled back"):
+        Archive(root).manifest()
 
 
 def test_deleted_manifest_makes_writers_refuse(ingested, ingest_survey, tmp_path) -> None:
