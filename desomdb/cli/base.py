@@ -105,3 +105,9 @@ def _node_list(text: str | None) -> list[int] | None:
 def model_option(what: str = "DESOM-1 model") -> Callable[[F], F]:
     """Return the ``--model`` option, declared once; ``what`` says which model it picks."""
     return click.option("--model", "model_id", help=f"{what} (default: the current model)")
+
+
+#: ``--overwrite``, declared once: replacing an output needs it (never inside an archive).
+overwrite_option = click.option(
+    "--overwrite", is_flag=True,
+    help="replace the output if it exists (never inside an archive; see 'desomdb sql --help')")

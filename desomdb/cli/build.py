@@ -56,7 +56,9 @@ def mock(out: Path, n_galaxies: int, release: str, seed: int, workers: int,
       desomdb mock /tmp/bc03 --galaxies 8 --release DR15 --seed 1 --library bc03
     """
     import desomdb.mock as mock_mod
+    from desomdb.archive.outputs import refuse_inside_archive
 
+    refuse_inside_archive(out)
     result = mock_mod.generate_survey(
         out, n_galaxies=n_galaxies, release=release, seed=seed, workers=workers,
         ifu_sizes=_ifu_sizes(ifu_sizes), scheduler=scheduler, previous=previous,
@@ -406,7 +408,7 @@ def _echo_stale_report(archive: Path) -> None:
     rep = report_state(Archive(archive))
     if rep is not None and rep.stale:
         click.echo(f"the report {rep.index} is out of date; redraw it with 'desomdb report "
-                   f"{archive} --out {Path(rep.index).parent}'")
+                   f"{archive} --out {Path(rep.index).parent} --overwrite'")
 
 
 @main.command()
@@ -437,7 +439,9 @@ def demo(out: Path, n_galaxies: int, workers: int, seed: int, ifu_sizes: str, ma
       desomdb demo --out /tmp/demo-big --ifu-sizes 19,37,61 --map-size 8
     """
     from desomdb import demo as demo_mod
+    from desomdb.archive.outputs import refuse_inside_archive
 
+    refuse_inside_archive(out)  # the demo writes out/survey, out/archive and out/report
     result = demo_mod.run_demo(out, n_galaxies=n_galaxies, seed=seed, workers=workers,
                                ifu_sizes=_ifu_sizes(ifu_sizes), map_size=map_size,
                                labels_per_cube=label_max_per_cube)

@@ -16,6 +16,7 @@ from desomdb.cli.base import (
     _node_list,
     main,
     model_option,
+    overwrite_option,
     pl_config,
 )
 from desomdb.errors import ConfigError
@@ -27,12 +28,13 @@ from desomdb.errors import ConfigError
 @model_option()
 @click.option("--output", type=click.Path(path_type=Path),
               help="write all columns to this .parquet or .csv file")
+@overwrite_option
 @click.option("--min-good-bins", type=int,
               help="spectra with fewer good rest-frame bins (of 4544) get no node; the "
                    "reason column says why  [default: 1000]")
 @_friendly_errors
 def predict(archive: Path, spectra_file: Path, model_id: str | None,
-            output: Path | None, min_good_bins: int | None) -> None:
+            output: Path | None, overwrite: bool, min_good_bins: int | None) -> None:
     """Predict node and label distributions for new spectra.
 
     SPECTRA_FILE is a FITS file in the MaNGA DAP test-spectra layout (WAVE,
@@ -48,8 +50,11 @@ def predict(archive: Path, spectra_file: Path, model_id: str | None,
     """
     import polars as pl
 
+    from desomdb.archive.outputs import output_file
     from desomdb.products import predict as predict_mod
 
+    if output is not None:
+        output = output_file(output, overwrite)
     df = predict_mod.predict(archive, spectra_file, model_id,
                              min_good_bins=predict_mod.MIN_GOOD_BINS if min_good_bins is None
                              else min_good_bins)
@@ -121,20 +126,22 @@ def similar(archive: Path, baxel: str | None, spectra_file: Path | None, index: 
               help="parquet, fits and votable (need --output) carry units, descriptions "
                    "and provenance")
 @click.option("--output", type=click.Path(path_type=Path), help="write to this file")
+@overwrite_option
 @model_option("model for the convenience views")
 @click.option("--setup", is_flag=True, help="print the DuckDB CLI setup script instead")
 @_friendly_errors
-def sql(archive: Path, query: str | None, fmt: str, output: Path | None, model_id: str | None,
-        setup: bool) -> None:
+def sql(archive: Path, query: str | None, fmt: str, output: Path | None, overwrite: bool,
+        model_id: str | None, setup: bool) -> None:
     """Run a read-only SQL query over the archive's views.
 
     Views: cubes, galaxies, baxels, spectra, bin_map, labels, truth, models,
     nodes, assignments, node_labels, fingerprints, splits, and baxel_labels,
     node_summary, galaxy_fingerprint, galaxy_summary, latest_cubes, drift,
     poorly_represented (columns in sql/schema.yml). QUERY must be one SELECT (or EXPLAIN of one);
-    anything else, and reading files outside the archive, is refused. --model
-    must be a registered model. For the plain DuckDB CLI:
-    cd ARCHIVE && duckdb -cmd ".read setup.sql". cone(ra_deg, dec_deg,
+    anything else, and reading files outside the archive, is refused. --output
+    is refused inside an archive, and an existing file is replaced only with
+    --overwrite (as every output option). --model must be a registered model.
+    For the plain DuckDB CLI: cd ARCHIVE && duckdb -cmd ".read setup.sql". cone(ra_deg, dec_deg,
     radius_arcsec) lists the galaxies within a radius.
 
     \b
@@ -149,6 +156,10 @@ def sql(archive: Path, query: str | None, fmt: str, output: Path | None, model_i
         return
     if not query:
         raise ConfigError("give a QUERY (or --setup)")
+    if output is not None:
+        from desomdb.archive.outputs import output_file
+
+        output = output_file(output, overwrite)
     if fmt in ("parquet", "fits", "votable"):
         from desomdb.products import export
 
@@ -230,11 +241,12 @@ def export_hats(archive: Path, out: Path, model_id: str | None, overwrite: bool)
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.argument("plateifu")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="output FITS file (overwritten)")
+              help="output FITS file")
+@overwrite_option
 @click.option("--release", help="data release (default: the cube's newest)")
 @model_option("DESOM-1 model of the NODE image")
 @_friendly_errors
-def maps(archive: Path, plateifu: str, out: Path, release: str | None,
+def maps(archive: Path, plateifu: str, out: Path, overwrite: bool, release: str | None,
          model_id: str | None) -> None:
     """Write one galaxy's label maps as FITS images with the cube's WCS.
 
@@ -248,8 +260,10 @@ def maps(archive: Path, plateifu: str, out: Path, release: str | None,
       desomdb maps /tmp/archive 8131-6102 --out manga-8131-6102-DESOM-MAPS.fits
       ds9 -multiframe manga-8131-6102-DESOM-MAPS.fits
     """
+    from desomdb.archive.outputs import output_file
     from desomdb.products import maps as maps_mod
 
+    out = output_file(out, overwrite)
     done = maps_mod.write_maps(archive, plateifu, out, release=release, model=model_id)
     click.echo(f"wrote {done.path}: {done.plateifu} ({done.release}), "
                f"{len(done.extensions)} images: {', '.join(done.extensions)}")
@@ -259,27 +273,31 @@ def maps(archive: Path, plateifu: str, out: Path, release: str | None,
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="folder for the figures (PNG + PDF) and index.html")
+@overwrite_option
 @model_option("DESOM-1 model")
 @click.option("--nodes", help="comma-separated nodes for Fig. 3/4/6 (default: youngest, "
               "oldest and most populated)")
 @click.option("--galaxy", help="mangaid for Fig. 7 (default: the one with most baxels)")
 @_friendly_errors
-def report(archive: Path, out: Path, model_id: str | None, nodes: str | None,
-           galaxy: str | None) -> None:
+def report(archive: Path, out: Path, overwrite: bool, model_id: str | None,
+           nodes: str | None, galaxy: str | None) -> None:
     """Write the paper's figures (PNG + PDF) and a static HTML page.
 
     Figures: 3 (decoded prototypes), 4 (node templates), 5 (per-node median
     labels), 6 (node label PDFs), 7 (a galaxy's fingerprint and bin map), 9/10/14
     (DESOM-2 occupancy, decoded fingerprints, Sersic n and b/a), training curves,
     and label accuracy against the truth of a mock survey. Open OUT/index.html in
-    a browser (no server needed).
+    a browser (no server needed). --overwrite redraws a report in OUT; a folder
+    holding other files is never replaced.
 
     \b
     Example:
       desomdb report /tmp/archive --out /tmp/report
     """
+    from desomdb.archive.outputs import output_folder
     from desomdb.products import report as report_mod
 
+    out = output_folder(out, overwrite, wrote_it=report_mod.is_report_folder)
     index = report_mod.build_report(archive, out, model_id, _node_list(nodes), galaxy)
     click.echo(f"report: {index}")
 
@@ -289,14 +307,15 @@ def report(archive: Path, out: Path, model_id: str | None, nodes: str | None,
 @click.argument("figure")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="output file; the suffix (.png, .pdf, .svg) sets the format")
+@overwrite_option
 @model_option("DESOM-1 model")
 @click.option("--nodes", help="comma-separated nodes for Fig. 3/4/6")
 @click.option("--galaxy", help="mangaid for Fig. 7")
 @click.option("--stack", "stack_file", type=click.Path(path_type=Path),
               help="for FIGURE 'stack': a file written by 'desomdb stack --out'")
 @_friendly_errors
-def plot(archive: Path, figure: str, out: Path, model_id: str | None, nodes: str | None,
-         galaxy: str | None, stack_file: Path | None) -> None:
+def plot(archive: Path, figure: str, out: Path, overwrite: bool, model_id: str | None,
+         nodes: str | None, galaxy: str | None, stack_file: Path | None) -> None:
     """Draw one figure of the report, or stacked spectra.
 
     FIGURE is one of fig3_prototypes, fig4_templates, fig5_node_medians,
@@ -307,6 +326,9 @@ def plot(archive: Path, figure: str, out: Path, model_id: str | None, nodes: str
     Example:
       desomdb plot /tmp/archive fig6_node_pdfs --nodes 3,17 --out node_pdfs.pdf
     """
+    from desomdb.archive.outputs import output_file
+
+    out = output_file(out, overwrite)
     if figure == "stack":
         from desomdb.products import stack_output
 
@@ -330,13 +352,14 @@ def plot(archive: Path, figure: str, out: Path, model_id: str | None, nodes: str
 @model_option("DESOM-1 model for 'node'")
 @click.option("--out", type=click.Path(path_type=Path),
               help="write the stacks to a .parquet or .fits file")
+@overwrite_option
 @click.option("--no-fit", is_flag=True, help="skip the pPXF fit of each stack")
 @click.option("--shift-velocity", is_flag=True,
               help="shift each member to its own stellar rest frame by its fitted vel "
                    "(members without a fit are left out)")
 @_friendly_errors
 def stack(archive: Path, where: str, by: str, model_id: str | None, out: Path | None,
-          no_fit: bool, shift_velocity: bool) -> None:
+          overwrite: bool, no_fit: bool, shift_velocity: bool) -> None:
     """Stack the spectra of a selection (inverse-variance weighted) and fit each stack.
 
     Each cube counts once (its newest release). Stacked: flux/norm_flux with weights
@@ -347,10 +370,13 @@ def stack(archive: Path, where: str, by: str, model_id: str | None, out: Path | 
       desomdb stack /tmp/archive --where "node = 3" --by node --out node3.fits
       desomdb stack /tmp/archive --where "radius_re < 0.5 and chi2_ok" --by mangaid
     """
+    from desomdb.archive.outputs import output_file
     from desomdb.products import stack as stack_mod
     from desomdb.products import stack_output
     from desomdb.science import label_catalogue
 
+    if out is not None:
+        out = output_file(out, overwrite)
     result = stack_mod.stack(archive, where=where, by=by, model_id=model_id, fit=not no_fit,
                              shift_velocity=shift_velocity)
     table = stack_output.to_table(result)
@@ -444,7 +470,7 @@ def status(archive: Path) -> None:
     if rep is None and info.current:
         click.echo("no report yet: 'desomdb report ARCHIVE --out DIR'")
     elif rep is not None:
-        rerun = f"desomdb report {info.archive} --out {Path(rep.index).parent}"
+        rerun = f"desomdb report {info.archive} --out {Path(rep.index).parent} --overwrite"
         click.echo(f"report: {rep.index} ({rep.drawn_at}): "
                    + (f"STALE, {rep.stale}; rerun '{rerun}'" if rep.stale else "current"))
 

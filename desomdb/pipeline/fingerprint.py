@@ -34,7 +34,13 @@ from desomdb.archive.store import Archive
 from desomdb.archive.writer import Writer
 from desomdb.errors import ModelError
 from desomdb.pipeline import similar_index
-from desomdb.pipeline.train import BatchStream, evaluate, fit, galaxy_test_split
+from desomdb.pipeline.train import (
+    BatchStream,
+    evaluate,
+    fit,
+    galaxy_test_split,
+    resumed_model_id,
+)
 from desomdb.query import views
 from desomdb.som import registry
 from desomdb.som.inference import encode_all, nearest_nodes
@@ -168,14 +174,15 @@ def build(archive: str | Path, model_id: str | None = None, cfg: DesomConfig | N
     d2_id = f"desom2-{digest}"
     if d2_id in registry.registered_models(arch) and arch.files("fingerprints", model_id=model_id):
         done = arch.read("fingerprints", model_id=model_id)
-        if done.column("desom2_model_id")[0].as_py() == d2_id:
+        stored = done.column("desom2_model_id")[0].as_py()
+        if stored == d2_id or registry.resumed_from(arch, stored) == d2_id:
             # idempotent: already built from the same counts and configuration
             if "desom2_distance" not in done.schema.names:  # written before it was stored
                 update(arch.root, model_id, device)
             elif not similar_index.is_current(arch, model_id, "galaxies"):
                 with arch.writer("desomdb fingerprints (galaxy index)"):
                     similar_index.update_galaxy_index(arch, model_id)
-            return d2_id
+            return str(stored)
     torch.manual_seed(cfg.seed)
 
     with arch.writer("desomdb fingerprints") as writer:
@@ -189,6 +196,9 @@ def build(archive: str | Path, model_id: str | None = None, cfg: DesomConfig | N
                                    evaluate(m2, eval_x, np.ones_like(eval_x), device).items()}
         metrics.update(n_galaxies=int(gal.height), n_test=int(test.sum()),
                        train_seconds=loop["seconds"])
+        if loop["resumed_at"]:  # its own id, as a resumed DESOM-1 (desomdb.pipeline.train)
+            metrics.update(resumed_from=d2_id, resumed_at=list(loop["resumed_at"]))
+            d2_id = resumed_model_id(d2_id, loop["resumed_at"])
         fp, _ = _stage_fingerprints(writer, model_id, d2_id, m2, gal, counts, radius, stats,
                                     test, device)
         registry.save_and_register(

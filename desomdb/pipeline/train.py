@@ -4,10 +4,13 @@ The training set is a SQL filter over ``baxels`` (default: ``trainable``, i.e. t
 cuts), each cube in its newest release only (``latest_cubes``). Galaxies (mangaid) are split
 train/test with a seeded hash, so no galaxy is in both; the split is stored in ``splits``.
 Spectra stream from the per-cube Parquet files in shuffled chunks (bounded memory). A killed
-run resumes from its last checkpoint bit-identically: the checkpoint holds every random-number
-state and the number of batches drawn, and :class:`BatchStream` replays the shuffle to that
-position without reading data, so a resumed model equals an uninterrupted one (same id, same
-weights, same metrics).
+run resumes from its last checkpoint: the checkpoint holds the model, the optimiser, every
+random-number state and the number of batches drawn, and :class:`BatchStream` replays the
+shuffle to that position without reading data. Run on one thread, a resumed model equals the
+uninterrupted one weight for weight (``tests/pipeline/test_train.py``); with several threads
+the float sums, and so the weights, can differ. A resumed run is therefore registered under
+its own id (:func:`resumed_model_id`), and its metrics name the run it resumed
+(``resumed_from``) and the iterations it resumed at (``resumed_at``).
 """
 
 from __future__ import annotations
@@ -230,6 +233,17 @@ def pca_baseline(x_train: np.ndarray, x_test: np.ndarray, w_test: np.ndarray,
     return float(masked_mse(torch.from_numpy(x_test), recon, torch.from_numpy(w_test)))
 
 
+def resumed_model_id(model_id: str, resumed_at: Sequence[int]) -> str:
+    """Return the id a run of ``model_id`` resumed at iterations ``resumed_at`` registers under.
+
+    Same kind prefix, another hash: a resumed model is never mistaken for the uninterrupted
+    one, and the same resumption gives the same id.
+    """
+    kind = model_id.split("-", 1)[0]
+    text = f"{model_id} resumed at {list(resumed_at)}"
+    return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+
 def model_id_for(cfg: DesomConfig, selection: Selection, arch: Archive) -> str:
     """Deterministic id from the configuration, the data filter, the seed and the data."""
     h = hashlib.sha256()
@@ -447,7 +461,8 @@ def train(
     Returns
     -------
     str
-        The model id (``desom1-<hash>``); not made current — use ``desomdb model use``.
+        The model id (``desom1-<hash>``; a run resumed from a checkpoint registers under
+        :func:`resumed_model_id`); not made current — use ``desomdb model use``.
     """
     arch = Archive(archive)
     torch.manual_seed(cfg.seed)
@@ -475,15 +490,19 @@ def train(
         metrics = _final_metrics(arch, model, train_rows, x_eval, w_eval, device, rng)
         metrics.update(iterations_run=loop["it"], train_seconds=seconds,
                        train_spectra_per_s=loop["it"] * cfg.batch_size / max(seconds, 1e-9))
+        registered = model_id
+        if loop["resumed_at"]:
+            registered = resumed_model_id(model_id, loop["resumed_at"])
+            metrics.update(resumed_from=model_id, resumed_at=list(loop["resumed_at"]))
         splits = selection.rows.select("mangaid", "split").unique().sort("mangaid")
         split_file = writer.stage_table("splits", splits.to_arrow(),
-                                        paths.model_file("splits", model_id))
+                                        paths.model_file("splits", registered))
         registry.save_and_register(
-            writer, model_id, model, cfg, selection.spec(), metrics,
+            writer, registered, model, cfg, selection.spec(), metrics,
             {"history": loop["history"], "resumed_at": loop["resumed_at"]},
             parent_model_id, also=[split_file])
         state_path.unlink(missing_ok=True)
-    return model_id
+    return registered
 
 
 def _final_metrics(arch: Archive, model: Desom, train_rows: pl.DataFrame, x_eval: np.ndarray,

@@ -23,6 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from desomdb.archive.outputs import output_folder
 from desomdb.archive.store import Archive
 from desomdb.errors import ArchiveError, ConfigError
 from desomdb.products import export
@@ -83,9 +84,7 @@ def export_hats(archive: str | Path, out: str | Path, model: str | None = None,
         raise ConfigError(f"export-hats needs hats-import ({exc}); install it with "
                           "python -m pip install 'desomdb[hats]'") from exc
 
-    out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} exists; give another OUT, or --overwrite to replace it")
+    out = output_folder(Path(out).absolute(), overwrite, wrote_it=is_hats_catalog)
     arch = Archive(archive)
     prov = provenance(arch.root, model)
     table, n_missing = _summary(arch, prov.model_id)
@@ -117,6 +116,18 @@ def export_hats(archive: str | Path, out: str | Path, model: str | None = None,
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return HatsExport(out, table.num_rows, n_missing, prov)
+
+
+#: Names a HATS catalogue folder holds at its top (hats-import's layout).
+_HATS_NAMES = ("properties", "hats.properties", "partition_info.csv", "point_map.fits",
+               "dataset", "_metadata", "_common_metadata", "data_thumbnail.parquet")
+
+
+def is_hats_catalog(folder: Path) -> bool:
+    """Whether ``folder`` is a HATS catalogue and nothing else (--overwrite may replace it)."""
+    names = [p.name for p in folder.iterdir()]
+    return (("properties" in names or "hats.properties" in names)
+            and all(n in _HATS_NAMES or n.startswith(("Norder=", "skymap")) for n in names))
 
 
 def _summary(arch: Archive, model_id: str | None) -> tuple[pa.Table, int]:

@@ -73,6 +73,18 @@ def _save(fig: Any, *paths: Path) -> None:
     plt.close(fig)
 
 
+def is_report_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a report desomdb drew and nothing else.
+
+    Its ``index.html`` is a desomdb report, and every other file is one of its figures.
+    """
+    index = folder / "index.html"
+    if not index.is_file() or "<h1>desomdb report:" not in index.read_text(errors="replace"):
+        return False
+    names = {f"{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")} | {"index.html"}
+    return all(p.is_file() and p.name in names for p in folder.iterdir())
+
+
 def plot(archive: str | Path, name: str, out: str | Path, model_id: str | None = None,
          nodes: list[int] | None = None, galaxy: str | None = None) -> Path:
     """Write one figure (format from the suffix of ``out``: .png, .pdf, .svg).

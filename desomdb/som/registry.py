@@ -80,6 +80,19 @@ def registered_models(archive: Archive) -> dict[str, str]:
     return dict(zip(t.column("model_id").to_pylist(), t.column("kind").to_pylist(), strict=True))
 
 
+def resumed_from(archive: Archive, model_id: str) -> str | None:
+    """Return the id of the run ``model_id`` was resumed from (metrics' ``resumed_from``)."""
+    if not archive.has_table("models"):
+        return None
+    t = archive.read("models", columns=["model_id", "metrics"])
+    for mid, metrics in zip(t.column("model_id").to_pylist(), t.column("metrics").to_pylist(),
+                            strict=True):
+        if mid == model_id and metrics:
+            value = json.loads(metrics).get("resumed_from")
+            return str(value) if value is not None else None
+    return None
+
+
 def resolve_model(archive: Archive, model_id: str | None, kind: str = "desom1") -> str:
     """``model_id`` if given (and registered), else the current model; clear errors."""
     if model_id is None:

@@ -139,8 +139,8 @@ _TIMING = {"train_seconds", "train_spectra_per_s"}
 
 def test_training_killed_with_sigkill_resumes_bit_identically(trained_archive, labelled_archive,
                                                               tmp_path) -> None:
-    """``kill -9`` mid-training, then train again: the same id, weights and metrics as an
-    uninterrupted run (issue #16)."""
+    """``kill -9`` mid-training, then train again: on one thread, the same weights and metrics
+    as an uninterrupted run, registered under its own id with the run it resumed named."""
     import json
     import shutil
     import signal
@@ -178,12 +178,19 @@ def test_training_killed_with_sigkill_resumes_bit_identically(trained_archive, l
     assert model_id not in registry.registered_models(Archive(arch))
 
     with runner.single_threaded():
-        assert train.train(arch, cfg, where="true", progress=False) == model_id
-    resumed, r_meta = registry.load_model(Archive(arch), model_id)
+        resumed_id = train.train(arch, cfg, where="true", progress=False)
+    assert resumed_id == train.resumed_model_id(model_id, [saved["loop"]["it"]])
+    assert resumed_id != model_id and resumed_id.startswith("desom1-")
+    assert set(registry.registered_models(Archive(arch))) == {resumed_id}
+    resumed, r_meta = registry.load_model(Archive(arch), resumed_id)
     reference, ref_meta = registry.load_model(Archive(ref_arch), model_id)
     for k, v in reference.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
-    drop = lambda m: {k: v for k, v in m.items() if k not in _TIMING}  # noqa: E731
+    assert r_meta["metrics"]["resumed_from"] == model_id
+    assert r_meta["metrics"]["resumed_at"] == [saved["loop"]["it"]]
+    assert registry.resumed_from(Archive(arch), resumed_id) == model_id
+    drop = lambda m: {k: v for k, v in m.items()  # noqa: E731
+                      if k not in _TIMING | {"resumed_from", "resumed_at"}}
     assert drop(r_meta["metrics"]) == drop(ref_meta["metrics"])
     assert r_meta["extra"]["history"] == ref_meta["extra"]["history"]
     assert r_meta["extra"]["resumed_at"] == [saved["loop"]["it"]]
