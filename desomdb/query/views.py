@@ -181,6 +181,10 @@ class ReadOnlyConnection:
         self._con.unregister(view_name)
         return self
 
+    def interrupt(self) -> None:
+        """Stop the query running on this connection (from another thread)."""
+        self._con.interrupt()
+
     def close(self) -> None:
         """Close the connection."""
         self._con.close()

@@ -380,7 +380,10 @@ class SqlResult:
 
 
 def sql_result(df: pl.DataFrame) -> SqlResult:
-    """Summarise a query result for an HTML table."""
+    """Summarise a query result for an HTML table.
+
+    ``df`` may be cut at ``SQL_ROWS_SHOWN + 1`` rows: then ``n_rows`` says there are more.
+    """
     head = df.head(SQL_ROWS_SHOWN)
     rows = [tuple(_cell(v) for v in r) for r in head.iter_rows()]
     return SqlResult(list(df.columns), rows, df.height)

@@ -7,12 +7,17 @@ keeps its :class:`~desomdb.web.explorer.Explorer` and templates in ``app.state``
 from __future__ import annotations
 
 import io
-from typing import Any, cast
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar, cast
 from urllib.parse import quote, urlencode
 
+import anyio
+import duckdb
 import numpy as np
+import polars as pl
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.templating import Jinja2Templates
 
 from desomdb.errors import DesomdbError, QueryError
@@ -30,6 +35,14 @@ from desomdb.web.explorer import (
     stack_file,
 )
 from desomdb.web.pages import ModelInfo, NotFoundError
+
+T = TypeVar("T")
+
+#: Wall-clock limit of one query on the SQL page or its CSV download (seconds).
+SQL_SECONDS = 30.0
+#: Rows a CSV download holds at most, and rows per streamed batch.
+SQL_CSV_ROWS = 1_000_000
+SQL_CSV_BATCH = 50_000
 
 #: Largest spectra file accepted by the upload form.
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
@@ -177,29 +190,115 @@ def baxel_page(request: Request) -> Response:
                 title=f"baxel {data.plateifu}:{data.bin_id}")
 
 
-def sql_page(request: Request) -> Response:
-    """``/sql?q=``: a guarded query and its first rows."""
-    ex = explorer(request)
+async def sql_page(request: Request) -> Response:
+    """``/sql?q=``: a guarded query and its first :data:`~desomdb.web.pages.SQL_ROWS_SHOWN` rows.
+
+    The query runs on its own connection (one slow query never blocks other clients), is
+    stopped after :data:`SQL_SECONDS` or when the client goes away, and reads one row more
+    than the page shows (so the page can say there are more).
+    """
     query = request.query_params.get("q", "").strip()
     result, error = None, None
     if query:
         try:
-            with ex.connection() as (con, _):
-                result = pages.sql_result(views.query(con, query).pl())
+            result = await _limited(request, lambda con: pages.sql_result(
+                views.query(con, query).limit(pages.SQL_ROWS_SHOWN + 1).pl()))
         except QueryError as exc:
             error = " ".join(str(exc).split())
     return page(request, "sql.html", query=query, result=result, error=error,
                 csv_link="/sql.csv?" + urlencode({"q": query}) if result else None,
-                status=400 if error else 200, title="SQL")
+                status=400 if error else 200, title="SQL", seconds=SQL_SECONDS,
+                csv_rows=SQL_CSV_ROWS)
 
 
-def sql_csv(request: Request) -> Response:
-    """``/sql.csv?q=``: a guarded query's rows as CSV."""
-    ex = explorer(request)
+async def sql_csv(request: Request) -> Response:
+    """``/sql.csv?q=``: a guarded query's rows as CSV, streamed in batches.
+
+    At most :data:`SQL_CSV_ROWS` rows; stopped after :data:`SQL_SECONDS` or when the client
+    goes away (``desomdb sql --format csv --output FILE`` has no limits).
+    """
     query = request.query_params.get("q", "").strip()
-    with ex.connection() as (con, _):
-        df = views.query(con, query).pl()
-    return _attachment(pages.csv_text(df), "text/csv", "desomdb-query.csv")
+    con = _own_connection(request)
+    try:
+        rel = views.query(con, query).limit(SQL_CSV_ROWS)
+        reader = rel.to_arrow_reader(batch_size=SQL_CSV_BATCH)
+    except BaseException:
+        con.close()
+        raise
+    timer = threading.Timer(SQL_SECONDS, con.interrupt)
+    timer.start()
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            first = True
+            for batch in reader:
+                df = pl.from_arrow(batch)
+                assert isinstance(df, pl.DataFrame)
+                flat = df.drop([c for c, t in df.schema.items() if t.is_nested()])
+                yield flat.write_csv(include_header=first).encode()
+                first = False
+            if first:  # no rows: still the header
+                empty = pl.from_arrow(reader.schema.empty_table())
+                assert isinstance(empty, pl.DataFrame)
+                yield empty.drop([c for c, t in empty.schema.items()
+                                  if t.is_nested()]).write_csv().encode()
+        except duckdb.InterruptException:
+            yield f"# stopped after {SQL_SECONDS:.0f} s (the explorer's limit)\n".encode()
+        finally:  # also when the client leaves: the generator is closed
+            timer.cancel()
+            con.interrupt()
+            con.close()
+
+    return StreamingResponse(chunks(), media_type="text/csv", headers={
+        "content-disposition": 'attachment; filename="desomdb-query.csv"'})
+
+
+def _own_connection(request: Request) -> views.ReadOnlyConnection:
+    con = views.connect(explorer(request).root)
+    assert isinstance(con, views.ReadOnlyConnection)
+    return con
+
+
+async def _limited(request: Request, work: Callable[[views.ReadOnlyConnection], T]) -> T:
+    """Run ``work`` on a fresh guarded connection in a thread, within :data:`SQL_SECONDS`.
+
+    The query is interrupted when the time is up or the client disconnects.
+    """
+    con = await anyio.to_thread.run_sync(_own_connection, request)
+    timer = threading.Timer(SQL_SECONDS, con.interrupt)
+    timer.start()
+    done = anyio.Event()
+
+    async def watch() -> None:
+        while not done.is_set():
+            if await request.is_disconnected():
+                con.interrupt()
+                return
+            with anyio.move_on_after(0.5):
+                await done.wait()
+
+    def capture(c: views.ReadOnlyConnection) -> tuple[T | None, BaseException | None]:
+        try:  # the error leaves the task group as itself, not in an exception group
+            return work(c), None
+        except Exception as exc:
+            return None, exc
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            try:
+                result, error = await anyio.to_thread.run_sync(capture, con)
+            finally:
+                done.set()
+        if error is not None:
+            raise error
+        return cast(T, result)
+    except duckdb.InterruptException:
+        raise QueryError(f"the query was stopped after {SQL_SECONDS:.0f} s (the explorer's "
+                         "limit); run it with 'desomdb sql', which has none") from None
+    finally:
+        timer.cancel()
+        con.close()
 
 
 async def predict_page(request: Request) -> Response:

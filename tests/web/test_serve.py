@@ -266,6 +266,53 @@ def test_sql_box_runs_the_guarded_query_and_refuses_writes(site, tmp_path) -> No
     assert not target.exists()
 
 
+def test_a_slow_query_is_stopped_and_does_not_block_other_clients(site, monkeypatch) -> None:
+    """Seen: a range(4e11) query ran on after its client left and blocked /sql for ~127 s."""
+    import threading
+    import time
+
+    from desomdb.web import routes
+
+    client = site[0]
+    monkeypatch.setattr(routes, "SQL_SECONDS", 2.0)
+    slow: dict = {}
+
+    def run_slow() -> None:
+        t0 = time.monotonic()
+        slow["r"] = client.get("/sql", params={"q": "select count(*) from range(400000000000)"})
+        slow["s"] = time.monotonic() - t0
+
+    thread = threading.Thread(target=run_slow)
+    thread.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    fast = client.get("/sql", params={"q": "select 1 as one"})
+    fast_s = time.monotonic() - t0
+    thread.join(timeout=60)
+    assert fast.status_code == 200 and fast_s < slow["s"]  # not queued behind the slow one
+    assert slow["r"].status_code == 400 and "stopped after 2 s" in slow["r"].text
+    assert slow["s"] < 30
+
+
+def test_the_sql_page_shows_a_capped_head_and_the_csv_streams_a_capped_body(
+        site, monkeypatch) -> None:
+    """Seen: a 30 M-row CSV download returned 523 MB and grew the server to 2.5 GB."""
+    from desomdb.web import pages, routes
+
+    client = site[0]
+    r = client.get("/sql", params={"q": "select range as i from range(2000)"})
+    assert r.status_code == 200
+    assert f'the first <span id="n-rows">{pages.SQL_ROWS_SHOWN}</span> rows' in r.text
+    assert r.text.count("<tr>") == pages.SQL_ROWS_SHOWN + 1  # header + the shown rows
+    monkeypatch.setattr(routes, "SQL_CSV_ROWS", 1500)
+    monkeypatch.setattr(routes, "SQL_CSV_BATCH", 400)  # several batches, one header
+    csv = client.get("/sql.csv", params={"q": "select range as i from range(2000)"})
+    body = pl.read_csv(io.BytesIO(csv.content))
+    assert body.columns == ["i"] and body["i"].to_list() == list(range(1500))
+    empty = client.get("/sql.csv", params={"q": "select 1 as i where false"})
+    assert empty.text.strip() == "i"
+
+
 def test_unknown_things_get_a_one_line_404(site) -> None:
     client, _, model_id, _, _ = site
     for url in (f"/model/{model_id}/node/99,99", "/galaxy/1-nope", "/model/desom1-nope/map",
