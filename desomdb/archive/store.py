@@ -46,7 +46,7 @@ from desomdb.archive.records import (
     load_segment,
 )
 from desomdb.archive.writer import Writer
-from desomdb.atomic import write_error, write_json_atomic
+from desomdb.atomic import parquet_format, write_error, write_json_atomic
 from desomdb.errors import ArchiveError, first_line
 
 #: Versions this code reads (version 1 kept every table's file list inline, without
@@ -299,7 +299,7 @@ class Archive:
         try:
             return ds.dataset(
                 [str(f) for f in files],
-                format="parquet",
+                format=parquet_format(),
                 partitioning=ds.HivePartitioning.discover(infer_dictionary=False),
                 partition_base_dir=str(self.root / table),
                 schema=schema,

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from desomdb.archive import paths
 from desomdb.archive.records import (
@@ -28,7 +27,7 @@ from desomdb.archive.records import (
     record_json,
     retain_seconds,
 )
-from desomdb.atomic import write_error, write_json_atomic, write_parquet
+from desomdb.atomic import read_parquet, write_error, write_json_atomic, write_parquet
 from desomdb.errors import ArchiveError
 
 if TYPE_CHECKING:  # the archive makes writers; a writer only calls its methods
@@ -182,7 +181,7 @@ class Writer:
         files = self.archive.files(table, release=release)
         if not files:
             return [], []
-        parts = [pq.read_table(f) for f in files]
+        parts = [read_parquet(f) for f in files]
         data = pa.concat_tables(parts, promote_options="permissive")
         data = data.sort_by([(c, "ascending") for c in sort_by if c in data.column_names])
         if transform is not None:
@@ -230,7 +229,7 @@ class Writer:
                     continue
                 if table == "galaxies":
                     continue  # rebuilt from the drpall when the release is finalised
-                rows = pq.read_table(f)
+                rows = read_parquet(f)
                 hit = pc.is_in(rows.column("plateifu"), value_set=values)
                 if pc.any(hit).as_py():
                     removes.append((table, rel))

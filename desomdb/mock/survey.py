@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from astropy.table import Table
 
 from desomdb.archive import paths
-from desomdb.atomic import atomic_write
+from desomdb.atomic import atomic_write, read_parquet
 from desomdb.errors import ConfigError
 from desomdb.mock.galaxy import GalaxyParams, draw_galaxy
 from desomdb.mock.render import render_cube, write_cube
@@ -184,7 +184,7 @@ def _next_release(out: Path, prev: manga.Release, rel: manga.Release,
     n_re = round(reprocess * len(old))
     redo = set(rng.choice(len(old), size=n_re, replace=False).tolist()) if n_re else set()
     variants = [1 if i in redo else -1 for i in range(len(old))] + [0] * (len(params) - len(old))
-    prev_truth = pq.read_table(prev_dir / paths.truth_sidecar_name(prev.name))
+    prev_truth = read_parquet(prev_dir / paths.truth_sidecar_name(prev.name))
     copied = []
     for i in range(len(old)):
         if variants[i] != -1:

@@ -35,7 +35,7 @@ from desomdb.archive import paths
 from desomdb.archive.records import StagedFile
 from desomdb.archive.store import Archive
 from desomdb.archive.writer import Writer
-from desomdb.atomic import atomic_write
+from desomdb.atomic import atomic_write, read_parquet
 from desomdb.errors import ArchiveError
 from desomdb.pipeline import node_labels, similar_index
 from desomdb.pipeline.node_table import beyond_p99_counts, write_nodes
@@ -170,7 +170,7 @@ def assign_cube(task: CubeTask) -> CubeResult:
     Reads only the ``bin_id``, ``flux``, ``ivar`` and ``mask`` columns of the cube's spectra
     once. Runs in a worker (picklable task in, picklable result out).
     """
-    table = pq.read_table(task.spectra_file, columns=list(SPECTRA_COLUMNS))
+    table = read_parquet(task.spectra_file, columns=list(SPECTRA_COLUMNS))
     bin_id = table.column("bin_id").to_numpy()
     x, w = coadd.weighted(spectra.from_list_column(table.column("flux")),
                           spectra.from_list_column(table.column("ivar")),
@@ -192,7 +192,7 @@ def assign_cube(task: CubeTask) -> CubeResult:
     else:
         if task.nodes_file is None:
             raise ArchiveError(f"{task.spectra_file}: no assignments to sum (this is a bug)")
-        best = _nodes_for(pq.read_table(task.nodes_file, columns=["bin_id", "node"]), bin_id,
+        best = _nodes_for(read_parquet(task.nodes_file, columns=["bin_id", "node"]), bin_id,
                           task.nodes_file)
     stored = coadd.to_table(coadd.partial_sums(x, w, best), task.release, task.plateifu)
     target = paths.node_partials_file(task.model_id, task.release, spectra_name)
@@ -212,7 +212,7 @@ def _write(table: pa.Table, path: Path, compression: str, row_group_size: int = 
     """
     atomic_write(path, lambda tmp: pq.write_table(
         table, tmp, compression=compression, use_dictionary=["release", "plateifu"],
-        row_group_size=row_group_size))
+        row_group_size=row_group_size, write_page_checksum=True))
 
 
 def _nodes_for(stored: pa.Table, bin_id: np.ndarray, source: str) -> np.ndarray:
@@ -397,7 +397,7 @@ class _InOrder:
                     return
                 item = self.waiting.pop(item)
             elif isinstance(item, Path):
-                item = coadd.from_table(pq.read_table(item))
+                item = coadd.from_table(read_parquet(item))
             self.total.add(item)
             self.next += 1
 
@@ -446,14 +446,14 @@ def _plan(arch: Archive, writer: Writer, model_id: str, files: dict[tuple[str, s
             continue
         # the same spectra assigned in another release: copy, never read the spectra
         src_release, src = source
-        rows = _as_release(pq.read_table(src), release)
+        rows = _as_release(read_parquet(src), release)
         plan.staged.append(writer.stage_table(
             "assignments", rows, paths.model_file("assignments", model_id, name)))
         src_parts = parts.get(paths.assignment_part_name(src_release, f.name))
         if src_parts is None:
             add_task(release, plateifu, f, False, src)
             continue
-        copied = _as_release(pq.read_table(src_parts), release)
+        copied = _as_release(read_parquet(src_parts), release)
         plan.staged.append(writer.stage_table(
             "node_partials", copied, paths.node_partials_file(model_id, release, f.name)))
         plan.n_carried += 1

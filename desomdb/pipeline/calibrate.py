@@ -41,11 +41,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from desomdb.archive import paths
 from desomdb.archive.store import Archive
 from desomdb.archive.writer import Writer
+from desomdb.atomic import read_parquet
 from desomdb.errors import ArchiveError, ConfigError
 from desomdb.pipeline import node_labels
 from desomdb.query import views
@@ -327,7 +327,7 @@ def _tasks(arch: Archive, sample: pl.DataFrame, fitter: str, refits: int,
     tasks: list[CalibrateTask] = []
     for (release, plateifu), group in sample.group_by("release", "plateifu",
                                                       maintain_order=True):
-        table = pq.read_table(files[(str(release), str(plateifu))])
+        table = read_parquet(files[(str(release), str(plateifu))])
         ids = table.column("bin_id").to_numpy()
         pos = {int(b): i for i, b in enumerate(ids)}
         rows = [pos[int(b)] for b in group["bin_id"]]

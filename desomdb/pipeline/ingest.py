@@ -29,6 +29,7 @@ from desomdb.archive import paths
 from desomdb.archive.records import StagedFile
 from desomdb.archive.store import Archive
 from desomdb.archive.writer import Writer
+from desomdb.atomic import PARQUET_OPTIONS
 from desomdb.errors import InputDataError
 from desomdb.pipeline import baxels, carry
 from desomdb.pipeline.jobs import IngestConfig, IngestJob
@@ -223,7 +224,7 @@ def _one_cube(item: CubeInput, task: IngestTask, truth_all: pl.DataFrame | None,
         if table is None:
             continue
         target = paths.staged_table_file(unit, name)
-        pq.write_table(table, target, compression="zstd")
+        pq.write_table(table, target, **PARQUET_OPTIONS)
         files[name] = str(target)
     outcome.update(status="ok", files=files, n_spaxels=tables.n_spaxels,
                    n_baxels=tables.baxels.num_rows, mangaid=cube.mangaid,

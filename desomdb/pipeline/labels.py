@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from desomdb.archive import paths
 from desomdb.archive.records import StagedFile
 from desomdb.archive.store import Archive
+from desomdb.atomic import PARQUET_OPTIONS, read_parquet
 from desomdb.errors import ArchiveError, ConfigError
 from desomdb.runtime import runner
 from desomdb.science import emission, fitting, spectra
@@ -61,7 +62,7 @@ class LabelTask:
 
 def _label_task(task: LabelTask) -> str:
     """Worker: fit the given baxels of one cube; write the rows to a staged Parquet file."""
-    table = pq.read_table(task.spectra_file)
+    table = read_parquet(task.spectra_file)
     bax = {r["bin_id"]: r for r in task.baxels}
     ids = table.column("bin_id").to_numpy()
     flux = spectra.from_list_column(table.column("flux"))
@@ -88,9 +89,9 @@ def _label_task(task: LabelTask) -> str:
     table = table.set_column(table.schema.get_field_index("bpt_class"), "bpt_class",
                              table.column("bpt_class").cast(pa.string()))
     if task.merge_with:  # the cube's committed rows, unchanged, and the new ones
-        table = pa.concat_tables([pq.read_table(task.merge_with), table],
+        table = pa.concat_tables([read_parquet(task.merge_with), table],
                                  promote_options="permissive").sort_by("bin_id")
-    pq.write_table(table, out, compression="zstd")
+    pq.write_table(table, out, **PARQUET_OPTIONS)
     return str(out)
 
 

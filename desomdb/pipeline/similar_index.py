@@ -38,7 +38,7 @@ from usearch import __version__ as usearch_version
 
 from desomdb.archive import paths
 from desomdb.archive.store import Archive
-from desomdb.atomic import atomic_write, write_json_atomic, write_parquet
+from desomdb.atomic import atomic_write, parquet_format, write_json_atomic, write_parquet
 from desomdb.errors import ModelError
 from desomdb.query import versions
 from desomdb.som import ann
@@ -194,7 +194,7 @@ def read_latents(arch: Archive, files: list[str]) -> tuple[pl.DataFrame, np.ndar
         raise _no_latents(arch, files[0])
     schema = pa.schema([first.field(c) for c in [*_BAXEL_COLUMNS, LATENT]])
     table = ds.dataset([str(arch.root / f) for f in files], schema=schema,
-                       format="parquet").to_table()
+                       format=parquet_format()).to_table()
     col = table.column(LATENT)
     if col.null_count:
         bad = table.filter(col.is_null()).slice(0, 1)

@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 import torch
 
 from desomdb.archive import paths
 from desomdb.archive.store import Archive
+from desomdb.atomic import read_parquet
 from desomdb.errors import ArchiveError, ConfigError, ModelError
 from desomdb.query import views
 from desomdb.runtime import runner
@@ -105,7 +105,7 @@ def select_training(arch: Archive, where: str = DEFAULT_WHERE, seed: int = 0) ->
 
 def _cube_rows(file: Path, group: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Normalised spectra and weights of one cube's selected baxels, in ``group`` order."""
-    t = pq.read_table(file)
+    t = read_parquet(file)
     pos = {int(b): i for i, b in enumerate(t.column("bin_id").to_numpy())}
     return inference.normalised(t.take([pos[int(b)] for b in group["bin_id"]]),
                       group["norm_flux"].to_numpy())

@@ -31,7 +31,8 @@ class Problem:
     ----------
     kind : str
         ``manifest``, ``missing``, ``size``, ``checksum``, ``unreadable``, ``duplicate-key``,
-        ``orphan-assignment``, ``view``, ``current-model``, ``uncommitted`` (left by a writer
+        ``orphan-assignment``, ``view``, ``current-model``, ``artefact`` (a model checkpoint
+        missing or changed), ``uncommitted`` (left by a writer
         that died), ``unlisted`` (no commit lists it) or ``staging``.
     path : str
         The file or table at fault (relative to the archive where possible).
@@ -104,6 +105,7 @@ def check(archive: str | Path, repair: bool = False, checksums: bool = True) -> 
     if not any(p.kind in ("missing", "size", "checksum") for p in problems):
         problems.extend(_check_through_views(arch, manifest["tables"]))
     problems.extend(_check_current_model(arch))
+    problems.extend(_check_artefacts(arch, checksums))
     return CheckReport(root, len(records), tuple(problems), tuple(repaired))
 
 
@@ -260,8 +262,30 @@ def _check_views(con: duckdb.DuckDBPyConnection) -> list[Problem]:
     return out
 
 
-def _check_current_model(arch: Archive) -> list[Problem]:
+def _check_artefacts(arch: Archive, checksums: bool) -> list[Problem]:
+    """Every registered model's checkpoint exists and has the sha256 its row records."""
+    if not arch.has_table("models"):
+        return []
+    out = []
+    rows = arch.read("models", columns=["model_id", "artefact_path", "artefact_sha256"])
+    for model_id, rel, sha in zip(*(rows.column(c).to_pylist() for c in rows.column_names),
+                                  strict=True):
+        path = arch.root / str(rel)
+        if not path.is_file():
+            out.append(Problem("artefact", str(rel), f"{path}: the checkpoint of model "
+                               f"{model_id} is missing; restore it from a backup, or train "
+                               "the model again ('desomdb train')"))
+        elif checksums and sha:
+            with path.open("rb") as fh:
+                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            if digest != sha:
+                out.append(Problem("artefact", str(rel), f"{path}: sha256 differs from the one "
+                                   f"registered for model {model_id}; restore it from a backup"))
+    return out
 
+
+def _check_current_model(arch: Archive) -> list[Problem]:
+    """Check that the current model of each kind is a registered one."""
     try:
         for kind in ("desom1", "desom2"):
             model_id = registry.current_model(arch, kind)

@@ -34,6 +34,7 @@ from astropy.io.votable.exceptions import VOWarning
 from astropy.io.votable.tree import Info
 from astropy.table import MaskedColumn, Table
 
+from desomdb.atomic import PARQUET_OPTIONS
 from desomdb.errors import ConfigError
 from desomdb.products.provenance import Provenance, provenance
 from desomdb.query.schema import ColumnDoc, column_docs, fits_unit, vo_unit
@@ -98,7 +99,7 @@ def write_table(table: pa.Table, path: str | Path, fmt: str, prov: Provenance,
     docs = column_docs(table.column_names, query) if docs is None else docs
     path = Path(path)
     if fmt == "parquet":
-        pq.write_table(annotate(table, docs, prov), path, compression="zstd")
+        pq.write_table(annotate(table, docs, prov), path, **PARQUET_OPTIONS)
         return []
     astro, dropped = to_astropy(table)
     if fmt == "fits":

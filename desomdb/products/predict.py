@@ -25,10 +25,10 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from astropy.io import fits
 
 from desomdb.archive.store import Archive
+from desomdb.atomic import read_parquet
 from desomdb.errors import ConfigError, InputDataError
 from desomdb.science import spectra
 from desomdb.som import registry
@@ -92,7 +92,7 @@ def read_spectra_file(path: str | Path) -> RestSpectra:
 
 def _read_parquet(path: Path) -> RestSpectra:
     try:
-        t = pq.read_table(path)
+        t = read_parquet(path)
     except (OSError, pa.ArrowException) as exc:
         raise InputDataError(f"{path}: not a readable Parquet file ({exc})") from exc
     missing = {"flux", "mask"} - set(t.column_names)

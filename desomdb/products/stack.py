@@ -42,10 +42,10 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from desomdb.archive import paths
 from desomdb.archive.store import Archive
+from desomdb.atomic import read_parquet
 from desomdb.errors import ConfigError, QueryError
 from desomdb.query import views
 from desomdb.science import coadd, spectra
@@ -331,7 +331,7 @@ def _partials(con: views.ReadOnlyConnection, arch: Archive, model: str, sel: pl.
 def _add_spectra(accs: dict[Any, _Acc], file: Path, rows: pl.DataFrame, lsf: np.ndarray,
                  cube: tuple[str, str]) -> None:
     """Read the selected baxels of one cube and add them to their groups."""
-    table = pq.read_table(file, columns=["bin_id", "flux", "ivar", "mask"])
+    table = read_parquet(file, columns=["bin_id", "flux", "ivar", "mask"])
     ids = table.column("bin_id").to_numpy()
     want = rows["bin_id"].to_numpy()
     pos = {int(b): i for i, b in enumerate(ids)}

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from desomdb.atomic import read_parquet
 from desomdb.errors import ConfigError
 from desomdb.products.stack import StackResult
 from desomdb.science import label_catalogue, spectra
@@ -117,7 +117,7 @@ def read(path: str | Path) -> pa.Table:
         raise ConfigError(f"{path}: no such stack file; write one with 'desomdb stack ARCHIVE "
                           "--where ... --out FILE.parquet'")
     if path.suffix.lower() == ".parquet":
-        return pq.read_table(path)
+        return read_parquet(path)
     from astropy.io import fits
 
     with fits.open(path) as hdul:  # the raw columns: no unit parsing ('dex' is not FITS)

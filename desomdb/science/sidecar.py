@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 
+from desomdb.atomic import read_parquet
 from desomdb.errors import InputDataError
 from desomdb.science import emission
 
@@ -41,7 +41,7 @@ def read(path: str | Path) -> tuple[pl.DataFrame, dict[str, list[Any]]]:
         If the file cannot be read or carries no rules.
     """
     try:
-        table = pq.read_table(path)
+        table = read_parquet(path)
     except OSError as exc:
         raise InputDataError(f"{path}: cannot read the per-spaxel table ({exc})") from exc
     meta = table.schema.metadata or {}

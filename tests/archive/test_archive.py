@@ -168,3 +168,26 @@ def test_a_read_only_filesystem_is_a_clear_error(tmp_path, monkeypatch) -> None:
     with arch.writer("test") as w, pytest.raises(ArchiveError, match="read-only filesystem"):
         _stage(w, "cubes", ["1-1"], "a.parquet")
     assert not arch.files("cubes")
+
+
+def test_a_changed_page_in_a_committed_parquet_file_fails_the_read(tmp_path) -> None:
+    """Seen: 64 zeroed bytes inside a committed Parquet file were read silently."""
+    import numpy as np
+
+    from desomdb.atomic import read_parquet
+
+    arch = Archive(tmp_path / "a", create=True)
+    x = np.random.default_rng(0).random(50_000)  # incompressible: zstd stores it raw
+    with arch.writer("test") as w:
+        w.commit(add=[w.stage_table("cubes", pa.table({"plateifu": ["1-1"] * x.size, "x": x}),
+                                    "cubes/release=DR15/a.parquet")])
+    assert arch.read("cubes").column("x").to_numpy().sum() == pytest.approx(x.sum())
+    f = arch.files("cubes")[0]
+    data = bytearray(f.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(64)
+    f.write_bytes(bytes(data))
+    with pytest.raises(ArchiveError, match="desomdb check"):
+        arch.read("cubes")
+    with pytest.raises(OSError, match="page integrity"):
+        read_parquet(f)

@@ -275,3 +275,16 @@ def test_readers_during_assign_never_fail_or_see_half_a_commit(trained_archive,
         assign.assign(root, progress=False)
     readers.check()
     assert max(readers.committed["assignments"]) > 0
+
+
+def test_check_finds_a_missing_or_changed_model_checkpoint(trained_archive, tmp_path) -> None:
+    """Seen: 'check' said ok with the current model's artefact deleted."""
+    root = _copy(trained_archive[0], tmp_path)
+    assert check(root, checksums=True).ok
+    rel = Archive(root).read("models", columns=["artefact_path"]).column(0)[0].as_py()
+    (root / rel).write_bytes((root / rel).read_bytes() + b"x")
+    assert [p.kind for p in check(root).problems] == ["artefact"]
+    (root / rel).unlink()
+    problems = check(root).problems
+    assert [p.kind for p in problems] == ["artefact"] and "missing" in problems[0].message
+    assert _cli("check", root).exit_code == 1
