@@ -167,6 +167,7 @@ def _read_fits(path: Path) -> RestSpectra:
                                  f"redshifts) imply; expected {OBSERVED_GRID}")
     if not np.all(np.isfinite(z) & (z > -1)):
         raise InputDataError(f"{path}: Z must be finite and > -1 for every spectrum")
+    _check_rest_coverage(path, wave, z)
     if not np.issubdtype(bits.dtype, np.integer):
         raise InputDataError(f"{path}: MASK is {bits.dtype}, expected integer "
                              "MANGA_DRP3PIXMASK bits")
@@ -174,6 +175,21 @@ def _read_fits(path: Path) -> RestSpectra:
                                                      ivar.astype(np.float64),
                                                      bits.astype(np.int64), z)
     return RestSpectra(flux_r.astype(np.float64), mask, norm)
+
+
+def _check_rest_coverage(path: Path, wave: np.ndarray, z: np.ndarray) -> None:
+    """Refuse a file none of whose spectra reach the normalisation window in the rest frame.
+
+    A log-uniform WAVE in other units (nm, say) passes :func:`_check_observed_grid` but
+    lands outside the archive's grid; name both grids rather than report a NaN flux.
+    """
+    lo, hi = wave[0] / (1 + z), wave[-1] / (1 + z)
+    if np.any((lo <= spectra.NORM_WINDOW_AA[0]) & (hi >= spectra.NORM_WINDOW_AA[1])):
+        return
+    raise InputDataError(
+        f"{path}: WAVE spans {wave[0]:.4g}-{wave[-1]:.4g} (rest frame {lo.min():.4g}-"
+        f"{hi.max():.4g} at the given Z), so no spectrum reaches the {_WINDOW} normalisation "
+        f"window of the archive's {REST_GRID}; expected {OBSERVED_GRID} (is WAVE in Å?)")
 
 
 def _check_observed_grid(path: Path, wave: np.ndarray) -> None:

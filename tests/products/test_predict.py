@@ -165,6 +165,10 @@ def _wrong_files(folder: Path) -> dict[str, tuple[Path, tuple[str, ...]]]:
                             np.linspace(wave[0], wave[-1], wave.size)),
                       ("WAVE is not log-uniform (Δlog10 λ from ", observed,
                        "resampled to the archive's 4544 log-spaced bins")),
+        # Seen: WAVE in nm (log-uniform, so it passed) gave "mean flux ... is nan".
+        "fits_units": (_fits(folder / "nm.fits", wave / 10.0),
+                       ("WAVE spans 362.2-1035 (rest frame", "no spectrum reaches the 4050-4150 "
+                        "Å normalisation window", observed, "(is WAVE in Å?)")),
         "fits_length": (_fits(folder / "short.fits", wave, n_pix=4000),
                         ("FLUX has shape (8, 4000), not (8, 4563) as WAVE (4563 pixels) and Z "
                          "(8 redshifts) imply", observed)),
@@ -181,7 +185,7 @@ def wrong_files(tmp_path_factory) -> dict[str, tuple[Path, tuple[str, ...]]]:
 
 
 @pytest.mark.parametrize("case", ["parquet_length", "parquet_grid", "parquet_variable",
-                                  "fits_grid", "fits_length"])
+                                  "fits_grid", "fits_units", "fits_length"])
 def test_wrong_grid_or_length_is_refused(trained_archive, wrong_files, case: str) -> None:
     arch_path, _, _ = trained_archive
     path, parts = wrong_files[case]

@@ -119,3 +119,44 @@ def test_tile_compressed_and_scaled_hdus_read_through_astropy(mock_cube_paths, t
     np.testing.assert_array_equal(cube.flux[cube.good], want_flux[cube.good])
     np.testing.assert_allclose(cube.ivar[cube.good], want_ivar[cube.good], rtol=1e-6)
     assert cube.good.sum() == read_cube(mock_cube_paths[0]).good.sum()
+
+
+def _gz(path, data: bytes) -> None:
+    import gzip
+
+    path.write_bytes(gzip.compress(data, compresslevel=1))
+
+
+def _header(cards: dict) -> bytes:
+    from astropy.io import fits
+
+    return fits.Header(cards).tostring().encode()
+
+
+def test_a_gzip_bomb_is_refused_a_chunk_past_its_last_hdu(tmp_path, monkeypatch) -> None:
+    """Seen: a 1.5 GB bomb (6.7 MB on disk) was refused only after ingest reached 3.5 GB."""
+    from desomdb.survey import cube as cube_mod
+
+    monkeypatch.setattr(cube_mod, "DECOMPRESS_CHUNK", 1 << 20)
+    bomb = tmp_path / "manga-1-1-LOGCUBE.fits.gz"
+    _gz(bomb, _header({"SIMPLE": True, "BITPIX": 8, "NAXIS": 0}) + bytes(40 << 20))
+    seen = []
+    real = cube_mod._HduWalker.advance
+
+    def spy(self, data):
+        seen.append(len(data.getbuffer()))
+        real(self, data)
+
+    monkeypatch.setattr(cube_mod._HduWalker, "advance", spy)
+    with pytest.raises(CubeFormatError, match="past its last FITS HDU"):
+        read_cube(bomb)
+    assert max(seen) <= 3 << 20  # stopped within a few chunks, not after 40 MB
+
+
+def test_headers_declaring_more_than_a_cube_holds_are_refused(tmp_path) -> None:
+    huge = tmp_path / "manga-1-1-LOGCUBE.fits.gz"
+    cards = {"SIMPLE": True, "BITPIX": -32, "NAXIS": 3, "NAXIS1": 80, "NAXIS2": 80,
+             "NAXIS3": 4563 * 100}
+    _gz(huge, _header(cards) + bytes(2880))
+    with pytest.raises(CubeFormatError, match=r"headers declare 11\.7 GB"):
+        read_cube(huge)
