@@ -132,8 +132,8 @@ class Archive:
         raise damaged(self.root / paths.MANIFEST, self.root, problem)
 
     def _unaccounted_segment(self, top: _Top) -> str | None:
-        if top.version < 3:
-            return None  # earlier formats kept no record to compare with
+        if top.version < 2:
+            return None  # format 1 kept its file lists inline, without segments
         try:
             names = [p.name for p in (self.root / paths.MANIFEST_DIR).iterdir()]
         except FileNotFoundError:
