@@ -35,7 +35,7 @@ import polars as pl
 import torch
 
 from desomdb.archive.store import Archive
-from desomdb.pipeline import train
+from desomdb.pipeline import training_set
 from desomdb.query import views
 from desomdb.som import inference, lattice, model, registry
 
@@ -166,13 +166,13 @@ def main(argv: list[str] | None = None) -> None:
     cfg = m.cfg
     splits = pl.from_arrow(arch.read("splits", model_id=model_id))
     assert isinstance(splits, pl.DataFrame)
-    rows = train.select_training(arch, "true", cfg.seed).rows.drop("split").join(
+    rows = training_set.select_training(arch, "true", cfg.seed).rows.drop("split").join(
         splits, on="mangaid")
     tr = rows.filter(pl.col("split") == "train")
     te = rows.filter(pl.col("split") == "test")
     tr_fit = tr.sample(min(N_FIT, tr.height), seed=0)
-    x_tr, _ = train.load_rows(arch, tr_fit)
-    x_te, w_te = train.load_rows(arch, te)
+    x_tr, _ = training_set.load_rows(arch, tr_fit)
+    x_te, w_te = training_set.load_rows(arch, te)
     print(f"model {model_id} ({cfg.name}, {cfg.map_rows}x{cfg.map_cols}); {tr_fit.height} "
           f"train / {te.height} held-out spectra of {splits.height} galaxies; PCA-{k_pca}; "
           f"{epochs} SOM epochs")

@@ -19,7 +19,7 @@ import torch
 from bench_gpu import throughput  # the one throughput measurement (sibling script)
 
 from desomdb.archive.store import Archive
-from desomdb.pipeline import assign, train
+from desomdb.pipeline import assign, train, training_set
 from desomdb.som import model, registry
 
 
@@ -28,16 +28,16 @@ def held_out(arch: Archive, preset: str, iterations: int, batch: int) -> dict[st
                                 pretrain_iters=iterations // 4, batch_size=batch,
                                 map_rows=8, map_cols=8, eval_every=max(iterations // 4, 1),
                                 patience=100)
-    sel = train.select_training(arch, "trainable", 0)
+    sel = training_set.select_training(arch, "trainable", 0)
     tr = sel.rows.filter(pl.col("split") == "train")
     te = sel.rows.filter(pl.col("split") == "test")
-    x_te, w_te = train.load_rows(arch, te)
-    x_tr, _ = train.load_rows(arch, tr)
+    x_te, w_te = training_set.load_rows(arch, te)
+    x_tr, _ = training_set.load_rows(arch, tr)
     torch.manual_seed(0)
     m = model.Desom(cfg)
     state = Path(f"/tmp/bench_desom_{preset}.pt")
     state.unlink(missing_ok=True)
-    loop = train.fit(m, train.stream_batches(arch, tr, batch, np.random.default_rng(0)),
+    loop = train.fit(m, training_set.stream_batches(arch, tr, batch, np.random.default_rng(0)),
                      x_te, w_te, "cpu", state, desc=preset)
     state.unlink(missing_ok=True)
     ev = train.evaluate(m, x_te, w_te, "cpu")

@@ -70,12 +70,12 @@ def family_latents(n: int, dim: int = 256, seed: int = 0) -> np.ndarray:
 def archive_latents(archive: Path) -> np.ndarray:
     """The archive's spectra encoded by its current DESOM-1."""
     from desomdb.archive.store import Archive
-    from desomdb.pipeline import train
+    from desomdb.pipeline import training_set
     from desomdb.som import inference, registry
 
     arch = Archive(archive)
     m1, _ = registry.load_model(arch, registry.resolve_model(arch, None))
-    x, _ = train.load_rows(arch, train.select_training(arch, "true", 0).rows)
+    x, _ = training_set.load_rows(arch, training_set.select_training(arch, "true", 0).rows)
     return inference.encode_all(m1, x, "cpu")
 
 

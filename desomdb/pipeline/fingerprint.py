@@ -34,13 +34,8 @@ from desomdb.archive.store import Archive
 from desomdb.archive.writer import Writer
 from desomdb.errors import ModelError
 from desomdb.pipeline import similar_index
-from desomdb.pipeline.train import (
-    BatchStream,
-    evaluate,
-    fit,
-    galaxy_test_split,
-    resumed_model_id,
-)
+from desomdb.pipeline.train import evaluate, fit, resumed_model_id
+from desomdb.pipeline.training_set import BatchStream, galaxy_test_split
 from desomdb.query import views
 from desomdb.som import registry
 from desomdb.som.inference import encode_all, nearest_nodes

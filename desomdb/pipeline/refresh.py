@@ -175,10 +175,11 @@ def retrain(arch: Archive, parent_id: str, device: str = "cpu", progress: bool =
     Idempotent: the same parent and data give the same model id, which is not trained twice.
     """
     from desomdb.pipeline import train as train_mod
+    from desomdb.pipeline import training_set
 
     parent, _ = registry.load_model(arch, parent_id, device)
     spec = arch.read("models", columns=["data_spec"], model_id=parent_id).column(0)[0].as_py()
-    where = json.loads(spec).get("where", train_mod.DEFAULT_WHERE)
+    where = json.loads(spec).get("where", training_set.DEFAULT_WHERE)
     cfg = warm_start_config(parent.cfg, parent_id)
     return train_mod.train(arch.root, cfg, where=where, device=device, progress=progress,
                            parent_model_id=parent_id, init_state=parent.state_dict())

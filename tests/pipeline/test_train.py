@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from desomdb.archive.store import Archive
 from desomdb.cli import main
 from desomdb.errors import ConfigError, ModelError, QueryError
-from desomdb.pipeline import assign, train
+from desomdb.pipeline import assign, train, training_set
 from desomdb.query import views
 from desomdb.som import checkpoint, inference, model, registry
 
@@ -113,7 +113,7 @@ def test_rerun_assign_resumes_without_duplicates(trained_archive) -> None:
 def test_bad_training_filter(trained_archive) -> None:
     arch_path, _, _ = trained_archive
     with pytest.raises(QueryError, match="no_such_column"):
-        train.select_training(Archive(arch_path), "no_such_column > 1")
+        training_set.select_training(Archive(arch_path), "no_such_column > 1")
 
 
 def test_cli_model_list_and_use(trained_archive) -> None:
@@ -202,7 +202,7 @@ class _KilledError(Exception):
     pass
 
 
-class _DyingStream(train.BatchStream):
+class _DyingStream(training_set.BatchStream):
     """A batch stream whose process 'dies' when it reaches ``limit`` batches."""
 
     limit = 0
@@ -279,7 +279,7 @@ def test_checkpoint_of_another_stream_or_format_is_refused(tmp_path, one_thread)
     dying.limit = 30
     with pytest.raises(_KilledError):
         _desom2_fit(cfg, x, state, dying)
-    other_seed = train.BatchStream([len(x)], lambda _: (x, np.ones_like(x)), cfg.batch_size,
+    other_seed = training_set.BatchStream([len(x)], lambda _: (x, np.ones_like(x)), cfg.batch_size,
                                    np.random.default_rng(cfg.seed + 1), buffer_rows=len(x))
     with pytest.raises(ModelError, match="does not reproduce the checkpoint's data order"):
         _desom2_fit(cfg, x, state, other_seed)
@@ -338,9 +338,9 @@ def test_trained_model_stores_the_training_mean(trained_archive) -> None:
     m, _ = registry.load_model(arch, model_id)
     assert m.cfg.standardise and m.cfg.gamma_mode == "relative"
     splits = _frame(arch.read("splits", model_id=model_id))
-    rows = train.select_training(arch, "true", 0).rows.join(
+    rows = training_set.select_training(arch, "true", 0).rows.join(
         splits.filter(pl.col("split") == "train").select("mangaid"), on="mangaid")
-    x, w = train.load_rows(arch, rows)
+    x, w = training_set.load_rows(arch, rows)
     mean = (x * w).sum(0) / np.maximum(w.sum(0), 1)
     good = w.sum(0) > 0
     # A stream sample of 4,096 rows with repeats: close to the exact training mean.
@@ -348,9 +348,9 @@ def test_trained_model_stores_the_training_mean(trained_archive) -> None:
     con = views.connect(arch_path)
     a = con.sql(f"select release, plateifu, bin_id, node from assignments "
                 f"where model_id = '{model_id}' order by all limit 50").pl()
-    a = a.join(train.select_training(arch, "true", 0).rows.drop("split"),
+    a = a.join(training_set.select_training(arch, "true", 0).rows.drop("split"),
                on=["release", "plateifu", "bin_id"], maintain_order="left")
-    xa, _ = train.load_rows(arch, a)
+    xa, _ = training_set.load_rows(arch, a)
     z = inference.encode_all(m, xa)
     with torch.no_grad():
         z_raw = m.encoder(torch.from_numpy(xa)).numpy()
@@ -388,8 +388,8 @@ def test_bf16_encoding_agrees_with_fp32(trained_archive) -> None:
     arch_path, model_id, _ = trained_archive
     arch = Archive(arch_path)
     m, _ = registry.load_model(arch, model_id)
-    rows = train.select_training(arch, "true", 0).rows
-    x, _ = train.load_rows(arch, rows)
+    rows = training_set.select_training(arch, "true", 0).rows
+    x, _ = training_set.load_rows(arch, rows)
     z32 = inference.encode_all(m, x, "cpu")
     z16 = inference.encode_all(m, x, "cpu", precision="bf16")
     assert z16.dtype == np.float32
