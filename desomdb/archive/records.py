@@ -84,32 +84,18 @@ def damaged(path: Path, root: Path, why: str) -> ArchiveError:
                         + RESTORE_HINT.format(root=root))
 
 
-def load_json(path: Path, root: Path) -> dict[str, Any]:
-    """Read a manifest file (``_manifest.json`` or a segment) as a JSON object, or say why not."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise damaged(path, root, "the file is missing") from None
-    except OSError as exc:
-        raise ArchiveError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise damaged(path, root, f"not valid JSON: {exc.msg} at line {exc.lineno}, "
-                                   "perhaps truncated") from None
-    if not isinstance(data, dict):
-        raise damaged(path, root, "not a JSON object")
-    return data
+def load_json(path: Path, root: Path, size: int | None = None,
+              sha256: str | None = None) -> dict[str, Any]:
+    """Read a manifest file (``_manifest.json`` or a segment) as a JSON object, or say why not.
 
-
-def load_segment(path: Path, root: Path, size: int, sha256: str) -> dict[str, Any]:
-    """Read a manifest segment and check it against the size and sha256 the top recorded.
+    With ``size`` and ``sha256`` (a segment's record in the top file), the bytes must be
+    the ones committed.
 
     Raises
     ------
     ArchiveError
-        If it is missing, unreadable, or not the file that was committed (edited, truncated
-        or replaced): the archive is damaged.
+        If it is missing, unreadable, not a JSON object, or not the file that was committed
+        (edited, truncated or replaced): the archive is damaged.
     """
     try:
         data = path.read_bytes()
@@ -117,14 +103,16 @@ def load_segment(path: Path, root: Path, size: int, sha256: str) -> dict[str, An
         raise damaged(path, root, "the file is missing") from None
     except OSError as exc:
         raise ArchiveError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+    if sha256 is not None and (len(data) != size
+                               or hashlib.sha256(data).hexdigest() != sha256):
         raise damaged(path, root, f"{len(data)} bytes whose sha256 differs from what "
                                   f"{paths.MANIFEST} recorded at commit: it was edited, "
                                   "truncated or replaced")
     try:
         parsed = json.loads(data)
     except json.JSONDecodeError as exc:
-        raise damaged(path, root, f"not valid JSON: {exc.msg}") from None
+        raise damaged(path, root, f"not valid JSON: {exc.msg} at line {exc.lineno}, "
+                                  "perhaps truncated") from None
     if not isinstance(parsed, dict):
         raise damaged(path, root, "not a JSON object")
     return parsed

@@ -43,7 +43,6 @@ from desomdb.archive.records import (
     damaged,
     exclusive,
     load_json,
-    load_segment,
 )
 from desomdb.archive.writer import Writer
 from desomdb.atomic import parquet_format, write_error, write_json_atomic
@@ -196,10 +195,8 @@ class Archive:
             return {}
         path = self.root / name
         record = top.segment_records.get(table)
-        if record is None:
-            data = load_json(path, self.root)
-        else:
-            data = load_segment(path, self.root, record[0], record[1])
+        data = (load_json(path, self.root) if record is None
+                else load_json(path, self.root, record[0], record[1]))
         files = data.get("files")
         if not isinstance(files, dict):
             raise damaged(path, self.root, "'files' is not a mapping")
