@@ -53,6 +53,7 @@ def test_export_hats_refuses_an_existing_out_and_a_half_built_archive(full_archi
                                                                       tmp_path) -> None:
     arch, _, _, _ = full_archive
     (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")  # an empty folder may be used
     result = CliRunner().invoke(main, ["export-hats", str(arch), str(tmp_path / "taken")])
     assert result.exit_code != 0 and "--overwrite" in result.output
     with pytest.raises(ArchiveError, match=r"labels \(desomdb label\)"):

@@ -91,6 +91,9 @@ def test_plot_one_figure(full_archive, tmp_path) -> None:
                                        ",".join(map(str, nodes)), "--out", str(out)])
     assert result.exit_code == 0, result.output
     _non_blank(out)
+    again = CliRunner().invoke(main, ["plot", str(arch), "fig6_node_pdfs", "--out", str(out)])
+    assert again.exit_code != 0 and "--overwrite" in again.output  # never replaced unasked
+    out = tmp_path / "other.png"
     bad = CliRunner().invoke(main, ["plot", str(arch), "fig99", "--out", str(out)])
     assert bad.exit_code != 0 and "fig3_prototypes" in bad.output
     off = CliRunner().invoke(main, ["plot", str(arch), "fig4_templates", "--nodes", "999",
