@@ -40,6 +40,22 @@ class TemplateLibraryError(DesomdbError):
     """The stellar-population template library cannot be built or loaded."""
 
 
+class JobInterruptedError(DesomdbError):
+    """A job stopped by Ctrl-C or SIGTERM; the work it had finished is kept.
+
+    Attributes
+    ----------
+    n_done, n_left : int
+        Tasks finished (and handed to the job, which commits them) and tasks not run.
+    """
+
+    exit_code = 130  # as a shell reports a process stopped by SIGINT
+
+    def __init__(self, message: str, n_done: int = 0, n_left: int = 0):
+        super().__init__(message)
+        self.n_done, self.n_left = n_done, n_left
+
+
 class ModelError(DesomdbError):
     """A DESOM model checkpoint is missing, corrupt, or does not match the archive."""
 

@@ -93,3 +93,24 @@ def test_label_takes_a_per_cube_limit(ingested, tmp_path) -> None:
     per_cube = views.connect(copy).sql("select plateifu, count(*) from labels group by 1"
                                        ).fetchall()
     assert len(per_cube) == report.n_ingested and all(n == 1 for _, n in per_cube)
+
+
+def test_light_commands_and_error_paths_do_not_import_torch(ingested) -> None:
+    """Seen: 'desomdb status nope' took 6-7 s on a busy machine, importing torch to fail."""
+    import subprocess
+    import sys
+
+    arch = str(ingested[0])
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from desomdb.cli import main\n"
+        f"for args in (['--help'], ['status', '/nope'], ['status', {arch!r}],\n"
+        f"             ['sql', '/nope', 'select 1'], ['sql', {arch!r}, 'select 1'],\n"
+        "             ['check', '/nope'], ['label', '/nope']):\n"
+        "    CliRunner().invoke(main, args)\n"
+        "print(sorted(m for m in ('torch', 'matplotlib', 'astropy.cosmology')"
+        " if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -30,10 +30,9 @@ import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 
 from desomdb.archive import hooks, paths
 from desomdb.archive.records import (
@@ -47,6 +46,9 @@ from desomdb.archive.records import (
 from desomdb.archive.writer import Writer
 from desomdb.atomic import parquet_format, write_error, write_json_atomic
 from desomdb.errors import ArchiveError, first_line
+
+if TYPE_CHECKING:  # pyarrow.dataset (and pandas with it) only when a table is read
+    import pyarrow.dataset as ds
 
 #: Versions this code reads (version 1 kept every table's file list inline, without
 #: checksums; version 2 kept no record of its segments; the first commit rewrites either as
@@ -294,6 +296,8 @@ class Archive:
                 + "; run the stage that writes it first (see 'desomdb --help')"
             )
         try:
+            import pyarrow.dataset as ds
+
             return ds.dataset(
                 [str(f) for f in files],
                 format=parquet_format(),

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
 from desomdb._version import __version__
-from desomdb.errors import ConfigError, DesomdbError
+from desomdb.errors import ConfigError, DesomdbError, JobInterruptedError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,6 +33,10 @@ def _friendly_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except JobInterruptedError as exc:
+            click.echo(f"desomdb: {exc}; what was committed is kept: rerun the same command "
+                       "to continue", err=True)
+            sys.exit(exc.exit_code)
         except DesomdbError as exc:
             click.echo(f"desomdb: error: {exc}", err=True)
             sys.exit(exc.exit_code)
@@ -72,6 +78,14 @@ def main() -> None:
     Example:
       desomdb demo --out /tmp/desomdb-demo
     """
+    # SIGTERM (a batch system's kill, 'kill PID') stops a job as Ctrl-C does: finished work
+    # is committed and the command says how to continue.
+    if threading.current_thread() is threading.main_thread():  # only it may set handlers
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _ifu_sizes(text: str) -> tuple[int, ...]:

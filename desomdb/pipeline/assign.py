@@ -36,7 +36,7 @@ from desomdb.archive.records import StagedFile
 from desomdb.archive.store import Archive
 from desomdb.archive.writer import Writer
 from desomdb.atomic import atomic_write, read_parquet
-from desomdb.errors import ArchiveError
+from desomdb.errors import ArchiveError, JobInterruptedError
 from desomdb.pipeline import node_labels, similar_index
 from desomdb.pipeline.node_table import beyond_p99_counts, write_nodes
 from desomdb.query import versions
@@ -324,10 +324,16 @@ def assign(archive: str | Path, model_id: str | None = None, device: str = "cpu"
                 pending.clear()
                 last[0] = time.monotonic()
 
-        run = runner.run_tasks(assign_cube, plan.tasks, workers=workers, scheduler=scheduler,
-                               desc=f"assign {model_id}", progress=progress,
-                               labels=[f"{t.release} {t.plateifu}" for t in plan.tasks],
-                               on_result=on_result, keep_results=False)
+        try:
+            run = runner.run_tasks(assign_cube, plan.tasks, workers=workers,
+                                   scheduler=scheduler, desc=f"assign {model_id}",
+                                   progress=progress,
+                                   labels=[f"{t.release} {t.plateifu}" for t in plan.tasks],
+                                   on_result=on_result, keep_results=False)
+        except JobInterruptedError:
+            if pending:  # the cubes assigned so far are kept; the node tables wait for a rerun
+                writer.commit(add=pending)
+            raise
         if pending:
             writer.commit(add=pending)
         seconds = time.perf_counter() - t0

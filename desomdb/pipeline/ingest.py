@@ -30,7 +30,7 @@ from desomdb.archive.records import StagedFile
 from desomdb.archive.store import Archive
 from desomdb.archive.writer import Writer
 from desomdb.atomic import PARQUET_OPTIONS
-from desomdb.errors import InputDataError
+from desomdb.errors import InputDataError, JobInterruptedError
 from desomdb.pipeline import baxels, carry
 from desomdb.pipeline.jobs import IngestConfig, IngestJob
 from desomdb.pipeline.jobs import load_job as load_job  # the job file's reader, re-exported
@@ -307,12 +307,16 @@ def ingest(
                 pending.clear()
                 last[0] = time.monotonic()
 
-        run = runner.run_tasks(
-            _cube_task, tasks, workers=job.workers, scheduler=job.scheduler,
-            desc=f"ingest {rel}", progress=progress,
-            labels=[",".join(c.plateifu for c in batch) for batch in batches],
-            on_result=on_result, setup=binning.preload,
-        )
+        try:
+            run = runner.run_tasks(
+                _cube_task, tasks, workers=job.workers, scheduler=job.scheduler,
+                desc=f"ingest {rel}", progress=progress,
+                labels=[",".join(c.plateifu for c in batch) for batch in batches],
+                on_result=on_result, setup=binning.preload,
+            )
+        except JobInterruptedError:
+            _commit_outcomes(writer, rel, pending, report)  # the cubes already done are kept
+            raise
         _commit_outcomes(writer, rel, pending, report)
         for failure in run.failures:  # a whole task died (e.g. a worker killed)
             report.failed.extend((p, failure.error) for p in failure.label.split(","))

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Any
 
-from desomdb.errors import DesomdbError
+from desomdb.errors import DesomdbError, JobInterruptedError
 from desomdb.runtime.progress import progress_bar
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -111,7 +111,12 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 def _worker_init(parent_pid: int, setup: Callable[[], None] | None = None) -> None:
-    """Set up a local pool worker: die with the parent, run one thread, run ``setup``."""
+    """Set up a local pool worker: die with the parent, run one thread, run ``setup``.
+
+    Ctrl-C reaches every process of the terminal's group; a worker ignores it and leaves the
+    decision to the parent (:func:`run_tasks` keeps finished work and stops the rest).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent(parent_pid)
     _single_thread_init()
     if setup is not None:
@@ -178,7 +183,10 @@ def run_tasks(
     failures: list[TaskFailure] = []
     bar = progress_bar(len(tasks), desc, unit="task", enabled=progress)
 
+    finished = [0]
+
     def record(i: int, ok: bool, value: Any) -> None:
+        finished[0] += 1
         if ok:
             results[i] = value if keep_results else None
             if on_result is not None:
@@ -201,22 +209,49 @@ def run_tasks(
             ctx = get_context("spawn")
             # PDEATHSIG fires when the *thread* that started a worker exits; the pool starts
             # workers from submit(), i.e. from this thread, which outlives the pool.
-            with ProcessPoolExecutor(
-                max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                initargs=(os.getpid(), setup),
-            ) as pool:
-                futures = {pool.submit(_call, func, t): i for i, t in enumerate(tasks)}
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                       initializer=_worker_init, initargs=(os.getpid(), setup))
+            futures = {pool.submit(_call, func, t): i for i, t in enumerate(tasks)}
+            try:
                 for fut in as_completed(futures):
                     i = futures.pop(fut)  # a finished future holds its result
-                    try:
-                        ok, value = fut.result()
-                    except Exception as exc:  # a worker process died (e.g. out of memory)
-                        ok, value = False, (f"worker died: {type(exc).__name__}: {exc}", "")
-                    record(i, ok, value)
+                    record(i, *_outcome(fut))
+            except KeyboardInterrupt:
+                _stop(pool, futures, record)
+                raise
+            pool.shutdown(wait=True)
+    except KeyboardInterrupt:
+        done = finished[0]
+        raise JobInterruptedError(f"{desc}: interrupted after {done} of {len(tasks)} task(s)",
+                                  n_done=done, n_left=len(tasks) - done) from None
     finally:
         bar.close()
     failures.sort(key=lambda f: names.index(f.label))
     return RunReport(results, failures)
+
+
+def _outcome(fut: Any) -> tuple[bool, Any]:
+    try:
+        ok, value = fut.result()
+    except Exception as exc:  # a worker process died (e.g. out of memory)
+        ok, value = False, (f"worker died: {type(exc).__name__}: {exc}", "")
+    return ok, value
+
+
+def _stop(pool: ProcessPoolExecutor, futures: dict[Any, int],
+          record: Callable[[int, bool, Any], None]) -> None:
+    """On Ctrl-C: hand over what already finished, cancel the queue, stop the workers now.
+
+    Without this, leaving the pool's context waited for every queued task (minutes), and a
+    second Ctrl-C lost the tasks that had finished but were not yet handed over.
+    """
+    for fut, i in list(futures.items()):
+        if fut.done() and not fut.cancelled():
+            futures.pop(fut)
+            record(i, *_outcome(fut))
+    for proc in list(getattr(pool, "_processes", {}).values()):
+        proc.terminate()  # a task half done is dropped; it runs again on the next attempt
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _run_dask(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -20,8 +20,9 @@ from desomdb.archive.store import Archive
 from desomdb.archive.writer import Writer
 from desomdb.atomic import write_json_atomic
 from desomdb.errors import ModelError, QueryError
-from desomdb.som import checkpoint
-from desomdb.som.model import Desom, DesomConfig
+
+if TYPE_CHECKING:  # torch is imported where a model is saved or loaded, not by status or sql
+    from desomdb.som.model import Desom, DesomConfig
 
 
 def current_model(archive: Archive, kind: str = "desom1") -> str | None:
@@ -155,6 +156,8 @@ def save_and_register(
     also : list of StagedFile, optional
         Further files of the same unit (splits, fingerprints) committed with the row.
     """
+    from desomdb.som import checkpoint
+
     artefact, digest = checkpoint.save(model, paths.artefact_dir(writer.root, model_id),
                                        model_id, metrics, extra)
 
@@ -180,5 +183,7 @@ def load_model(arch: Archive, model_id: str, device: str = "cpu") -> tuple[Desom
     t = arch.read("models", columns=["artefact_path"], model_id=model_id)
     if t.num_rows != 1:
         raise QueryError(f"model {model_id} has {t.num_rows} registry rows")
+    from desomdb.som import checkpoint
+
     return checkpoint.load(arch.root / t.column("artefact_path")[0].as_py(), device)
 

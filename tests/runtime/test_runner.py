@@ -141,3 +141,39 @@ def test_results_handed_to_on_result_are_not_kept(workers: int) -> None:
                               on_result=take, keep_results=False)
     assert report.results == [None] * 6 and not report.failures
     assert alive_after == [0] * 6  # every earlier result was already released
+
+
+def test_ctrl_c_keeps_finished_cubes_and_the_rerun_fits_only_the_rest(ingested,
+                                                                      tmp_path) -> None:
+    """Seen: Ctrl-C during 'desomdb label' took 317 s and discarded every finished cube."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from desomdb.archive.store import Archive
+    from desomdb.pipeline import labels
+
+    root = tmp_path / "arch"
+    shutil.copytree(ingested[0], root)
+    n_cubes = Archive(root).read("cubes").num_rows
+    proc = subprocess.Popen([sys.executable, "-m", "desomdb.cli", "label", str(root),
+                             "--workers", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        if Archive(root).files("labels"):
+            break
+        time.sleep(0.1)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    stopped_in = time.monotonic() - t0
+    assert proc.returncode == 130, err
+    assert "interrupted after" in err and "what was committed is kept" in err, err
+    assert "Traceback" not in err and stopped_in < 30
+    kept = len(Archive(root).files("labels"))
+    assert 0 < kept < n_cubes  # the finished cubes are committed, the rest is not
+    again = labels.label(root, workers=1, progress=False)
+    assert again.n_skipped_cubes == kept and again.n_cubes == n_cubes - kept
