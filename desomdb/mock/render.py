@@ -16,7 +16,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from desomdb.atomic import atomic_write
-from desomdb.constants import COSMOLOGY, FWHM_PER_SIGMA, L_SUN_ERG_S, MPC_CM
+from desomdb.constants import FWHM_PER_SIGMA, L_SUN_ERG_S, luminosity_distance_cm
 from desomdb.mock.galaxy import GalaxyParams, SpaxelModel, spaxel_model
 from desomdb.science import dust, emission, geometry, templates
 from desomdb.survey import manga
@@ -120,13 +120,13 @@ def _library_lsf_obs(lib: templates.TemplateLibrary, wave: np.ndarray, z: float)
 
 def _flux_scale(z: float) -> float:
     """L_sun/Å (rest) -> 1e-17 erg/s/cm^2/Å (observed) at redshift z."""
-    d_l = COSMOLOGY.luminosity_distance(z).value * MPC_CM
+    d_l = luminosity_distance_cm(z)
     return float(L_SUN_ERG_S / (4 * np.pi * d_l**2) / (1 + z) / 1e-17)
 
 
 def _line_flux_scale(z: float) -> float:
     """erg/s -> 1e-17 erg/s/cm^2 at redshift z."""
-    d_l = COSMOLOGY.luminosity_distance(z).value * MPC_CM
+    d_l = luminosity_distance_cm(z)
     return float(1.0 / (4 * np.pi * d_l**2) / 1e-17)
 
 

@@ -81,7 +81,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from desomdb.constants import COSMOLOGY, L_SUN_ERG_S, MPC_CM
+from desomdb.constants import L_SUN_ERG_S, luminosity_distance_cm
 from desomdb.errors import ConfigError
 from desomdb.science import dust, emission, gas, spectra
 from desomdb.science.fastfit import _fit_fast
@@ -247,7 +247,7 @@ def fit_spectrum(
         row["mh_imw"] = float((weights * sps.metal_grid).sum() / weights.sum())
         row["log_ml_r"] = float(np.log10(sps.mass_to_light(weights, band="SDSS/r", quiet=True)))
     # Initial mass per unit weight: galaxy units × norm_flux × 1e-17 × 4π D_L² / L_sun.
-    d_l = COSMOLOGY.luminosity_distance(z).value * MPC_CM
+    d_l = luminosity_distance_cm(z)
     flux_to_lum = norm_flux * 1e-17 * 4 * np.pi * d_l**2  # erg/s per (galaxy unit × Å)
     mstar = current.sum() / setup.mass_scale * flux_to_lum / L_SUN_ERG_S
     row["log_mstar"] = float(np.log10(mstar)) if mstar > 0 else np.nan
