@@ -103,7 +103,8 @@ def _ifu_sizes(text: str) -> tuple[int, ...]:
 #: The per-cube pPXF limit, one option for label, refresh and demo.
 _label_max_per_cube = click.option(
     "--label-max-per-cube", type=int,
-    help="fit at most this many baxels per cube, evenly spaced (quick looks; default: all)")
+    help="label at most this many baxels per cube, evenly spaced, counting those labelled "
+         "before (quick looks; default: all)")
 
 
 def _node_list(text: str | None) -> list[int] | None:

@@ -137,10 +137,7 @@ def _summary(arch: Archive, model_id: str | None) -> tuple[pa.Table, int]:
         present = {r[0] for r in con.sql(
             "select view_name from duckdb_views() where not internal").fetchall()}
         if "galaxy_summary" not in present:
-            needs = [("galaxies", "desomdb ingest"), ("labels", "desomdb label"),
-                     ("assignments", "desomdb train --use and desomdb assign"),
-                     ("fingerprints", "desomdb fingerprints")]
-            missing = [f"{v} ({cmd})" for v, cmd in needs if v not in present]
+            missing = views.missing_inputs("galaxy_summary", present)
             raise ArchiveError(f"{arch.root}: the galaxy_summary view needs "
                                f"{', '.join(missing) or 'a current DESOM-1 model'}")
         if model_id is None:

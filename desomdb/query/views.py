@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 from functools import lru_cache
 from importlib import resources
@@ -56,6 +57,40 @@ READ_SETTINGS = ("set parquet_metadata_cache = true",)
 
 def _file_list(files: list[str]) -> str:
     return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
+
+
+#: The command that writes each table, for messages about a view whose inputs are missing.
+WRITTEN_BY = {
+    "cubes": "desomdb ingest", "galaxies": "desomdb ingest", "baxels": "desomdb ingest",
+    "spectra": "desomdb ingest", "bin_map": "desomdb ingest",
+    "truth": "desomdb ingest of a mock survey", "labels": "desomdb label",
+    "label_errors": "desomdb calibrate", "models": "desomdb train",
+    "splits": "desomdb train", "assignments": "desomdb assign", "nodes": "desomdb assign",
+    "node_partials": "desomdb assign", "node_labels": "desomdb assign",
+    "fingerprints": "desomdb fingerprints",
+}
+
+
+def missing_inputs(view: str, present: set[str]) -> list[str]:
+    """List the tables ``view`` reads (directly or through views) that are not ``present``.
+
+    Each as ``"table (command that writes it)"``; empty when the view is not one of the
+    package's or lacks nothing.
+    """
+    defs = view_sql()
+    if view not in defs:
+        return []
+    seen: set[str] = set()
+    todo = [view]
+    while todo:
+        name = todo.pop()
+        for dep in defs:
+            if dep not in seen and dep != name and re.search(rf"\b(from|join) {dep}\b",
+                                                            defs[name]):
+                seen.add(dep)
+                todo.append(dep)
+    return [f"{t} ({WRITTEN_BY.get(t, 'a pipeline stage')})"
+            for t in paths.TABLES if t in seen and t not in present]
 
 
 def view_sql() -> dict[str, str]:
@@ -464,6 +499,12 @@ def query(con: ReadOnlyConnection | duckdb.DuckDBPyConnection, sql: str
     except duckdb.CatalogException as exc:
         views = sorted(r[0] for r in con.sql(
             "select view_name from duckdb_views() where not internal").fetchall())
+        named = re.search(r"Table with name (\w+) does not exist", str(exc))
+        view = named.group(1) if named else ""
+        needs = missing_inputs(view, set(views)) if view else []
+        if needs:  # one of the package's views, before the stage that feeds it has run
+            raise QueryError(f"view {view!r} is not available yet: it needs "
+                             f"{', '.join(needs)}") from exc
         raise QueryError(f"{exc}\navailable views: {', '.join(views)}") from exc
     except duckdb.BinderException as exc:
         raise QueryError(f"{exc}\n(use 'describe <view>' to list a view's columns)") from exc

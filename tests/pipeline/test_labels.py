@@ -159,3 +159,19 @@ def test_reference_fitter_and_thread_limits_with_one_worker(ingested, tmp_path,
     lab = _frame(Archive(archive).read("labels"))
     assert lab.height == len(set(lab["plateifu"])) > 0
     assert (lab["fitter"] == fitting.FITTERS["ppxf"]).all() and (lab["status"] == "ok").all()
+
+
+def test_label_max_per_cube_is_at_most_after_an_earlier_sample(ingested, tmp_path) -> None:
+    """Seen: '--label-max-per-cube 40' after the demo's 20 left 52-54 labels per cube."""
+    import shutil
+
+    root = tmp_path / "arch"
+    shutil.copytree(ingested[0], root)
+    labels.label(root, workers=1, progress=False, max_per_cube=3)
+    labels.label(root, workers=1, progress=False, max_per_cube=4)
+    arch = Archive(root)
+    n_baxels = _frame(arch.read("baxels")).group_by("plateifu").len()
+    n_labels = _frame(arch.read("labels")).group_by("plateifu").len()
+    got = dict(zip(n_labels["plateifu"], n_labels["len"], strict=True))
+    for pifu, n in zip(n_baxels["plateifu"], n_baxels["len"], strict=True):
+        assert got[pifu] == min(4, n), pifu

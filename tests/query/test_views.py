@@ -379,3 +379,18 @@ def test_model_use_regenerates_setup_sql_and_the_query_cache(trained_archive, tm
     assert f"current_model() as '{model_id}'" in (root / paths.SETUP_SQL).read_text()
     with views.connect(root) as con:
         assert _cache_in_use(con)
+
+
+def test_a_view_before_its_stage_has_run_says_which_command_feeds_it(ingested) -> None:
+    """Seen: 'sql ... galaxy_summary' before fingerprints gave DuckDB's raw 'does not exist'."""
+    from desomdb.errors import QueryError
+
+    con = views.connect(ingested[0])
+    with pytest.raises(QueryError) as info:
+        views.query(con, "select * from galaxy_summary")
+    text = str(info.value)
+    assert text.startswith("view 'galaxy_summary' is not available yet: it needs ")
+    assert "labels (desomdb label)" in text and "fingerprints (desomdb fingerprints)" in text
+    assert "galaxies" not in text.split("needs ")[1]  # ingest has run: not asked for again
+    with pytest.raises(QueryError, match="available views"):  # a name that is no view
+        views.query(con, "select * from no_such_view")
