@@ -114,3 +114,12 @@ def test_light_commands_and_error_paths_do_not_import_torch(ingested) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_tables_in_a_pipe_never_wrap_a_model_id(trained_archive) -> None:
+    """Seen: tables printed to a pipe wrapped at ~80 columns, splitting model ids."""
+    arch, model_id, _ = trained_archive
+    result = CliRunner().invoke(main, ["sql", str(arch), "select * from node_summary limit 2"])
+    assert result.exit_code == 0, result.output
+    rows = [ln for ln in result.output.splitlines() if ln.startswith("│ desom1")]
+    assert len(rows) == 2 and all(model_id in ln for ln in rows), result.output

@@ -42,7 +42,9 @@ def _friendly_errors(func: F) -> F:
             sys.exit(exc.exit_code)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
-        except Exception as exc:
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # also a Rust panic in a library (pyo3's PanicException)
             if os.environ.get("DESOMDB_DEBUG"):
                 raise
             click.echo(f"desomdb: error: {_unexpected(exc)}", err=True)
@@ -51,7 +53,7 @@ def _friendly_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _unexpected(exc: Exception) -> str:
+def _unexpected(exc: BaseException) -> str:
     """One line for an error desomdb did not raise itself."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, OSError) and exc.filename:
@@ -61,10 +63,17 @@ def _unexpected(exc: Exception) -> str:
 
 
 def pl_config() -> Any:
-    """Polars display settings for terminal tables."""
+    """Polars display settings for printed tables.
+
+    On a terminal, tables fit its width; in a pipe or a log, cells are never wrapped (a
+    model id split over two lines cannot be copied or grepped).
+    """
+    import shutil
+
     import polars as pl
 
-    return pl.Config(tbl_rows=50, tbl_cols=20, tbl_width_chars=160)
+    width = shutil.get_terminal_size((160, 24)).columns if sys.stdout.isatty() else 65_535
+    return pl.Config(tbl_rows=50, tbl_cols=20, tbl_width_chars=width, fmt_str_lengths=100)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
