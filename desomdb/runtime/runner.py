@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Any
@@ -184,18 +184,21 @@ def run_tasks(
     bar = progress_bar(len(tasks), desc, unit="task", enabled=progress)
 
     finished = [0]
+    stop = _Interrupts()
 
     def record(i: int, ok: bool, value: Any) -> None:
-        finished[0] += 1
-        if ok:
-            results[i] = value if keep_results else None
-            if on_result is not None:
-                on_result(i, value)
-        else:
-            failures.append(TaskFailure(names[i], value[0], value[1]))
-        bar.update(1)
+        with stop.deferred():  # a result being committed is never cut in half
+            finished[0] += 1
+            if ok:
+                results[i] = value if keep_results else None
+                if on_result is not None:
+                    on_result(i, value)
+            else:
+                failures.append(TaskFailure(names[i], value[0], value[1]))
+            bar.update(1)
 
     try:
+        stop.install()
         if scheduler:
             _run_dask(func, tasks, scheduler, record, setup)
         elif workers <= 1 or len(tasks) <= 1:
@@ -213,10 +216,16 @@ def run_tasks(
                                        initializer=_worker_init, initargs=(os.getpid(), setup))
             futures = {pool.submit(_call, func, t): i for i, t in enumerate(tasks)}
             try:
-                for fut in as_completed(futures):
-                    i = futures.pop(fut)  # a finished future holds its result
-                    record(i, *_outcome(fut))
+                while futures:
+                    # A timed wait: a signal is handled within POLL_SECONDS, not when the
+                    # next task happens to finish.
+                    ready, _ = wait(futures, timeout=POLL_SECONDS,
+                                    return_when=FIRST_COMPLETED)
+                    for fut in ready:
+                        i = futures.pop(fut)  # a finished future holds its result
+                        record(i, *_outcome(fut))
             except KeyboardInterrupt:
+                stop.ignore()  # a second Ctrl-C must not cut the hand-over short
                 _stop(pool, futures, record)
                 raise
             pool.shutdown(wait=True)
@@ -225,9 +234,61 @@ def run_tasks(
         raise JobInterruptedError(f"{desc}: interrupted after {done} of {len(tasks)} task(s)",
                                   n_done=done, n_left=len(tasks) - done) from None
     finally:
+        stop.restore()
         bar.close()
     failures.sort(key=lambda f: names.index(f.label))
     return RunReport(results, failures)
+
+
+#: How often the parent of a local pool looks for Ctrl-C while it waits for results (s).
+POLL_SECONDS = 0.25
+
+
+class _Interrupts:
+    """SIGINT and SIGTERM as KeyboardInterrupt, but never in the middle of a hand-over.
+
+    While a result is handed to the job (which commits it), a signal is held and raised
+    right after; installed only in the main thread (where Python runs signal handlers).
+    """
+
+    def __init__(self) -> None:
+        self._held = False
+        self._deferring = 0
+        self._ignore = False
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def ignore(self) -> None:
+        self._ignore = True
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self._ignore:
+            return
+        if self._deferring:
+            self._held = True
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+        if self._held and not self._deferring and not self._ignore:
+            self._held = False
+            raise KeyboardInterrupt
 
 
 def _outcome(fut: Any) -> tuple[bool, Any]:
