@@ -253,13 +253,11 @@ class Archive:
         return bool(self._segment(self._top(), table))
 
     def cube_files(self, table: str) -> dict[tuple[str, str], Path]:
-        """Per-cube part files of a release table: ``(release, plateifu) -> file``."""
-        out = {}
-        for f in self.files(table):
-            part = paths.parse_part_name(f.name)
-            if part is not None:
-                out[(paths.parse_partition(str(f.relative_to(self.root)))[2], part[0])] = f
-        return out
+        """Per-cube part files of a release table: ``(release, plateifu) -> file``.
+
+        One file per cube (the last listed, as :meth:`cube_parts` orders them).
+        """
+        return {cube: files[-1] for cube, files in self.cube_parts(table).items()}
 
     def cube_parts(self, table: str, **partition: str) -> dict[tuple[str, str], list[Path]]:
         """Return the committed per-cube part files of a table: ``(release, plateifu) -> files``.

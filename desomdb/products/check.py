@@ -119,13 +119,10 @@ def _check_file(root: Path, rel: str, size: int | None, sha256: str | None,
     if size is not None and actual != size:
         return [Problem("size", rel, f"{path}: {actual} bytes, {size} recorded at commit "
                                      "(truncated or overwritten); restore it from a backup")]
-    if checksums and sha256 is not None:
-        with path.open("rb") as fh:
-            digest = hashlib.file_digest(fh, "sha256").hexdigest()
-        if digest != sha256:
-            return [Problem("checksum", rel, f"{path}: sha256 differs from the one recorded at "
-                                             "commit (the file was changed); restore it from "
-                                             "a backup")]
+    if checksums and sha256 is not None and _sha256(path) != sha256:
+        return [Problem("checksum", rel, f"{path}: sha256 differs from the one recorded at "
+                                         "commit (the file was changed); restore it from "
+                                         "a backup")]
     return []
 
 
@@ -262,6 +259,11 @@ def _check_views(con: duckdb.DuckDBPyConnection) -> list[Problem]:
     return out
 
 
+def _sha256(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 def _check_artefacts(arch: Archive, checksums: bool) -> list[Problem]:
     """Every registered model's checkpoint exists and has the sha256 its row records."""
     if not arch.has_table("models"):
@@ -275,12 +277,9 @@ def _check_artefacts(arch: Archive, checksums: bool) -> list[Problem]:
             out.append(Problem("artefact", str(rel), f"{path}: the checkpoint of model "
                                f"{model_id} is missing; restore it from a backup, or train "
                                "the model again ('desomdb train')"))
-        elif checksums and sha:
-            with path.open("rb") as fh:
-                digest = hashlib.file_digest(fh, "sha256").hexdigest()
-            if digest != sha:
-                out.append(Problem("artefact", str(rel), f"{path}: sha256 differs from the one "
-                                   f"registered for model {model_id}; restore it from a backup"))
+        elif checksums and sha and _sha256(path) != sha:
+            out.append(Problem("artefact", str(rel), f"{path}: sha256 differs from the one "
+                               f"registered for model {model_id}; restore it from a backup"))
     return out
 
 

@@ -54,10 +54,6 @@ def _base_query(table: str) -> str:
     return src
 
 
-def _refs(text: str, names: Any) -> list[str]:
-    return [n for n in names if re.search(rf"\b(from|join) {n}\b", text)]
-
-
 def _body(text: str) -> str:
     return re.sub(r"--[^\n]*\n", "\n", text).replace("current_model()",
                                                    "getvariable('model')").strip()
@@ -69,16 +65,16 @@ def _derived_query(text: str, defs: dict[str, str]) -> str:
     order: list[str] = []
 
     def visit(name: str) -> None:
-        for dep in _refs(derived[name], derived):
+        for dep in views.view_refs(derived[name], derived):
             if dep != name and dep not in order:
                 visit(dep)
         if name not in order:
             order.append(name)
 
-    for dep in _refs(text, derived):
+    for dep in views.view_refs(text, derived):
         visit(dep)
     texts = [text, *(derived[d] for d in order)]
-    used = [t for t in paths.TABLES if any(_refs(x, [t]) for x in texts)]
+    used = [t for t in paths.TABLES if any(views.view_refs(x, [t]) for x in texts)]
     ctes = [f"{t} as ({_base_query(t)})" for t in used]
     ctes += [f"{d} as ({_body(derived[d])})" for d in order]
     return "with " + ",\n".join(ctes) + f"\nselect * from ({_body(text)})"

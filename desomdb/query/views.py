@@ -21,6 +21,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Iterable
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -71,6 +72,11 @@ WRITTEN_BY = {
 }
 
 
+def view_refs(text: str, names: Iterable[str]) -> list[str]:
+    """Return the ``names`` (tables or views) that SQL ``text`` reads (``from``/``join``)."""
+    return [n for n in names if re.search(rf"\b(from|join) {n}\b", text)]
+
+
 def missing_inputs(view: str, present: set[str]) -> list[str]:
     """List the tables ``view`` reads (directly or through views) that are not ``present``.
 
@@ -84,9 +90,8 @@ def missing_inputs(view: str, present: set[str]) -> list[str]:
     todo = [view]
     while todo:
         name = todo.pop()
-        for dep in defs:
-            if dep not in seen and dep != name and re.search(rf"\b(from|join) {dep}\b",
-                                                            defs[name]):
+        for dep in view_refs(defs[name], defs):
+            if dep not in seen and dep != name:
                 seen.add(dep)
                 todo.append(dep)
     return [f"{t} ({WRITTEN_BY.get(t, 'a pipeline stage')})"

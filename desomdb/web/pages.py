@@ -399,6 +399,7 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def csv_text(df: pl.DataFrame) -> str:
+def csv_text(df: pl.DataFrame, header: bool = True) -> str:
     """Return the result as CSV; nested columns (spectra, histograms) are left out."""
-    return df.drop([c for c, t in df.schema.items() if t.is_nested()]).write_csv()
+    flat = df.drop([c for c, t in df.schema.items() if t.is_nested()])
+    return flat.write_csv(include_header=header)

@@ -234,14 +234,12 @@ async def sql_csv(request: Request) -> Response:
             for batch in reader:
                 df = pl.from_arrow(batch)
                 assert isinstance(df, pl.DataFrame)
-                flat = df.drop([c for c, t in df.schema.items() if t.is_nested()])
-                yield flat.write_csv(include_header=first).encode()
+                yield pages.csv_text(df, header=first).encode()
                 first = False
             if first:  # no rows: still the header
                 empty = pl.from_arrow(reader.schema.empty_table())
                 assert isinstance(empty, pl.DataFrame)
-                yield empty.drop([c for c, t in empty.schema.items()
-                                  if t.is_nested()]).write_csv().encode()
+                yield pages.csv_text(empty).encode()
         except duckdb.InterruptException:
             yield f"# stopped after {SQL_SECONDS:.0f} s (the explorer's limit)\n".encode()
         finally:  # also when the client leaves: the generator is closed
