@@ -38,15 +38,17 @@ from desomdb.errors import ConfigError
               "its galaxies first, some cubes re-processed, the rest copied unchanged")
 @click.option("--reprocess", type=float, default=0.25, show_default=True,
               help="with --previous: fraction of its cubes re-processed (new checksum)")
-@click.option("--library", type=click.Choice(["miuscat", "bc03"]), default="miuscat",
-              show_default=True,
+@click.option("--library", type=click.Choice(["miuscat", "bc03", "mastar"]),
+              default="miuscat", show_default=True,
               help="SSP library to render from: miuscat (the one the fits use: accuracy is an "
-              "upper limit) or bc03 (a second library the fits never see; truth weighted by "
-              "initial mass)")
+              "upper limit), bc03 (a second library the fits never see; truth weighted by "
+              "initial mass) or mastar (a third, empirical; light-weighted truth only)")
+@click.option("--lsf-scale", type=float, default=1.0, show_default=True,
+              help="render at this multiple of the nominal MaNGA LSF (the cube records it)")
 @_friendly_errors
 def mock(out: Path, n_galaxies: int, release: str, seed: int, workers: int,
          scheduler: str | None, ifu_sizes: str, previous: str | None, reprocess: float,
-         library: str) -> None:
+         library: str, lsf_scale: float) -> None:
     """Generate a mock MaNGA survey (DRP LOGCUBEs + drpall + truth) with known labels.
 
     \b
@@ -54,6 +56,7 @@ def mock(out: Path, n_galaxies: int, release: str, seed: int, workers: int,
       desomdb mock /tmp/survey --galaxies 20 --release DR15 --seed 1
       desomdb mock /tmp/survey --galaxies 30 --release DR17 --seed 1 --previous DR15
       desomdb mock /tmp/bc03 --galaxies 8 --release DR15 --seed 1 --library bc03
+      desomdb mock /tmp/mastar --galaxies 8 --release DR15 --seed 1 --library mastar
     """
     import desomdb.mock as mock_mod
     from desomdb.archive.outputs import refuse_inside_archive
@@ -62,7 +65,7 @@ def mock(out: Path, n_galaxies: int, release: str, seed: int, workers: int,
     result = mock_mod.generate_survey(
         out, n_galaxies=n_galaxies, release=release, seed=seed, workers=workers,
         ifu_sizes=_ifu_sizes(ifu_sizes), scheduler=scheduler, previous=previous,
-        reprocess=reprocess, library=library,
+        reprocess=reprocess, library=library, lsf_scale=lsf_scale,
     )
     click.echo(f"wrote {result.n_cubes} cubes to {result.release_dir}")
     click.echo(f"drpall: {result.drpall_path}")

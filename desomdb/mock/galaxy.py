@@ -15,6 +15,11 @@ Units and conventions
   as initial mass formed, age and [M/H] are weighted by initial mass (``mass_weight`` =
   ``initial``), and the current stellar mass, M*/L_r and sSFR are unknown (NaN) rather
   than guessed from another library's mass-loss table (other IMF, other tracks).
+- A library whose mass scale is a proxy (MaStar, ``mass_weight`` = ``none``): the star
+  formation history mixes its SSPs through the proxy, and only light-weighted truths are
+  given; every mass-weighted truth and the initial mass are NaN.
+- ``log_age_lw`` (log10 yr) and ``mh_lw`` (dex): weighted by each SSP's dust-free mean flux
+  in ``templates.LIGHT_WINDOW_AA`` (5070-5950 Å), as the fits' light weights are.
 - ``log_ssfr``: log10(SFR / M*) in yr^-1 from the *instantaneous* SFR of the analytic SFH;
   quenched spaxels (SFR = 0) are stored at the floor -14. Hα from star formation follows
   Kennicutt (1998, Salpeter IMF) for that SFR.
@@ -283,15 +288,23 @@ class PopulationTruth:
     mh_mw: np.ndarray
     log_ml_r: np.ndarray
     minit: np.ndarray
-    #: Which mass weights ``age_mw_gyr`` and ``mh_mw``: ``current`` or ``initial``.
+    #: Light-weighted log10 age (yr) and [M/H] (dex), weighted by each SSP's mean flux in
+    #: :data:`desomdb.science.templates.LIGHT_WINDOW_AA` (dust-free), and that light (L_sun/Å).
+    log_age_lw: np.ndarray
+    mh_lw: np.ndarray
+    l_window: np.ndarray
+    #: Which mass weights ``age_mw_gyr`` and ``mh_mw``: ``current``, ``initial``, or ``none``
+    #: (a library whose mass scale is a proxy: MaStar; mass-weighted truths are NaN).
     mass_weight: str = "current"
 
 
 def population_truth(weights: np.ndarray, lib: TemplateLibrary) -> PopulationTruth:
-    """Mass-weighted age, [M/H], M*, L_r and M*/L_r of SSP mixtures.
+    """Mass- and light-weighted age and [M/H], M*, L_r and M*/L_r of SSP mixtures.
 
     Weighted by current (living + remnant) mass where the library tabulates it, else by
-    initial mass, with M* and M*/L_r NaN (see the module docstring).
+    initial mass, with M* and M*/L_r NaN (see the module docstring); a library whose mass
+    scale is a proxy (``lib.mass_proxy``) has light-weighted truths only. Light weights are
+    each SSP's mean flux in the light window (``templates.LIGHT_WINDOW_AA``) times its mass.
 
     Parameters
     ----------
@@ -302,18 +315,27 @@ def population_truth(weights: np.ndarray, lib: TemplateLibrary) -> PopulationTru
     minit = weights.sum(axis=(1, 2))
     if lib.has_current_mass:
         weighting, kind = weights * lib.masses[None], "current"
+    elif lib.mass_proxy:
+        weighting, kind = np.full(weights.shape, np.nan), "none"
     else:
         weighting, kind = weights, "initial"
     mstar = weighting.sum(axis=(1, 2)) if kind == "current" else np.full(minit.shape, np.nan)
     l_r = (weights * lib.r_band_luminosity()[None]).sum(axis=(1, 2))
     ages = lib.ages_gyr[None, :, None]
     mhs = lib.metals_mh[None, None, :]
+    light = weights * lib.light_in_window()[None]
     with np.errstate(divide="ignore", invalid="ignore"):
         total = weighting.sum(axis=(1, 2))
         age = (weighting * ages).sum(axis=(1, 2)) / total
         mh = (weighting * mhs).sum(axis=(1, 2)) / total
         log_ml = np.log10(mstar / l_r)
-    return PopulationTruth(mstar, l_r, age, mh, log_ml, minit, kind)
+        l_window = light.sum(axis=(1, 2))
+        log_age_lw = (light * np.log10(ages * 1e9)).sum(axis=(1, 2)) / l_window
+        mh_lw = (light * mhs).sum(axis=(1, 2)) / l_window
+    if kind == "none":
+        minit = np.full(minit.shape, np.nan)
+    return PopulationTruth(mstar, l_r, age, mh, log_ml, minit, log_age_lw, mh_lw, l_window,
+                           kind)
 
 
 # --------------------------------------------------------------------------------------

@@ -41,11 +41,13 @@ TRUTH_LINES = ("Hbeta", "OIII5007", "Halpha", "NII6583", "OII3726", "OII3729", "
 
 
 def render_cube(p: GalaxyParams, rel: manga.Release, variant: int = 0,
-                library: str = "miuscat") -> tuple[fits.HDUList, pa.Table]:
+                library: str = "miuscat", lsf_scale: float = 1.0,
+                ) -> tuple[fits.HDUList, pa.Table]:
     """Render one galaxy into a LOGCUBE HDU list and its per-spaxel truth table.
 
     ``variant`` > 0 draws another noise realisation of the same galaxy (a re-processed cube);
-    ``library`` names the SSP library (``miuscat`` or ``bc03``) the spectra come from.
+    ``library`` names the SSP library (``miuscat``, ``bc03`` or ``mastar``) the spectra come
+    from; ``lsf_scale`` multiplies the nominal MaNGA LSF the cube is rendered at and records.
 
     Returns
     -------
@@ -70,9 +72,9 @@ def render_cube(p: GalaxyParams, rel: manga.Release, variant: int = 0,
     )
 
     flux_scale = _flux_scale(p.z)
-    spectra = _stellar_spectra(p, lib, model, wave) * flux_scale
+    spectra = _stellar_spectra(p, lib, model, wave, lsf_scale) * flux_scale
     line_flux = {k: v * _line_flux_scale(p.z) for k, v in model.lines_lum.items()}
-    spectra += _line_spectra(p, model, line_flux, wave)
+    spectra += _line_spectra(p, model, line_flux, wave, lsf_scale)
 
     mask = np.zeros((manga.N_WAVE, n_grid, n_grid), dtype=np.int32)
     mask[:, ~covered] = manga.NOCOV | manga.DONOTUSE
@@ -105,7 +107,7 @@ def render_cube(p: GalaxyParams, rel: manga.Release, variant: int = 0,
     flux[:, ~covered] = 0.0
     ivar[:, ~covered] = 0.0
 
-    lsf = np.maximum(manga.lsf_sigma_aa(wave), _library_lsf_obs(lib, wave, p.z))
+    lsf = np.maximum(lsf_scale * manga.lsf_sigma_aa(wave), _library_lsf_obs(lib, wave, p.z))
     hdul = _build_hdus(p, rel, flux, ivar, mask, wave, rng, off_ra, off_dec, lsf, library)
     truth = _truth_table(p, rel, model, line_flux, forestar, library)
     return hdul, truth
@@ -131,9 +133,13 @@ def _line_flux_scale(z: float) -> float:
 
 
 def _stellar_spectra(
-    p: GalaxyParams, lib: templates.TemplateLibrary, model: SpaxelModel, wave: np.ndarray
+    p: GalaxyParams, lib: templates.TemplateLibrary, model: SpaxelModel, wave: np.ndarray,
+    lsf_scale: float = 1.0,
 ) -> np.ndarray:
     """Dust-attenuated, velocity-shifted stellar spectra on the observed grid, L_sun/Å.
+
+    Convolved to ``lsf_scale`` times the nominal MaNGA LSF plus the stellar dispersion (or
+    left at the library's resolution where that is coarser).
 
     Returns
     -------
@@ -144,7 +150,7 @@ def _stellar_spectra(
     pad = 16  # > max |v| / 69 km/s per pixel
     k = np.arange(-pad, manga.N_WAVE + pad)
     lam_rest = manga.WAVE0_AA * 10.0 ** (manga.DLOG10 * k) / (1 + p.z)
-    lsf_rest = manga.lsf_sigma_aa(lam_rest * (1 + p.z)) / (1 + p.z)
+    lsf_rest = lsf_scale * manga.lsf_sigma_aa(lam_rest * (1 + p.z)) / (1 + p.z)
     lsf_tpl = np.interp(lam_rest, lib.lam_vac_aa, lib.fwhm_aa) / FWHM_PER_SIGMA
     n_tpl = lib.templates.shape[1] * lib.templates.shape[2]
     flat_w = model.weights.reshape(model.weights.shape[0], n_tpl)
@@ -188,7 +194,8 @@ def _extend_to(lam: np.ndarray, spec: np.ndarray, lam_new: np.ndarray) -> np.nda
 
 
 def _line_spectra(
-    p: GalaxyParams, model: SpaxelModel, line_flux: dict[str, np.ndarray], wave: np.ndarray
+    p: GalaxyParams, model: SpaxelModel, line_flux: dict[str, np.ndarray], wave: np.ndarray,
+    lsf_scale: float = 1.0,
 ) -> np.ndarray:
     """Gaussian emission lines (nebular dust applied) on the observed grid; shape (n, 4563)."""
     n = model.x.size
@@ -199,7 +206,7 @@ def _line_spectra(
     for j, name in enumerate(names):
         lam_obs = emission.LINES_AA[name] * (1 + p.z) * (1 + model.velocity_kms / manga.C_KMS)
         sig_aa = np.sqrt((model.sigma_gas_kms / manga.C_KMS * lam_obs) ** 2
-                         + manga.lsf_sigma_aa(lam_obs) ** 2)
+                         + (lsf_scale * manga.lsf_sigma_aa(lam_obs)) ** 2)
         centre = np.searchsorted(wave, lam_obs)
         if np.all(centre <= 0) or np.all(centre >= manga.N_WAVE):
             continue
@@ -410,6 +417,9 @@ def _truth_table(
         "l_r_lsun": model.truth.l_r,
         "age_mw_gyr": model.truth.age_mw_gyr,
         "mh_mw": model.truth.mh_mw,
+        "log_age_lw": model.truth.log_age_lw,
+        "mh_lw": model.truth.mh_lw,
+        "l_window_lsun_aa": model.truth.l_window,
         "log_ml_r": model.truth.log_ml_r,
         "ebv_star": model.ebv_star,
         "ebv_gas": model.ebv_gas,

@@ -19,13 +19,15 @@ Same seed, same bytes: every cube uses its own ``numpy`` generator seeded by
 
 Template library (``library``): ``miuscat`` (default) renders from the library the fits use,
 so label accuracy measured on it is an upper limit; ``bc03`` renders the same galaxies from
-Bruzual & Charlot (2003) SSPs (Chabrier IMF, STELIB, 3 Å FWHM; see
-:mod:`desomdb.science.templates_build`), which the fits never see. Stellar spectra are convolved
+Bruzual & Charlot (2003) SSPs (Chabrier IMF, STELIB, 3 Å FWHM) and ``mastar`` from the MaStar
+SSPs (Maraston et al. 2020, empirical MaNGA-resolution spectra; light-weighted truth only;
+see :mod:`desomdb.science.templates_build`), which the fits never see. Stellar spectra are convolved
 from the library's own resolution to the MaNGA LSF plus the stellar dispersion; where the library
 is coarser than that (BC03's 3 Å against MaNGA's ~2.5 Å rest-frame FWHM in the blue) the
 spectrum keeps the library's width, and the cube's DISP/LSFPOST and SPECRES record this
-effective LSF, max(MaNGA, library), so the file tells the truth about its resolution. The
-labels use the nominal MaNGA LSF.
+effective LSF, max(MaNGA, library), so the file tells the truth about its resolution; ingest
+stores it and the fits use it. ``lsf_scale`` renders a survey at another resolution than the
+nominal MaNGA one (a later DRP, another instrument setting).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def generate_survey(
     previous: str | None = None,
     reprocess: float = 0.25,
     library: str = "miuscat",
+    lsf_scale: float = 1.0,
 ) -> SurveyResult:
     """Write a mock survey of ``n_galaxies`` cubes with known truth.
 
@@ -106,9 +109,12 @@ def generate_survey(
     reprocess : float
         Fraction (0-1) of the previous release's cubes to re-process.
     library : str
-        SSP library the spectra are rendered from: ``miuscat`` (the fitting library) or
-        ``bc03`` (a second library; truth weighted by initial mass, see
-        :mod:`desomdb.mock.truth`).
+        SSP library the spectra are rendered from: ``miuscat`` (the fitting library),
+        ``bc03`` (a second library; truth weighted by initial mass) or ``mastar`` (a third;
+        light-weighted truth only, see :mod:`desomdb.mock.truth`).
+    lsf_scale : float
+        The cubes' LSF as a multiple of the nominal MaNGA LSF (``manga.lsf_sigma_aa``); the
+        DISP/LSFPOST extension records it. 1 = nominal.
 
     Returns
     -------
@@ -137,7 +143,10 @@ def generate_survey(
     if previous is not None:
         variants, copied = _next_release(Path(out), manga.release(previous), rel, params,
                                          seed, reprocess)
-    tasks = [(p, str(release_dir), rel.name, v, library)
+    if not 0.5 <= lsf_scale <= 3.0:
+        raise ConfigError(f"--lsf-scale must be within 0.5-3 (a multiple of the MaNGA LSF), "
+                          f"got {lsf_scale}")
+    tasks = [(p, str(release_dir), rel.name, v, library, lsf_scale)
              for p, v in zip(params, variants, strict=True) if v >= 0]
     report = runner.run_tasks(
         _render_task, tasks, workers=workers, scheduler=scheduler,
@@ -147,7 +156,8 @@ def generate_survey(
     report.raise_if_failed("mock survey generation")
     truth = pa.concat_tables([*copied, *report.results], promote_options="default")
     truth_path = release_dir / paths.truth_sidecar_name(rel.name)
-    mass_weight = "current" if lib.has_current_mass else "initial"
+    mass_weight = ("current" if lib.has_current_mass else "none" if lib.mass_proxy
+                   else "initial")
     _atomic_parquet(sidecar.with_rules(truth, truth_rules(mass_weight)), truth_path)
     drpall_path = release_dir / rel.drpall_name
     _write_drpall(params, drpall_path)
@@ -198,8 +208,8 @@ def _next_release(out: Path, prev: manga.Release, rel: manga.Release,
 
 
 def _render_task(task: tuple[GalaxyParams, str, str, int, str]) -> pa.Table:
-    p, release_dir, release_name, variant, library = task
-    hdul, truth = render_cube(p, manga.release(release_name), variant, library)
+    p, release_dir, release_name, variant, library, lsf_scale = task
+    hdul, truth = render_cube(p, manga.release(release_name), variant, library, lsf_scale)
     write_cube(hdul, _cube_path(Path(release_dir), p))
     return truth
 

@@ -9,7 +9,10 @@ about mocks.
 Across libraries (DESIGN.md): a mock rendered from a library without living + remnant
 masses (BC03) weights age and [M/H] by *initial* mass, and says so in the ``mass_weight``
 column (``current`` or ``initial``); compare it with the fit's initial-mass-weighted
-``age_imw_gyr`` / ``mh_imw``. Its M*/L_r and sSFR truths are NaN (no current mass).
+``age_imw_gyr`` / ``mh_imw``. Its M*/L_r and sSFR truths are NaN (no current mass). A
+library with no mass at all (MaStar; ``mass_weight`` = ``none``) has light-weighted truths
+only. Light-weighted ``log_age_lw`` and ``mh_lw`` (every library) are weighted by the
+spaxels' dust-free light in ``templates.LIGHT_WINDOW_AA``, as within a spaxel.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ def rules(mass_weight: str = "current") -> dict[str, list[Any]]:
     Parameters
     ----------
     mass_weight : str
-        ``current`` (living + remnant mass, column ``mstar_msun``) or ``initial``
-        (``minit_msun``): the mass that weights age and [M/H].
+        ``current`` (living + remnant mass, column ``mstar_msun``), ``initial``
+        (``minit_msun``) or ``none`` (no mass known: the mass-weighted truths are NaN): the
+        mass that weights age and [M/H].
     """
-    weight = {"current": "mstar_msun", "initial": "minit_msun"}[mass_weight]
+    weight = {"current": "mstar_msun", "initial": "minit_msun", "none": "minit_msun"}[
+        mass_weight]
     return {
         "galaxy_type": ["first", "galaxy_type"],
         "library": ["first", "library"],
@@ -38,6 +43,8 @@ def rules(mass_weight: str = "current") -> dict[str, list[Any]]:
         "n_spaxels": ["count"],
         "age_mw_gyr": ["wmean", "age_mw_gyr", weight],
         "mh_mw": ["wmean", "mh_mw", weight],
+        "log_age_lw": ["wmean", "log_age_lw", "l_window_lsun_aa"],
+        "mh_lw": ["wmean", "mh_lw", "l_window_lsun_aa"],
         "log_ml_r": ["log10_ratio", "mstar_msun", "l_r_lsun"],
         "ebv_star": ["wmean", "ebv_star", "l_r_lsun"],
         "ebv_gas": ["wmean", "ebv_gas", "l_r_lsun"],

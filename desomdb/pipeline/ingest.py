@@ -212,9 +212,11 @@ def _one_cube(item: CubeInput, task: IngestTask, truth_all: pl.DataFrame | None,
     sp_truth = None
     if truth_all is not None:
         sp_truth = truth_all.filter(pl.col("plateifu") == cube.plateifu)
+    lsf = manga.lsf_at_knots(cube.wave, cube.lsf_sigma_aa)
     outcome.update(ra=cube.objra, dec=cube.objdec, z=float(item.drp["z"]),
                    n_x=cube.shape[1], n_y=cube.shape[0],
-                   wcs_header=cube.wcs.to_header_string())
+                   wcs_header=cube.wcs.to_header_string(),
+                   lsf_sigma_aa=None if lsf is None else lsf.tolist())
     tables = baxels.process_cube(cube, item.drp, cfg, sp_truth, truth_rules)
     unit = paths.staged_cube_dir(Path(task.staging), cube.plateifu, checksum)
     unit.mkdir(parents=True, exist_ok=True)
@@ -364,10 +366,14 @@ def _existing_cubes(arch: Archive, release: str) -> dict[str, dict[str, Any]]:
 
 
 def _cube_row(row: dict[str, Any]) -> pa.Table:
-    """One ``cubes`` row as a table (``carried_from`` typed string even when null)."""
+    """One ``cubes`` row as a table (null columns typed: ``carried_from`` string,
+    ``lsf_sigma_aa`` list of float32)."""
     t = pa.Table.from_pylist([row])
-    i = t.schema.get_field_index("carried_from")
-    return t.set_column(i, "carried_from", t.column(i).cast(pa.string())) if i >= 0 else t
+    for name, kind in (("carried_from", pa.string()), ("lsf_sigma_aa", pa.list_(pa.float32()))):
+        i = t.schema.get_field_index(name)
+        if i >= 0:
+            t = t.set_column(i, name, t.column(i).cast(kind))
+    return t
 
 
 def _commit_outcomes(
@@ -421,6 +427,7 @@ def _commit_outcomes(
             "pipeline_version": __version__,
             "release_ordinal": manga.release(release).ordinal,
             "carried_from": None,
+            "lsf_sigma_aa": o.get("lsf_sigma_aa"),
         }
         cube_row = writer.stage_table(
             "cubes", _cube_row(row),

@@ -47,6 +47,9 @@ class LabelTask:
     merge_with : str or None
         When the task extends a sampled cube: its committed labels file, whose rows are
         written unchanged beside the new ones.
+    lsf_sigma_aa : list of float or None
+        The cube's LSF at ``manga.LSF_KNOTS_AA`` (``cubes.lsf_sigma_aa``); None for a cube
+        ingested before it was stored (fitted with the nominal LSF).
     """
 
     plateifu: str
@@ -54,6 +57,7 @@ class LabelTask:
     spectra_file: str
     baxels: list[dict[str, Any]]
     staged: str
+    lsf_sigma_aa: list[float] | None
     fitter: str
     gate: emission.LineGate | None = None
     options: fitting.FitOptions | None = None
@@ -69,6 +73,7 @@ def _label_task(task: LabelTask) -> str:
     ivar = spectra.from_list_column(table.column("ivar"))
     mask = spectra.from_list_column(table.column("mask"))
     name = fitting.fitter_name(task.fitter)
+    lsf = None if task.lsf_sigma_aa is None else np.asarray(task.lsf_sigma_aa)
     rows = []
     for i, bin_id in enumerate(ids):
         if int(bin_id) not in bax:
@@ -76,7 +81,7 @@ def _label_task(task: LabelTask) -> str:
         try:
             row = fitting.fit_spectrum(flux[i], ivar[i], mask[i], bax[int(bin_id)]["norm_flux"],
                                        task.z, gate=task.gate, options=task.options,
-                                       fitter=name)
+                                       fitter=name, lsf_sigma_aa=lsf)
         except Exception as exc:  # one bad fit is recorded, the cube goes on
             row = fitting.empty_row()
             row["error"] = f"{type(exc).__name__}: {exc}"
@@ -140,6 +145,7 @@ def _plan_release(arch: Archive, rel: str, plan: _Plan, report: LabelReport,
                                   release=rel))
     gal = pl.from_arrow(arch.read("galaxies", columns=["plateifu", "z"], release=rel))
     z_of = dict(zip(gal["plateifu"], gal["z"], strict=True))  # type: ignore[index]
+    lsf_of = _cube_lsf(arch, rel)
     spec_files = {pifu: f for (r, pifu), f in arch.cube_files("spectra").items() if r == rel}
     for plateifu, group in bax.group_by("plateifu", maintain_order=True):  # type: ignore[union-attr]
         pifu = str(plateifu[0])
@@ -160,11 +166,20 @@ def _plan_release(arch: Archive, rel: str, plan: _Plan, report: LabelReport,
         plan.tasks.append(LabelTask(
             plateifu=pifu, z=float(z_of[pifu]), spectra_file=str(spec_files[pifu]),
             baxels=group.select("bin_id", "norm_flux").to_dicts(),
-            staged=str(req.staging / rel / name), fitter=req.fitter, gate=req.gate,
-            options=req.options, merge_with=str(old_file) if old_file else None))
+            staged=str(req.staging / rel / name), lsf_sigma_aa=lsf_of.get(pifu),
+            fitter=req.fitter, gate=req.gate, options=req.options,
+            merge_with=str(old_file) if old_file else None))
         plan.targets.append(f"{paths.release_dir('labels', rel)}/{name}")
         plan.replaced.append(str(old_file.relative_to(arch.root)) if old_file else None)
         plan.names.append(pifu)
+
+
+def _cube_lsf(arch: Archive, rel: str) -> dict[str, list[float] | None]:
+    """Each cube's stored LSF (``cubes.lsf_sigma_aa``; None where ingested before it was)."""
+    schema = pa.schema([("plateifu", pa.string()), ("status", pa.string()),
+                        ("lsf_sigma_aa", pa.list_(pa.float32()))])
+    rows = arch.read("cubes", schema=schema, release=rel).to_pylist()
+    return {r["plateifu"]: r["lsf_sigma_aa"] for r in rows if r["status"] == "ok"}
 
 
 def _sample(group: pl.DataFrame, have: set[int], max_per_cube: int) -> pl.DataFrame:

@@ -365,7 +365,8 @@ def fig_accuracy(ctx: Context) -> Any:
     plt = pyplot()
     if not (ctx.arch.has_table("truth") and ctx.arch.has_table("labels")):
         raise FigureSkippedError("no truth table (not a mock survey) or no labels")
-    fig, axes = plt.subplots(2, 4, figsize=(13, 6.4))
+    n_cols = -(-len(label_catalogue.ACCURACY) // 2)
+    fig, axes = plt.subplots(2, n_cols, figsize=(3.25 * n_cols, 6.4))
     for ax, (label, cut) in zip(axes.ravel(), label_catalogue.ACCURACY.items(), strict=False):
         df = ctx.con.sql(f"select l.{label} as fit, t.{label} as true from labels l join truth "
                          f"t using (release, plateifu, bin_id) where l.status = 'ok' and "

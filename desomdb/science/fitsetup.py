@@ -39,6 +39,10 @@ AV_STEP = 0.05
 #: and gas V, σ at fixed weights, then A_V on a parabola of linear fits); stops early when
 #: one does not lower the data χ². Two reach pPXF's own minimum (README, "Labels: speed").
 GN_ITERATIONS = 2
+#: Step, as a fraction of the nominal MaNGA LSF, that a cube's LSF is rounded to before the
+#: templates are prepared for it: cubes within one step share a template set (2 % of an
+#: instrumental σ of ~70 km/s moves σ_* by < 1 km/s at σ_* ≥ 100 km/s).
+LSF_STEP = 0.02
 #: Below this S/N of the fitted lines together (√Σ (gas model / noise)² over the fitted bins)
 #: the Gauss-Newton step leaves the gas V, σ of stage 2 alone.
 GN_GAS_MIN_SNR = 5.0
@@ -93,26 +97,59 @@ class FitSetup:
     #: FFT length and the template-to-galaxy velocity offset (pixels) pPXF uses.
     npad: int = 0
     vsyst: float = 0.0
+    #: Mean flux of each column of ``stars`` in ``templates.LIGHT_WINDOW_AA`` (light weights).
+    light: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
-def _rest_fwhm(z: float) -> Any:
-    """MaNGA FWHM (Å) in the rest frame of redshift ``z``, as a function of rest λ."""
+def lsf_key(lsf_sigma_aa: np.ndarray | None) -> tuple[int, ...] | None:
+    """A cube's LSF as the key of its template set: multiples of :data:`LSF_STEP` of nominal.
+
+    Parameters
+    ----------
+    lsf_sigma_aa : ndarray, shape (64,), or None
+        The cube's LSF sigma (Å) at ``manga.LSF_KNOTS_AA`` (``cubes.lsf_sigma_aa``).
+
+    Returns
+    -------
+    tuple of int, or None
+        None (the nominal LSF) when no LSF is given or it rounds to the nominal one.
+    """
+    if lsf_sigma_aa is None:
+        return None
+    ratio = np.asarray(lsf_sigma_aa, dtype=float) / manga.lsf_sigma_aa(manga.LSF_KNOTS_AA)
+    if ratio.shape != manga.LSF_KNOTS_AA.shape or not np.all(np.isfinite(ratio) & (ratio > 0)):
+        return None
+    key = tuple(int(k) for k in np.rint(ratio / LSF_STEP))
+    return None if set(key) == {round(1 / LSF_STEP)} else key
+
+
+def _rest_fwhm(z: float, key: tuple[int, ...] | None = None) -> Any:
+    """LSF FWHM (Å) in the rest frame of redshift ``z``, as a function of rest λ.
+
+    The nominal MaNGA LSF, or the cube's (``key`` from :func:`lsf_key`) where given.
+    """
+    scale = None if key is None else np.asarray(key, dtype=float) * LSF_STEP
 
     def fwhm(lam_rest: np.ndarray) -> np.ndarray:
         lam_obs = np.asarray(lam_rest) * (1 + z)
-        return np.asarray(FWHM_PER_SIGMA * manga.lsf_sigma_aa(lam_obs) / (1 + z))
+        sigma = manga.lsf_sigma_aa(lam_obs)
+        if scale is not None:
+            sigma = sigma * np.interp(lam_obs, manga.LSF_KNOTS_AA, scale)
+        return np.asarray(FWHM_PER_SIGMA * sigma / (1 + z))
 
     return fwhm
 
 
 @lru_cache(maxsize=8)
-def fit_setup(z_bucket: float) -> FitSetup:
+def fit_setup(z_bucket: float, lsf: tuple[int, ...] | None = None) -> FitSetup:
     """Prepare stellar and gas templates for redshifts near ``z_bucket`` (cached).
 
     Parameters
     ----------
     z_bucket : float
         Redshift rounded to 0.005; the LSF changes by < 1 % within a bucket.
+    lsf : tuple of int, optional
+        The cube's LSF (:func:`lsf_key`); None: the nominal MaNGA LSF.
     """
     from ppxf import ppxf_util
     from ppxf.ppxf import ppxf
@@ -126,14 +163,14 @@ def fit_setup(z_bucket: float) -> FitSetup:
     keep[young_enough[::2]] = True
     lib = full.with_ages(keep)
     lam_fwhm = lib.lam_vac_aa
-    fwhm_gal = {"lam": lam_fwhm, "fwhm": _rest_fwhm(z_bucket)(lam_fwhm)}
+    fwhm_gal = {"lam": lam_fwhm, "fwhm": _rest_fwhm(z_bucket, lsf)(lam_fwhm)}
     sps = lib.sps_lib(velscale, fwhm_gal=fwhm_gal,
                       lam_range=[wave[0] / 1.02, wave[-1] * 1.02])
     reg_dim = sps.templates.shape[1:]
     stars = sps.templates.reshape(sps.templates.shape[0], -1)
     with contextlib.redirect_stdout(io.StringIO()):  # it prints the line list
         gas, names, _ = ppxf_util.emission_lines(
-            sps.ln_lam_temp, [wave[0], wave[-1]], _rest_fwhm(z_bucket), tie_balmer=False,
+            sps.ln_lam_temp, [wave[0], wave[-1]], _rest_fwhm(z_bucket, lsf), tie_balmer=False,
             vacuum=True,
         )
     age_idx = np.arange(reg_dim[0])[COARSE_AGES]
@@ -150,6 +187,9 @@ def fit_setup(z_bucket: float) -> FitSetup:
                 component=component, gas_component=component > 0, gas_names=names,
                 lam=wave, lam_temp=sps.lam_temp, fit=False, quiet=True)
     setup.templates_rfft, setup.npad, setup.vsyst = prep.templates_rfft, prep.npad, prep.vsyst
+    window = (sps.lam_temp >= templates.LIGHT_WINDOW_AA[0]) & (
+        sps.lam_temp <= templates.LIGHT_WINDOW_AA[1])
+    setup.light = stars[window].mean(axis=0)
     return setup
 
 
@@ -177,7 +217,7 @@ def _line_bins(gas_templates: np.ndarray, lam_temp: np.ndarray, wave: np.ndarray
 def empty_row() -> dict[str, Any]:
     """Return a labels row with every quantity missing."""
     row: dict[str, Any] = dict.fromkeys(
-        ("age_mw_gyr", "mh_mw", "age_imw_gyr", "mh_imw", "log_ml_r", "log_mstar", "ebv_star",
+        ("age_mw_gyr", "mh_mw", "age_imw_gyr", "mh_imw", "log_age_lw", "mh_lw", "log_ml_r", "log_mstar", "ebv_star",
          "ebv_gas", "ebv_gas_raw", "ebv_gas_raw_err", "log_ssfr", "d_bpt", "ew_ha", "vel",
          "sigma", "vel_gas", "sigma_gas", "chi2_red"), np.nan)
     for key in LINE_KEYS:
@@ -188,5 +228,5 @@ def empty_row() -> dict[str, Any]:
     all_bits = int(~emission.GasFlag(0))
     row.update(ebv_gas_flags=all_bits, ssfr_flags=all_bits, d_bpt_flags=all_bits,
                bpt_class=None, n_good_pix=0, chi2_ok=False, ssfr_ok=False, bpt_ok=False,
-               status="failed", error="", fit_seconds=0.0)
+               status="failed", error="", fit_seconds=0.0, lsf_source="nominal")
     return row

@@ -26,8 +26,12 @@ Fit set-up and conventions
 - Input: the archive's rest-frame spectrum (4544 log bins, 59.2 km/s each, vacuum),
   divided by ``norm_flux``; masked bins excluded via ``goodpixels``.
 - Stellar templates: the bundled MIUSCAT library (every second age up to 14.1 Gyr × 4
-  [M/H] = 96 SSPs), convolved to the MaNGA LSF of the cube's redshift moved to the rest
-  frame, and normalised by one scalar so pPXF weights are *mass* weights (initial mass).
+  [M/H] = 96 SSPs), convolved to the cube's own LSF (``cubes.lsf_sigma_aa``, read from its
+  DISP/LSFPOST at ingest, rounded to ``fitsetup.LSF_STEP`` of the nominal) moved to the rest
+  frame of its redshift, and normalised by one scalar so pPXF weights are *mass* weights
+  (initial mass). Cubes ingested before the LSF was stored are fitted with the nominal MaNGA
+  LSF (``manga.lsf_sigma_aa``); ``lsf_source`` (``cube`` | ``nominal``) says which. The gas
+  templates get the same LSF.
 - Stellar dust: pPXF's ``dust`` with the Calzetti (2000) curve (1 parameter, A_V), no
   additive and no multiplicative polynomial (``degree=-1, mdegree=0``): reddening and a
   multiplicative polynomial are degenerate and are never combined. E(B-V)_* = A_V / 4.05.
@@ -40,6 +44,10 @@ Fit set-up and conventions
   linear in Gyr and dex — the mock truth's convention. ``age_imw_gyr`` and ``mh_imw``: the
   same weighted by initial mass (the pPXF weights themselves), to compare with a mock
   rendered from a library without living masses (BC03; ``truth.mass_weight = 'initial'``).
+- ``log_age_lw`` (log10 yr) and ``mh_lw`` (dex): *light*-weighted, each template's weight
+  times its mean flux in ``templates.LIGHT_WINDOW_AA`` (5070-5950 Å, pPXF's default
+  normalisation range), the mean of log age and of [M/H]; dust-free (the reddening acts on
+  every template alike), defined for any library (no mass table needed).
 - ``log_ml_r``: log10 M*/L_r, SDSS r, living + remnant mass, dust-free
   (``sps_lib.mass_to_light``).
 - ``ebv_gas_raw`` ± ``ebv_gas_raw_err``: Balmer decrement, Cardelli (1989), intrinsic
@@ -97,6 +105,7 @@ from desomdb.science.fitsetup import (
     FitSetup,
     empty_row,
     fit_setup,
+    lsf_key,
 )
 
 __all__ = [
@@ -183,7 +192,7 @@ def fitter_name(fitter: str | None) -> str:
 def fit_spectrum(
     flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray, norm_flux: float, z: float,
     gate: emission.LineGate | None = None, options: FitOptions | None = None,
-    fitter: str | None = None,
+    fitter: str | None = None, lsf_sigma_aa: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Fit one rest-frame baxel spectrum and derive its labels.
 
@@ -204,6 +213,10 @@ def fit_spectrum(
     fitter : str, optional
         ``fast`` (staged, see :func:`_fit_fast`) or ``ppxf`` (the reference: one pPXF fit
         with every nonlinear parameter free); default :data:`DEFAULT_FITTER`.
+    lsf_sigma_aa : ndarray, shape (64,), optional
+        The cube's LSF sigma (Å) at ``manga.LSF_KNOTS_AA`` (``cubes.lsf_sigma_aa``); the
+        templates are convolved to it. None: the nominal MaNGA LSF (``lsf_source`` says
+        which was used).
 
     Returns
     -------
@@ -223,7 +236,9 @@ def fit_spectrum(
         row["error"] = (f"{int(good.sum())} good bins (need {MIN_GOOD_PIXELS}) "
                         f"and norm_flux {norm_flux}")
         return row
-    setup = fit_setup(round(round(z / 0.005) * 0.005, 4))
+    key = lsf_key(lsf_sigma_aa)
+    row["lsf_source"] = "nominal" if lsf_sigma_aa is None else "cube"
+    setup = fit_setup(round(round(z / 0.005) * 0.005, 4), key)
     wave = spectra.rest_wave_aa()
     galaxy = np.where(good, flux / norm_flux, 0.0)
     noise = np.where(good, 1.0 / np.sqrt(np.where(ivar > 0, ivar, 1.0)) / norm_flux, 0.0)
@@ -246,6 +261,10 @@ def fit_spectrum(
         row["age_imw_gyr"] = float((weights * sps.age_grid).sum() / weights.sum())
         row["mh_imw"] = float((weights * sps.metal_grid).sum() / weights.sum())
         row["log_ml_r"] = float(np.log10(sps.mass_to_light(weights, band="SDSS/r", quiet=True)))
+    light = weights * setup.light.reshape(setup.reg_dim)
+    if light.sum() > 0:
+        row["log_age_lw"] = float((light * np.log10(sps.age_grid * 1e9)).sum() / light.sum())
+        row["mh_lw"] = float((light * sps.metal_grid).sum() / light.sum())
     # Initial mass per unit weight: galaxy units × norm_flux × 1e-17 × 4π D_L² / L_sun.
     d_l = luminosity_distance_cm(z)
     flux_to_lum = norm_flux * 1e-17 * 4 * np.pi * d_l**2  # erg/s per (galaxy unit × Å)

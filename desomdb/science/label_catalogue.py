@@ -59,6 +59,10 @@ LABELS: tuple[Label, ...] = (
           accuracy_where="l.chi2_ok"),
     Label("mh_mw", "dex", "[M/H] [dex]", (-0.8, 0.3, 22), truth="mh_mw",
           accuracy_where="l.chi2_ok"),
+    Label("log_age_lw", "dex(yr)", "log age_L [yr]", (7.5, 10.3, 28), truth="log_age_lw",
+          accuracy_where="l.chi2_ok"),
+    Label("mh_lw", "dex", "[M/H]_L [dex]", (-0.8, 0.3, 22), truth="mh_lw",
+          accuracy_where="l.chi2_ok"),
     Label("log_ml_r", "dex(solMass / solLum)", "log M*/L_r [dex]", (-1.0, 1.5, 25),
           truth="log_ml_r", accuracy_where="l.chi2_ok"),
     Label("ebv_star", "mag", "E(B−V)_* [mag]", (0.0, 1.0, 20), truth="ebv_star",
@@ -97,6 +101,6 @@ FIGURE_LABELS: dict[str, str] = {
     c: BY_COLUMN[c].display
     for c in ("age_mw_gyr", "mh_mw", "log_ml_r", "ebv_star", "log_ssfr", "d_bpt")}
 #: Labels compared with the truth, with their axis text.
-ACCURACY_DISPLAY: dict[str, str] = {**FIGURE_LABELS, "ebv_gas": BY_COLUMN["ebv_gas"].display}
+ACCURACY_DISPLAY: dict[str, str] = {c: BY_COLUMN[c].display for c in ACCURACY}
 #: Stellar-population labels a stack's summary shows (the fit's, not a node's).
 STACK_LABELS: tuple[str, ...] = ("age_mw_gyr", "mh_mw", "log_ml_r", "ebv_star", "ebv_gas")

@@ -42,9 +42,15 @@ from desomdb.errors import TemplateLibraryError
 
 LIBRARY_FILE = "miuscat_ssp_vacuum.npz"
 #: Bundled libraries by name. Only ``miuscat`` is fitted with; ``bc03`` (Bruzual & Charlot
-#: 2003, Chabrier IMF, no living-mass table; see :mod:`desomdb.science.templates_build`) renders
-#: mock surveys that test the fits against a library they do not use.
-LIBRARY_FILES = {"miuscat": LIBRARY_FILE, "bc03": "bc03_mpajhu_vacuum.npz"}
+#: 2003, Chabrier IMF, no living-mass table) and ``mastar`` (Maraston et al. 2020, Salpeter,
+#: no masses; see :mod:`desomdb.science.templates_build`) render mock surveys that test the
+#: fits against libraries they do not use.
+LIBRARY_FILES = {"miuscat": LIBRARY_FILE, "bc03": "bc03_mpajhu_vacuum.npz",
+                 "mastar": "mastar_ssp_vacuum.npz"}
+#: Rest-frame vacuum window (Å) whose mean flux defines a template's *light* in light-weighted
+#: ages and [M/H] (``log_age_lw``, ``mh_lw``): pPXF's default normalisation range of
+#: ``sps_lib`` (V band, 5070-5950 Å), the same for the fits and for the mock truth.
+LIGHT_WINDOW_AA = (5070.0, 5950.0)
 _REQUIRED = ("templates", "lam", "fwhm", "ages", "metals", "masses")
 
 
@@ -71,6 +77,10 @@ class TemplateLibrary:
         without such a table (BC03 as bundled, see :attr:`has_current_mass`).
     ml_r_table : ndarray, shape (n_age, n_metal)
         Vazdekis (2012) tabulated M*/L in the SDSS r band, solar units (validation only).
+    mass_proxy : bool
+        True where the spectra's scale per unit mass is borrowed from another library
+        (MaStar, which ships median-normalised): good for mixing a mock's star formation
+        history, not for a mass-weighted truth.
     """
 
     path: Path
@@ -81,6 +91,7 @@ class TemplateLibrary:
     metals_mh: np.ndarray
     masses: np.ndarray
     ml_r_table: np.ndarray
+    mass_proxy: bool = False
 
     def with_ages(self, keep: np.ndarray) -> TemplateLibrary:
         """Return the library restricted to the ages where ``keep`` is True.
@@ -113,6 +124,18 @@ class TemplateLibrary:
     def has_current_mass(self) -> bool:
         """Whether living + remnant masses are tabulated (else only initial mass is known)."""
         return bool(np.all(np.isfinite(self.masses)))
+
+    def light_in_window(self) -> np.ndarray:
+        """Mean flux of each template in :data:`LIGHT_WINDOW_AA`, per unit initial mass.
+
+        Returns
+        -------
+        ndarray, shape (n_age, n_metal)
+            L_sun/Å per M_sun formed (per proxy M_sun where :attr:`mass_proxy`).
+        """
+        lam = self.lam_vac_aa
+        window = (lam >= LIGHT_WINDOW_AA[0]) & (lam <= LIGHT_WINDOW_AA[1])
+        return np.asarray(self.templates[window].astype(np.float64).mean(axis=0))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -153,7 +176,7 @@ def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def library_path(name: str = "miuscat") -> Path:
-    """Path of a bundled library file (``miuscat`` or ``bc03``) inside the installed package.
+    """Path of a bundled library file (``miuscat``, ``bc03`` or ``mastar``) inside the installed package.
 
     Raises
     ------
@@ -211,6 +234,7 @@ def load(path: str | Path | None = None) -> TemplateLibrary:
         metals_mh=arrays["metals"],
         masses=masses,
         ml_r_table=arrays.get("ml_r_table", np.full(masses.shape, np.nan)),
+        mass_proxy=bool(arrays.get("mass_proxy", False)),
     )
 
 

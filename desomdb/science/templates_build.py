@@ -1,8 +1,8 @@
 """Rebuild the bundled SSP libraries from the public packages that redistribute them.
 
 Run ``python -m desomdb.science.templates_build`` for MIUSCAT (the fitting library) and
-``python -m desomdb.science.templates_build --library bc03`` for BC03 (the mock survey's second
-library, never fitted with); network access to the package index is needed only to fetch
+``python -m desomdb.science.templates_build --library bc03`` (or ``mastar``) for BC03 and
+MaStar (the mock survey's second and third libraries, never fitted with); network access to the package index is needed only to fetch
 the source packages; pass ``--sources DIR`` to use already-downloaded files.
 
 Sources
@@ -47,11 +47,28 @@ BC03 (:func:`build_bc03`)
   weights its truth by initial mass and leaves M*-dependent truths empty.
 - Licence: BC03 models are public (Bruzual & Charlot 2003, MNRAS 344, 1000; cite them);
   mangadap is BSD-3.
+
+MaStar (:func:`build_mastar`)
+-----------------------------
+- Source: the same wheel, ``mangadap/data/spectral_templates/mastar_ssp_v1.0/``: 54 MaStar
+  SSPs (Maraston et al. 2020, MNRAS 496, 2962), Salpeter IMF, 9 ages 0.003-14 Gyr x
+  [M/H] = -1.35, -1.00, -0.70, -0.33, 0.00, +0.35, on the MaNGA log grid (3621.6-10351 Å,
+  vacuum), each spectrum divided by its median, with its per-pixel resolution (``SRES``,
+  R 1410-2100): the stored FWHM is λ / R.
+- No masses ship with these files. A mock needs a flux scale per unit of star formation to
+  mix SSPs by a star formation history, so each spectrum is scaled to a *proxy* light per
+  unit initial mass: the BC03 library's mean flux in :data:`templates.LIGHT_WINDOW_AA` per
+  M_sun formed at the same age and [M/H] (bilinear in log age and [M/H]; beyond BC03's
+  0.005-10 Gyr extrapolated linearly in log age, beyond its -0.70 to +0.40 clamped in [M/H]). ``masses`` is NaN and ``mass_proxy`` True:
+  mocks rendered from it carry light-weighted truth only (no mass-weighted age or [M/H],
+  no M*/L or sSFR), because the proxy is another library's, not MaStar's.
+- Licence: MaStar SSPs are public (Maraston et al. 2020; cite them); mangadap is BSD-3.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import re
 import subprocess
 import sys
@@ -60,6 +77,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from astropy.io import fits
@@ -199,6 +217,102 @@ def build_bc03(wheel: Path, out: Path) -> Path:
     return out
 
 
+MASTAR_DIR = "mangadap/data/spectral_templates/mastar_ssp_v1.0/"
+_MASTAR_NAME = re.compile(r"MaStar-SSP-A(\d+\.\d+)-Z([+-]\d\.\d\d)\.fits\.gz$")
+
+
+def build_mastar(wheel: Path, out: Path, proxy: Path) -> Path:
+    """Build the MaStar SSP library file from the mangadap wheel (see the module docstring).
+
+    Parameters
+    ----------
+    wheel : Path
+        The ``sdss-mangadap`` 4.5.0 wheel.
+    out : Path
+        Output ``.npz`` path (``ppxf.sps_util.sps_lib`` layout; ``masses`` all NaN).
+    proxy : Path
+        The BC03 library ``.npz`` whose light per unit initial mass scales the spectra.
+
+    Returns
+    -------
+    Path
+        ``out``.
+
+    Raises
+    ------
+    TemplateLibraryError
+        If the wheel does not hold the 54 spectra on one grid.
+    """
+    from desomdb.science import templates
+
+    spectra: dict[tuple[float, float], np.ndarray] = {}
+    sres: list[np.ndarray] = []
+    log_lam = None
+    with zipfile.ZipFile(wheel) as zf:
+        for name in sorted(zf.namelist()):
+            match = _MASTAR_NAME.search(name) if name.startswith(MASTAR_DIR) else None
+            if match is None:
+                continue
+            with zf.open(name) as raw, gzip.GzipFile(fileobj=raw) as fh, fits.open(fh) as hdul:
+                hdr = hdul[0].header
+                flux = np.asarray(hdul[0].data, dtype=np.float64)
+                grid = hdr["CRVAL1"] + hdr["CDELT1"] * (np.arange(flux.size) + 1 - hdr["CRPIX1"])
+                sres.append(np.asarray(hdul["SRES"].data, dtype=np.float64))
+            if log_lam is None:
+                log_lam = grid
+            elif not np.allclose(grid, log_lam):
+                raise TemplateLibraryError(f"{name}: wavelength grid differs from the others")
+            spectra[(float(match.group(1)), float(match.group(2)))] = flux
+    if log_lam is None or len(spectra) != 54:
+        raise TemplateLibraryError(f"{wheel}: expected 54 MaStar SSP spectra, found "
+                                   f"{len(spectra)}")
+    lam = 10.0**log_lam
+    ages = np.array(sorted({k[0] for k in spectra}))
+    metals = np.array(sorted({k[1] for k in spectra}))
+    window = (lam >= templates.LIGHT_WINDOW_AA[0]) & (lam <= templates.LIGHT_WINDOW_AA[1])
+    per_mass = _light_per_mass(templates.load(proxy), ages, metals)
+    tpl = np.empty((lam.size, ages.size, metals.size), dtype=np.float32)
+    for i, age in enumerate(ages):
+        for j, mh in enumerate(metals):
+            flux = spectra[(age, mh)]
+            tpl[:, i, j] = flux * per_mass[i, j] / flux[window].mean()
+    _save_library(
+        out,
+        templates=tpl,
+        lam=lam,
+        fwhm=(lam / np.median(np.array(sres), axis=0)).astype(np.float32),
+        ages=ages,
+        metals=metals,
+        masses=np.full((ages.size, metals.size), np.nan),
+        mass_proxy=np.array(True),
+        imf=np.array("Salpeter (1955)"),
+        source=np.array(f"MaStar SSP v1.0 via {MANGADAP_PIN}; median-normalised, scaled to "
+                        "BC03's light per unit initial mass (a proxy)"),
+    )
+    return out
+
+
+def _light_per_mass(lib: Any, ages: np.ndarray, metals: np.ndarray) -> np.ndarray:
+    """A library's mean flux in the light window per M_sun formed, at other (age, [M/H]).
+
+    Bilinear in (log10 age, [M/H]): extrapolated linearly in log age beyond the library's
+    ages, clamped at its [M/H] edges.
+
+    Returns
+    -------
+    ndarray, shape (ages.size, metals.size)
+    """
+    from scipy.interpolate import RegularGridInterpolator
+
+    grid = np.log10(lib.light_in_window())
+    interp = RegularGridInterpolator((np.log10(lib.ages_gyr), lib.metals_mh), grid,
+                                     bounds_error=False, fill_value=None)
+    la = np.log10(ages)
+    mh = np.clip(metals, lib.metals_mh[0], lib.metals_mh[-1])
+    pts = np.stack(np.meshgrid(la, mh, indexing="ij"), axis=-1)
+    return np.asarray(10.0 ** interp(pts))
+
+
 def download_sources(dest: Path) -> tuple[Path, Path]:
     """Fetch the mangadap wheel and the ppxf 8.2.6 sdist with ``pip download --no-deps``.
 
@@ -322,12 +436,13 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sources", type=Path, help="folder holding the source archives")
-    parser.add_argument("--library", choices=("miuscat", "bc03"), default="miuscat")
+    parser.add_argument("--library", choices=("miuscat", "bc03", "mastar"), default="miuscat")
     parser.add_argument("--out", type=Path, help="output .npz (default: the bundled file)")
     args = parser.parse_args(argv)
     data = Path(__file__).parents[1] / "data"
-    if args.library == "bc03":
-        out = args.out or data / "bc03_mpajhu_vacuum.npz"
+    if args.library in ("bc03", "mastar"):
+        out = args.out or data / ("bc03_mpajhu_vacuum.npz" if args.library == "bc03"
+                                  else "mastar_ssp_vacuum.npz")
         with tempfile.TemporaryDirectory() as tmp:
             if args.sources is not None:
                 wheels = sorted(Path(args.sources).glob("sdss_mangadap-4.5.0-*.whl"))
@@ -339,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
                 subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d",
                                 str(dest), MANGADAP_PIN], check=True)
                 wheel = sorted(dest.glob("sdss_mangadap-4.5.0-*.whl"))[0]
-            print(build_bc03(wheel, out))
+            print(build_bc03(wheel, out) if args.library == "bc03"
+                  else build_mastar(wheel, out, data / "bc03_mpajhu_vacuum.npz"))
         return 0
     args.out = args.out or data / "miuscat_ssp_vacuum.npz"
     if args.sources is not None:

@@ -110,6 +110,34 @@ def lsf_sigma_aa(wave_aa: np.ndarray) -> np.ndarray:
     return np.asarray(w / spectral_resolution(w) / (2.0 * np.sqrt(2.0 * np.log(2.0))))
 
 
+#: Observed vacuum wavelengths (Å) at which a cube's LSF is stored (``cubes.lsf_sigma_aa``):
+#: 64 knots log-spaced over the LOGCUBE range (3.2 % apart; the LSF is smooth in λ).
+LSF_KNOTS_AA = np.geomspace(3622.0, 10350.0, 64)
+
+
+def lsf_at_knots(wave_aa: np.ndarray, sigma_aa: np.ndarray) -> np.ndarray | None:
+    """A cube's LSF sigma at :data:`LSF_KNOTS_AA`, interpolated over its valid pixels.
+
+    Parameters
+    ----------
+    wave_aa : ndarray, shape (n,)
+        Observed vacuum wavelengths, Å.
+    sigma_aa : ndarray, shape (n,)
+        LSF sigma, Å (DISP or LSFPOST, the cube's median over spaxels).
+
+    Returns
+    -------
+    ndarray, shape (64,), float32, or None
+        None when fewer than half the pixels hold a finite, positive sigma.
+    """
+    wave = np.asarray(wave_aa, dtype=float)
+    sigma = np.asarray(sigma_aa, dtype=float)
+    valid = np.isfinite(sigma) & (sigma > 0)
+    if sigma.shape != wave.shape or valid.sum() < wave.size / 2:
+        return None
+    return np.interp(LSF_KNOTS_AA, wave[valid], sigma[valid]).astype(np.float32)
+
+
 def rest_lsf_fwhm_aa(lam_rest_aa: np.ndarray, z: float) -> np.ndarray:
     """FWHM (Å) of the MaNGA LSF in the rest frame of redshift ``z``, at rest wavelengths.
 

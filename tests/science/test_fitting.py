@@ -46,8 +46,12 @@ def test_unfittable_spectrum_is_reported() -> None:
 
 def _constructed(library: str, age_gyr: float, ew_ha_aa: float, decrement: float,
                  snr: float, seed: int, z: float = 0.03,
-                 hb_residual: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 hb_residual: float = 0.0, lsf_scale: float = 1.0,
+                 sigma_kms: float = 120.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A rest-frame spectrum of one solar SSP at the MaNGA LSF with Balmer + [NII] lines.
+
+    ``lsf_scale`` renders it at that multiple of the nominal MaNGA LSF (a cube of another
+    resolution); ``sigma_kms`` is the stellar dispersion.
 
     ``hb_residual`` adds a smooth bump (fraction of the continuum, σ = 3 Å) at Hβ: the
     absorption trough made shallower than in the templates, as template mismatch leaves it.
@@ -62,8 +66,8 @@ def _constructed(library: str, age_gyr: float, ew_ha_aa: float, decrement: float
     wave = spectra.rest_wave_aa()
     tpl = lib.templates[:, int(np.argmin(abs(lib.ages_gyr - age_gyr))),
                         int(np.argmin(abs(lib.metals_mh)))].astype(float)
-    target = np.hypot(manga.lsf_sigma_aa(lib.lam_vac_aa * (1 + z)) / (1 + z),
-                      120.0 / manga.C_KMS * lib.lam_vac_aa)
+    target = np.hypot(lsf_scale * manga.lsf_sigma_aa(lib.lam_vac_aa * (1 + z)) / (1 + z),
+                      sigma_kms / manga.C_KMS * lib.lam_vac_aa)
     kernel = np.sqrt(np.clip(target**2 - (lib.fwhm_aa / FWHM_PER_SIGMA) ** 2, 0, None))
     spec = np.interp(wave, lib.lam_vac_aa, ppxf_util.varsmooth(lib.lam_vac_aa, tpl, kernel))
     spec *= dust.calzetti_transmission(wave, 0.1)
@@ -73,13 +77,39 @@ def _constructed(library: str, age_gyr: float, ew_ha_aa: float, decrement: float
                     ("NII6548", 0.1 * f_ha), ("OIII5007", 0.5 * f_ha / decrement)):
         lam = emission.LINES_AA[name]
         s = np.hypot(60.0 / manga.C_KMS * lam,
-                     manga.lsf_sigma_aa(np.array(lam * (1 + z))) / (1 + z))
+                     lsf_scale * manga.lsf_sigma_aa(np.array(lam * (1 + z))) / (1 + z))
         spec += f * np.exp(-0.5 * ((wave - lam) / s) ** 2) / (np.sqrt(2 * np.pi) * s)
     spec += hb_residual * np.exp(-0.5 * ((wave - dust.HBETA_AA) / 3.0) ** 2)
     rng = np.random.default_rng(seed)
     flux = spec + rng.normal(0.0, 1.0 / snr, wave.size)
     return (flux.astype(np.float32), np.full(wave.size, snr**2, np.float32),
             np.zeros(wave.size, np.uint8))
+
+
+def test_the_cubes_own_lsf_removes_the_sigma_bias_of_the_nominal_one() -> None:
+    # A cube whose LSF is 1.3x the nominal MaNGA model (another DRP or instrument setting),
+    # an old population at σ_* = 80 km/s: fitted with the nominal LSF, the extra instrumental
+    # width lands in σ_*; fitted with the cube's own LSF, it does not.
+    from desomdb.survey import manga
+
+    flux, ivar, mask = _constructed("miuscat", 8.0, 0.0, 2.86, 40.0, seed=5, lsf_scale=1.3,
+                                    sigma_kms=80.0)
+    cube_lsf = 1.3 * manga.lsf_sigma_aa(manga.LSF_KNOTS_AA)
+    nominal = fitting.fit_spectrum(flux, ivar, mask, 1.0, 0.03)
+    own = fitting.fit_spectrum(flux, ivar, mask, 1.0, 0.03, lsf_sigma_aa=cube_lsf)
+    assert nominal["lsf_source"] == "nominal" and own["lsf_source"] == "cube"
+    assert nominal["sigma"] - 80.0 > 15.0  # the bias is real
+    assert own["sigma"] == pytest.approx(80.0, abs=6.0)
+    assert own["chi2_red"] < nominal["chi2_red"]
+
+
+def test_light_weighted_labels_of_one_ssp_are_its_age_and_metallicity() -> None:
+    flux, ivar, mask = _constructed("miuscat", 5.0, 0.0, 2.86, 60.0, seed=6)
+    row = fitting.fit_spectrum(flux, ivar, mask, 1.0, 0.03)
+    assert row["log_age_lw"] == pytest.approx(np.log10(5.0e9), abs=0.12)
+    assert row["mh_lw"] == pytest.approx(0.0, abs=0.1)
+    # Light favours the young: never older than the mass-weighted age.
+    assert row["log_age_lw"] <= np.log10(row["age_mw_gyr"] * 1e9) + 1e-6
 
 
 def test_weak_hbeta_in_absorption_publishes_no_negative_reddening() -> None:
