@@ -2,12 +2,13 @@
 
 Run::
 
-    python benchmarks/bench_labels.py [--galaxies 8] [--library both] [--max-per-cube N]
+    python benchmarks/bench_labels.py [--galaxies 8] [--library all] [--max-per-cube N]
         [--variants default,regul,mdegree] [--fitters fast,ppxf] [--real]
         [--out /tmp/bench_labels]
 
 For each library (``miuscat``: the mock is rendered from the templates the fits use, an
-upper limit; ``bc03``: rendered from Bruzual & Charlot 2003 SSPs the fits never see) it
+upper limit; ``bc03`` and ``mastar``: rendered from Bruzual & Charlot 2003 and MaStar
+(Maraston et al. 2020) SSPs the fits never see) it
 generates a mock survey, ingests it, labels it with 2 local workers (once per fit variant)
 with every fitter of ``--fitters`` (cube halves interleaved A B / B A, so both fitters see
 the same machine load; speed is the ratio of the two in the same run), and prints
@@ -15,13 +16,16 @@ fit − truth (median offset and robust scatter 1.4826 × MAD) per label for bax
 with χ²_red < 2 (sSFR/SFR: Hα S/N > 2 on star-forming baxels; d_BPT: all four lines at
 S/N > 2, the paper's cuts; E(B-V)_gas: the published values).
 
-Like with like: on a BC03 mock the truth's age and [M/H] are weighted by initial mass
-(``truth.mass_weight``), so they are compared with the fit's ``age_imw_gyr`` / ``mh_imw``.
+Like with like: light-weighted age and [M/H] (``log_age_lw``, ``mh_lw``, light in
+5070-5950 Å) are compared on every library; on a BC03 mock the truth's mass-weighted age
+and [M/H] are weighted by initial mass (``truth.mass_weight``), so they are compared with the
+fit's ``age_imw_gyr`` / ``mh_imw``; a MaStar mock has no mass-weighted truth. A last table puts
+the three libraries side by side per label and bin S/N.
 M*/L_r and sSFR are not compared across libraries: the bundled BC03 has no living + remnant
 mass table (its truth M* is unknown) and its IMF (Chabrier) differs from MIUSCAT's (unimodal
 1.3), which alone moves log M*/L by ~0.2 dex; the SFR (sSFR × M* of the same fit) is
-compared instead. Baxels whose truth lies outside the fitting grid ([M/H] > +0.22 or
-< -0.71, age < 0.063 Gyr) are reported in a separate table.
+compared instead. Baxels whose light-weighted truth lies outside the fitting grid
+([M/H] > +0.22 or < -0.71, age < 0.063 Gyr) are reported in a separate table.
 
 ``--real`` prints what the labels give for the 8 + 3 real DR15 spectra in ``tests/data``.
 """
@@ -94,22 +98,40 @@ def _stats(label: str, unit: str, diff: np.ndarray, frame: pl.DataFrame) -> Row:
                dict(zip(np.asarray(keys)[ok].tolist(), d.tolist(), strict=True)))
 
 
+def mass_weight(both: pl.DataFrame) -> str:
+    """Which mass weights the truth's age and [M/H]: current, initial or none (MaStar)."""
+    kinds = set(both["mass_weight_true"]) if both.height else {"current"}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
 def accuracy(both: pl.DataFrame) -> list[Row]:
-    """Fit − truth rows for baxels joined with their truth (``_true`` suffix)."""
-    initial = bool((both["mass_weight_true"] == "initial").all()) if both.height else False
+    """Fit − truth rows for baxels joined with their truth (``_true`` suffix).
+
+    Light-weighted age and [M/H] first (every library), then mass-weighted ones where the
+    truth has them, weighted by the same mass (current, or initial for BC03).
+    """
+    weight = mass_weight(both)
+    initial = weight != "current"
     age, mh = ("age_imw_gyr", "mh_imw") if initial else ("age_mw_gyr", "mh_mw")
-    weight = "initial" if initial else "current"
 
     def diff(fit: str, true: str, frame: pl.DataFrame = both) -> np.ndarray:
         return (frame[fit] - frame[true]).to_numpy().astype(float)
 
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_age = np.log10(both[age].to_numpy()) - np.log10(both["age_mw_gyr_true"].to_numpy())
-    rows = [_stats(f"log age ({weight}-mass-weighted)", "dex", log_age, both),
-            _stats(f"[M/H] ({weight}-mass-weighted)", "dex", diff(mh, "mh_mw_true"), both)]
+    rows = [_stats("log age (light-weighted)", "dex", diff("log_age_lw", "log_age_lw_true"),
+                   both),
+            _stats("[M/H] (light-weighted)", "dex", diff("mh_lw", "mh_lw_true"), both)]
+    if weight in ("current", "initial"):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_age = (np.log10(both[age].to_numpy())
+                       - np.log10(both["age_mw_gyr_true"].to_numpy()))
+        rows += [_stats(f"log age ({weight}-mass-weighted)", "dex", log_age, both),
+                 _stats(f"[M/H] ({weight}-mass-weighted)", "dex", diff(mh, "mh_mw_true"), both)]
     if both.height >= 3:
         low = both.filter(pl.col("snr") <= pl.col("snr").quantile(1 / 3))
-        rows.append(_stats("[M/H], lowest S/N third", "dex", diff(mh, "mh_mw_true", low), low))
+        rows.append(_stats("[M/H]_L, lowest S/N third", "dex", diff("mh_lw", "mh_lw_true", low),
+                           low))
+    rows.append(_stats("σ_* (bin truth incl. rotation smearing)", "km/s",
+                       diff("sigma", "sigma_kms_true"), both))
     if not initial:
         rows.append(_stats("log M*/L_r", "dex", diff("log_ml_r", "log_ml_r_true"), both))
     rows.append(_stats("E(B-V)_*", "mag", diff("ebv_star", "ebv_star_true"), both))
@@ -179,9 +201,42 @@ def print_table(title: str, rows: list[Row]) -> None:
 
 
 def outside_grid(both: pl.DataFrame) -> pl.Expr:
-    """Baxels whose true [M/H] or age lies outside the fitting grid."""
-    return ((pl.col("mh_mw_true") > GRID_MH[1] + 1e-6) | (pl.col("mh_mw_true") < GRID_MH[0] - 1e-6)
-            | (pl.col("age_mw_gyr_true") < GRID_AGE_MIN_GYR))
+    """Baxels whose true light-weighted [M/H] or age lies outside the fitting grid."""
+    return ((pl.col("mh_lw_true") > GRID_MH[1] + 1e-6) | (pl.col("mh_lw_true") < GRID_MH[0] - 1e-6)
+            | (pl.col("log_age_lw_true") < np.log10(GRID_AGE_MIN_GYR * 1e9)))
+
+
+#: Bin S/N ranges of the side-by-side table.
+SNR_RANGES = ((0.0, 10.0), (10.0, 20.0), (20.0, np.inf))
+#: Labels of the side-by-side table: (title, fit column, truth column).
+SIDE_BY_SIDE = (("log age_L", "log_age_lw", "log_age_lw_true"),
+                ("[M/H]_L", "mh_lw", "mh_lw_true"),
+                ("E(B-V)_*", "ebv_star", "ebv_star_true"),
+                ("σ_* [km/s]", "sigma", "sigma_kms_true"))
+
+
+def side_by_side(results: dict[str, pl.DataFrame]) -> None:
+    """Print fit − truth (median / robust scatter, n) per label and S/N, one column per library.
+
+    Parameters
+    ----------
+    results : dict
+        Library -> its joined rows (default variant, first fitter), truth inside the grid.
+    """
+    libs = list(results)
+    print("\n== all libraries side by side (fit − truth: median / robust scatter (n)), "
+          "truth inside the fitting grid\n")
+    print("| label | bin S/N | " + " | ".join(libs) + " |")
+    print("|---|---|" + "---|" * len(libs))
+    for title, fit, true in SIDE_BY_SIDE:
+        for lo, hi in SNR_RANGES:
+            cells = []
+            for lib in libs:
+                frame = results[lib].filter((pl.col("snr") >= lo) & (pl.col("snr") < hi))
+                r = _stats(title, "", (frame[fit] - frame[true]).to_numpy().astype(float), frame)
+                cells.append(f"{r.median:+.3f} / {r.scatter:.3f} ({r.n})" if r.n else "-")
+            span = f"{lo:g}-{hi:g}" if np.isfinite(hi) else f"≥ {lo:g}"
+            print(f"| {title} | {span} | " + " | ".join(cells) + " |")
 
 
 def _label_interleaved(root: Path, name: str, args: argparse.Namespace) -> dict[str, float]:
@@ -358,7 +413,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, pl.DataFrame]]:
     """Run the benchmark; returns the joined fit + truth rows per library and variant."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--galaxies", type=int, default=8)
-    parser.add_argument("--library", choices=("both", "miuscat", "bc03"), default="both")
+    parser.add_argument("--library", choices=("all", "miuscat", "bc03", "mastar"),
+                        default="all")
     parser.add_argument("--variants", default="default",
                         help=f"comma-separated fit variants: {list(VARIANTS)}, regul=X, "
                         "mdegree=N")
@@ -385,8 +441,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, pl.DataFrame]]:
         except ValueError as exc:
             parser.error(str(exc))
     # Realistic numbers first: the library the fits do not use.
-    libraries = ["bc03", "miuscat"] if args.library == "both" else [args.library]
+    libraries = ["bc03", "mastar", "miuscat"] if args.library == "all" else [args.library]
     results = {lib: run_library(lib, args) for lib in libraries}
+    first = f"{args.variants[0]}:{args.fitters[0]}"
+    side_by_side({lib: r[first].filter(~outside_grid(r[first])) for lib, r in results.items()})
     if args.real:
         with pl.Config(tbl_cols=-1, tbl_rows=-1, tbl_width_chars=250, float_precision=2):
             for fitter in args.fitters:

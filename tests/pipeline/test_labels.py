@@ -8,7 +8,10 @@ from click.testing import CliRunner
 from desomdb.archive import paths
 from desomdb.archive.store import Archive
 from desomdb.cli import main
-from desomdb.pipeline import labels
+from desomdb import mock
+from desomdb.atomic import read_parquet
+from desomdb.pipeline import ingest, labels
+from desomdb.query import views
 from desomdb.science import fitting
 
 
@@ -105,7 +108,7 @@ def test_a_sampled_cube_gets_its_missing_baxels(labelled_archive, tmp_path) -> N
 
 
 @pytest.mark.slow
-def test_bench_labels_runs_both_libraries(tmp_path, capsys, monkeypatch) -> None:
+def test_bench_labels_runs_three_libraries(tmp_path, capsys, monkeypatch) -> None:
     import importlib.util
     import sys
 
@@ -117,16 +120,22 @@ def test_bench_labels_runs_both_libraries(tmp_path, capsys, monkeypatch) -> None
     spec.loader.exec_module(bench)
     out = bench.main(["--galaxies", "1", "--max-per-cube", "2", "--ifu-sizes", "19",
                       "--workers", "1", "--out", str(tmp_path)])
-    assert list(out) == ["bc03", "miuscat"]  # the realistic (cross-library) table first
+    assert list(out) == ["bc03", "mastar", "miuscat"]  # cross-library tables first
     assert set(out["bc03"]) == {"default:fast", "default:ppxf"}
     assert set(out["bc03"]["default:fast"]["mass_weight_true"]) == {"initial"}
+    assert set(out["mastar"]["default:fast"]["mass_weight_true"]) == {"none"}
     assert set(out["miuscat"]["default:ppxf"]["mass_weight_true"]) == {"current"}
+    assert out["mastar"]["default:fast"]["log_age_lw_true"].is_finite().all()
     text = capsys.readouterr().out
     assert "initial-mass-weighted" in text and "current-mass-weighted" in text
-    assert "log M*/L_r" in text.split("== miuscat")[1]
+    assert text.count("log age (light-weighted)") >= 6  # every library, inside/outside grid
+    assert "mass-weighted" not in text.split("== mastar")[1].split("== miuscat")[0]
+    side = text.split("all libraries side by side")[1]
+    assert "| label | bin S/N | bc03 | mastar | miuscat |" in side and "σ_*" in side
+    assert "log M*/L_r" in text.split("== miuscat")[1].split("side by side")[0]
     assert "log M*/L_r" not in text.split("== miuscat")[0]  # not compared across libraries
     assert "truth outside the fitting grid" in text
-    assert text.count("fast vs ppxf (same run, interleaved)") == 2
+    assert text.count("fast vs ppxf (same run, interleaved)") == 3
     assert "fits/s ratio" in text
 
 
@@ -175,3 +184,51 @@ def test_label_max_per_cube_is_at_most_after_an_earlier_sample(ingested, tmp_pat
     got = dict(zip(n_labels["plateifu"], n_labels["len"], strict=True))
     for pifu, n in zip(n_baxels["plateifu"], n_baxels["len"], strict=True):
         assert got[pifu] == min(4, n), pifu
+
+
+def _sigma_offsets(tmp_path: Path, lsf_scale: float) -> tuple[float, float, set[str]]:
+    """Median fitted − true σ_* (km/s) of 4 baxels of one galaxy rendered at ``lsf_scale`` x
+    the nominal LSF: with the cube's stored LSF (the pipeline) and with the nominal one."""
+    from desomdb.survey import manga
+
+    survey = mock.generate_survey(tmp_path / "survey", n_galaxies=1, release="DR15", seed=4,
+                                  ifu_sizes=(37,), progress=False, lsf_scale=lsf_scale)
+    job = ingest.IngestJob(release="DR15", cubes=str(survey.release_dir),
+                           drpall=str(survey.drpall_path), workers=1,
+                           config=ingest.IngestConfig(target_snr=25))
+    root = tmp_path / "arch"
+    ingest.ingest(root, job, progress=False)
+    labels.label(root, workers=1, progress=False, max_per_cube=4)
+    con = views.connect(root)
+    stored, z = con.sql("select lsf_sigma_aa, z from cubes").fetchall()[0]
+    rows = con.sql("select l.bin_id, l.sigma, l.lsf_source, t.sigma_kms, b.norm_flux "
+                   "from labels l join truth t using (release, plateifu, bin_id) join baxels b "
+                   "using (release, plateifu, bin_id) where l.status = 'ok' order by bin_id").pl()
+    con.close()
+    # Redwards of the library's own resolution the stored LSF is the rendered one.
+    ratio = np.asarray(stored) / manga.lsf_sigma_aa(manga.LSF_KNOTS_AA)
+    assert np.allclose(ratio[20:], lsf_scale, rtol=0.02)
+    spec = read_parquet(Archive(root).files("spectra")[0])
+    ids = spec.column("bin_id").to_pylist()
+    nominal = []
+    for b, norm in zip(rows["bin_id"], rows["norm_flux"], strict=True):
+        i = ids.index(b)
+        cols = [np.asarray(spec.column(c)[i].as_py(), dtype=t)
+                for c, t in (("flux", np.float32), ("ivar", np.float32), ("mask", np.uint8))]
+        nominal.append(fitting.fit_spectrum(*cols, norm, z)["sigma"])
+    truth = rows["sigma_kms"].to_numpy()
+    return (float(np.median(rows["sigma"].to_numpy() - truth)),
+            float(np.median(np.array(nominal) - truth)), set(rows["lsf_source"]))
+
+
+def test_a_cube_of_another_resolution_is_fitted_with_its_own_lsf(tmp_path) -> None:
+    # The same galaxy rendered at the nominal MaNGA LSF and at 1.3x it: ingest stores each
+    # cube's LSF and the fits use it, so σ_* − truth (which includes the bins' rotation
+    # smearing) stays what it is at the nominal resolution, while fitting the broader cube
+    # with the nominal LSF biases σ_* upwards.
+    same_own, same_nominal, _ = _sigma_offsets(tmp_path / "nominal", 1.0)
+    own, nominal, sources = _sigma_offsets(tmp_path / "broad", 1.3)
+    assert sources == {"cube"}
+    assert abs(same_own - same_nominal) < 2.0  # on a nominal cube the two agree
+    assert nominal - same_nominal > 12.0  # the bias of the nominal LSF is real
+    assert abs(own - same_own) < 5.0  # and the cube's own LSF removes it
