@@ -207,7 +207,7 @@ def _next_release(out: Path, prev: manga.Release, rel: manga.Release,
     return variants, copied
 
 
-def _render_task(task: tuple[GalaxyParams, str, str, int, str]) -> pa.Table:
+def _render_task(task: tuple[GalaxyParams, str, str, int, str, float]) -> pa.Table:
     p, release_dir, release_name, variant, library, lsf_scale = task
     hdul, truth = render_cube(p, manga.release(release_name), variant, library, lsf_scale)
     write_cube(hdul, _cube_path(Path(release_dir), p))

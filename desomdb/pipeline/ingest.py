@@ -366,8 +366,10 @@ def _existing_cubes(arch: Archive, release: str) -> dict[str, dict[str, Any]]:
 
 
 def _cube_row(row: dict[str, Any]) -> pa.Table:
-    """One ``cubes`` row as a table (null columns typed: ``carried_from`` string,
-    ``lsf_sigma_aa`` list of float32)."""
+    """Return one ``cubes`` row as a table, its null columns typed.
+
+    ``carried_from`` is a string, ``lsf_sigma_aa`` a list of float32.
+    """
     t = pa.Table.from_pylist([row])
     for name, kind in (("carried_from", pa.string()), ("lsf_sigma_aa", pa.list_(pa.float32()))):
         i = t.schema.get_field_index(name)

@@ -102,7 +102,7 @@ class FitSetup:
 
 
 def lsf_key(lsf_sigma_aa: np.ndarray | None) -> tuple[int, ...] | None:
-    """A cube's LSF as the key of its template set: multiples of :data:`LSF_STEP` of nominal.
+    """Return a cube's LSF as the key of its template set (multiples of :data:`LSF_STEP`).
 
     Parameters
     ----------
@@ -217,7 +217,8 @@ def _line_bins(gas_templates: np.ndarray, lam_temp: np.ndarray, wave: np.ndarray
 def empty_row() -> dict[str, Any]:
     """Return a labels row with every quantity missing."""
     row: dict[str, Any] = dict.fromkeys(
-        ("age_mw_gyr", "mh_mw", "age_imw_gyr", "mh_imw", "log_age_lw", "mh_lw", "log_ml_r", "log_mstar", "ebv_star",
+        ("age_mw_gyr", "mh_mw", "age_imw_gyr", "mh_imw", "log_age_lw", "mh_lw", "log_ml_r",
+         "log_mstar", "ebv_star",
          "ebv_gas", "ebv_gas_raw", "ebv_gas_raw_err", "log_ssfr", "d_bpt", "ew_ha", "vel",
          "sigma", "vel_gas", "sigma_gas", "chi2_red"), np.nan)
     for key in LINE_KEYS:

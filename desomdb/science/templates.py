@@ -176,7 +176,7 @@ def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def library_path(name: str = "miuscat") -> Path:
-    """Path of a bundled library file (``miuscat``, ``bc03`` or ``mastar``) inside the installed package.
+    """Path of a bundled library (``miuscat``, ``bc03`` or ``mastar``) in the installed package.
 
     Raises
     ------

@@ -2,7 +2,8 @@
 
 Run ``python -m desomdb.science.templates_build`` for MIUSCAT (the fitting library) and
 ``python -m desomdb.science.templates_build --library bc03`` (or ``mastar``) for BC03 and
-MaStar (the mock survey's second and third libraries, never fitted with); network access to the package index is needed only to fetch
+MaStar (the mock survey's second and third libraries, never fitted with); network access
+to the package index is needed only to fetch
 the source packages; pass ``--sources DIR`` to use already-downloaded files.
 
 Sources
@@ -59,7 +60,8 @@ MaStar (:func:`build_mastar`)
   mix SSPs by a star formation history, so each spectrum is scaled to a *proxy* light per
   unit initial mass: the BC03 library's mean flux in :data:`templates.LIGHT_WINDOW_AA` per
   M_sun formed at the same age and [M/H] (bilinear in log age and [M/H]; beyond BC03's
-  0.005-10 Gyr extrapolated linearly in log age, beyond its -0.70 to +0.40 clamped in [M/H]). ``masses`` is NaN and ``mass_proxy`` True:
+  0.005-10 Gyr extrapolated linearly in log age, beyond its -0.70 to +0.40 clamped in [M/H]).
+  ``masses`` is NaN and ``mass_proxy`` True:
   mocks rendered from it carry light-weighted truth only (no mass-weighted age or [M/H],
   no M*/L or sSFR), because the proxy is another library's, not MaStar's.
 - Licence: MaStar SSPs are public (Maraston et al. 2020; cite them); mangadap is BSD-3.
@@ -293,7 +295,7 @@ def build_mastar(wheel: Path, out: Path, proxy: Path) -> Path:
 
 
 def _light_per_mass(lib: Any, ages: np.ndarray, metals: np.ndarray) -> np.ndarray:
-    """A library's mean flux in the light window per M_sun formed, at other (age, [M/H]).
+    """Return a library's mean flux in the light window per M_sun formed at other (age, [M/H]).
 
     Bilinear in (log10 age, [M/H]): extrapolated linearly in log age beyond the library's
     ages, clamped at its [M/H] edges.

@@ -116,7 +116,7 @@ LSF_KNOTS_AA = np.geomspace(3622.0, 10350.0, 64)
 
 
 def lsf_at_knots(wave_aa: np.ndarray, sigma_aa: np.ndarray) -> np.ndarray | None:
-    """A cube's LSF sigma at :data:`LSF_KNOTS_AA`, interpolated over its valid pixels.
+    """Return a cube's LSF sigma at :data:`LSF_KNOTS_AA`, interpolated over its valid pixels.
 
     Parameters
     ----------

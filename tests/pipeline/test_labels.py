@@ -5,11 +5,11 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
+from desomdb import mock
 from desomdb.archive import paths
 from desomdb.archive.store import Archive
-from desomdb.cli import main
-from desomdb import mock
 from desomdb.atomic import read_parquet
+from desomdb.cli import main
 from desomdb.pipeline import ingest, labels
 from desomdb.query import views
 from desomdb.science import fitting
@@ -213,9 +213,9 @@ def _sigma_offsets(tmp_path: Path, lsf_scale: float) -> tuple[float, float, set[
     nominal = []
     for b, norm in zip(rows["bin_id"], rows["norm_flux"], strict=True):
         i = ids.index(b)
-        cols = [np.asarray(spec.column(c)[i].as_py(), dtype=t)
-                for c, t in (("flux", np.float32), ("ivar", np.float32), ("mask", np.uint8))]
-        nominal.append(fitting.fit_spectrum(*cols, norm, z)["sigma"])
+        flux, ivar, mask = (np.asarray(spec.column(c)[i].as_py(), dtype=t) for c, t in
+                            (("flux", np.float32), ("ivar", np.float32), ("mask", np.uint8)))
+        nominal.append(fitting.fit_spectrum(flux, ivar, mask, norm, z)["sigma"])
     truth = rows["sigma_kms"].to_numpy()
     return (float(np.median(rows["sigma"].to_numpy() - truth)),
             float(np.median(np.array(nominal) - truth)), set(rows["lsf_source"]))
