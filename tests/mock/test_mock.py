@@ -143,6 +143,55 @@ def test_bc03_truth_of_a_pure_ssp_is_weighted_by_initial_mass() -> None:
     assert np.isnan(t.mstar[0]) and np.isnan(t.log_ml_r[0])
 
 
+def test_light_weighted_truth_weighs_each_ssp_by_its_light_in_the_window() -> None:
+    lib = templates.load()
+    w = np.zeros((1, *lib.shape))
+    w[0, 10, 1] = 1e6  # a young and an old SSP of equal initial mass
+    w[0, 45, 1] = 1e6
+    t = population_truth(w, lib)
+    light = lib.light_in_window()
+    young, old = light[10, 1], light[45, 1]
+    expect = (young * np.log10(lib.ages_gyr[10] * 1e9) + old * np.log10(lib.ages_gyr[45] * 1e9)
+              ) / (young + old)
+    assert t.log_age_lw[0] == pytest.approx(expect)
+    assert t.l_window[0] == pytest.approx(1e6 * (young + old))
+    # The young SSP outshines the old one: light-weighted is younger than mass-weighted.
+    assert t.log_age_lw[0] < np.log10(t.age_mw_gyr[0] * 1e9) - 0.5
+
+
+def test_mastar_library_and_cube_have_light_weighted_truth_only() -> None:
+    lib = templates.load(templates.library_path("mastar"))
+    assert lib.shape == (9, 6) and lib.mass_proxy and not lib.has_current_mass
+    np.testing.assert_allclose(lib.metals_mh, [-1.35, -1.0, -0.7, -0.33, 0.0, 0.35])
+    assert lib.ages_gyr[0] == pytest.approx(0.003) and lib.ages_gyr[-1] == pytest.approx(14.0)
+    # Per-pixel MaNGA resolution (R ~1410-2100), in vacuum over the LOGCUBE range.
+    assert lib.lam_vac_aa[0] == pytest.approx(3621.6, abs=0.1)
+    r = lib.lam_vac_aa / lib.fwhm_aa
+    assert 1400 < r.min() < np.median(r) < 2110 and r.max() < 2500
+    # Older populations give less light per unit (proxy) mass.
+    assert np.all(np.diff(np.log10(lib.light_in_window()[:, 4])) < 0)
+    p = draw_galaxy(2, 5, (19,))
+    hdul, truth = mock.render_cube(p, manga.release("DR15"), library="mastar")
+    assert hdul[0].header["MOCKLIB"] == "mastar"
+    assert set(truth["mass_weight"].to_pylist()) == {"none"}
+    for col in ("age_mw_gyr", "mh_mw", "mstar_msun", "minit_msun", "log_ml_r"):
+        assert np.isnan(truth[col].to_numpy()).all(), col
+    lw = truth["log_age_lw"].to_numpy()
+    assert np.all((lw > np.log10(0.003e9)) & (lw < np.log10(14e9)))
+    assert np.isfinite(truth["mh_lw"].to_numpy()).all()
+
+
+def test_lsf_scale_renders_and_records_another_resolution() -> None:
+    p = draw_galaxy(1, 5, (19,))
+    hdul, _ = mock.render_cube(p, manga.release("DR15"), lsf_scale=1.3)
+    wave = hdul["WAVE"].data
+    disp = hdul["DISP"].data[:, 16, 16]
+    red = wave > 6000  # where MIUSCAT's 2.5 Å is sharper than either LSF
+    np.testing.assert_allclose(disp[red], 1.3 * manga.lsf_sigma_aa(wave[red]), rtol=2e-3)
+    with pytest.raises(ConfigError, match="lsf-scale"):
+        mock.generate_survey("/nonexistent", 1, lsf_scale=5.0)
+
+
 def test_bc03_library_is_in_vacuum() -> None:
     # The absorption centroids of Hγ, Hβ and Hα in a young (A-star dominated) BC03 SSP sit at
     # the vacuum wavelengths, not the air ones 1.2-1.8 Å bluer.
