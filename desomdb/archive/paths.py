@@ -45,7 +45,7 @@ RELEASE_TABLES = ("cubes", "galaxies", "baxels", "spectra", "bin_map", "truth", 
                   "label_errors")
 #: Tables partitioned by model id.
 MODEL_TABLES = ("models", "nodes", "assignments", "node_labels", "fingerprints", "splits",
-                "node_partials")
+                "node_partials", "label_plan")
 TABLES = RELEASE_TABLES + MODEL_TABLES
 #: Columns that identify a row of each table (hive partition columns included).
 TABLE_KEYS: dict[str, tuple[str, ...]] = {
@@ -64,6 +64,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "fingerprints": ("model_id", "desom2_model_id", "mangaid"),
     "splits": ("model_id", "mangaid"),
     "node_partials": ("model_id", "release", "plateifu", "node"),
+    "label_plan": ("model_id", "release", "plateifu", "bin_id"),
 }
 
 

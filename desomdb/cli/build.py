@@ -157,25 +157,54 @@ def _echo_ingest(report: Any) -> None:
               help="fast: kinematics once on a coarse template set, then linear fits with the "
               "kinematics fixed (~5x faster, same accuracy on the mocks); ppxf: the reference "
               "single pPXF fit with every nonlinear parameter free")
+@click.option("--plan", is_flag=True,
+              help="fit only the baxels a labelling plan chooses from the current map (the "
+              "map labels the rest: view baxel_estimates); extends an earlier plan")
+@click.option("--budget", type=float, default=0.1, show_default=True,
+              help="with --plan: baxels fitted in all, a fraction of the assigned ones "
+              "(0-1] or a count (> 1); earlier fits count")
+@model_option("DESOM-1 model whose map plans")
 @_friendly_errors
 def label(archive: Path, release: str | None, workers: int, scheduler: str | None,
-          label_max_per_cube: int | None, line_sn: float, line_an: float, fitter: str) -> None:
-    """Fit every baxel with pPXF and write the labels table.
+          label_max_per_cube: int | None, line_sn: float, line_an: float, fitter: str,
+          plan: bool, budget: float, model_id: str | None) -> None:
+    """Fit baxels with pPXF and write the labels table.
 
-    Cubes already labelled are skipped; a failed fit is recorded per baxel
-    (status, error) without stopping the job.
+    Without --plan every baxel (or --label-max-per-cube of each cube) is fitted. With --plan
+    (after train and assign) only the baxels a labelling plan picks: out-of-distribution
+    ones, enough members of every node from several galaxies and S/N, more where node
+    intervals are wide; node labels are then rebuilt and baxel_estimates gives every baxel
+    a label from its fit or its node. Cubes already labelled are skipped; a failed fit is
+    recorded per baxel (status, error) without stopping the job.
 
     \b
     Example:
       desomdb label /tmp/archive --release DR15 --workers 2 --label-max-per-cube 20
+      desomdb label /tmp/archive --plan --budget 0.1 --workers 2
     """
     from desomdb.pipeline import labels as labels_mod
     from desomdb.science import emission
 
-    report = labels_mod.label(archive, release=release, workers=workers, scheduler=scheduler,
-                              max_per_cube=label_max_per_cube,
-                              gate=emission.LineGate(sn_min=line_sn, an_min=line_an),
-                              fitter=fitter)
+    gate = emission.LineGate(sn_min=line_sn, an_min=line_an)
+    if plan:
+        if label_max_per_cube is not None or release is not None:
+            raise click.UsageError("--plan chooses the baxels itself: leave out "
+                                   "--label-max-per-cube and --release")
+        from desomdb.pipeline import label_plan
+
+        planned = label_plan.plan_and_label(archive, budget, model_id, workers=workers,
+                                            scheduler=scheduler, gate=gate, fitter=fitter)
+        new = ", ".join(f"{n} {reason}" for reason, n in planned.n_new.items())
+        click.echo(f"model {planned.model_id}: {planned.n_assigned} baxels assigned, budget "
+                   f"{planned.n_budget}; {planned.n_fitted_before} fitted or planned before, "
+                   f"planned now: {new}; {planned.n_nodes} populated nodes, "
+                   f"{planned.n_nodes_short} still below "
+                   f"{label_plan.MIN_FITTED} fitted members")
+        report = planned.label_report or labels_mod.LabelReport()
+    else:
+        report = labels_mod.label(archive, release=release, workers=workers,
+                                  scheduler=scheduler, max_per_cube=label_max_per_cube,
+                                  gate=gate, fitter=fitter)
     rate = report.n_fits / report.fit_seconds if report.fit_seconds else 0.0
     click.echo(f"{report.n_cubes} cubes labelled, {report.n_skipped_cubes} already done; "
                f"{report.n_fits} baxels in labels ({report.n_failed_fits} failed fits; "

@@ -111,6 +111,7 @@ class _Request:
     max_per_cube: int | None
     gate: emission.LineGate | None
     options: fitting.FitOptions | None
+    only: dict[tuple[str, str], set[int]] | None = None
 
 
 @dataclass
@@ -151,6 +152,11 @@ def _plan_release(arch: Archive, rel: str, plan: _Plan, report: LabelReport,
         pifu = str(plateifu[0])
         if req.plateifus is not None and pifu not in req.plateifus:
             continue
+        if req.only is not None:
+            wanted = req.only.get((rel, pifu))
+            if not wanted:
+                continue
+            group = group.filter(pl.col("bin_id").is_in(list(wanted)))
         key = (pifu, fitter_id)
         have, fitters = labelled.get(pifu, (set(), set()))
         if req.max_per_cube is not None:
@@ -223,6 +229,7 @@ def label(
     gate: emission.LineGate | None = None,
     options: fitting.FitOptions | None = None,
     fitter: str | None = None,
+    only: dict[tuple[str, str], set[int]] | None = None,
 ) -> LabelReport:
     """Fit every not-yet-labelled baxel of the archive (one task per cube).
 
@@ -253,6 +260,9 @@ def label(
     fitter : str, optional
         ``fast`` or ``ppxf`` (default :data:`fitting.DEFAULT_FITTER`); the rows carry its id from
         :data:`fitting.FITTERS`. A cube labelled by either fitter counts as done.
+    only : dict, optional
+        Fit only these baxels: (release, plateifu) -> bin ids (a labelling plan's,
+        :mod:`desomdb.pipeline.label_plan`); other cubes are left alone.
 
     Returns
     -------
@@ -277,7 +287,7 @@ def label(
         plan = _Plan()
         req = _Request(staging=writer.staging_dir("labels"), generation=arch.generation() + 1,
                        fitter=name_of_fitter, plateifus=plateifus, max_per_cube=max_per_cube,
-                       gate=gate, options=options)
+                       gate=gate, options=options, only=only)
         for rel in releases:
             _plan_release(arch, rel, plan, report, req)
         tasks, targets, replaced, names = plan.tasks, plan.targets, plan.replaced, plan.names

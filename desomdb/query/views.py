@@ -68,7 +68,7 @@ WRITTEN_BY = {
     "label_errors": "desomdb calibrate", "models": "desomdb train",
     "splits": "desomdb train", "assignments": "desomdb assign", "nodes": "desomdb assign",
     "node_partials": "desomdb assign", "node_labels": "desomdb assign",
-    "fingerprints": "desomdb fingerprints",
+    "fingerprints": "desomdb fingerprints", "label_plan": "desomdb label --plan",
 }
 
 

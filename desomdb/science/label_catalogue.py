@@ -79,6 +79,11 @@ LABELS: tuple[Label, ...] = (
     Label("sigma", "km / s", "σ_* [km/s]", (0.0, 400.0, 20), truth="sigma_kms"),
 )
 
+#: Fitted members (passing a label's cuts) a node needs before its median stands for an
+#: unfitted member's label (``baxel_estimates``: "too few fitted members" below it), and
+#: that a labelling plan gives every populated node (:mod:`desomdb.pipeline.label_plan`).
+MIN_NODE_MEMBERS = 5
+
 BY_COLUMN: dict[str, Label] = {lab.column: lab for lab in LABELS}
 
 #: Labels that get node PDFs and calibrated intervals (``node_labels``), in order.

@@ -1,0 +1,159 @@
+"""The labelling plan and the labels the map carries (``baxel_estimates``)."""
+
+import shutil
+
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from desomdb.archive.store import Archive
+from desomdb.cli import main
+from desomdb.errors import ConfigError
+from desomdb.pipeline import assign, calibrate, label_plan, labels, train
+from desomdb.query import views
+from desomdb.science import label_catalogue
+from desomdb.som import model, registry
+
+
+def _members(n_nodes: int = 4, per_node: int = 12, n_gal: int = 3) -> pl.DataFrame:
+    rows = []
+    for node in range(n_nodes):
+        for k in range(per_node):
+            rows.append({"release": "DR15", "plateifu": f"1-{k % n_gal}", "bin_id": node * 100 + k,
+                         "node": node, "distance": 1.0, "snr": 5.0 + k, "fitted": False,
+                         "planned": False})
+    return pl.DataFrame(rows)
+
+
+def test_out_of_distribution_first_then_every_node_before_any_gets_more() -> None:
+    df = _members().with_columns(
+        pl.when(pl.col("bin_id") == 305).then(9.0).otherwise(pl.col("distance"))
+        .alias("distance"))
+    new = label_plan.choose(df, threshold=2.0, n_budget=9)
+    assert new["reason"].to_list()[0] == "out_of_distribution" and new["bin_id"][0] == 305
+    per_node = new.filter(pl.col("reason") == "node_minimum").group_by("node").len()
+    assert sorted(per_node["len"].to_list()) == [2, 2, 2, 2]  # level by level, all nodes
+    assert new.height == 9
+
+
+def test_a_node_minimum_alternates_galaxies_and_spreads_snr() -> None:
+    df = _members(n_nodes=1, per_node=12, n_gal=3)
+    new = label_plan.choose(df, threshold=2.0, n_budget=5)
+    picked = df.join(new.select("bin_id"), on="bin_id")
+    assert picked["plateifu"].n_unique() == 3  # every galaxy of the node
+    snr = picked["snr"].to_numpy()
+    assert snr.max() - snr.min() >= 6  # not five of one S/N
+
+
+def test_fitted_and_planned_baxels_count_and_a_bigger_budget_extends() -> None:
+    df = _members(n_nodes=2, per_node=10)
+    first = label_plan.choose(df, threshold=2.0, n_budget=10)
+    assert first.height == 10 and set(first["reason"]) == {"node_minimum"}
+    done = df.with_columns(pl.col("bin_id").is_in(first["bin_id"].to_list()).alias("planned"))
+    assert label_plan.choose(done, threshold=2.0, n_budget=10).height == 0  # nothing to add
+    more = label_plan.choose(done, threshold=2.0, n_budget=16,
+                             widths={0: 0.5, 1: 0.1})
+    assert more.height == 6 and set(more["reason"]) == {"wide_interval"}
+    assert not set(more["bin_id"]) & set(first["bin_id"])
+    counts = dict(more.group_by("node").len().iter_rows())
+    assert counts[0] == 5 and counts[1] == 1  # more fits where the intervals are wide
+
+
+def test_budget_is_a_fraction_or_a_count() -> None:
+    assert label_plan.budget_count(0.1, 1000) == 100
+    assert label_plan.budget_count(250, 1000) == 250
+    with pytest.raises(ConfigError, match="budget"):
+        label_plan.budget_count(0, 1000)
+
+
+@pytest.fixture(scope="module")
+def planned(ingested, tmp_path_factory):
+    """Three galaxies: a first sample of 3 per cube, a tiny map, a plan of 40 %, calibrated."""
+    from conftest import TINY
+
+    src, _ = ingested
+    root = tmp_path_factory.mktemp("plan") / "arch"
+    shutil.copytree(src, root)
+    labels.label(root, workers=1, progress=False, max_per_cube=3)
+    model_id = train.train(root, model.compact_config(**TINY), where="true", progress=False)
+    registry.set_current_model(Archive(root), model_id)
+    assign.assign(root, progress=False)
+    result = CliRunner().invoke(main, ["label", str(root), "--plan", "--budget", "0.4",
+                                       "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    calibrate.calibrate(root, per_bin=1, refits=1, workers=1, progress=False)
+    return root, model_id, result.output
+
+
+@pytest.mark.slow
+def test_plan_fits_its_baxels_and_the_map_labels_the_rest(planned) -> None:
+    root, model_id, output = planned
+    assert "planned" in output and "node_minimum" in output
+    con = views.connect(root)
+    n_bax = con.sql("select count(*) from baxels").fetchall()[0][0]
+    n_lab = con.sql("select count(*) from labels").fetchall()[0][0]
+    plan = con.sql("select * from label_plan").pl()
+    assert n_lab == pytest.approx(0.4 * n_bax, abs=1)  # the first sample counted in the budget
+    assert plan["model_id"].unique().to_list() == [model_id]
+    est = con.sql("select e.*, l.age_mw_gyr as fit_age, l.chi2_ok as fit_chi2_ok, "
+                  "n.median as node_age, n.n as node_n, n.lo68 as node_lo "
+                  "from baxel_estimates e left join labels l using (release, plateifu, bin_id) "
+                  "left join node_labels n on n.model_id = current_model() and n.node = e.node "
+                  "and n.label = 'age_mw_gyr'").pl()
+    con.close()
+    assert est.height == n_bax
+    fit = est.filter(pl.col("age_mw_gyr_source") == "fit")
+    assert fit.height == int(est["fit_chi2_ok"].fill_null(False).sum())
+    assert (fit["age_mw_gyr"] == fit["fit_age"]).all()
+    assert (fit["age_mw_gyr_lo68"] < fit["age_mw_gyr"]).all()  # ± the fit error model
+    mapped = est.filter(pl.col("age_mw_gyr_source") == "map")
+    assert mapped.height > 0 and mapped["in_distribution"].all()
+    assert (mapped["age_mw_gyr"] == mapped["node_age"]).all()
+    assert (mapped["age_mw_gyr_lo68"] == mapped["node_lo"]).all()
+    assert (mapped["node_n"] >= label_catalogue.MIN_NODE_MEMBERS).all()
+    none = est.filter(pl.col("age_mw_gyr_source").is_null())
+    assert none["age_mw_gyr"].is_null().all()
+    assert (~none["in_distribution"] | (none["node_n"].fill_null(0)
+                                        < label_catalogue.MIN_NODE_MEMBERS)
+            | none["fit_chi2_ok"].is_not_null()).all()
+    # Every light-weighted and mass-weighted label has its four columns.
+    for lab in label_catalogue.NODE_LABELS:
+        assert {lab, f"{lab}_lo68", f"{lab}_hi68", f"{lab}_source"} <= set(est.columns)
+
+
+@pytest.mark.slow
+def test_a_rerun_with_the_same_budget_fits_nothing_and_a_bigger_one_extends(
+        planned, tmp_path) -> None:
+    src, _, _ = planned
+    root = tmp_path / "arch"
+    shutil.copytree(src, root)
+    again = label_plan.plan_and_label(root, 0.4, workers=1, progress=False)
+    assert sum(again.n_new.values()) == 0 and again.label_report is not None
+    assert again.label_report.n_cubes == 0
+    before = Archive(root).read("label_plan").num_rows
+    more = label_plan.plan_and_label(root, 0.7, workers=1, progress=False)
+    after = Archive(root).read("label_plan").num_rows
+    assert sum(more.n_new.values()) > 0 and after == before + sum(more.n_new.values())
+    n_bax = Archive(root).read("baxels", columns=["bin_id"]).num_rows
+    n_lab = Archive(root).read("labels", columns=["bin_id"]).num_rows
+    assert n_lab == pytest.approx(0.7 * n_bax, abs=1)
+
+
+def test_generated_view_matches_the_label_catalogue() -> None:
+    from desomdb.query import estimates
+
+    assert estimates.sql_path().read_text() == estimates.estimates_sql()
+    text = estimates.estimates_sql()
+    for lab in label_catalogue.NODE_LABELS:
+        assert f" as {lab}_source" in text
+
+
+def test_plan_needs_an_assigned_model(ingested, tmp_path) -> None:
+    src, _ = ingested
+    root = tmp_path / "arch"
+    shutil.copytree(src, root)
+    result = CliRunner().invoke(main, ["label", str(root), "--plan", "--budget", "0.1"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "model" in result.output
+    result = CliRunner().invoke(main, ["label", str(root), "--plan", "--label-max-per-cube", "3"])
+    assert result.exit_code != 0 and "--plan" in result.output
