@@ -116,9 +116,15 @@ def test_plan_fits_its_baxels_and_the_map_labels_the_rest(planned) -> None:
     assert (~none["in_distribution"] | (none["node_n"].fill_null(0)
                                         < label_catalogue.MIN_NODE_MEMBERS)
             | none["fit_chi2_ok"].is_not_null()).all()
-    # Every light-weighted and mass-weighted label has its four columns.
+    # Every light-weighted and mass-weighted label has its four columns, all documented.
     for lab in label_catalogue.NODE_LABELS:
         assert {lab, f"{lab}_lo68", f"{lab}_hi68", f"{lab}_source"} <= set(est.columns)
+    from desomdb.query.schema import view_docs
+
+    docs = view_docs()
+    assert set(docs["baxel_estimates"]) == set(est.columns) - {
+        "fit_age", "fit_chi2_ok", "node_age", "node_n", "node_lo"}
+    assert set(docs["label_plan"]) == set(plan.columns)
 
 
 @pytest.mark.slow
