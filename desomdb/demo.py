@@ -17,7 +17,7 @@ import click
 
 from desomdb import mock
 from desomdb.archive.store import Archive
-from desomdb.pipeline import assign, calibrate, fingerprint, ingest, labels, train
+from desomdb.pipeline import assign, calibrate, fingerprint, ingest, label_plan, labels, train
 from desomdb.products import report
 from desomdb.query import views
 from desomdb.som import model, registry
@@ -45,6 +45,11 @@ EXAMPLE_QUERIES = {
         "select node, n, round(median, 2) as median, round(p16, 2) as p16, round(p84, 2) as p84, "
         "round(lo68, 2) as lo68, round(hi68, 2) as hi68 from node_labels "
         "where label = 'age_mw_gyr' and model_id = current_model() order by n desc limit 5",
+    "labels for every baxel: from its fit or from its node (baxel_estimates)":
+        "select coalesce(age_mw_gyr_source, 'none') as source, count(*) as n_baxels, "
+        "round(median(age_mw_gyr), 2) as median_age_gyr, "
+        "round(median(age_mw_gyr_hi68 - age_mw_gyr_lo68), 2) as median_interval_gyr "
+        "from baxel_estimates group by all order by source",
     "median stellar age per node (first rows)":
         "select node, count(*) as n, round(median(age_mw_gyr), 2) as median_age_gyr "
         "from baxel_labels where chi2_ok group by node order by node limit 8",
@@ -60,9 +65,13 @@ EXAMPLE_QUERIES = {
 
 
 def run_demo(out: str | Path, n_galaxies: int = 12, seed: int = 0, workers: int = 2,
-             map_size: int = 6, labels_per_cube: int = 20, iterations: int = 600,
-             progress: bool = True, ifu_sizes: tuple[int, ...] = (19, 37)) -> DemoResult:
-    """Run mock -> ingest -> label -> train -> assign -> calibrate (-> fingerprints) -> queries.
+             map_size: int = 6, labels_per_cube: int = 8, iterations: int = 600,
+             progress: bool = True, ifu_sizes: tuple[int, ...] = (19, 37),
+             plan_budget: float = 0.25) -> DemoResult:
+    """Run the demo pipeline and its example queries.
+
+    mock -> ingest -> first labels -> train -> assign -> planned labels -> calibrate
+    (-> fingerprints) -> queries.
 
     Parameters
     ----------
@@ -74,12 +83,15 @@ def run_demo(out: str | Path, n_galaxies: int = 12, seed: int = 0, workers: int 
     map_size : int
         DESOM-1 map is ``map_size`` × ``map_size`` (the paper: 15).
     labels_per_cube : int
-        pPXF fits per cube (``desomdb demo --label-max-per-cube``).
+        pPXF fits per cube of the first sample (``desomdb demo --label-max-per-cube``).
     iterations : int
         Joint training iterations (after 150 autoencoder pre-training iterations).
     progress : bool
     ifu_sizes : tuple of int
         IFU fibre counts the mock survey draws from (small IFUs keep it fast).
+    plan_budget : float
+        Fraction of the baxels fitted in all after the labelling plan
+        (``desomdb label --plan --budget``); the map labels the rest (``baxel_estimates``).
 
     Returns
     -------
@@ -105,7 +117,7 @@ def run_demo(out: str | Path, n_galaxies: int = 12, seed: int = 0, workers: int 
     ingest.ingest(archive, job, progress=progress)
     seconds["ingest"] = time.perf_counter() - t
 
-    t = stage(f"pPXF labels ({labels_per_cube} baxels per cube)")
+    t = stage(f"pPXF labels, first sample ({labels_per_cube} baxels per cube)")
     labels.label(archive, workers=workers, progress=progress, max_per_cube=labels_per_cube)
     seconds["label"] = time.perf_counter() - t
 
@@ -120,6 +132,11 @@ def run_demo(out: str | Path, n_galaxies: int = 12, seed: int = 0, workers: int 
     t = stage("assign every baxel")
     assign.assign(archive, model_id, progress=progress)
     seconds["assign"] = time.perf_counter() - t
+
+    t = stage(f"labelling plan: fit {plan_budget:.0%} of the baxels, the map labels the rest")
+    label_plan.plan_and_label(archive, plan_budget, model_id, workers=workers,
+                              progress=progress)
+    seconds["plan"] = time.perf_counter() - t
 
     t = stage(f"calibrate the node labels ({CALIBRATION_PER_BIN} baxels per S/N bin)")
     calibrate.calibrate(archive, per_bin=CALIBRATION_PER_BIN, refits=CALIBRATION_REFITS,

@@ -7,8 +7,8 @@ from desomdb import demo
 def test_tiny_demo_runs_end_to_end(tmp_path) -> None:
     result = demo.run_demo(tmp_path / "demo", n_galaxies=3, workers=1, map_size=3,
                            labels_per_cube=3, iterations=60, progress=False)
-    assert set(result.seconds) == {"mock", "ingest", "label", "train", "assign", "calibrate",
-                                   "fingerprints", "report"}
+    assert set(result.seconds) == {"mock", "ingest", "label", "train", "assign", "plan",
+                                   "calibrate", "fingerprints", "report"}
     assert result.report is not None and result.report.is_file()
     assert all(df.height > 0 for df in result.queries.values())
     assert (result.archive / "setup.sql").exists()

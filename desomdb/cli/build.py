@@ -453,17 +453,22 @@ def _echo_stale_report(archive: Path) -> None:
               help="comma-separated IFU fibre counts to draw from (as 'desomdb mock')")
 @click.option("--map-size", type=int, default=6, show_default=True,
               help="DESOM-1 map is N x N nodes (train's map_rows = map_cols; the paper: 15)")
-@click.option("--label-max-per-cube", type=int, default=20, show_default=True,
-              help="fit at most this many baxels per cube, evenly spaced (as label/refresh)")
+@click.option("--label-max-per-cube", type=int, default=8, show_default=True,
+              help="first sample: fit this many baxels per cube, evenly spaced, before the "
+              "map exists (as label/refresh)")
+@click.option("--budget", type=float, default=0.25, show_default=True,
+              help="labelling plan: fraction of the baxels fitted in all (the map labels the "
+              "rest)")
 @_friendly_errors
 def demo(out: Path, n_galaxies: int, workers: int, seed: int, ifu_sizes: str, map_size: int,
-         label_max_per_cube: int) -> None:
+         label_max_per_cube: int, budget: float) -> None:
     """Run the whole pipeline on a generated mock survey.
 
-    mock -> ingest -> pPXF labels -> DESOM-1 -> assign -> calibrate ->
-    fingerprints/DESOM-2, then a few SQL queries. Scaled to minutes on 2 cores by
-    default: 19/37-fibre IFUs, a 6x6 map, a short schedule, 20 pPXF fits per cube,
-    an error model from 3 baxels per S/N bin.
+    mock -> ingest -> a first sample of pPXF labels -> DESOM-1 -> assign -> labelling plan
+    (fits chosen from the map) -> calibrate -> fingerprints/DESOM-2, then a few SQL
+    queries. Scaled to minutes on 2 cores by default: 19/37-fibre IFUs, a 6x6 map, a short
+    schedule, 8 fits per cube then 25 % of the baxels fitted in all, an error model from 3
+    baxels per S/N bin.
 
     \b
     Example:
@@ -476,7 +481,7 @@ def demo(out: Path, n_galaxies: int, workers: int, seed: int, ifu_sizes: str, ma
     refuse_inside_archive(out)  # the demo writes out/survey, out/archive and out/report
     result = demo_mod.run_demo(out, n_galaxies=n_galaxies, seed=seed, workers=workers,
                                ifu_sizes=_ifu_sizes(ifu_sizes), map_size=map_size,
-                               labels_per_cube=label_max_per_cube)
+                               labels_per_cube=label_max_per_cube, plan_budget=budget)
     with pl_config():
         for title, df in result.queries.items():
             click.echo(f"\n-- {title}\n{df}")
