@@ -6,7 +6,10 @@ export's provenance, one image extension each for BIN_ID (-1 = no bin), SNR, NOD
 node under the model, -1 = none), CHI2_RED and the labels (AGE_MW_GYR, MH_MW, LOG_ML_R,
 EBV_STAR, EBV_GAS, LOG_SSFR, D_BPT, VEL, SIGMA). A label is NaN where the fit is missing or
 fails that label's cut (the paper's cuts, as ``node_labels``: χ²_red < 2; Hα S/N > 2 for
-E(B−V)_gas and sSFR; all four BPT lines at S/N > 2 for d_BPT). Every image header carries
+E(B−V)_gas and sSFR; all four BPT lines at S/N > 2 for d_BPT). Where the archive has the
+``baxel_estimates`` view (node labels calibrated), each node label X also gets X_EST (its fit,
+or its node's value where the bin was not fitted), X_LO68, X_HI68 (the 68 % interval) and
+X_SRC (1 = fit, 2 = map, 0 = none). Every image header carries
 the cube's celestial WCS, ``BUNIT`` and a description, so the maps overlay the cube (and
 any sky image) in DS9 or Marvin-style tools; pixel (x, y) is numpy ``[y, x]`` as in
 ``bin_map``.
@@ -23,18 +26,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
 import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
 
 from desomdb.archive.store import Archive
-from desomdb.errors import ArchiveError, InputDataError
+from desomdb.errors import ArchiveError, InputDataError, QueryError
 from desomdb.products.export import ascii_text, provenance_header, set_card
 from desomdb.products.provenance import Provenance, provenance
 from desomdb.query import views
 from desomdb.query.schema import fits_unit, view_docs
 from desomdb.science import label_catalogue
 
+#: ``<LABEL>_SRC`` image values of each ``baxel_estimates`` source.
+SOURCE_CODES = {"fit": 1, "map": 2}
 #: Label column -> the flag its value needs besides chi2_ok (None: chi2_ok alone).
 LABELS: dict[str, str | None] = {lab.column: lab.flag for lab in label_catalogue.LABELS}
 
@@ -95,6 +101,7 @@ def write_maps(archive: str | Path, plateifu: str, out: str | Path,
                          " order by bin_id", params=key).fetchnumpy()
         labels = _labels(con, arch, key)
         nodes = _nodes(con, arch, key, prov.model_id)
+        estimates = _estimates(con, key, prov.model_id)
     finally:
         con.close()
     header, shape, source = celestial_header(cube, arch)
@@ -133,6 +140,23 @@ def write_maps(archive: str | Path, plateifu: str, out: str | Path,
             cut = "chi2_ok" + (f" and {flag}" if flag else "")
             images.append((label.upper(), paint(labels["bin_id"], values),
                            docs[label].unit, f"{docs[label].description} NaN unless {cut}."))
+    if estimates is not None:
+        docs = view_docs()["baxel_estimates"]
+        for label in label_catalogue.NODE_LABELS:
+            name, unit = label.upper(), docs[label].unit
+            src = np.ma.filled(estimates[f"{label}_source"].astype(object), None)
+            code = np.array([SOURCE_CODES.get(s, 0) for s in src], dtype=np.int16)
+            images += [
+                (f"{name}_EST", paint(estimates["bin_id"], _floats(estimates[label])), unit,
+                 f"{label} of every bin: its fit, or its node's median where not fitted "
+                 "(baxel_estimates); NaN where neither"),
+                (f"{name}_LO68", paint(estimates["bin_id"], _floats(estimates[f"{label}_lo68"])),
+                 unit, f"lower end of the 68 % interval of {name}_EST"),
+                (f"{name}_HI68", paint(estimates["bin_id"], _floats(estimates[f"{label}_hi68"])),
+                 unit, f"upper end of the 68 % interval of {name}_EST"),
+                (f"{name}_SRC", paint(estimates["bin_id"], code, 0, np.int16), None,
+                 "where " + f"{name}_EST comes from: 1 = fit, 2 = map (node), 0 = none"),
+            ]
     hdus: list[fits.PrimaryHDU | fits.ImageHDU] = [
         fits.PrimaryHDU(header=_primary_header(cube, release, prov, source))]
     for name, data, unit, description in images:
@@ -208,6 +232,23 @@ def _labels(con: views.ReadOnlyConnection, arch: Archive, key: list[str]
     # the newest fit set-up when a cube was fitted more than once
     return con.sql(f"select {cols} from labels where release = $1 and plateifu = $2 and "
                    f"fitter = $3 and status = 'ok'", params=[*key, fitters[-1]]).fetchnumpy()
+
+
+def _floats(values: np.ndarray) -> np.ndarray:
+    """Return a fetched column as float64, NaN for nulls."""
+    return np.asarray(np.ma.filled(np.ma.asarray(values).astype(np.float64), np.nan))
+
+
+def _estimates(con: views.ReadOnlyConnection, key: list[str], model_id: str | None
+               ) -> dict[str, np.ndarray] | None:
+    """Return the cube's ``baxel_estimates`` rows (None before node labels are calibrated)."""
+    if model_id is None:
+        return None
+    try:
+        return con.sql("select * from baxel_estimates where release = $1 and plateifu = $2",
+                       params=key).fetchnumpy()
+    except (QueryError, duckdb.CatalogException):  # needs node_labels + label_errors
+        return None
 
 
 def _nodes(con: views.ReadOnlyConnection, arch: Archive, key: list[str], model_id: str | None

@@ -2,6 +2,7 @@
 
 import shutil
 
+import numpy as np
 import polars as pl
 import pytest
 from click.testing import CliRunner
@@ -163,3 +164,35 @@ def test_plan_needs_an_assigned_model(ingested, tmp_path) -> None:
     assert "model" in result.output
     result = CliRunner().invoke(main, ["label", str(root), "--plan", "--label-max-per-cube", "3"])
     assert result.exit_code != 0 and "--plan" in result.output
+
+
+@pytest.mark.slow
+def test_maps_carry_the_estimates_and_their_source(planned, tmp_path) -> None:
+    from astropy.io import fits
+
+    from desomdb.products import maps
+
+    root, _, _ = planned
+    con = views.connect(root)
+    pifu, n_map = con.sql("select plateifu, count(*) filter (where age_mw_gyr_source = 'map') "
+                          "as n from baxel_estimates group by 1 order by n desc limit 1"
+                          ).fetchall()[0]
+    est = con.sql("select bin_id, age_mw_gyr, age_mw_gyr_source from baxel_estimates "
+                  "where plateifu = $1", params=[pifu]).pl()
+    con.close()
+    out = maps.write_maps(root, pifu, tmp_path / "maps.fits")
+    assert {"AGE_MW_GYR_EST", "AGE_MW_GYR_LO68", "AGE_MW_GYR_SRC",
+            "LOG_AGE_LW_EST"} <= set(out.extensions)
+    with fits.open(out.path) as hdul:
+        bins, src = hdul["BIN_ID"].data, hdul["AGE_MW_GYR_SRC"].data
+        value, fitted = hdul["AGE_MW_GYR_EST"].data, hdul["AGE_MW_GYR"].data
+        assert hdul["AGE_MW_GYR_EST"].header["BUNIT"] == "Gyr"
+    for row in est.iter_rows(named=True):
+        y, x = np.argwhere(bins == row["bin_id"])[0]
+        code = {"fit": 1, "map": 2, None: 0}[row["age_mw_gyr_source"]]
+        assert src[y, x] == code
+        if code:
+            assert value[y, x] == pytest.approx(row["age_mw_gyr"], rel=1e-6)
+        if code == 2:
+            assert np.isnan(fitted[y, x])  # the fit-only map stays a fit-only map
+    assert n_map > 0
