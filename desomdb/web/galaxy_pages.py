@@ -6,7 +6,7 @@ it has them (:class:`~desomdb.web.pages.CubeParts`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,7 @@ import polars as pl
 
 from desomdb.products import maps
 from desomdb.query.views import ReadOnlyConnection
-from desomdb.science import spectra
+from desomdb.science import label_catalogue, spectra
 from desomdb.web.pages import (
     NO_PARTS,
     CubeParts,
@@ -215,6 +215,9 @@ class BaxelData:
     latent : ndarray, shape (latent,), float32, or None
         The encoder output stored by ``desomdb assign`` (None if assigned before latents
         were stored); the nearest-baxel search's query.
+    estimates : dict
+        label -> (value, lo68, hi68, source) from ``baxel_estimates`` (source ``fit``,
+        ``map`` or None); empty before node labels are calibrated.
     """
 
     release: str
@@ -229,6 +232,7 @@ class BaxelData:
     pdfs: list[LabelPdf]
     is_latest: bool
     latent: np.ndarray | None = None
+    estimates: dict[str, tuple[Any, Any, Any, Any]] = field(default_factory=dict)
 
 
 def baxel_data(con: ReadOnlyConnection, model: ModelInfo, release: str, plateifu: str,
@@ -287,4 +291,20 @@ def baxel_data(con: ReadOnlyConnection, model: ModelInfo, release: str, plateifu
     latest = con.sql("select count(*) from latest_cubes where release = ? and plateifu = ?",
                      params=[release, plateifu]).fetchall()[0][0] > 0
     return BaxelData(release, plateifu, str(row.get("mangaid")), bin_id, shown, x[0], row,
-                     assignment, labels, pdfs, bool(latest), latent)
+                     assignment, labels, pdfs, bool(latest), latent,
+                     _estimates(con, key) if latest else {})
+
+
+def _estimates(con: ReadOnlyConnection, key: list[Any]) -> dict[str, tuple[Any, Any, Any, Any]]:
+    """One baxel's ``baxel_estimates``: label -> (value, lo68, hi68, source)."""
+    if not has_view(con, "baxel_estimates"):
+        return {}
+    cols = ", ".join(f"{x}, {x}_lo68, {x}_hi68, {x}_source"
+                     for x in label_catalogue.NODE_LABELS)
+    rows = con.sql(f"select {cols} from baxel_estimates where release = ? and plateifu = ? "
+                   "and bin_id = ?", params=key).fetchall()
+    if not rows:
+        return {}
+    values = rows[0]
+    return {x: tuple(values[4 * i:4 * i + 4])
+            for i, x in enumerate(label_catalogue.NODE_LABELS)}

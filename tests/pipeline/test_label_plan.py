@@ -196,3 +196,23 @@ def test_maps_carry_the_estimates_and_their_source(planned, tmp_path) -> None:
         if code == 2:
             assert np.isnan(fitted[y, x])  # the fit-only map stays a fit-only map
     assert n_map > 0
+
+
+@pytest.mark.slow
+def test_explorer_baxel_page_shows_the_estimate_and_its_source(planned) -> None:
+    from starlette.testclient import TestClient
+
+    from desomdb.web import create_app
+
+    root, _, _ = planned
+    con = views.connect(root)
+    release, pifu, bin_id, value = con.sql(
+        "select release, plateifu, bin_id, age_mw_gyr from baxel_estimates "
+        "where age_mw_gyr_source = 'map' limit 1").fetchall()[0]
+    con.close()
+    with TestClient(create_app(root)) as client:
+        page = client.get(f"/baxel/{release}/{pifu}/{bin_id}")
+    assert page.status_code == 200
+    row = page.text.split("<td>age_mw_gyr</td>")[1].split("</tr>")[0]
+    assert "not fitted" in row and f"{value:.3g}" in row
+    assert '<td class="source">map</td>' in row
