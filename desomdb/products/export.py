@@ -37,7 +37,7 @@ from astropy.table import MaskedColumn, Table
 from desomdb.atomic import PARQUET_OPTIONS
 from desomdb.errors import ConfigError
 from desomdb.products.provenance import Provenance, provenance
-from desomdb.query.schema import ColumnDoc, column_docs, fits_unit, vo_unit
+from desomdb.query.schema import ColumnDoc, column_docs, fits_unit, unit_note, vo_unit
 
 FORMATS = ("parquet", "fits", "votable")
 _ASCII = {"Å": "Angstrom", "α": "alpha", "β": "beta", "Σ": "sum ", "Ω": "Omega",
@@ -227,10 +227,12 @@ def _write_fits(astro: Table, path: Path, docs: dict[str, ColumnDoc], prov: Prov
         doc = docs.get(name)
         if doc is None:
             continue
-        if doc.unit:
-            hdu.header[f"TUNIT{i}"] = fits_unit(doc.unit)
-        if doc.description:
-            hdu.header[f"TCOMM{i}"] = ascii_text(doc.description)
+        unit = fits_unit(doc.unit) if doc.unit else None
+        if unit:
+            hdu.header[f"TUNIT{i}"] = unit
+        note = unit_note(doc.unit) if doc.unit and not unit else ""
+        if doc.description or note:
+            hdu.header[f"TCOMM{i}"] = ascii_text((doc.description or "") + note)
     cards = provenance_header(prov)
     hdu.header.extend(cards)
     primary = fits.PrimaryHDU(header=cards.copy())

@@ -36,7 +36,7 @@ from desomdb.errors import ArchiveError, InputDataError, QueryError
 from desomdb.products.export import ascii_text, provenance_header, set_card
 from desomdb.products.provenance import Provenance, provenance
 from desomdb.query import views
-from desomdb.query.schema import fits_unit, view_docs
+from desomdb.query.schema import fits_unit, unit_note, view_docs
 from desomdb.science import label_catalogue
 
 #: ``<LABEL>_SRC`` image values of each ``baxel_estimates`` source.
@@ -161,9 +161,11 @@ def write_maps(archive: str | Path, plateifu: str, out: str | Path,
         fits.PrimaryHDU(header=_primary_header(cube, release, prov, source))]
     for name, data, unit, description in images:
         hdr = header.copy()
-        if unit:
-            hdr["BUNIT"] = fits_unit(unit)
-        hdr["DESCRIP"] = ascii_text(description)
+        bunit = fits_unit(unit) if unit else None
+        if bunit:
+            hdr["BUNIT"] = bunit
+        hdr["DESCRIP"] = ascii_text(description + (unit_note(unit) if unit and not bunit
+                                                   else ""))
         hdus.append(fits.ImageHDU(data=data, header=hdr, name=name))
     out = Path(out)
     fits.HDUList(hdus).writeto(out, overwrite=True)

@@ -3,8 +3,11 @@
 Units are astropy unit strings (``u.Unit(text)`` parses them, with
 :mod:`astropy.cosmology.units` enabled for ``littleh``). Logarithmic quantities carry
 ``dex`` units (``dex(solMass / solLum)``), which neither the FITS nor the VOUnit standard
-can express: :func:`fits_unit` writes them in the CDS convention that VizieR and TOPCAT use
-(``[solMass/solLum]``), and a bare ``dex`` (a logarithmic ratio such as [M/H]) as ``dex``.
+can express. FITS files get no ``TUNITn``/``BUNIT`` for them, nor for other units outside
+the FITS standard (``littleh``): astropy would warn on every read: :func:`fits_unit` returns None and
+:func:`unit_note` gives the text the column's comment carries instead, with the unit in the
+CDS convention that VizieR and TOPCAT use (``[solMass/solLum]``; a bare ``dex``, a
+logarithmic ratio such as [M/H], as ``dex``). VOTables keep them as units (CDS spelling).
 
 A query's result columns are matched to documented columns by name: first in the views the
 query names (in the order it names them) and the views those are built from (so
@@ -141,9 +144,28 @@ def _lookup(name: str, named: list[str], docs: dict[str, dict[str, ColumnDoc]]
     return found[0]
 
 
-def fits_unit(unit: str) -> str:
-    """Spell a ``schema.yml`` unit for FITS ``TUNITn``/``BUNIT`` (see the module notes)."""
-    return _format(unit, ("fits", "cds"))
+def fits_unit(unit: str) -> str | None:
+    """Spell a ``schema.yml`` unit for FITS ``TUNITn``/``BUNIT``; None if FITS cannot.
+
+    Logarithmic (``dex``) units have no FITS spelling: write :func:`unit_note` into the
+    column's comment instead (see the module notes).
+    """
+    parsed = parse_unit(unit)
+    if isinstance(parsed, u.FunctionUnitBase):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", u.UnitsWarning)
+        try:
+            text = parsed.to_string("fits")
+            u.Unit(text, format="fits")  # what a reader will do with it
+        except (ValueError, TypeError):
+            return None
+    return str(text)
+
+
+def unit_note(unit: str) -> str:
+    """Text naming a unit FITS cannot carry, for a column comment: `` [unit: [yr]]``."""
+    return f" [unit: {_format(unit, ('cds',))}]"
 
 
 def vo_unit(unit: str) -> str:

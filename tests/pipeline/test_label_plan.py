@@ -216,3 +216,17 @@ def test_explorer_baxel_page_shows_the_estimate_and_its_source(planned) -> None:
     row = page.text.split("<td>age_mw_gyr</td>")[1].split("</tr>")[0]
     assert "not fitted" in row and f"{value:.3g}" in row
     assert '<td class="source">map</td>' in row
+
+
+@pytest.mark.slow
+def test_estimates_export_to_fits_with_units(planned, tmp_path) -> None:
+    from astropy.table import Table
+
+    root, _, _ = planned
+    out = tmp_path / "estimates.fits"
+    result = CliRunner().invoke(main, ["sql", str(root), "select * from baxel_estimates",
+                                       "--format", "fits", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    table = Table.read(out)
+    assert str(table["age_mw_gyr"].unit) == "Gyr" and str(table["log_age_lw_lo68"].unit)
+    assert set(table["age_mw_gyr_source"]) <= {"fit", "map", ""}
