@@ -4,10 +4,11 @@ Units are astropy unit strings (``u.Unit(text)`` parses them, with
 :mod:`astropy.cosmology.units` enabled for ``littleh``). Logarithmic quantities carry
 ``dex`` units (``dex(solMass / solLum)``), which neither the FITS nor the VOUnit standard
 can express. FITS files get no ``TUNITn``/``BUNIT`` for them, nor for other units outside
-the FITS standard (``littleh``): astropy would warn on every read: :func:`fits_unit` returns None and
-:func:`unit_note` gives the text the column's comment carries instead, with the unit in the
-CDS convention that VizieR and TOPCAT use (``[solMass/solLum]``; a bare ``dex``, a
-logarithmic ratio such as [M/H], as ``dex``). VOTables keep them as units (CDS spelling).
+the FITS standard (``littleh``), since astropy would warn on every read: :func:`fits_unit`
+returns None and :func:`unit_note` gives the text the column's comment carries instead,
+with the unit in the CDS convention that VizieR and TOPCAT use (``[solMass/solLum]``; a
+bare ``dex``, a logarithmic ratio such as [M/H], as ``dex``). VOTables keep them as units
+(CDS spelling).
 
 A query's result columns are matched to documented columns by name: first in the views the
 query names (in the order it names them) and the views those are built from (so
