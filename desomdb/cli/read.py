@@ -391,5 +391,17 @@ def stack(archive: Path, where: str, by: str, model_id: str | None, out: Path | 
     click.echo(f"{len(result.stacks)} stack(s) in {result.seconds:.2f} s"
                f"{f', fitted in {result.fit_seconds:.1f} s' if not no_fit else ''}{left_out}",
                err=True)
+    if "chi2_red" in table.column_names:
+        from desomdb.science.fitsetup import CHI2_MAX
+
+        key = by if by in table.column_names else None
+        for i, chi2 in enumerate(table.column("chi2_red").to_pylist()):
+            if chi2 is not None and chi2 >= CHI2_MAX:
+                which = f"{by} {table.column(key)[i].as_py()}" if key else "the stack"
+                click.echo(f"warning: {which}: chi2_red {chi2:.1f} >= {CHI2_MAX:g} (the "
+                           "paper's cut): its fitted ages, [M/H] and dust are unreliable; the "
+                           "members are unlike each other or the model misses them — narrow "
+                           "--where, or plot it: 'desomdb plot ARCHIVE stack --stack FILE'",
+                           err=True)
     if out is not None:
         click.echo(f"wrote {stack_output.write(result, archive, out)}")

@@ -108,6 +108,15 @@ def test_cli_stack_fit_fits_file_and_plot(full_archive, tmp_path: Path) -> None:
         assert np.all(np.isfinite(data["chi2_red"])) and np.all(data["status"] == "ok")
         assert np.all((data["age_mw_gyr"] > 0.05) & (data["age_mw_gyr"] < 15))
         assert np.all(np.isnan(data["log_mstar"]))
+        bad = data["mangaid"][data["chi2_red"] >= 2]
+    # A stack whose fit fails the paper's chi2 cut says so beside its ages.
+    assert proc.stderr.count("warning:") == len(bad)
+    for mangaid in bad:
+        assert f"warning: mangaid {mangaid}: chi2_red" in proc.stderr
+    whole = subprocess.run([exe, "stack", str(arch), "--where", "true"], capture_output=True,
+                           text=True)
+    chi2 = stack_mod.stack(arch, where="true").stacks[0].labels["chi2_red"]
+    assert ("warning: the stack: chi2_red" in whole.stderr) == (chi2 >= 2)
     png = tmp_path / "stack.png"
     proc = subprocess.run([exe, "plot", str(arch), "stack", "--stack", str(out), "--out",
                            str(png)], capture_output=True, text=True)
