@@ -37,10 +37,12 @@ import polars as pl
 
 from desomdb import mock
 from desomdb.archive.store import Archive
-from desomdb.pipeline import assign, calibrate, ingest, label_plan, labels, train
+from desomdb.pipeline import assign, calibrate, ingest, label_plan, labels, node_labels, train
 from desomdb.query import views
 from desomdb.som import model, registry
 
+#: Noise re-fits per calibration baxel (``desomdb calibrate``'s default).
+REFITS = 4
 #: (title, estimate column, truth column, log10 of both first, same-library only).
 COMPARED = (
     ("log age_L", "log_age_lw", "log_age_lw", False, False),
@@ -76,20 +78,31 @@ def build(out: Path, library: str, args: argparse.Namespace) -> Path:
     return base
 
 
-def cpu_seconds(root: Path, calib: calibrate.CalibrationReport) -> tuple[float, int]:
-    """Fit CPU seconds (labels + calibration re-fits, from the median fit time) and fits."""
-    lab = pl.from_arrow(Archive(root).read("labels", columns=["fit_seconds"]))
-    assert isinstance(lab, pl.DataFrame)
+def cpu_seconds(root: Path) -> tuple[float, int]:
+    """Fit CPU seconds (labels + calibration re-fits, from the median fit time) and fits.
+
+    The calibration's fits: its baxels (``label_errors.n_baxels`` of one label, summed over
+    S/N bins) times one fit, the noise re-fits and the alternative set-ups each.
+    """
+    arch = Archive(root)
+    lab = pl.from_arrow(arch.read("labels", columns=["fit_seconds"]))
+    err = pl.from_arrow(arch.read("label_errors", columns=["label", "n_baxels"]))
+    assert isinstance(lab, pl.DataFrame) and isinstance(err, pl.DataFrame)
+    n_calib = int(err.filter(pl.col("label") == err["label"][0])["n_baxels"].sum())
+    n_refits = n_calib * (1 + REFITS + len(calibrate.ALTERNATIVES))
     per_fit = float(lab["fit_seconds"].median() or 0.0)
-    return float(lab["fit_seconds"].sum()) + calib.n_fits * per_fit, lab.height + calib.n_fits
+    return float(lab["fit_seconds"].sum()) + n_refits * per_fit, lab.height + n_refits
 
 
 def estimates(root: Path) -> pl.DataFrame:
-    """``baxel_estimates`` joined with the truth and with which baxels were fitted."""
+    """``baxel_estimates`` joined with the truth, node medians and which baxels were fitted."""
     con = views.connect(root)
     truths = ", ".join(sorted({f"t.{c[2]} as {c[2]}_right" for c in COMPARED}))
+    nodes = ", ".join(f"(select median from node_labels n where n.model_id = current_model() "
+                      f"and n.node = e.node and n.label = '{c[1]}') as {c[1]}_node"
+                      for c in COMPARED)
     try:
-        return con.sql(f"select e.*, {truths}, "
+        return con.sql(f"select e.*, {truths}, {nodes}, "
                        "exists (select 1 from labels l where l.release = e.release and "
                        "l.plateifu = e.plateifu and l.bin_id = e.bin_id) as fitted "
                        "from baxel_estimates e join truth t using (release, plateifu, bin_id)"
@@ -98,15 +111,21 @@ def estimates(root: Path) -> pl.DataFrame:
         con.close()
 
 
-def compare(df: pl.DataFrame, source: str | None, same_library: bool) -> dict[str, tuple]:
-    """Per label: (n, median offset, robust scatter, coverage of lo68-hi68)."""
+def compare(df: pl.DataFrame, source: str | None, same_library: bool, value: str = ""
+            ) -> dict[str, tuple]:
+    """Per label: (n, median offset, robust scatter, coverage of lo68-hi68).
+
+    ``value`` is a suffix of the compared column (``_node``: the node median instead).
+    """
     out = {}
     for title, col, true, log, same_only in COMPARED:
         if same_only and not same_library:
             continue
         sel = df if source is None else df.filter(pl.col(f"{col}_source") == source)
-        sel = sel.filter(pl.col(col).is_not_null() & pl.col(f"{true}_right").is_not_nan())
-        v, t = sel[col].to_numpy().astype(float), sel[f"{true}_right"].to_numpy().astype(float)
+        sel = sel.filter(pl.col(col + value).is_not_null()
+                         & pl.col(f"{true}_right").is_not_nan())
+        v = sel[col + value].to_numpy().astype(float)
+        t = sel[f"{true}_right"].to_numpy().astype(float)
         lo = sel[f"{col}_lo68"].to_numpy().astype(float)
         hi = sel[f"{col}_hi68"].to_numpy().astype(float)
         if title == "log sSFR":  # star-forming truth only, as the label benchmark
@@ -137,18 +156,23 @@ def run_library(library: str, args: argparse.Namespace) -> None:
     results = {}
     for name in ["all", *[f"{f:g}" for f in args.fractions]]:
         root = out / f"arch-{name}"
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.copytree(base, root)
         t = time.perf_counter()
-        if name == "all":
-            labels.label(root, workers=args.workers, progress=False)
+        if args.reuse and (root / "label_errors").is_dir():
+            arch = Archive(root)  # fits and calibration kept: node and map labels rebuilt
+            with arch.writer("bench_plan --reuse") as writer:
+                node_labels.write_node_labels(writer, arch, registry.resolve_model(arch, None))
         else:
-            rep = label_plan.plan_and_label(root, float(name), workers=args.workers,
-                                            progress=False)
-            print(f"  plan {name}: {rep.n_budget} of {rep.n_assigned} baxels; new "
-                  f"{rep.n_new}; {rep.n_nodes} populated nodes, {rep.n_nodes_short} short")
-        calib = calibrate.calibrate(root, workers=args.workers, progress=False)
-        cpu, n_fits = cpu_seconds(root, calib)
+            shutil.rmtree(root, ignore_errors=True)
+            shutil.copytree(base, root)
+            if name == "all":
+                labels.label(root, workers=args.workers, progress=False)
+            else:
+                rep = label_plan.plan_and_label(root, float(name), workers=args.workers,
+                                                progress=False)
+                print(f"  plan {name}: {rep.n_budget} of {rep.n_assigned} baxels; new "
+                      f"{rep.n_new}; {rep.n_nodes} populated nodes, {rep.n_nodes_short} short")
+            calibrate.calibrate(root, refits=REFITS, workers=args.workers, progress=False)
+        cpu, n_fits = cpu_seconds(root)
         results[name] = (estimates(root), cpu, n_fits, time.perf_counter() - t)
     full, cpu_all, fits_all, _ = results["all"]
     same = library == "miuscat"
@@ -164,15 +188,18 @@ def run_library(library: str, args: argparse.Namespace) -> None:
               f"incl. calibration) vs {cpu_all:.0f} s ({fits_all}) fitting every baxel: "
               f"{cpu / max(cpu_all, 1e-9):.1%}; wall {wall:.0f} s\n")
         ours = compare(unfitted, "map", same)
+        node = compare(unfitted.filter(pl.col("log_age_lw_source") == "map"), None, same,
+                       "_node")
         theirs = compare(base_rows, "fit", same)
-        print("| label | map: n, median, scatter, coverage | fit every baxel: n, median, "
-              "scatter, coverage | scatter ratio |")
-        print("|---|---|---|---|")
+        print("| label | map (latent neighbours): n, median, scatter, coverage | node median: "
+              "median, scatter | fit every baxel: n, median, scatter, coverage | scatter "
+              "ratio map / fit |")
+        print("|---|---|---|---|---|")
         for title in ours:
-            a, b = ours[title], theirs[title]
+            a, b, c = ours[title], theirs[title], node[title]
             ratio = a[2] / b[2] if b[2] else np.nan
-            print(f"| {title} | {a[0]}, {a[1]:+.3f}, {a[2]:.3f}, {a[3]:.1%} | {b[0]}, "
-                  f"{b[1]:+.3f}, {b[2]:.3f}, {b[3]:.1%} | {ratio:.2f} |")
+            print(f"| {title} | {a[0]}, {a[1]:+.3f}, {a[2]:.3f}, {a[3]:.1%} | {c[1]:+.3f}, "
+                  f"{c[2]:.3f} | {b[0]}, {b[1]:+.3f}, {b[2]:.3f}, {b[3]:.1%} | {ratio:.2f} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -187,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_plan"))
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the fits and calibration of an earlier run in --out; "
+                        "rebuild only node and map labels")
     args = parser.parse_args(argv)
     args.ifu_sizes = tuple(int(s) for s in args.ifu_sizes.split(","))
     args.fractions = [float(f) for f in args.fractions.split(",")]

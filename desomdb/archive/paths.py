@@ -45,7 +45,7 @@ RELEASE_TABLES = ("cubes", "galaxies", "baxels", "spectra", "bin_map", "truth", 
                   "label_errors")
 #: Tables partitioned by model id.
 MODEL_TABLES = ("models", "nodes", "assignments", "node_labels", "fingerprints", "splits",
-                "node_partials", "label_plan")
+                "node_partials", "label_plan", "map_labels")
 TABLES = RELEASE_TABLES + MODEL_TABLES
 #: Columns that identify a row of each table (hive partition columns included).
 TABLE_KEYS: dict[str, tuple[str, ...]] = {
@@ -65,6 +65,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "splits": ("model_id", "mangaid"),
     "node_partials": ("model_id", "release", "plateifu", "node"),
     "label_plan": ("model_id", "release", "plateifu", "bin_id"),
+    "map_labels": ("model_id", "release", "plateifu", "bin_id"),
 }
 
 
@@ -126,7 +127,7 @@ def model_file(table: str, model_id: str, name: str | None = None) -> str:
 #: The single file a model writes for these per-model tables.
 MODEL_FILE_NAMES = {"models": "model.parquet", "splits": "splits.parquet",
                     "nodes": "nodes.parquet", "node_labels": "node_labels.parquet",
-                    "fingerprints": "fingerprints.parquet"}
+                    "fingerprints": "fingerprints.parquet", "map_labels": "map_labels.parquet"}
 
 
 def parse_partition(rel: str) -> tuple[str, str, str]:

@@ -421,9 +421,17 @@ def node_label_table(archive: str | Archive, model_id: str, where: str = "true")
 
 
 def write_node_labels(writer: Writer, arch: Archive, model_id: str) -> None:
-    """Compute and commit ``node_labels`` of ``model_id`` (nothing without a labels table)."""
+    """Compute and commit ``node_labels`` and ``map_labels`` of ``model_id``.
+
+    Nothing without a labels table. ``map_labels``
+    (:mod:`desomdb.pipeline.map_labels`) are rebuilt from the same fits in the same commit.
+    """
+    from desomdb.pipeline import map_labels
+
     if not arch.has_table("labels"):
         return
     table = node_label_table(arch, model_id)
-    target = paths.model_file("node_labels", model_id)
-    writer.commit(add=[writer.stage_table("node_labels", table, target)])
+    writer.commit(add=[
+        writer.stage_table("node_labels", table, paths.model_file("node_labels", model_id)),
+        writer.stage_table("map_labels", map_labels.map_label_table(arch, model_id),
+                           paths.model_file("map_labels", model_id))])

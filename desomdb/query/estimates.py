@@ -13,8 +13,9 @@ node label ``X`` of :data:`desomdb.science.label_catalogue.NODE_LABELS`:
   - ``map`` otherwise, where the baxel is in distribution (its distance to the node's
     prototype at most the model's ``distance_p99``) and its node has at least
     :data:`~desomdb.science.label_catalogue.MIN_NODE_MEMBERS` fitted members passing the same
-    cuts: the node's median and its calibrated interval ``lo68``-``hi68`` (``node_labels``:
-    members' values convolved with their fit errors, widened by the galaxy term);
+    cuts: the median of its nearest fitted neighbours in latent space and their
+    split-conformal 68 % interval (``map_labels``, :mod:`desomdb.pipeline.map_labels`, which
+    says why neighbours rather than the node median: measured, half the scatter);
   - null (value and interval null) for an out-of-distribution baxel without a usable fit, or
     one whose node has too few fitted members: the map does not know, and a fit is needed
     (``desomdb label --plan`` plans those fits).
@@ -43,8 +44,10 @@ def estimates_sql() -> str:
     labels = label_catalogue.NODE_LABELS
     n_min = label_catalogue.MIN_NODE_MEMBERS
     node_cols = ",\n".join(
-        f"        max({stat}) filter (where label = '{x}') as {x}_node_{stat}"
-        for x in labels for stat in ("median", "lo68", "hi68", "n"))
+        f"        max(n) filter (where label = '{x}') as {x}_node_n" for x in labels)
+    map_cols = ",\n".join(
+        f"        m.{x} as {x}_map, m.{x}_lo68 as {x}_map_lo68, m.{x}_hi68 as {x}_map_hi68"
+        for x in labels)
     sigma_cols = ",\n".join(
         f"        sqrt(avg(sigma * sigma) filter (where label = '{x}')) as {x}_fit_sigma"
         for x in labels)
@@ -53,15 +56,15 @@ def estimates_sql() -> str:
     for x in labels:
         flag = label_catalogue.CUTS.get(x)
         fit_ok = f"chi2_ok{f' and {flag}' if flag else ''} and isfinite({x}_fit)"
-        map_ok = f"in_distribution and {x}_node_n >= {n_min} and {x}_node_median is not null"
+        map_ok = f"in_distribution and {x}_node_n >= {n_min} and {x}_map is not null"
         out.append(
             f"        case when {fit_ok} then 'fit' when {map_ok} then 'map' end as {x}_source,\n"
-            f"        case when {fit_ok} then {x}_fit when {map_ok} then {x}_node_median end"
+            f"        case when {fit_ok} then {x}_fit when {map_ok} then {x}_map end"
             f" as {x},\n"
             f"        case when {fit_ok} then {x}_fit - {x}_fit_sigma when {map_ok} then"
-            f" {x}_node_lo68 end as {x}_lo68,\n"
+            f" {x}_map_lo68 end as {x}_lo68,\n"
             f"        case when {fit_ok} then {x}_fit + {x}_fit_sigma when {map_ok} then"
-            f" {x}_node_hi68 end as {x}_hi68")
+            f" {x}_map_hi68 end as {x}_hi68")
     finals = ",\n".join(out)
     return f"""\
 -- {VIEW}: every baxel's labels under the current model, each from its fit ('fit') or
@@ -117,6 +120,7 @@ joined as (
         l.fitter, coalesce(l.chi2_ok, false) as chi2_ok,
         coalesce(l.ssfr_ok, false) as ssfr_ok, coalesce(l.bpt_ok, false) as bpt_ok,
 {fit_cols},
+{map_cols},
         e.* exclude (fitter, snr_lo, snr_hi),
         v.* exclude (node)
     from current_baxels as b
@@ -125,6 +129,8 @@ joined as (
     left join fits as l using (release, plateifu, bin_id)
     left join fit_errors as e on e.fitter = l.fitter and b.snr >= e.snr_lo and b.snr < e.snr_hi
     left join node_values as v on v.node = a.node
+    left join (select * from map_labels where model_id = current_model()) as m
+        using (release, plateifu, bin_id)
 ),
 
 final as (

@@ -69,6 +69,7 @@ WRITTEN_BY = {
     "splits": "desomdb train", "assignments": "desomdb assign", "nodes": "desomdb assign",
     "node_partials": "desomdb assign", "node_labels": "desomdb assign",
     "fingerprints": "desomdb fingerprints", "label_plan": "desomdb label --plan",
+    "map_labels": "desomdb assign",
 }
 
 

@@ -79,10 +79,10 @@ LABELS: tuple[Label, ...] = (
     Label("sigma", "km / s", "σ_* [km/s]", (0.0, 400.0, 20), truth="sigma_kms"),
 )
 
-#: Fitted members (passing a label's cuts) a node needs before its median stands for an
-#: unfitted member's label (``baxel_estimates``: "too few fitted members" below it), and
-#: that a labelling plan gives every populated node (:mod:`desomdb.pipeline.label_plan`).
-MIN_NODE_MEMBERS = 5
+#: Fitted members (passing a label's cuts) a node needs before the map labels its unfitted
+#: members (``baxel_estimates``: "too few fitted members" below it), and that a labelling
+#: plan gives every populated node first (:mod:`desomdb.pipeline.label_plan`).
+MIN_NODE_MEMBERS = 3
 
 BY_COLUMN: dict[str, Label] = {lab.column: lab for lab in LABELS}
 

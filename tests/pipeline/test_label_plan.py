@@ -97,10 +97,12 @@ def test_plan_fits_its_baxels_and_the_map_labels_the_rest(planned) -> None:
     assert n_lab == pytest.approx(0.4 * n_bax, abs=1)  # the first sample counted in the budget
     assert plan["model_id"].unique().to_list() == [model_id]
     est = con.sql("select e.*, l.age_mw_gyr as fit_age, l.chi2_ok as fit_chi2_ok, "
-                  "n.median as node_age, n.n as node_n, n.lo68 as node_lo "
+                  "m.age_mw_gyr as node_age, n.n as node_n, m.age_mw_gyr_lo68 as node_lo "
                   "from baxel_estimates e left join labels l using (release, plateifu, bin_id) "
                   "left join node_labels n on n.model_id = current_model() and n.node = e.node "
-                  "and n.label = 'age_mw_gyr'").pl()
+                  "and n.label = 'age_mw_gyr' left join map_labels m on "
+                  "m.model_id = current_model() and m.release = e.release and "
+                  "m.plateifu = e.plateifu and m.bin_id = e.bin_id").pl()
     con.close()
     assert est.height == n_bax
     fit = est.filter(pl.col("age_mw_gyr_source") == "fit")

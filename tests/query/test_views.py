@@ -23,7 +23,7 @@ PUBLIC = ["cubes", "galaxies", "baxels", "spectra", "bin_map", "labels", "models
           "baxel_labels",
           "node_summary", "galaxy_fingerprint", "latest_cubes", "poorly_represented", "drift",
           "model_thresholds", "galaxy_summary", "baxel_outliers", "galaxy_outliers",
-          "label_errors", "baxel_estimates", "label_plan"]
+          "label_errors", "baxel_estimates", "label_plan", "map_labels"]
 #: Views of tables the full_archive fixture does not have, with the test that checks them.
 CHECKED_ELSEWHERE = {"label_errors": "tests/pipeline/test_node_labels.py",
                      "baxel_estimates": "tests/pipeline/test_label_plan.py",
