@@ -165,6 +165,11 @@ def _generation_tag(generation: int | None) -> str:
     return f"{GENERATION_TAG}{generation}" if generation is not None else ""
 
 
+def plan_part_name(generation: int) -> str:
+    """File name of one labelling-plan run's rows (``label_plan``), by the generation it adds."""
+    return f"plan-{generation}.parquet"
+
+
 def label_part_name(plateifu: str, fitter: str, generation: int | None = None) -> str:
     """File name of one cube's labels by one fitter.
 

@@ -342,7 +342,7 @@ def plan(archive: str | Path, budget: float, model_id: str | None = None) -> Pla
                                  pl.lit(time.strftime("%Y-%m-%dT%H:%M:%S")).alias("planned_at")
                                  ).to_arrow().cast(SCHEMA)
         with arch.writer("desomdb label --plan") as writer:
-            name = f"plan-{arch.generation() + 1}.parquet"
+            name = paths.plan_part_name(arch.generation() + 1)
             writer.commit(add=[writer.stage_table(
                 "label_plan", table, paths.model_file("label_plan", model_id, name))])
     return report
