@@ -369,11 +369,14 @@ def fingerprints(archive: Path, model_id: str | None, device: str) -> None:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="device for assignment/training (default: cpu or the job file's)")
 @click.option("--no-fingerprints", is_flag=True, help="leave fingerprints and DESOM-2 alone")
+@click.option("--budget", type=float, default=None,
+              help="label through the labelling plan after assigning (fraction of the "
+              "baxels fitted in all, or a count), not every new baxel")
 @_friendly_errors
 def refresh(archive: Path, jobfile: Path | None, cubes: str | None, drpall: Path | None,
             release: str | None, retrain: bool, workers: int, scheduler: str | None,
             truth: Path | None, cubes_per_task: int, label_max_per_cube: int | None,
-            device: str | None, no_fingerprints: bool) -> None:
+            device: str | None, no_fingerprints: bool, budget: float | None) -> None:
     """Bring an archive up to date with a new release (incremental, resumable).
 
     Ingests only new cubes and cubes whose checksum changed (byte-identical
@@ -397,11 +400,17 @@ def refresh(archive: Path, jobfile: Path | None, cubes: str | None, drpall: Path
     opts.fingerprints = opts.fingerprints and not no_fingerprints
     if label_max_per_cube is not None:
         opts.label_max_per_cube = label_max_per_cube
+    if budget is not None:
+        opts.label_budget = budget
     if device is not None:
         opts.device = device
     report = refresh_mod.refresh(archive, job, opts)
     if report.ingest is not None:
         _echo_ingest(report.ingest)
+    if report.plan is not None:
+        new = ", ".join(f"{n} {reason}" for reason, n in report.plan.n_new.items())
+        click.echo(f"labelling plan of {report.plan.model_id}: budget {report.plan.n_budget} "
+                   f"of {report.plan.n_assigned} baxels; planned now: {new}")
     if report.labels is not None:
         click.echo(f"labels: {report.labels.n_cubes} cubes fitted, "
                    f"{report.labels.n_skipped_cubes} already labelled")

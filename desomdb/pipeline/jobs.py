@@ -68,6 +68,9 @@ class RefreshOptions:
     label_max_per_cube: int | None = None
     device: str = "cpu"
     fingerprints: bool = True
+    #: With a current model: label through the labelling plan (fraction or count, as
+    #: ``desomdb label --plan --budget``) after assigning, instead of fitting every new baxel.
+    label_budget: float | None = None
 
 
 class _Section(BaseModel):
@@ -105,6 +108,7 @@ class _Refresh(_Section):
     label_max_per_cube: int | None = Field(default=None, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"
     fingerprints: bool = True
+    label_budget: float | None = Field(default=None, gt=0)
 
 
 class _JobFile(_Section):

@@ -6,7 +6,11 @@ killed at any point and run again ends in the same archive as an uninterrupted o
 1. ingest the release: cubes already in it with the same checksum are skipped, cubes that
    are byte-identical to an earlier release's (same checksum and drpall inputs) are carried
    over without processing, new and re-processed cubes are binned and resampled;
-2. label the release's cubes not labelled yet (pPXF);
+2. label the release's cubes not labelled yet (pPXF) — or, with ``label_budget`` and a
+   current model, only a first sample now (``label_max_per_cube``, if given) and the rest
+   through the labelling plan after step 3 (:mod:`desomdb.pipeline.label_plan`: the plan of
+   the current model is extended to the budget over all releases, so the new release's
+   out-of-distribution baxels and thin nodes get fits, and the map labels the rest);
 3. assign them with the current DESOM-1 on the job's workers or Dask scheduler (cubes
    assigned before are not re-encoded; a carried cube's assignments and node co-add partial
    sums are copied without reading its spectra), rebuild that model's node co-adds from the
@@ -37,7 +41,7 @@ from desomdb.archive import paths
 from desomdb.archive.store import Archive
 from desomdb.atomic import write_json_atomic
 from desomdb.pipeline import assign as assign_mod
-from desomdb.pipeline import fingerprint, ingest, jobs, labels
+from desomdb.pipeline import fingerprint, ingest, jobs, label_plan, labels
 from desomdb.pipeline.jobs import RefreshOptions
 from desomdb.query import versions, views
 from desomdb.query.drift import DriftSummary, drift_summary
@@ -52,6 +56,7 @@ class RefreshReport:
     release: str
     ingest: ingest.IngestReport | None = None
     labels: labels.LabelReport | None = None
+    plan: label_plan.PlanReport | None = None
     model_id: str | None = None
     assign: assign_mod.AssignReport | None = None
     fingerprints: fingerprint.UpdateReport | None = None
@@ -104,11 +109,12 @@ def _refresh(archive: str | Path, job: ingest.IngestJob, opts: RefreshOptions,
     report.ingest = ingest.ingest(archive, job, progress=progress)
     rel = report.ingest.release
     arch = Archive(archive)
-    if arch.files("baxels", release=rel):
+    current = registry.current_model(arch)
+    planned = opts.label_budget is not None and current is not None
+    if arch.files("baxels", release=rel) and (not planned or opts.label_max_per_cube):
         report.labels = labels.label(arch.root, release=rel, workers=job.workers,
                                      scheduler=job.scheduler, progress=progress,
                                      max_per_cube=opts.label_max_per_cube)
-    current = registry.current_model(arch)
     if current is None:
         report.notes.append("no current DESOM-1 model: train one ('desomdb train') and make "
                             "it current ('desomdb model use') to assign the new spectra")
@@ -116,6 +122,12 @@ def _refresh(archive: str | Path, job: ingest.IngestJob, opts: RefreshOptions,
     report.model_id = current
     report.assign = assign_mod.assign(arch.root, current, device=opts.device, progress=progress,
                                       workers=job.workers, scheduler=job.scheduler)
+    if planned:
+        assert opts.label_budget is not None
+        report.plan = label_plan.plan_and_label(arch.root, opts.label_budget, current,
+                                                workers=job.workers, scheduler=job.scheduler,
+                                                progress=progress)
+        report.labels = report.plan.label_report
     if opts.fingerprints:
         report.fingerprints = fingerprint.update(arch.root, current, device=opts.device)
     report.drift = drift_summary(arch, current, rel)

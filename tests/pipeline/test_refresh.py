@@ -426,3 +426,26 @@ def test_similarity_indexes_follow_the_refresh(refreshed) -> None:
                       "limit 1").fetchall()[0][0]
     galaxies = similar.similar(target, galaxy=mangaid, k=10)
     assert galaxies.method == "usearch HNSW" and galaxies.table.height == 4
+
+
+@pytest.mark.slow
+def test_refresh_with_a_budget_labels_through_the_plan(releases, tmp_path) -> None:
+    # --budget: no full labelling of the new release; after assignment the current model's
+    # plan is extended to the budget, its planned baxels fitted, node and map labels rebuilt.
+    root, dr17, model_id, _ = releases
+    options = refresh.RefreshOptions(label_budget=0.5)
+    copy, report = refresh_copy(root / "base", dr17, tmp_path, options)
+    assert report.plan is not None and report.plan.model_id == model_id
+    arch = Archive(copy)
+    con = views.connect(copy)
+    n_new = con.sql("select count(*) from baxels where release = 'DR17'").fetchall()[0][0]
+    fitted_new = con.sql("select count(*) from labels where release = 'DR17'").fetchall()[0][0]
+    planned = con.sql("select count(*) from label_plan").fetchall()[0][0]
+    con.close()
+    assert 0 < fitted_new < n_new  # some of the new release fitted, not all
+    assert planned == sum(report.plan.n_new.values()) > 0
+    assert arch.files("map_labels", model_id=model_id)
+    job = tmp_path / "refresh.toml"
+    job.write_text(f'[job]\nrelease = "DR17"\ncubes = "{dr17.release_dir}"\n'
+                   f'drpall = "{dr17.drpall_path}"\n[refresh]\nlabel_budget = 0.2\n')
+    assert refresh.load_job(job)[1].label_budget == 0.2
