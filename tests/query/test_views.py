@@ -396,3 +396,24 @@ def test_a_view_before_its_stage_has_run_says_which_command_feeds_it(ingested) -
     assert "galaxies" not in text.split("needs ")[1]  # ingest has run: not asked for again
     with pytest.raises(QueryError, match="available views"):  # a name that is no view
         views.query(con, "select * from no_such_view")
+
+
+def test_labels_written_before_the_lsf_column_read_as_nominal(tmp_path) -> None:
+    # The labels view over files from before lsf_source / log_age_lw existed (one old, one
+    # new, and old alone): the old rows read as 'nominal' and null light-weighted labels.
+    old = tmp_path / "old.parquet"
+    new = tmp_path / "new.parquet"
+    pq.write_table(pa.table({"plateifu": ["1-1"], "bin_id": [0], "age_mw_gyr": [5.0]}), old)
+    pq.write_table(pa.table({"plateifu": ["1-2"], "bin_id": [0], "age_mw_gyr": [6.0],
+                             "lsf_source": ["cube"], "log_age_lw": [9.5], "mh_lw": [0.0]}),
+                   new)
+    text = views.view_sql()["labels"]
+    con = duckdb.connect()
+    for files, union in (([old, new], "true"), ([old], "false")):
+        con.execute(f"set variable files_labels = {[str(f) for f in files]}")
+        con.execute(f"set variable union_labels = {union}")
+        rows = dict(con.sql(f"select plateifu, lsf_source from ({text})").fetchall())
+        assert rows["1-1"] == "nominal"
+        assert rows.get("1-2", "cube") == "cube"
+        assert con.sql(f"select log_age_lw from ({text}) where plateifu = '1-1'"
+                       ).fetchall() == [(None,)]
