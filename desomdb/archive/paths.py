@@ -39,6 +39,8 @@ CURRENT_MODEL = "_current_model.json"
 SETUP_SQL = "setup.sql"
 QUERY_CACHE = "_query_cache.duckdb"
 LAST_REPORT = "_last_report.json"
+#: The last writer session: its command, and whether it finished, failed or was interrupted.
+LAST_JOB = "_last_job.json"
 
 #: Tables partitioned by data release.
 RELEASE_TABLES = ("cubes", "galaxies", "baxels", "spectra", "bin_map", "truth", "labels",

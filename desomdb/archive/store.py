@@ -26,7 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
+import os
+import shlex
 import shutil
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -341,9 +346,41 @@ class Archive:
         with exclusive(self.root / paths.LOCK, self.root, "written", command):
             writer = Writer(self)
             writer.collect_garbage()
-            yield writer
+            job = _job_record(command)
+            self._record_job(job, "running")
+            try:
+                yield writer
+            except BaseException as exc:
+                interrupted = isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == (
+                    "JobInterruptedError")
+                self._record_job(job, "interrupted" if interrupted else "failed",
+                                 error="" if interrupted else first_line(exc))
+                raise
+            self._record_job(job, "finished")
             shutil.rmtree(self.root / paths.STAGING, ignore_errors=True)
             hooks.run_post_commit(self)
+
+    def _record_job(self, job: dict[str, Any], state: str, error: str = "") -> None:
+        """Write :data:`paths.LAST_JOB` (best effort: a full disk must not hide the error)."""
+        with contextlib.suppress(OSError):
+            write_json_atomic(self.root / paths.LAST_JOB, {
+                **job, "state": state, "error": error,
+                "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+    def last_job(self) -> dict[str, Any] | None:
+        """Return the last writer session's record (:data:`paths.LAST_JOB`), if any.
+
+        ``state`` ``running`` reads as ``killed`` when no process holds the writer lock.
+        """
+        try:
+            job = json.loads((self.root / paths.LAST_JOB).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(job, dict):
+            return None
+        if job.get("state") == "running" and not self.writer_is_running():
+            job["state"] = "killed"
+        return job
 
     @contextlib.contextmanager
     def job_lock(self, job: str, command: str = "") -> Iterator[None]:
@@ -398,3 +435,11 @@ def holds_archive_data(root: Path) -> list[str]:
         if p.is_file() or (p.is_dir() and any(p.iterdir())):
             found.append(name)
     return found
+
+
+def _job_record(command: str) -> dict[str, Any]:
+    """Return what a writer session records of itself (the command line, from the CLI)."""
+    argv0 = Path(sys.argv[0]).name if sys.argv else ""
+    line = (" ".join(["desomdb", *map(shlex.quote, sys.argv[1:])])
+            if argv0 in ("desomdb", "__main__.py") else "")
+    return {"command": line or command, "pid": os.getpid()}

@@ -65,6 +65,16 @@ def status(archive: Path) -> None:
 
     info = status_mod.status(archive)
     click.echo(f"archive: {info.archive}")
+    job = info.last_job or {}
+    state, command = job.get("state"), job.get("command") or "the last command"
+    if state in ("interrupted", "killed"):
+        how = "was interrupted" if state == "interrupted" else "was killed"
+        click.echo(f"the last job, '{command}', {how} ({job.get('at')}): what it committed is "
+                   "kept; run the same command again to finish (done work is skipped)")
+    elif state == "failed":
+        click.echo(f"the last job, '{command}', failed ({job.get('at')}): {job.get('error')}")
+    elif state == "running":
+        click.echo(f"running now: '{command}' (pid {job.get('pid')}, since {job.get('at')})")
     for release, counts in sorted(info.releases.items()):
         parts = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         click.echo(f"  {release}: {parts}")

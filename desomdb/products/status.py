@@ -44,6 +44,9 @@ class StatusReport:
         Per release, baxels beyond the current model's training p99 distance.
     report : ReportState or None
         The last ``desomdb report`` and whether it is stale.
+    last_job : dict or None
+        The last writer session (``command``, ``state``: running, finished, failed,
+        interrupted or killed, ``error``, ``at``).
     """
 
     archive: str
@@ -55,6 +58,7 @@ class StatusReport:
     unlabelled_cubes: int = 0
     drift: list[DriftSummary] = field(default_factory=list)
     report: ReportState | None = None
+    last_job: dict[str, object] | None = None
 
 
 def status(archive: str | Path) -> StatusReport:
@@ -102,4 +106,4 @@ def status(archive: str | Path) -> StatusReport:
     if "drift" in existing and current:
         drift = drift_rows(con, current)
     return StatusReport(str(arch.root), current, releases, failed, models, unassigned,
-                        unlabelled, drift, report_state(arch))
+                        unlabelled, drift, report_state(arch), arch.last_job())

@@ -175,5 +175,11 @@ def test_ctrl_c_keeps_finished_cubes_and_the_rerun_fits_only_the_rest(ingested,
     assert "Traceback" not in err and stopped_in < 30
     kept = len(Archive(root).files("labels"))
     assert 0 < kept < n_cubes  # the finished cubes are committed, the rest is not
+    # status names the interrupted command and how to go on
+    said = subprocess.run([sys.executable, "-m", "desomdb.cli", "status", str(root)],
+                          capture_output=True, text=True).stdout
+    assert f"'desomdb label {root} --workers 2', was interrupted" in said, said
+    assert "run the same command again" in said
     again = labels.label(root, workers=1, progress=False)
     assert again.n_skipped_cubes == kept and again.n_cubes == n_cubes - kept
+    assert Archive(root).last_job()["state"] == "finished"  # type: ignore[index]
