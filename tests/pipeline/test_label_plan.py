@@ -48,11 +48,12 @@ def test_a_node_minimum_alternates_galaxies_and_spreads_snr() -> None:
 
 def test_fitted_and_planned_baxels_count_and_a_bigger_budget_extends() -> None:
     df = _members(n_nodes=2, per_node=10)
-    first = label_plan.choose(df, threshold=2.0, n_budget=10)
-    assert first.height == 10 and set(first["reason"]) == {"node_minimum"}
+    n_min = 2 * label_plan.MIN_FITTED
+    first = label_plan.choose(df, threshold=2.0, n_budget=n_min)
+    assert first.height == n_min and set(first["reason"]) == {"node_minimum"}
     done = df.with_columns(pl.col("bin_id").is_in(first["bin_id"].to_list()).alias("planned"))
-    assert label_plan.choose(done, threshold=2.0, n_budget=10).height == 0  # nothing to add
-    more = label_plan.choose(done, threshold=2.0, n_budget=16,
+    assert label_plan.choose(done, threshold=2.0, n_budget=n_min).height == 0  # nothing new
+    more = label_plan.choose(done, threshold=2.0, n_budget=n_min + 6,
                              widths={0: 0.5, 1: 0.1})
     assert more.height == 6 and set(more["reason"]) == {"wide_interval"}
     assert not set(more["bin_id"]) & set(first["bin_id"])
