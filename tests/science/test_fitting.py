@@ -234,9 +234,23 @@ def test_fast_fitter_limits_threads_and_rejects_a_polynomial(monkeypatch) -> Non
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fastfit, "linear_fit", spy)
+    # The line-flux errors (an SVD evaluated when the lines are measured, after the fit) too:
+    # seen with 2 threads under load, 0.6-1.6 s per stack fit against 26-41 ms with one.
+    from desomdb.science import gas
+
+    in_lines: list[int] = []
+    real_lines = gas.measure_lines
+
+    def lines_spy(*args, **kwargs):
+        in_lines.extend(lib["num_threads"] for lib in threadpool_info()
+                        if lib["user_api"] == "blas")
+        return real_lines(*args, **kwargs)
+
+    monkeypatch.setattr(gas, "measure_lines", lines_spy)
     with threadpool_limits(2, user_api="blas"):
         row = fitting.fit_spectrum(flux, ivar, mask, 1.0, 0.03)
     assert row["status"] == "ok" and seen and set(seen) == {1}
+    assert in_lines and set(in_lines) == {1}
     with pytest.raises(ConfigError, match="--fitter ppxf"):
         fitting.fit_spectrum(flux, ivar, mask, 1.0, 0.03, options=fitting.FitOptions(mdegree=4))
     with pytest.raises(ConfigError, match="unknown fitter"):
