@@ -45,7 +45,7 @@ EXAMPLE_QUERIES = {
         "select node, n, round(median, 2) as median, round(p16, 2) as p16, round(p84, 2) as p84, "
         "round(lo68, 2) as lo68, round(hi68, 2) as hi68 from node_labels "
         "where label = 'age_mw_gyr' and model_id = current_model() order by n desc limit 5",
-    "labels for every baxel: from its fit or from its node (baxel_estimates)":
+    "labels for every baxel: from its fit or from the map (baxel_estimates)":
         "select coalesce(age_mw_gyr_source, 'none') as source, count(*) as n_baxels, "
         "round(median(age_mw_gyr), 2) as median_age_gyr, "
         "round(median(age_mw_gyr_hi68 - age_mw_gyr_lo68), 2) as median_interval_gyr "
