@@ -70,6 +70,7 @@ MaStar (:func:`build_mastar`)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import re
 import subprocess
@@ -106,8 +107,9 @@ def _wheel_spectra(
     key_of: Callable[[str, fits.Header], tuple[float, float] | None],
     expected: int,
     library: str,
-) -> tuple[dict[tuple[float, float], np.ndarray], np.ndarray]:
-    """Read one library's SSP spectra (one FITS file each) from the mangadap wheel.
+    extension: str | None = None,
+) -> tuple[dict[tuple[float, float], np.ndarray], np.ndarray, list[np.ndarray]]:
+    """Read one library's SSP spectra (one FITS file each, ``.gz`` or not) from the wheel.
 
     Parameters
     ----------
@@ -120,13 +122,18 @@ def _wheel_spectra(
         How many spectra the library has.
     library : str
         Its name, for error messages.
+    extension : str, optional
+        An image extension to read from every file as well (MaStar's ``SRES``).
 
     Returns
     -------
     spectra : dict
         (age, [M/H]) -> flux, float64.
-    lam_air : ndarray
-        The common air wavelength grid, Å (linear, from CRVAL1/CDELT1/CRPIX1).
+    grid : ndarray
+        The common grid CRVAL1 + CDELT1 (i + 1 - CRPIX1): air Å for MIUSCAT and BC03,
+        log10 of vacuum Å for MaStar.
+    extra : list of ndarray
+        ``extension`` of each file, float64, in name order (empty without ``extension``).
 
     Raises
     ------
@@ -134,26 +141,33 @@ def _wheel_spectra(
         If the files disagree on the grid or their number is not ``expected``.
     """
     spectra: dict[tuple[float, float], np.ndarray] = {}
-    lam_air = None
+    extra: list[np.ndarray] = []
+    grid = None
     with zipfile.ZipFile(wheel) as zf:
         for name in sorted(zf.namelist()):
             if not is_member(name):
                 continue
-            with zf.open(name) as fh, fits.open(fh) as hdul:
+            with contextlib.ExitStack() as stack:
+                fh: Any = stack.enter_context(zf.open(name))
+                if name.endswith(".gz"):
+                    fh = stack.enter_context(gzip.GzipFile(fileobj=fh))
+                hdul = stack.enter_context(fits.open(fh))
                 hdr = hdul[0].header
                 flux = np.asarray(hdul[0].data, dtype=np.float64)
                 lam = hdr["CRVAL1"] + hdr["CDELT1"] * (np.arange(flux.size) + 1 - hdr["CRPIX1"])
                 key = key_of(name, hdr)
-            if lam_air is None:
-                lam_air = lam
-            elif not np.allclose(lam, lam_air):
+                if extension is not None:
+                    extra.append(np.asarray(hdul[extension].data, dtype=np.float64))
+            if grid is None:
+                grid = lam
+            elif not np.allclose(lam, grid):
                 raise TemplateLibraryError(f"{name}: wavelength grid differs from the others")
             assert key is not None
             spectra[key] = flux
-    if lam_air is None or len(spectra) != expected:
+    if grid is None or len(spectra) != expected:
         raise TemplateLibraryError(f"{wheel}: expected {expected} {library} spectra, found "
                                    f"{len(spectra)}")
-    return spectra, lam_air
+    return spectra, grid, extra
 
 
 def _save_library(out: Path, **arrays: np.ndarray) -> None:
@@ -197,7 +211,7 @@ def build_bc03(wheel: Path, out: Path) -> Path:
     def bc03_key(name: str, hdr: fits.Header) -> tuple[float, float]:
         return float(hdr["AGE"]), round(float(np.log10(hdr["Z"] / BC03_Z_SUN)), 4)
 
-    spectra, lam_air = _wheel_spectra(wheel, is_bc03, bc03_key, 40, "BC03")
+    spectra, lam_air, _ = _wheel_spectra(wheel, is_bc03, bc03_key, 40, "BC03")
     ages = np.array(sorted({k[0] for k in spectra}))
     metals = np.array(sorted({k[1] for k in spectra}))
     templates = np.empty((lam_air.size, ages.size, metals.size), dtype=np.float32)
@@ -247,27 +261,13 @@ def build_mastar(wheel: Path, out: Path, proxy: Path) -> Path:
     """
     from desomdb.science import templates
 
-    spectra: dict[tuple[float, float], np.ndarray] = {}
-    sres: list[np.ndarray] = []
-    log_lam = None
-    with zipfile.ZipFile(wheel) as zf:
-        for name in sorted(zf.namelist()):
-            match = _MASTAR_NAME.search(name) if name.startswith(MASTAR_DIR) else None
-            if match is None:
-                continue
-            with zf.open(name) as raw, gzip.GzipFile(fileobj=raw) as fh, fits.open(fh) as hdul:
-                hdr = hdul[0].header
-                flux = np.asarray(hdul[0].data, dtype=np.float64)
-                grid = hdr["CRVAL1"] + hdr["CDELT1"] * (np.arange(flux.size) + 1 - hdr["CRPIX1"])
-                sres.append(np.asarray(hdul["SRES"].data, dtype=np.float64))
-            if log_lam is None:
-                log_lam = grid
-            elif not np.allclose(grid, log_lam):
-                raise TemplateLibraryError(f"{name}: wavelength grid differs from the others")
-            spectra[(float(match.group(1)), float(match.group(2)))] = flux
-    if log_lam is None or len(spectra) != 54:
-        raise TemplateLibraryError(f"{wheel}: expected 54 MaStar SSP spectra, found "
-                                   f"{len(spectra)}")
+    def mastar_key(name: str, _hdr: fits.Header) -> tuple[float, float] | None:
+        match = _MASTAR_NAME.search(name) if name.startswith(MASTAR_DIR) else None
+        return None if match is None else (float(match.group(1)), float(match.group(2)))
+
+    spectra, log_lam, sres = _wheel_spectra(
+        wheel, lambda name: mastar_key(name, fits.Header()) is not None, mastar_key, 54,
+        "MaStar SSP", extension="SRES")
     lam = 10.0**log_lam
     ages = np.array(sorted({k[0] for k in spectra}))
     metals = np.array(sorted({k[1] for k in spectra}))
@@ -379,8 +379,8 @@ def build(wheel: Path, sdist: Path, out: Path) -> Path:
     """
     from ppxf.ppxf_util import air_to_vac
 
-    spectra, lam_air = _wheel_spectra(wheel, lambda name: _miuscat_key(name) is not None,
-                                      lambda name, _hdr: _miuscat_key(name), 200, "MIUSCAT")
+    spectra, lam_air, _ = _wheel_spectra(wheel, lambda name: _miuscat_key(name) is not None,
+                                         lambda name, _hdr: _miuscat_key(name), 200, "MIUSCAT")
 
     with tarfile.open(sdist) as tf:
         mass_text = _extract(tf, MASS_TABLE)
