@@ -50,7 +50,7 @@ from desomdb.archive.records import (
 )
 from desomdb.archive.writer import Writer
 from desomdb.atomic import parquet_format, write_error, write_json_atomic
-from desomdb.errors import ArchiveError, first_line
+from desomdb.errors import ArchiveError, JobInterruptedError, first_line
 
 if TYPE_CHECKING:  # pyarrow.dataset (and pandas with it) only when a table is read
     import pyarrow.dataset as ds
@@ -351,8 +351,7 @@ class Archive:
             try:
                 yield writer
             except BaseException as exc:
-                interrupted = isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == (
-                    "JobInterruptedError")
+                interrupted = isinstance(exc, KeyboardInterrupt | JobInterruptedError)
                 self._record_job(job, "interrupted" if interrupted else "failed",
                                  error="" if interrupted else first_line(exc))
                 raise

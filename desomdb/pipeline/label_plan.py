@@ -38,7 +38,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import polars as pl
@@ -84,6 +83,8 @@ class PlanReport:
     n_nodes_short : int
         Populated nodes still below :data:`MIN_FITTED` fitted members after the plan (only
         when the budget ran out first, or a node has fewer members).
+    label_report : LabelReport or None
+        The fits of the planned baxels (:func:`plan_and_label` only).
     """
 
     model_id: str
@@ -385,10 +386,9 @@ def plan_and_label(archive: str | Path, budget: float, model_id: str | None = No
     arch = Archive(archive)
     report = plan(arch.root, budget, model_id)
     todo = planned_todo(arch, report.model_id)
-    kwargs: dict[str, Any] = {"gate": gate, "options": options, "fitter": fitter}
-    report.label_report = labels.label(arch.root, workers=workers, scheduler=scheduler,
-                                       progress=progress, only=todo, **kwargs) if todo else (
-        labels.LabelReport())
+    report.label_report = labels.label(
+        arch.root, workers=workers, scheduler=scheduler, progress=progress, only=todo,
+        gate=gate, options=options, fitter=fitter) if todo else labels.LabelReport()
     with arch.writer("desomdb label --plan") as writer:
         node_labels.write_node_labels(writer, arch, report.model_id)
     return report

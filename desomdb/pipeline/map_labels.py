@@ -31,7 +31,7 @@ import polars as pl
 import pyarrow as pa
 
 from desomdb.archive.store import Archive
-from desomdb.query import views
+from desomdb.query import estimates, views
 from desomdb.science import label_catalogue
 
 #: Nearest fitted neighbours whose median is a baxel's map label.
@@ -124,9 +124,7 @@ def map_label_table(arch: Archive, model_id: str) -> pa.Table:
             f"select a.release, a.plateifu, a.bin_id, a.latent, l.chi2_ok, l.ssfr_ok, "
             f"l.bpt_ok, {cols} from assignments a "
             "semi join latest_cubes c on a.release = c.release and a.plateifu = c.plateifu "
-            "left join (select * from labels where status = 'ok' qualify row_number() over "
-            "(partition by release, plateifu, bin_id order by fitter like 'ppxf%' desc, "
-            "fitter) = 1) l using (release, plateifu, bin_id) "
+            f"left join ({estimates.FITS_SQL}) l using (release, plateifu, bin_id) "
             f"where a.model_id = {quoted} order by a.release, a.plateifu, a.bin_id").pl()
     finally:
         con.close()

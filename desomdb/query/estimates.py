@@ -37,6 +37,14 @@ from pathlib import Path
 from desomdb.science import label_catalogue
 
 VIEW = "baxel_estimates"
+#: One fit per baxel: its ``status = 'ok'`` labels row, the reference fitter's where more than
+#: one fitter labelled it (``ppxf-*`` before ``fast-*``). Also what ``map_labels`` learn from.
+FITS_SQL = """\
+    select * from labels
+    where status = 'ok'
+    qualify row_number() over (
+        partition by release, plateifu, bin_id order by fitter like 'ppxf%' desc, fitter
+    ) = 1"""
 
 
 def estimates_sql() -> str:
@@ -89,11 +97,7 @@ threshold as (
 ),
 
 fits as (
-    select * from labels
-    where status = 'ok'
-    qualify row_number() over (
-        partition by release, plateifu, bin_id order by fitter like 'ppxf%' desc, fitter
-    ) = 1
+{FITS_SQL}
 ),
 
 node_values as (
