@@ -187,9 +187,7 @@ def fit_setup(z_bucket: float, lsf: tuple[int, ...] | None = None) -> FitSetup:
                 component=component, gas_component=component > 0, gas_names=names,
                 lam=wave, lam_temp=sps.lam_temp, fit=False, quiet=True)
     setup.templates_rfft, setup.npad, setup.vsyst = prep.templates_rfft, prep.npad, prep.vsyst
-    window = (sps.lam_temp >= templates.LIGHT_WINDOW_AA[0]) & (
-        sps.lam_temp <= templates.LIGHT_WINDOW_AA[1])
-    setup.light = stars[window].mean(axis=0)
+    setup.light = templates.light_in_window(sps.lam_temp, stars)
     return setup
 
 

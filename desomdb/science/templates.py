@@ -133,9 +133,7 @@ class TemplateLibrary:
         ndarray, shape (n_age, n_metal)
             L_sun/Å per M_sun formed (per proxy M_sun where :attr:`mass_proxy`).
         """
-        lam = self.lam_vac_aa
-        window = (lam >= LIGHT_WINDOW_AA[0]) & (lam <= LIGHT_WINDOW_AA[1])
-        return np.asarray(self.templates[window].astype(np.float64).mean(axis=0))
+        return light_in_window(self.lam_vac_aa, self.templates)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -168,6 +166,23 @@ class TemplateLibrary:
         from ppxf import sps_util
 
         return sps_util.sps_lib(str(self.path), velscale, **kwargs)
+
+
+def light_in_window(lam_aa: np.ndarray, spectra: np.ndarray) -> np.ndarray:
+    """Mean of spectra over :data:`LIGHT_WINDOW_AA` (the light of light-weighted labels).
+
+    Parameters
+    ----------
+    lam_aa : ndarray, shape (n_pix,)
+        Rest-frame vacuum wavelengths, Å.
+    spectra : ndarray, shape (n_pix, ...)
+
+    Returns
+    -------
+    ndarray, shape ``spectra.shape[1:]``, float64
+    """
+    window = (lam_aa >= LIGHT_WINDOW_AA[0]) & (lam_aa <= LIGHT_WINDOW_AA[1])
+    return np.asarray(spectra[window].astype(np.float64).mean(axis=0))
 
 
 def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:

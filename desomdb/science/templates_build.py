@@ -271,13 +271,12 @@ def build_mastar(wheel: Path, out: Path, proxy: Path) -> Path:
     lam = 10.0**log_lam
     ages = np.array(sorted({k[0] for k in spectra}))
     metals = np.array(sorted({k[1] for k in spectra}))
-    window = (lam >= templates.LIGHT_WINDOW_AA[0]) & (lam <= templates.LIGHT_WINDOW_AA[1])
     per_mass = _light_per_mass(templates.load(proxy), ages, metals)
     tpl = np.empty((lam.size, ages.size, metals.size), dtype=np.float32)
     for i, age in enumerate(ages):
         for j, mh in enumerate(metals):
             flux = spectra[(age, mh)]
-            tpl[:, i, j] = flux * per_mass[i, j] / flux[window].mean()
+            tpl[:, i, j] = flux * per_mass[i, j] / templates.light_in_window(lam, flux)
     _save_library(
         out,
         templates=tpl,
