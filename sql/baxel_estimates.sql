@@ -22,9 +22,6 @@ threshold as (
 fits as (
     select * from labels
     where status = 'ok'
-    qualify row_number() over (
-        partition by release, plateifu, bin_id order by fitter like 'ppxf%' desc, fitter
-    ) = 1
 ),
 
 node_values as (

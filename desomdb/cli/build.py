@@ -152,11 +152,14 @@ def _echo_ingest(report: Any) -> None:
 @click.option("--line-an", type=float, default=3.0, show_default=True,
               help="amplitude over residual noise a line needs (guards against absorption "
               "residuals from template mismatch)")
-@click.option("--fitter", type=click.Choice(["fast", "ppxf"]), default="fast",
-              show_default=True,
-              help="fast: kinematics once on a coarse template set, then linear fits with the "
-              "kinematics fixed (~5x faster, same accuracy on the mocks); ppxf: the reference "
-              "single pPXF fit with every nonlinear parameter free")
+@click.option("--fitter", type=click.Choice(["fast", "batch", "ppxf"]), default=None,
+              help="fast (the default): kinematics on a coarse template set, then linear fits "
+              "and Gauss-Newton steps; batch: the same stages on many baxels at once (torch, "
+              "CPU or --device cuda); ppxf: the reference single pPXF fit. Naming a fitter "
+              "fits the cubes it has not labelled even where another fitter has (compare them "
+              "in the view labels_all)")
+@click.option("--device", default="cpu", show_default=True,
+              help="torch device of --fitter batch: cpu, or cuda with one --workers per GPU")
 @click.option("--plan", is_flag=True,
               help="fit only the baxels a labelling plan chooses from the current map (the "
               "map labels the rest: view baxel_estimates); extends an earlier plan")
@@ -166,8 +169,9 @@ def _echo_ingest(report: Any) -> None:
 @model_option("DESOM-1 model whose map plans")
 @_friendly_errors
 def label(archive: Path, release: str | None, workers: int, scheduler: str | None,
-          label_max_per_cube: int | None, line_sn: float, line_an: float, fitter: str,
-          plan: bool, budget: float, model_id: str | None) -> None:
+          label_max_per_cube: int | None, line_sn: float, line_an: float,
+          fitter: str | None, device: str, plan: bool, budget: float,
+          model_id: str | None) -> None:
     """Fit baxels with pPXF and write the labels table.
 
     Without --plan every baxel (or --label-max-per-cube of each cube) is fitted. With --plan
@@ -181,6 +185,7 @@ def label(archive: Path, release: str | None, workers: int, scheduler: str | Non
     Example:
       desomdb label /tmp/archive --release DR15 --workers 2 --label-max-per-cube 20
       desomdb label /tmp/archive --plan --budget 0.1 --workers 2
+      desomdb label /tmp/archive --fitter batch --workers 2
     """
     from desomdb.pipeline import labels as labels_mod
     from desomdb.science import emission
@@ -204,7 +209,7 @@ def label(archive: Path, release: str | None, workers: int, scheduler: str | Non
     else:
         report = labels_mod.label(archive, release=release, workers=workers,
                                   scheduler=scheduler, max_per_cube=label_max_per_cube,
-                                  gate=gate, fitter=fitter)
+                                  gate=gate, fitter=fitter, device=device)
     rate = report.n_fits / report.fit_seconds if report.fit_seconds else 0.0
     click.echo(f"{report.n_cubes} cubes labelled, {report.n_skipped_cubes} already done; "
                f"{report.n_fits} baxels in labels ({report.n_failed_fits} failed fits; "

@@ -41,7 +41,7 @@ class LabelTask:
     staged : str
         Where the worker writes the cube's labels file.
     fitter : str
-        ``fast`` or ``ppxf``.
+        A key of :data:`fitting.FITTERS`.
     gate : LineGate or None
     options : FitOptions or None
     merge_with : str or None
@@ -50,6 +50,8 @@ class LabelTask:
     lsf_sigma_aa : list of float or None
         The cube's LSF at ``manga.LSF_KNOTS_AA`` (``cubes.lsf_sigma_aa``); None for a cube
         ingested before it was stored (fitted with the nominal LSF).
+    device : str
+        torch device of the ``batch`` fitter.
     """
 
     plateifu: str
@@ -62,6 +64,7 @@ class LabelTask:
     gate: emission.LineGate | None = None
     options: fitting.FitOptions | None = None
     merge_with: str | None = None
+    device: str = "cpu"
 
 
 def _label_task(task: LabelTask) -> str:
@@ -74,17 +77,21 @@ def _label_task(task: LabelTask) -> str:
     mask = spectra.from_list_column(table.column("mask"))
     name = fitting.fitter_name(task.fitter)
     lsf = None if task.lsf_sigma_aa is None else np.asarray(task.lsf_sigma_aa)
-    rows = []
-    for i, bin_id in enumerate(ids):
-        if int(bin_id) not in bax:
-            continue
-        try:
-            row = fitting.fit_spectrum(flux[i], ivar[i], mask[i], bax[int(bin_id)]["norm_flux"],
-                                       task.z, gate=task.gate, options=task.options,
-                                       fitter=name, lsf_sigma_aa=lsf)
-        except Exception as exc:  # one bad fit is recorded, the cube goes on
+    pick = np.array([int(b) in bax for b in ids], dtype=bool)
+    picked = ids[pick]
+    try:
+        fitted = fitting.fit_spectra(flux[pick], ivar[pick], mask[pick],
+                                     np.array([bax[int(b)]["norm_flux"] for b in picked]),
+                                     task.z, gate=task.gate, options=task.options,
+                                     fitter=name, lsf_sigma_aa=lsf, device=task.device)
+    except Exception as exc:  # recorded per baxel; the cube's file still lands
+        fitted = []
+        for _ in picked:
             row = fitting.empty_row()
             row["error"] = f"{type(exc).__name__}: {exc}"
+            fitted.append(row)
+    rows = []
+    for bin_id, row in zip(picked, fitted, strict=True):
         row.update(plateifu=task.plateifu, bin_id=int(bin_id), fitter=fitting.FITTERS[name])
         rows.append(row)
     out = Path(task.staged)
@@ -112,6 +119,8 @@ class _Request:
     gate: emission.LineGate | None
     options: fitting.FitOptions | None
     only: dict[tuple[str, str], set[int]] | None = None
+    explicit: bool = False
+    device: str = "cpu"
 
 
 @dataclass
@@ -124,20 +133,25 @@ class _Plan:
     names: list[str] = field(default_factory=list)
 
 
-def _labelled(arch: Archive, rel: str) -> dict[str, tuple[set[int], set[str]]]:
-    """Per cube of a release: the bin ids that have labels and the fitters that made them."""
-    labelled: dict[str, tuple[set[int], set[str]]] = {}
+def _labelled(arch: Archive, rel: str) -> dict[str, dict[str, set[int]]]:
+    """Per cube of a release: fitter id -> the bin ids it labelled."""
+    labelled: dict[str, dict[str, set[int]]] = {}
     if arch.files("labels", release=rel):
         lab = pl.from_arrow(arch.read("labels", columns=["plateifu", "bin_id", "fitter"],
                                       release=rel))
-        for (pifu,), g in lab.group_by("plateifu"):  # type: ignore[union-attr]
-            labelled[str(pifu)] = (set(g["bin_id"].to_list()), set(g["fitter"]))
+        for (pifu, fitter), g in lab.group_by("plateifu", "fitter"):  # type: ignore[union-attr]
+            labelled.setdefault(str(pifu), {})[str(fitter)] = set(g["bin_id"].to_list())
     return labelled
 
 
 def _plan_release(arch: Archive, rel: str, plan: _Plan, report: LabelReport,
                   req: _Request) -> None:
-    """Add one task per cube of release ``rel`` that still has baxels to fit."""
+    """Add one task per cube of release ``rel`` that still has baxels to fit.
+
+    With the fitter named (``req.explicit``) a cube is done when that fitter labelled the
+    baxels asked for, whatever other fitters did; with the default fitter, when any fitter
+    labelled them (a survey labelled before the default changed is not fitted again).
+    """
     fitter_id = fitting.FITTERS[req.fitter]
     labelled = _labelled(arch, rel)
     label_files = {paths.parse_label_part_name(f.name): f
@@ -158,13 +172,17 @@ def _plan_release(arch: Archive, rel: str, plan: _Plan, report: LabelReport,
                 continue
             group = group.filter(pl.col("bin_id").is_in(list(wanted)))
         key = (pifu, fitter_id)
-        have, fitters = labelled.get(pifu, (set(), set()))
+        by_fitter = labelled.get(pifu, {})
+        mine = by_fitter.get(fitter_id, set())
+        have = mine if req.explicit else set().union(*by_fitter.values())
         if req.max_per_cube is not None:
             group = _sample(group, have, req.max_per_cube)
-        old_file = label_files.get(key) if have else None
+        old_file = label_files.get(key) if mine else None
         if have:
             group = group.filter(~pl.col("bin_id").is_in(list(have)))
-            if group.height == 0 or fitters != {fitter_id} or old_file is None:
+            # Rows of this fitter are extended in its own file; a cube another fitter
+            # labelled is left to it (default fitter) rather than split over two files.
+            if group.height == 0 or (mine and old_file is None) or (have and not mine):
                 report.n_skipped_cubes += 1
                 continue
         # The merged rows get a new name; the old file is dropped in the same commit.
@@ -174,7 +192,7 @@ def _plan_release(arch: Archive, rel: str, plan: _Plan, report: LabelReport,
             baxels=group.select("bin_id", "norm_flux").to_dicts(),
             staged=str(req.staging / rel / name), lsf_sigma_aa=lsf_of.get(pifu),
             fitter=req.fitter, gate=req.gate, options=req.options,
-            merge_with=str(old_file) if old_file else None))
+            merge_with=str(old_file) if old_file else None, device=req.device))
         plan.targets.append(f"{paths.release_dir('labels', rel)}/{name}")
         plan.replaced.append(str(old_file.relative_to(arch.root)) if old_file else None)
         plan.names.append(pifu)
@@ -230,13 +248,17 @@ def label(
     options: fitting.FitOptions | None = None,
     fitter: str | None = None,
     only: dict[tuple[str, str], set[int]] | None = None,
+    device: str = "cpu",
 ) -> LabelReport:
     """Fit every not-yet-labelled baxel of the archive (one task per cube).
 
     A cube is done when every baxel asked for (all of them, or the ``max_per_cube`` sample)
     has a label. A cube labelled from a smaller sample by the same fitter (``desomdb demo``
     labels 20 per cube) gets only its missing baxels fitted, merged into its label file; the
-    rows it had are kept as they were. A cube with labels of the other fitter counts as done.
+    rows it had are kept as they were. With ``fitter`` named, only that fitter's labels count
+    (so ``fitter='ppxf'`` on an archive labelled by the default fitter fits every cube again,
+    into files of its own: the ``labels`` view keeps one row per baxel, ``labels_all`` both);
+    with the default (None), a cube labelled by any fitter counts as done.
 
     Parameters
     ----------
@@ -258,20 +280,30 @@ def label(
     options : fitting.FitOptions, optional
         Continuum fit set-up (default: the measured better one, see :class:`fitting.FitOptions`).
     fitter : str, optional
-        ``fast`` or ``ppxf`` (default :data:`fitting.DEFAULT_FITTER`); the rows carry its id from
-        :data:`fitting.FITTERS`. A cube labelled by either fitter counts as done.
+        A key of :data:`fitting.FITTERS` (default :data:`fitting.DEFAULT_FITTER`); the rows
+        carry its id.
     only : dict, optional
         Fit only these baxels: (release, plateifu) -> bin ids (a labelling plan's,
         :mod:`desomdb.pipeline.label_plan`); other cubes are left alone.
+    device : str
+        torch device of the ``batch`` fitter: ``cpu`` or ``cuda`` (a GPU; use one worker
+        per GPU). Each CPU worker runs one thread.
 
     Returns
     -------
     LabelReport
     """
     name_of_fitter = fitting.fitter_name(fitter)
-    if name_of_fitter == "fast" and options is not None and options.mdegree > 0:
+    if name_of_fitter != "ppxf" and options is not None and options.mdegree > 0:
         raise ConfigError(f"mdegree = {options.mdegree} needs the reference fitter: "
                           "use --fitter ppxf")
+    if name_of_fitter == "batch" and device != "cpu":
+        import torch
+
+        if not (device.startswith("cuda") and torch.cuda.is_available()):
+            raise ConfigError(f"device {device!r} is not available here (torch "
+                              f"{torch.__version__}, CUDA {torch.cuda.is_available()}); "
+                              "use --device cpu")
     arch = Archive(archive)
     manifest_tables = arch.manifest()["tables"]
     releases = sorted({paths.parse_partition(f)[2] for f in manifest_tables.get("baxels", [])})
@@ -287,7 +319,8 @@ def label(
         plan = _Plan()
         req = _Request(staging=writer.staging_dir("labels"), generation=arch.generation() + 1,
                        fitter=name_of_fitter, plateifus=plateifus, max_per_cube=max_per_cube,
-                       gate=gate, options=options, only=only)
+                       gate=gate, options=options, only=only, explicit=fitter is not None,
+                       device=device)
         for rel in releases:
             _plan_release(arch, rel, plan, report, req)
         tasks, targets, replaced, names = plan.tasks, plan.targets, plan.replaced, plan.names

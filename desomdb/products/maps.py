@@ -226,14 +226,10 @@ def _labels(con: views.ReadOnlyConnection, arch: Archive, key: list[str]
             ) -> dict[str, np.ndarray] | None:
     if not arch.has_table("labels"):
         return None
-    fitters = [r[0] for r in con.sql("select distinct fitter from labels where release = $1 "
-                                     "and plateifu = $2 order by 1", params=key).fetchall()]
-    if not fitters:
-        return None
     cols = ", ".join(["bin_id", "chi2_red", "chi2_ok", "ssfr_ok", "bpt_ok", *LABELS])
-    # the newest fit set-up when a cube was fitted more than once
-    return con.sql(f"select {cols} from labels where release = $1 and plateifu = $2 and "
-                   f"fitter = $3 and status = 'ok'", params=[*key, fitters[-1]]).fetchnumpy()
+    found = con.sql(f"select {cols} from labels where release = $1 and plateifu = $2 and "
+                    "status = 'ok'", params=key).fetchnumpy()
+    return found if len(found["bin_id"]) else None
 
 
 def _floats(values: np.ndarray) -> np.ndarray:

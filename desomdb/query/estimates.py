@@ -21,7 +21,7 @@ node label ``X`` of :data:`desomdb.science.label_catalogue.NODE_LABELS`:
     (``desomdb label --plan`` plans those fits).
 
   A map value is never presented as a fit. A baxel fitted by more than one fitter uses the
-  reference fitter's row (``ppxf-*`` before ``fast-*``).
+  row the ``labels`` view keeps (sql/labels.sql).
 
 The SQL is generated from the label catalogue (``python -m desomdb.query.estimates`` writes
 ``sql/baxel_estimates.sql``; a test checks the file matches), so a new label appears here
@@ -37,14 +37,11 @@ from pathlib import Path
 from desomdb.science import label_catalogue
 
 VIEW = "baxel_estimates"
-#: One fit per baxel: its ``status = 'ok'`` labels row, the reference fitter's where more than
-#: one fitter labelled it (``ppxf-*`` before ``fast-*``). Also what ``map_labels`` learn from.
+#: One fit per baxel: its ``status = 'ok'`` labels row (the ``labels`` view keeps one fitter's
+#: row per baxel, sql/labels.sql). Also what ``map_labels`` learn from.
 FITS_SQL = """\
     select * from labels
-    where status = 'ok'
-    qualify row_number() over (
-        partition by release, plateifu, bin_id order by fitter like 'ppxf%' desc, fitter
-    ) = 1"""
+    where status = 'ok'"""
 
 
 def estimates_sql() -> str:

@@ -145,6 +145,10 @@ def _statements(archive: Archive, model: str | None, relative: bool,
             union = "false" if uniform_schema([records.get(f) for f in files]) else "true"
             stmts.append(f"set variable union_{table} = {union}")
             present.add(table)
+    if "labels" in present:  # one fitter: the labels view needs no ranking (sql/labels.sql)
+        fitters = {p[1] for f in tables["labels"]
+                   if (p := paths.parse_label_part_name(f.rsplit("/", 1)[-1]))}
+        stmts.append(f"set variable labels_one_fitter = {str(len(fitters) <= 1).lower()}")
     return stmts, present
 
 
@@ -312,6 +316,11 @@ def _quote(value: str | None) -> str:
     return "null" if value is None else "'" + value.replace("'", "''") + "'"
 
 
+def _files_read(text: str) -> list[str]:
+    """Return the tables whose committed files a view's SQL reads (``files_<table>``)."""
+    return re.findall(r"getvariable\('files_(\w+)'\)", text)
+
+
 def _create_views(con: duckdb.DuckDBPyConnection, present: set[str],
                   defs: dict[str, str] | None = None) -> list[str]:
     """Create base views for present tables, derived views and macros whose inputs exist.
@@ -322,11 +331,16 @@ def _create_views(con: duckdb.DuckDBPyConnection, present: set[str],
     if defs is None:
         defs = view_sql()
     created = []
+    deferred = {}  # a table's view built on another view (labels on labels_all)
     for table in paths.TABLES:
         if table in present and table in defs:
+            if view_refs(defs[table], [d for d in defs if d != table]):
+                deferred[table] = defs[table]
+                continue
             con.execute(f"create or replace view {table} as {defs[table]}")
             created.append(table)
-    pending = {k: v for k, v in defs.items() if k not in paths.TABLES}
+    pending = {**deferred, **{k: v for k, v in defs.items() if k not in paths.TABLES
+                              and set(_files_read(v)) <= present}}
     while pending:
         progressed = False
         for name, text in list(pending.items()):

@@ -18,7 +18,7 @@ from desomdb.science import emission, gas, spectra, templates
 from desomdb.survey import manga
 
 #: Fitter name (``--fitter``) -> the fitter id stored in the labels rows (a partition key).
-FITTERS = {"fast": "fast-miuscat-v2", "ppxf": "ppxf-miuscat-v2"}
+FITTERS = {"fast": "fast-miuscat-v2", "ppxf": "ppxf-miuscat-v2", "batch": "batch-miuscat-v1"}
 DEFAULT_FITTER = "fast"
 #: Id of the default fitter.
 FITTER = FITTERS[DEFAULT_FITTER]

@@ -20,7 +20,7 @@ from desomdb.query import views
 SQL = Path(__file__).parents[2] / "sql"
 PUBLIC = ["cubes", "galaxies", "baxels", "spectra", "bin_map", "labels", "models", "nodes",
           "assignments", "node_partials", "node_labels", "fingerprints", "splits", "truth",
-          "baxel_labels",
+          "baxel_labels", "labels_all",
           "node_summary", "galaxy_fingerprint", "latest_cubes", "poorly_represented", "drift",
           "model_thresholds", "galaxy_summary", "baxel_outliers", "galaxy_outliers",
           "label_errors", "baxel_estimates", "label_plan", "map_labels"]
