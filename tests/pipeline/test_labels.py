@@ -232,3 +232,54 @@ def test_a_cube_of_another_resolution_is_fitted_with_its_own_lsf(tmp_path) -> No
     assert abs(same_own - same_nominal) < 2.0  # on a nominal cube the two agree
     assert nominal - same_nominal > 12.0  # the bias of the nominal LSF is real
     assert abs(own - same_own) < 5.0  # and the cube's own LSF removes it
+
+
+def test_a_second_fitter_labels_the_same_baxels_and_views_count_each_once(labelled_archive,
+                                                                         tmp_path) -> None:
+    """Seen: 'desomdb label --fitter ppxf' on an archive labelled by the default fitter
+    skipped every cube ('already done'), so the default could not be checked against the
+    reference on one's own data. Named, a fitter labels what it has not; the views keep one
+    row per baxel (batch before fast), labels_all has both."""
+    import shutil
+
+    root = tmp_path / "arch"
+    shutil.copytree(labelled_archive, root)
+    fast_rows = _frame(Archive(root).read("labels"))
+    n_fast = fast_rows.height
+    n_new = sum(min(2, n) for n in fast_rows.group_by("plateifu").len()["len"])
+    result = CliRunner().invoke(main, ["label", str(root), "--workers", "1", "--fitter",
+                                       "batch", "--label-max-per-cube", "2"])
+    assert result.exit_code == 0, result.output
+    assert "2 cubes labelled, 0 already done" in result.output
+    raw = _frame(Archive(root).read("labels"))
+    assert raw.group_by("fitter").len().sort("fitter")["len"].to_list() == [n_new, n_fast]
+    con = views.connect(root)
+    try:
+        one = con.sql("select fitter, count(*) from labels group by 1 order by 1").fetchall()
+        assert one == [(fitting.FITTERS["batch"], n_new),
+                       (fitting.FITTERS["fast"], n_fast - n_new)]
+        assert con.sql("select count(*) from labels_all").fetchall() == [(n_fast + n_new,)]
+        pairs = con.sql(
+            "select b.sigma - f.sigma, b.log_age_lw - f.log_age_lw from labels_all b "
+            "join labels_all f using (release, plateifu, bin_id) "
+            "where b.fitter like 'batch%' and f.fitter like 'fast%'").fetchall()
+        assert len(pairs) == n_new
+        assert all(abs(ds) < 3 and abs(da) < 0.03 for ds, da in pairs), pairs
+    finally:
+        con.close()
+    # The default fitter counts any fitter's labels; the named one only its own.
+    assert labels.label(root, workers=1, progress=False).n_cubes == 0
+    again = labels.label(root, workers=1, progress=False, fitter="batch", max_per_cube=2)
+    assert again.n_cubes == 0 and again.n_skipped_cubes == 2
+
+
+def test_a_cuda_device_without_a_gpu_is_one_line(labelled_archive) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = CliRunner().invoke(main, ["label", str(labelled_archive), "--fitter", "batch",
+                                       "--device", "cuda"])
+    assert result.exit_code != 0
+    assert "device 'cuda' is not available here" in result.output
+    assert "Traceback" not in result.output

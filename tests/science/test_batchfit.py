@@ -1,0 +1,129 @@
+"""The batched fitter (science.batchfit, fitting.fit_spectra) against scipy, pPXF and the fast fitter."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import nnls as scipy_nnls
+from test_fitting import _constructed
+
+from desomdb.errors import ConfigError
+from desomdb.science import batchcore, batchfit, dust, fastfit, fitting, spectra
+
+#: Constructed spectra fitted in one batch: (library, age Gyr, EW(Hα) Å, Hα/Hβ, S/N, seed,
+#: extra E(B-V)_*). The last is dusty (A_V ~1.2): its stellar stage stalled at A_V 0.6
+#: before the Jacobian was projected (variable projection), where pPXF and the fast fitter
+#: find 1.2.
+_CASES = (("miuscat", 2.5, 10.0, 3.5, 30.0, 1, 0.0), ("bc03", 1.0, 20.0, 4.0, 25.0, 2, 0.0),
+          ("miuscat", 10.0, 0.0, 2.86, 20.0, 3, 0.0), ("bc03", 0.3, 30.0, 4.0, 30.0, 4, 0.2))
+
+
+def _spectrum(case: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    *args, extra_ebv = case
+    flux, ivar, mask = _constructed(*args)
+    att = dust.calzetti_transmission(spectra.rest_wave_aa(), extra_ebv)
+    return (flux * att).astype(np.float32), (ivar / att**2).astype(np.float32), mask
+
+
+@pytest.fixture(scope="module")
+def both() -> list[tuple[dict, dict]]:
+    spec = [_spectrum(c) for c in _CASES]
+    flux, ivar, mask = (np.array([s[k] for s in spec]) for k in range(3))
+    batch = fitting.fit_spectra(flux, ivar, mask, np.ones(len(spec)), 0.03, fitter="batch")
+    fast = [fitting.fit_spectrum(*s, 1.0, 0.03, fitter="fast") for s in spec]
+    return list(zip(batch, fast, strict=True))
+
+
+def test_nnls_is_the_exact_non_negative_solution() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 300, 40))
+    b = rng.normal(size=(5, 300))
+    gram = torch.as_tensor(a.transpose(0, 2, 1) @ a)
+    rhs = torch.as_tensor(np.einsum("bpk,bp->bk", a, b))
+    expected = np.array([scipy_nnls(a[i], b[i])[0] for i in range(5)])
+    cold = batchcore.nnls(gram, rhs).numpy()
+    np.testing.assert_allclose(cold, expected, atol=1e-10)
+    assert 5 < (expected > 0).sum(axis=1).min() < 40  # bounds active and inactive
+    # A warm start, right or wrong, changes the path, not the answer.
+    for start in (torch.as_tensor(expected > 0), torch.as_tensor(expected == 0)):
+        np.testing.assert_allclose(batchcore.nnls(gram, rhs, start).numpy(), expected,
+                                   atol=1e-10)
+
+
+def test_convolution_is_ppxfs_on_the_galaxy_bins() -> None:
+    # The shorter FFT length must not wrap templates onto the galaxy bins, up to the largest
+    # velocity and dispersion the fitter allows. Below ~1 pixel (59 km/s) the Gaussian's
+    # transform is not band-limited and the kernel depends on the FFT length at 3e-5 of the
+    # template (measured at σ = 30 km/s, V = 1900 km/s), far below any spectrum's noise.
+    setup = fitting.fit_setup(0.03)
+    tp = batchfit._templates(setup, "cpu", 10.0)
+    assert tp.npad < setup.npad
+    cases = ((0.0, 120.0, 1e-9), (-1900.0, 900.0, 1e-9), (1900.0, 900.0, 1e-9),
+             (-1900.0, 120.0, 1e-9), (1900.0, 30.0, 1e-4))
+    vel = torch.as_tensor([c[0] for c in cases], dtype=torch.float64)
+    sig = torch.as_tensor([c[1] for c in cases], dtype=torch.float64)
+    ours = batchcore.convolve(tp, tp.rfft_stars, vel, sig).numpy()
+    for i, (v, s, tol) in enumerate(cases):
+        ref = fastfit.convolved_templates(setup, v, s, slice(0, ours.shape[1]))
+        np.testing.assert_allclose(ours[i].T, ref, atol=tol * np.abs(ref).max())
+
+
+def test_batched_fits_equal_the_fast_fitters(both) -> None:
+    # The same stages and objective, so the same minimum: tolerances ~5x the largest
+    # difference seen on these spectra.
+    for batch, fast in both:
+        assert batch["status"] == fast["status"] == "ok"
+        assert batch["chi2_red"] == pytest.approx(fast["chi2_red"], rel=2e-3)
+        assert batch["ebv_star"] == pytest.approx(fast["ebv_star"], abs=0.01)
+        assert batch["vel"] == pytest.approx(fast["vel"], abs=2.0)
+        assert batch["sigma"] == pytest.approx(fast["sigma"], abs=3.0)
+        assert batch["log_age_lw"] == pytest.approx(fast["log_age_lw"], abs=0.02)
+        assert batch["mh_lw"] == pytest.approx(fast["mh_lw"], abs=0.02)
+        assert batch["log_ml_r"] == pytest.approx(fast["log_ml_r"], abs=0.02)
+        if fast["sn_ha"] > 10:
+            assert batch["flux_ha"] == pytest.approx(fast["flux_ha"], rel=0.01)
+            assert batch["sigma_gas"] == pytest.approx(fast["sigma_gas"], abs=2.0)
+            assert batch["log_ssfr"] == pytest.approx(fast["log_ssfr"], abs=0.02)
+        assert batch["fit_seconds"] > 0 and batch["lsf_source"] == "nominal"
+    dusty = both[-1][0]
+    assert dusty["ebv_star"] > 0.25  # 0.1 of _constructed + 0.2
+
+
+def test_a_batch_that_raises_is_fitted_one_by_one(monkeypatch) -> None:
+    spec = [_spectrum(c) for c in _CASES[:3]]
+    flux, ivar, mask = (np.array([s[k] for s in spec]) for k in range(3))
+    flux[1] = np.nan  # unfittable: no good bins; never reaches the fitter
+    real = batchfit.fit_batch
+    sizes: list[int] = []
+
+    def fails_on_the_first_spectrum(setup, galaxy, *args, **kwargs):
+        sizes.append(len(galaxy))
+        if np.allclose(galaxy[0], flux[0]):
+            raise FloatingPointError("bad spectrum")
+        return real(setup, galaxy, *args, **kwargs)
+
+    monkeypatch.setattr(batchfit, "fit_batch", fails_on_the_first_spectrum)
+    rows = fitting.fit_spectra(flux, ivar, mask, np.ones(3), 0.03, fitter="batch")
+    assert [r["status"] for r in rows] == ["failed", "unfittable", "ok"]
+    assert "FloatingPointError: bad spectrum" in rows[0]["error"]
+    assert sizes == [2, 1, 1]
+
+
+def test_batch_fitter_restores_threads_and_rejects_a_polynomial() -> None:
+    flux, ivar, mask = _spectrum(_CASES[0])
+    before = torch.get_num_threads()
+    row = fitting.fit_spectrum(flux, ivar, mask, 1.0, 0.03, fitter="batch")
+    assert row["status"] == "ok" and torch.get_num_threads() == before
+    with pytest.raises(ConfigError, match="--fitter ppxf"):
+        fitting.fit_spectra(flux[None], ivar[None], mask[None], np.ones(1), 0.03,
+                            fitter="batch", options=fitting.FitOptions(mdegree=4))
+
+
+def test_an_unusable_cube_lsf_is_labelled_nominal() -> None:
+    # Review finding: an LSF array lsf_key rejects was fitted with the nominal LSF but
+    # labelled 'cube'.
+    flux, ivar, mask = _spectrum(_CASES[0])
+    bad = np.full(64, np.nan)
+    for fitter in ("fast", "batch"):
+        row = fitting.fit_spectrum(flux, ivar, mask, 1.0, 0.03, fitter=fitter,
+                                   lsf_sigma_aa=bad)
+        assert row["status"] == "ok" and row["lsf_source"] == "nominal", fitter
