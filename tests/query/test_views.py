@@ -407,7 +407,7 @@ def test_labels_written_before_the_lsf_column_read_as_nominal(tmp_path) -> None:
     pq.write_table(pa.table({"plateifu": ["1-2"], "bin_id": [0], "age_mw_gyr": [6.0],
                              "lsf_source": ["cube"], "log_age_lw": [9.5], "mh_lw": [0.0]}),
                    new)
-    text = views.view_sql()["labels"]
+    text = views.view_sql()["labels_all"]
     con = duckdb.connect()
     for files, union in (([old, new], "true"), ([old], "false")):
         con.execute(f"set variable files_labels = {[str(f) for f in files]}")
@@ -417,3 +417,34 @@ def test_labels_written_before_the_lsf_column_read_as_nominal(tmp_path) -> None:
         assert rows.get("1-2", "cube") == "cube"
         assert con.sql(f"select log_age_lw from ({text}) where plateifu = '1-1'"
                        ).fetchall() == [(None,)]
+
+
+def test_the_labels_view_prefers_fitters_in_the_documented_order(tmp_path) -> None:
+    import re
+
+    from desomdb.science import fitsetup
+
+    # Three fitters' rows of one baxel, and a failed reference fit of another.
+    rows = [("ppxf-miuscat-v2", 0, "ok"), ("batch-miuscat-v1", 0, "ok"),
+            ("fast-miuscat-v2", 0, "ok"), ("fast-miuscat-v1", 0, "ok"),
+            ("ppxf-miuscat-v2", 1, "failed"), ("fast-miuscat-v1", 1, "ok"),
+            ("fast-miuscat-v2", 1, "ok"), ("fast-miuscat-v2", 2, "ok")]
+    files = []
+    for k, (fitter, bin_id, status) in enumerate(rows):
+        files.append(str(tmp_path / f"part-{k}.parquet"))
+        pq.write_table(pa.table({"release": ["DR15"], "plateifu": ["1-1"], "bin_id": [bin_id],
+                                 "fitter": [fitter], "status": [status]}), files[-1])
+    defs = views.view_sql()
+    con = duckdb.connect()
+    con.execute(f"set variable files_labels = {files}")
+    con.execute("set variable union_labels = true")
+    con.execute(f"create view labels_all as {defs['labels_all']}")
+    con.execute("set variable labels_one_fitter = false")
+    kept = con.sql(f"select bin_id, fitter from ({defs['labels']}) order by 1").fetchall()
+    assert kept == [(0, "ppxf-miuscat-v2"), (1, "fast-miuscat-v2"), (2, "fast-miuscat-v2")]
+
+    text = views.view_sql()["labels"]
+    ranked = re.findall(r"when '(\w+)' then (\d)", text)
+    assert [name for name, _ in sorted(ranked, key=lambda r: int(r[1]))] == list(
+        fitsetup.FITTER_PREFERENCE)
+    assert set(fitsetup.FITTER_PREFERENCE) == set(fitsetup.FITTERS)

@@ -1,4 +1,4 @@
-"""The batched fitter (science.batchfit, fitting.fit_spectra) against scipy, pPXF and the fast fitter."""
+"""The batched fitter (science.batchcore, batchfit, fitting.fit_spectra) against scipy and pPXF."""
 
 import numpy as np
 import pytest
