@@ -159,7 +159,10 @@ def _echo_ingest(report: Any) -> None:
               "fits the cubes it has not labelled even where another fitter has (compare them "
               "in the view labels_all)")
 @click.option("--device", default="cpu", show_default=True,
-              help="torch device of --fitter batch: cpu, or cuda with one --workers per GPU")
+              help="torch device of --fitter batch. cpu: each of --workers processes fits "
+              "its cube in batches of 8 baxels on one thread; cuda: each worker sends whole "
+              "cubes to the GPU and derives the labels on its CPU core (2 workers keep one "
+              "GPU busy while the other derives)")
 @click.option("--plan", is_flag=True,
               help="fit only the baxels a labelling plan chooses from the current map (the "
               "map labels the rest: view baxel_estimates); extends an earlier plan")

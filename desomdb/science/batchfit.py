@@ -45,6 +45,14 @@ from desomdb.science.fitsetup import AV_STEP, GN_GAS_MIN_SNR, GN_ITERATIONS, Fit
 #: Spectra fitted together on a CPU: CPU-s per spectrum on one thread, 32 constructed
 #: spectra: 4: 0.086, 8: 0.086, 16: 0.090, 32: 0.089 (smaller batches stay in cache).
 BATCH_SIZE = 8
+#: On a GPU a batch is a whole cube (a DR17 cube has ~250 baxels): it needs thousands of
+#: spectra in flight to be busy (``benchmarks/bench_gpu.py`` measures 256 to 4,096).
+GPU_BATCH_SIZE = 1024
+
+
+def batch_size(device: str) -> int:
+    """Spectra per batch on ``device``."""
+    return BATCH_SIZE if device == "cpu" else GPU_BATCH_SIZE
 
 
 def _torch() -> Any:

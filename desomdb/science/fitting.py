@@ -293,8 +293,9 @@ def fit_spectra(
 ) -> list[dict[str, Any]]:
     """Fit many rest-frame baxel spectra of one cube and derive their labels.
 
-    The ``batch`` fitter fits :data:`batchfit.BATCH_SIZE` spectra at a time
-    (:mod:`desomdb.science.batchfit`) on ``device``; the others fit one by one
+    The ``batch`` fitter fits :func:`batchfit.batch_size` spectra at a time
+    (:mod:`desomdb.science.batchfit`: 8 on a CPU, a whole cube on a GPU) on ``device``; the
+    others fit one by one
     (:func:`fit_spectrum`). A batch that raises is fitted again spectrum by spectrum, so only
     the spectrum at fault is recorded as failed.
 
@@ -341,8 +342,9 @@ def fit_spectra(
     for i, *_ in todo:
         rows[i]["lsf_source"] = rows[todo[0][0]]["lsf_source"]
     with threadpool_limits(1), batchfit.torch_threads(1):
-        for start in range(0, len(todo), batchfit.BATCH_SIZE):
-            chunk = todo[start:start + batchfit.BATCH_SIZE]
+        size = batchfit.batch_size(device)
+        for start in range(0, len(todo), size):
+            chunk = todo[start:start + size]
             _fit_chunk(chunk, rows, setup, z, norm_flux, options, gate, device)
     return rows
 
