@@ -3,7 +3,7 @@
 Run::
 
     python benchmarks/bench_labels.py [--galaxies 8] [--library all] [--max-per-cube N]
-        [--variants default,regul,mdegree] [--fitters fast,ppxf] [--real]
+        [--variants default,regul,mdegree] [--fitters batch,ppxf] [--real]
         [--out /tmp/bench_labels]
 
 For each library (``miuscat``: the mock is rendered from the templates the fits use, an
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, pl.DataFrame]]:
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_labels"))
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--fitters", default="fast,ppxf",
+    parser.add_argument("--fitters", default="batch,ppxf",
                         help="comma-separated fitters, labelled interleaved: "
                         f"{list(fitting.FITTERS)}")
     parser.add_argument("--real", action="store_true", help="also label the real DR15 spectra")

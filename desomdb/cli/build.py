@@ -153,9 +153,10 @@ def _echo_ingest(report: Any) -> None:
               help="amplitude over residual noise a line needs (guards against absorption "
               "residuals from template mismatch)")
 @click.option("--fitter", type=click.Choice(["fast", "batch", "ppxf"]), default=None,
-              help="fast (the default): kinematics on a coarse template set, then linear fits "
-              "and Gauss-Newton steps; batch: the same stages on many baxels at once (torch, "
-              "CPU or --device cuda); ppxf: the reference single pPXF fit. Naming a fitter "
+              help="batch (the default): kinematics on a coarse template set, then linear "
+              "fits and Gauss-Newton steps, on many baxels at once (torch, CPU or --device "
+              "cuda); fast: the same stages one baxel at a time; ppxf: the reference single "
+              "pPXF fit. Naming a fitter "
               "fits the cubes it has not labelled even where another fitter has (compare them "
               "in the view labels_all)")
 @click.option("--device", default="cpu", show_default=True,

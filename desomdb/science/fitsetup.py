@@ -19,7 +19,7 @@ from desomdb.survey import manga
 
 #: Fitter name (``--fitter``) -> the fitter id stored in the labels rows (a partition key).
 FITTERS = {"fast": "fast-miuscat-v2", "ppxf": "ppxf-miuscat-v2", "batch": "batch-miuscat-v1"}
-DEFAULT_FITTER = "fast"
+DEFAULT_FITTER = "batch"
 #: Which fitter's row the ``labels`` view keeps when several labelled a baxel (successful
 #: fits first): the reference, then the others (sql/labels.sql spells the same order).
 FITTER_PREFERENCE = ("ppxf", "batch", "fast")

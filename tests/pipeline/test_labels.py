@@ -121,11 +121,11 @@ def test_bench_labels_runs_three_libraries(tmp_path, capsys, monkeypatch) -> Non
     out = bench.main(["--galaxies", "1", "--max-per-cube", "2", "--ifu-sizes", "19",
                       "--workers", "1", "--out", str(tmp_path)])
     assert list(out) == ["bc03", "mastar", "miuscat"]  # cross-library tables first
-    assert set(out["bc03"]) == {"default:fast", "default:ppxf"}
-    assert set(out["bc03"]["default:fast"]["mass_weight_true"]) == {"initial"}
-    assert set(out["mastar"]["default:fast"]["mass_weight_true"]) == {"none"}
+    assert set(out["bc03"]) == {"default:batch", "default:ppxf"}
+    assert set(out["bc03"]["default:batch"]["mass_weight_true"]) == {"initial"}
+    assert set(out["mastar"]["default:batch"]["mass_weight_true"]) == {"none"}
     assert set(out["miuscat"]["default:ppxf"]["mass_weight_true"]) == {"current"}
-    assert out["mastar"]["default:fast"]["log_age_lw_true"].is_finite().all()
+    assert out["mastar"]["default:batch"]["log_age_lw_true"].is_finite().all()
     text = capsys.readouterr().out
     assert "initial-mass-weighted" in text and "current-mass-weighted" in text
     assert text.count("log age (light-weighted)") >= 6  # every library, inside/outside grid
@@ -135,7 +135,7 @@ def test_bench_labels_runs_three_libraries(tmp_path, capsys, monkeypatch) -> Non
     assert "log M*/L_r" in text.split("== miuscat")[1].split("side by side")[0]
     assert "log M*/L_r" not in text.split("== miuscat")[0]  # not compared across libraries
     assert "truth outside the fitting grid" in text
-    assert text.count("fast vs ppxf (same run, interleaved)") == 3
+    assert text.count("batch vs ppxf (same run, interleaved)") == 3
     assert "fits/s ratio" in text
 
 
@@ -239,26 +239,30 @@ def test_a_second_fitter_labels_the_same_baxels_and_views_count_each_once(labell
     """Seen: 'desomdb label --fitter ppxf' on an archive labelled by the default fitter
     skipped every cube ('already done'), so the default could not be checked against the
     reference on one's own data. Named, a fitter labels what it has not; the views keep one
-    row per baxel (batch before fast), labels_all has both."""
+    row per baxel (FITTER_PREFERENCE), labels_all has both."""
     import shutil
 
     root = tmp_path / "arch"
     shutil.copytree(labelled_archive, root)
+    first = fitting.DEFAULT_FITTER
+    other = next(f for f in ("fast", "batch") if f != first)
     fast_rows = _frame(Archive(root).read("labels"))
-    n_fast = fast_rows.height
+    n_first = fast_rows.height
     n_new = sum(min(2, n) for n in fast_rows.group_by("plateifu").len()["len"])
     result = CliRunner().invoke(main, ["label", str(root), "--workers", "1", "--fitter",
-                                       "batch", "--label-max-per-cube", "2"])
+                                       other, "--label-max-per-cube", "2"])
     assert result.exit_code == 0, result.output
     assert "2 cubes labelled, 0 already done" in result.output
     raw = _frame(Archive(root).read("labels"))
-    assert raw.group_by("fitter").len().sort("fitter")["len"].to_list() == [n_new, n_fast]
+    counts = dict(raw.group_by("fitter").len().iter_rows())
+    assert counts == {fitting.FITTERS[first]: n_first, fitting.FITTERS[other]: n_new}
+    preferred = min((first, other), key=fitting.FITTER_PREFERENCE.index)
     con = views.connect(root)
     try:
-        one = con.sql("select fitter, count(*) from labels group by 1 order by 1").fetchall()
-        assert one == [(fitting.FITTERS["batch"], n_new),
-                       (fitting.FITTERS["fast"], n_fast - n_new)]
-        assert con.sql("select count(*) from labels_all").fetchall() == [(n_fast + n_new,)]
+        one = dict(con.sql("select fitter, count(*) from labels group by 1").fetchall())
+        assert sum(one.values()) == n_first  # one row per baxel
+        assert one[fitting.FITTERS[preferred]] == (n_new if preferred == other else n_first)
+        assert con.sql("select count(*) from labels_all").fetchall() == [(n_first + n_new,)]
         pairs = con.sql(
             "select b.sigma - f.sigma, b.log_age_lw - f.log_age_lw from labels_all b "
             "join labels_all f using (release, plateifu, bin_id) "
@@ -269,7 +273,7 @@ def test_a_second_fitter_labels_the_same_baxels_and_views_count_each_once(labell
         con.close()
     # The default fitter counts any fitter's labels; the named one only its own.
     assert labels.label(root, workers=1, progress=False).n_cubes == 0
-    again = labels.label(root, workers=1, progress=False, fitter="batch", max_per_cube=2)
+    again = labels.label(root, workers=1, progress=False, fitter=other, max_per_cube=2)
     assert again.n_cubes == 0 and again.n_skipped_cubes == 2
 
 
