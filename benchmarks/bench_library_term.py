@@ -2,7 +2,7 @@
 
 Run::
 
-    python benchmarks/bench_library_term.py [--galaxies 8] [--max-per-cube 40]
+    python benchmarks/bench_library_term.py [--galaxies 8] [--max-per-cube N]
         [--archive bc03=DIR ...] [--per-bin 6] [--refits 3] [--write]
         [--out /tmp/bench_library_term]
 
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> list[library_term.Term]:
     """Build or reuse the three archives, print the tables, optionally write the term."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--galaxies", type=int, default=8)
-    parser.add_argument("--max-per-cube", type=int, default=40)
+    parser.add_argument("--max-per-cube", type=int, help="label at most N baxels per cube")
     parser.add_argument("--archive", action="append", default=[], metavar="LIB=DIR")
     parser.add_argument("--per-bin", type=int, default=6)
     parser.add_argument("--refits", type=int, default=3)
