@@ -21,6 +21,12 @@ Columns per (node, label):
   CDF (vectorised over all nodes of a batch, to 1e-9 of the label's histogram range). Null
   where a member has no σ: no error model yet (run ``desomdb calibrate``), or labels of a
   fitter it does not cover.
+- ``lo68_total``, ``hi68_total``: the same with each member's σ also widened by the
+  template-library term σ_lib of its label and its fit's light-weighted age
+  (:mod:`desomdb.science.library_term`, measured on mocks from other libraries and shipped
+  with the package): the interval for a galaxy whose stars are not the templates'. Null
+  where the statistical interval is, and for labels without a measured term (log M*/L_r:
+  no other library has the same IMF and remnant masses).
 
 Memory stays flat in archive size: DuckDB joins the Parquet files and streams the members
 ordered by (label, node, value) in record batches; each batch's complete nodes are reduced
@@ -41,7 +47,7 @@ from desomdb.archive import paths
 from desomdb.archive.store import Archive
 from desomdb.archive.writer import Writer
 from desomdb.query import views
-from desomdb.science import label_catalogue
+from desomdb.science import label_catalogue, library_term
 
 #: Central probability of the calibrated interval (16th to 84th percentile).
 INTERVAL = (0.16, 0.84)
@@ -56,6 +62,7 @@ SCHEMA = pa.schema([
     ("node", pa.int32()), ("label", pa.string()), ("n", pa.int64()), ("median", pa.float64()),
     ("p16", pa.float64()), ("p84", pa.float64()), ("mean", pa.float64()),
     ("lo68", pa.float64()), ("hi68", pa.float64()), ("sigma_galaxy", pa.float64()),
+    ("lo68_total", pa.float64()), ("hi68_total", pa.float64()),
     ("hist_lo", pa.float64()),
     ("hist_hi", pa.float64()), ("histogram", pa.list_(pa.int64())),
 ])
@@ -75,7 +82,7 @@ def members_sql(model_id: str, has_errors: bool, where: str = "true") -> str:
         e.g. to leave held-out galaxies out when measuring coverage.
     """
     return (f"{_members_cte(model_id, where)} select label, node, value, "
-            f"{_sigma_sql(has_errors)} as sigma from m order by label, node, value")
+            f"{_sigma_sql(has_errors)} as sigma, age_l from m order by label, node, value")
 
 
 def sample_sql(model_id: str, where: str = "true", fraction: float = 1.0) -> str:
@@ -110,6 +117,7 @@ def _members_cte(model_id: str, where: str) -> str:
     # One scan of each table; UNPIVOT turns the label columns into (label, value) rows.
     return (
         f"with base as (select a.node::integer as node, l.fitter, b.snr, "
+        f"l.log_age_lw::double as age_l, "
         f"coalesce(b.mangaid, a.plateifu) as galaxy, hash(a.release, a.plateifu, a.bin_id) "
         f"as h, {flags}, {values} "
         f"from assignments a "
@@ -252,6 +260,7 @@ class _Carry:
     node: np.ndarray
     value: np.ndarray
     sigma: np.ndarray
+    sigma_lib: np.ndarray
 
 
 def _batches(con: duckdb.DuckDBPyConnection, sql: str) -> Iterator[pa.RecordBatch]:
@@ -311,13 +320,28 @@ def mixture_quantiles(value: np.ndarray, sigma: np.ndarray, group: np.ndarray, n
     return out
 
 
+def _library_sigma(label: np.ndarray, age_l: np.ndarray,
+                   lib_terms: list[library_term.Term]) -> np.ndarray:
+    """σ_lib of each member row (its label, its fit's log_age_lw); NaN without a term."""
+    out = np.full(label.size, np.nan)
+    for name in np.unique(label):
+        rows = label == name
+        out[rows] = library_term.sigma_library(lib_terms, str(name), age_l[rows])
+    return out
+
+
 def _reduce(label: np.ndarray, node: np.ndarray, value: np.ndarray,
-            sigma: np.ndarray, terms: dict[str, float]) -> pa.Table:
+            sigma: np.ndarray, terms: dict[str, float],
+            sigma_lib: np.ndarray | None = None) -> pa.Table:
     """Statistics of complete (label, node) groups of rows sorted by (label, node, value).
 
     ``terms`` holds each label's :func:`galaxy_term`, added in quadrature to every member's σ
-    (0 for a label without one: no sampled member had a σ to fit it on).
+    (0 for a label without one: no sampled member had a σ to fit it on). ``sigma_lib`` (per
+    row, :mod:`desomdb.science.library_term`) is added in quadrature as well for the total
+    interval; a node with a member without a finite one gets none.
     """
+    if sigma_lib is None:
+        sigma_lib = np.full(label.size, np.nan)
     new = np.ones(label.size, dtype=bool)
     new[1:] = (label[1:] != label[:-1]) | (node[1:] != node[:-1])
     start = np.flatnonzero(new)
@@ -330,6 +354,8 @@ def _reduce(label: np.ndarray, node: np.ndarray, value: np.ndarray,
     g_label = label[start]
     lo68 = np.full(start.size, np.nan)
     hi68 = np.full(start.size, np.nan)
+    lo_total = np.full(start.size, np.nan)
+    hi_total = np.full(start.size, np.nan)
     tau = np.full(start.size, np.nan)
     hist_lo = np.empty(start.size)
     hist_hi = np.empty(start.size)
@@ -348,22 +374,30 @@ def _reduce(label: np.ndarray, node: np.ndarray, value: np.ndarray,
             hists[g] = counts[j].tolist()
         term = terms.get(str(name), 0.0)
         s = np.sqrt(sigma[rows] ** 2 + term**2)
-        known = np.isfinite(s)
-        ok_groups = np.bincount(local, weights=(~known).astype(float), minlength=gsel.size) == 0
-        if ok_groups.any():
-            keep = ok_groups[local]
-            remap = np.cumsum(ok_groups) - 1
-            q = mixture_quantiles(value[rows][keep], s[keep], remap[local[keep]],
-                                  int(ok_groups.sum()), INTERVAL, tol=(hi_e - lo_e) * 1e-9)
-            lo68[gsel[ok_groups]] = q[:, 0]
-            hi68[gsel[ok_groups]] = q[:, 1]
-            tau[gsel[ok_groups]] = term
+        for s_i, lo_out, hi_out in ((s, lo68, hi68),
+                                    (np.sqrt(s**2 + sigma_lib[rows] ** 2), lo_total, hi_total)):
+            known = np.isfinite(s_i)
+            ok_groups = np.bincount(local, weights=(~known).astype(float),
+                                    minlength=gsel.size) == 0
+            if ok_groups.any():
+                keep = ok_groups[local]
+                remap = np.cumsum(ok_groups) - 1
+                q = mixture_quantiles(value[rows][keep], s_i[keep], remap[local[keep]],
+                                      int(ok_groups.sum()), INTERVAL,
+                                      tol=(hi_e - lo_e) * 1e-9)
+                lo_out[gsel[ok_groups]] = q[:, 0]
+                hi_out[gsel[ok_groups]] = q[:, 1]
+                if lo_out is lo68:
+                    tau[gsel[ok_groups]] = term
     return pa.table({
         "node": pa.array(node[start].astype(np.int32)), "label": pa.array(g_label.astype(str)),
         "n": pa.array(n.astype(np.int64)), "median": median, "p16": p16, "p84": p84,
         "mean": mean, "lo68": pa.array(lo68, from_pandas=True),
         "hi68": pa.array(hi68, from_pandas=True),
-        "sigma_galaxy": pa.array(tau, from_pandas=True), "hist_lo": hist_lo, "hist_hi": hist_hi,
+        "sigma_galaxy": pa.array(tau, from_pandas=True),
+        "lo68_total": pa.array(lo_total, from_pandas=True),
+        "hi68_total": pa.array(hi_total, from_pandas=True),
+        "hist_lo": hist_lo, "hist_hi": hist_hi,
         "histogram": pa.array(hists, type=pa.list_(pa.int64())),
     }, schema=SCHEMA)
 
@@ -392,6 +426,7 @@ def node_label_table(archive: str | Archive, model_id: str, where: str = "true")
     try:
         has_errors = bool(arch.files(paths.LABEL_ERRORS))
         terms = galaxy_terms(con, model_id, where) if has_errors else {}
+        lib_terms = library_term.load()
         sql = members_sql(model_id, has_errors, where)
         parts: list[pa.Table] = []
         carry: _Carry | None = None
@@ -402,19 +437,24 @@ def node_label_table(archive: str | Archive, model_id: str, where: str = "true")
             node = batch.column("node").to_numpy()
             value = batch.column("value").to_numpy()
             sigma = batch.column("sigma").to_numpy(zero_copy_only=False).astype(float)
+            sigma_lib = _library_sigma(label, batch.column("age_l").to_numpy(
+                zero_copy_only=False).astype(float), lib_terms)
             if carry is not None:
                 label = np.concatenate([carry.label, label])
                 node = np.concatenate([carry.node, node])
                 value = np.concatenate([carry.value, value])
                 sigma = np.concatenate([carry.sigma, sigma])
+                sigma_lib = np.concatenate([carry.sigma_lib, sigma_lib])
             last = (label == label[-1]) & (node == node[-1])
             tail = int(np.argmax(last))  # rows are grouped, so the last group is a suffix
-            carry = _Carry(label[tail:], node[tail:], value[tail:], sigma[tail:])
+            carry = _Carry(label[tail:], node[tail:], value[tail:], sigma[tail:],
+                           sigma_lib[tail:])
             if tail > 0:
                 parts.append(_reduce(label[:tail], node[:tail], value[:tail], sigma[:tail],
-                                      terms))
+                                      terms, sigma_lib[:tail]))
         if carry is not None:
-            parts.append(_reduce(carry.label, carry.node, carry.value, carry.sigma, terms))
+            parts.append(_reduce(carry.label, carry.node, carry.value, carry.sigma, terms,
+                                 carry.sigma_lib))
     finally:
         con.close()
     return pa.concat_tables(parts) if parts else SCHEMA.empty_table()

@@ -42,7 +42,7 @@ from desomdb.survey import manga
 MIN_GOOD_BINS = 1000
 #: Node statistics returned per label (``<label>_<stat>``): the members' median and 16th/84th
 #: percentiles, and the calibrated 68 % interval (null until 'desomdb calibrate' has run).
-NODE_STATS = ("median", "p16", "p84", "lo68", "hi68")
+NODE_STATS = ("median", "p16", "p84", "lo68", "hi68", "lo68_total", "hi68_total")
 #: Wavelength columns a Parquet file may carry to state its grid.
 WAVE_COLUMNS = ("wave_rest_aa", "wave")
 
@@ -268,8 +268,10 @@ def predict(archive: str | Path, spectra_file: str | Path, model_id: str | None 
     polars.DataFrame
         One row per input spectrum: ``index``, ``node``, ``row``, ``col``, ``distance``,
         ``out_of_distribution``, ``n_good``, ``reason`` and ``<label>_median/_p16/_p84``
-        (the node members' distribution) and ``<label>_lo68/_hi68`` (the calibrated 68 %
-        interval that also carries the fits' own errors, :mod:`desomdb.pipeline.node_labels`).
+        (the node members' distribution), ``<label>_lo68/_hi68`` (the calibrated 68 %
+        interval that also carries the fits' own errors, :mod:`desomdb.pipeline.node_labels`)
+        and ``<label>_lo68_total/_hi68_total`` (the same with the template-library term: for
+        a galaxy whose stars are not the templates').
         Where ``reason`` is set (the spectrum cannot be judged) node, distance and labels
         are null.
 
@@ -314,9 +316,9 @@ def predict(archive: str | Path, spectra_file: str | Path, model_id: str | None 
     if arch.files("node_labels", model_id=model_id):
         nl = pl.from_arrow(arch.read("node_labels", model_id=model_id))
         assert isinstance(nl, pl.DataFrame)
-        if "lo68" not in nl.columns:  # node_labels written before calibrated intervals
-            nl = nl.with_columns(pl.lit(None, pl.Float64).alias("lo68"),
-                                 pl.lit(None, pl.Float64).alias("hi68"))
+        # node_labels written before calibrated (or total) intervals existed
+        nl = nl.with_columns(pl.lit(None, pl.Float64).alias(c) for c in NODE_STATS
+                             if c not in nl.columns)
         wide = nl.pivot(on="label", index="node", values=list(NODE_STATS))
         wide = wide.rename({c: _wide_name(c) for c in wide.columns if c != "node"})
         out = out.join(wide.with_columns(pl.col("node").cast(pl.Int32)), on="node", how="left")
@@ -325,5 +327,6 @@ def predict(archive: str | Path, spectra_file: str | Path, model_id: str | None 
 
 
 def _wide_name(col: str) -> str:
-    stat, label = col.split("_", 1)
-    return f"{label}_{stat}"
+    """``<stat>_<label>`` (polars' pivot) -> ``<label>_<stat>``."""
+    stat = max((s for s in NODE_STATS if col.startswith(s + "_")), key=len)
+    return f"{col[len(stat) + 1:]}_{stat}"

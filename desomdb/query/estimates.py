@@ -22,6 +22,11 @@ node label ``X`` of :data:`desomdb.science.label_catalogue.NODE_LABELS`:
 
   A map value is never presented as a fit. A baxel fitted by more than one fitter uses the
   row the ``labels`` view keeps (sql/labels.sql).
+- ``X_lo68_total``, ``X_hi68_total``: the total interval, for galaxies whose stars are not
+  the templates': each half-width widened in quadrature by the template-library term σ_lib
+  of the label at the baxel's light-weighted age (its fit's, or the map's;
+  :mod:`desomdb.science.library_term`, shipped with the package and written into this
+  view's SQL when it is generated). Null for labels without a measured term (log M*/L_r).
 
 The SQL is generated from the label catalogue (``python -m desomdb.query.estimates`` writes
 ``sql/baxel_estimates.sql``; a test checks the file matches), so a new label appears here
@@ -30,11 +35,12 @@ without editing SQL.
 
 from __future__ import annotations
 
+import math
 import sys
 from importlib import resources
 from pathlib import Path
 
-from desomdb.science import label_catalogue
+from desomdb.science import label_catalogue, library_term
 
 VIEW = "baxel_estimates"
 #: One fit per baxel: its ``status = 'ok'`` labels row (the ``labels`` view keeps one fitter's
@@ -57,6 +63,7 @@ def estimates_sql() -> str:
         f"        sqrt(avg(sigma * sigma) filter (where label = '{x}')) as {x}_fit_sigma"
         for x in labels)
     fit_cols = ",\n".join(f"        l.{x} as {x}_fit" for x in labels)
+    terms = library_term.load()
     out = []
     for x in labels:
         flag = label_catalogue.CUTS.get(x)
@@ -69,7 +76,8 @@ def estimates_sql() -> str:
             f"        case when {fit_ok} then {x}_fit - {x}_fit_sigma when {map_ok} then"
             f" {x}_map_lo68 end as {x}_lo68,\n"
             f"        case when {fit_ok} then {x}_fit + {x}_fit_sigma when {map_ok} then"
-            f" {x}_map_hi68 end as {x}_hi68")
+            f" {x}_map_hi68 end as {x}_hi68,\n"
+            + _total_sql(x, fit_ok, map_ok, terms))
     finals = ",\n".join(out)
     return f"""\
 -- {VIEW}: every baxel's labels under the current model, each from its fit ('fit') or
@@ -143,6 +151,35 @@ final as (
 
 select * from final
 """
+
+
+def _library_sql(label: str, age: str, terms: list[library_term.Term]) -> str:
+    """Return the SQL of σ_lib of ``label`` at light-weighted age ``age`` (null: no term)."""
+    mine = sorted((t for t in terms if t.label == label), key=lambda t: t.age_lo)
+    if not mine:
+        return "null::double"
+
+    def num(v: float) -> str:
+        return repr(float(v)) if math.isfinite(v) else "'inf'::double"
+
+    finite = [t.sigma for t in mine if math.isfinite(t.sigma)]
+    parts = [f"when {age} is null or isnan({age}) then "
+             f"{num(max(finite)) if finite else num(math.inf)}"]
+    parts += [f"when {age} < {num(t.age_hi)} then {num(t.sigma)}" for t in mine[:-1]]
+    return f"case {' '.join(parts)} else {num(mine[-1].sigma)} end"
+
+
+def _total_sql(x: str, fit_ok: str, map_ok: str, terms: list[library_term.Term]) -> str:
+    """Return the SQL of ``x``'s total interval: the statistical one and σ_lib in quadrature."""
+    lib = _library_sql(x, f"(case when {fit_ok} then log_age_lw_fit else log_age_lw_map end)",
+                       terms)
+    fit_half = f"sqrt({x}_fit_sigma * {x}_fit_sigma + lib_{x} * lib_{x})"
+    lo_half = f"sqrt(({x}_map - {x}_map_lo68) * ({x}_map - {x}_map_lo68) + lib_{x} * lib_{x})"
+    hi_half = f"sqrt(({x}_map_hi68 - {x}_map) * ({x}_map_hi68 - {x}_map) + lib_{x} * lib_{x})"
+    return (f"        case when {fit_ok} then {x}_fit - {fit_half} when {map_ok} then"
+            f" {x}_map - {lo_half} end as {x}_lo68_total,\n"
+            f"        case when {fit_ok} then {x}_fit + {fit_half} when {map_ok} then"
+            f" {x}_map + {hi_half} end as {x}_hi68_total").replace(f"lib_{x}", f"({lib})")
 
 
 def sql_path() -> Path:
