@@ -292,3 +292,44 @@ def test_a_member_without_sigma_does_not_drop_the_labels_galaxy_term() -> None:
                                 sig[order], {})
     assert table.column("lo68").null_count == 0
     assert pc.all(pc.equal(table.column("sigma_galaxy"), 0.0)).as_py()
+
+
+@pytest.mark.slow
+def test_total_intervals_add_the_library_term_to_every_member(calibrated, monkeypatch) -> None:
+    from desomdb.science import library_term
+
+    arch, model_id, _ = calibrated
+    edges = library_term.AGE_EDGES
+    terms = [library_term.Term("age_mw_gyr", edges[k], edges[k + 1], s, 10, True)
+             for k, s in enumerate((2.0, 1.0, 0.5))]
+    monkeypatch.setattr(library_term, "load", lambda path=None: terms)
+    table = pl.from_arrow(node_labels.node_label_table(arch, model_id))
+    assert isinstance(table, pl.DataFrame)
+    age = table.filter(pl.col("label") == "age_mw_gyr")
+    assert age["lo68_total"].null_count() == 0
+    assert (age["lo68_total"] <= age["lo68"] + 1e-9).all()
+    assert (age["hi68_total"] >= age["hi68"] - 1e-9).all()
+    assert table.filter(pl.col("label") == "log_ml_r")["lo68_total"].null_count() == \
+        table.filter(pl.col("label") == "log_ml_r").height  # no term: no total interval
+    # Each member's σ is widened by the term of its own fit's light-weighted age.
+    con = views.connect(arch, raw=True)
+    m = con.sql(
+        f"select a.node, l.age_mw_gyr as v, l.log_age_lw as a, b.snr, l.fitter "
+        f"from assignments a join labels l using (release, plateifu, bin_id) "
+        f"join baxels b using (release, plateifu, bin_id) where a.model_id = '{model_id}' "
+        f"and l.status = 'ok' and l.chi2_ok and isfinite(l.age_mw_gyr)").pl()
+    sig = con.sql("select snr_lo, snr_hi, sigma, fitter from label_errors "
+                  "where label = 'age_mw_gyr'").pl()
+    tau = age["sigma_galaxy"][0]
+    s = np.array([sig.filter((pl.col("fitter") == f) & (pl.col("snr_lo") <= x)
+                             & (pl.col("snr_hi") > x))["sigma"][0]
+                  for x, f in zip(m["snr"], m["fitter"], strict=True)])
+    lib = library_term.sigma_library(terms, "age_mw_gyr", m["a"].to_numpy())
+    m = m.with_columns(pl.Series("s", np.sqrt(s**2 + tau**2 + lib**2)))
+    for (node,), g in m.group_by("node"):
+        v, sg = g["v"].to_numpy(), g["s"].to_numpy()
+        row = age.filter(pl.col("node") == node)
+        for col, p in (("lo68_total", 0.16), ("hi68_total", 0.84)):
+            want = optimize.brentq(lambda x, v=v, sg=sg, p=p: stats.norm.cdf((x - v) / sg)
+                                   .mean() - p, -100, 100, xtol=1e-10)
+            assert row[col][0] == pytest.approx(want, abs=1e-6)
