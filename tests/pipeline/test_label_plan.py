@@ -120,6 +120,16 @@ def test_plan_fits_its_baxels_and_the_map_labels_the_rest(planned) -> None:
     assert (~none["in_distribution"] | (none["node_n"].fill_null(0)
                                         < label_catalogue.MIN_NODE_MEMBERS)
             | none["fit_chi2_ok"].is_not_null()).all()
+    # The total interval holds the statistical one and adds the shipped library term; a
+    # label without a measured term (M*/L_r) has none.
+    from desomdb.science import library_term
+
+    both = est.filter(pl.col("log_age_lw_lo68").is_not_null())
+    assert both.height > 0 and library_term.load()
+    widened = both["log_age_lw_lo68"] - both["log_age_lw_lo68_total"]
+    assert (widened > 0.02).all()  # σ_lib of log age_L is ~0.09 dex at every age
+    assert (both["log_age_lw_hi68_total"] > both["log_age_lw_hi68"]).all()
+    assert est["log_ml_r_lo68_total"].is_null().all()
     # Every light-weighted and mass-weighted label has its four columns, all documented.
     for lab in label_catalogue.NODE_LABELS:
         assert {lab, f"{lab}_lo68", f"{lab}_hi68", f"{lab}_source"} <= set(est.columns)
