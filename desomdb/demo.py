@@ -41,10 +41,12 @@ CALIBRATION_PER_BIN = 3
 CALIBRATION_REFITS = 2
 
 EXAMPLE_QUERIES = {
-    "node age intervals: members' p16-p84 and the calibrated lo68-hi68 (Gyr)":
+    "node light-weighted ages (log yr): members' p16-p84, calibrated lo68-hi68, and the "
+    "total interval with the template-library term":
         "select node, n, round(median, 2) as median, round(p16, 2) as p16, round(p84, 2) as p84, "
-        "round(lo68, 2) as lo68, round(hi68, 2) as hi68 from node_labels "
-        "where label = 'age_mw_gyr' and model_id = current_model() order by n desc limit 5",
+        "round(lo68, 2) as lo68, round(hi68, 2) as hi68, round(lo68_total, 2) as lo68_total, "
+        "round(hi68_total, 2) as hi68_total from node_labels "
+        "where label = 'log_age_lw' and model_id = current_model() order by n desc limit 5",
     "labels for every baxel: from its fit or from the map (baxel_estimates)":
         "select coalesce(age_mw_gyr_source, 'none') as source, count(*) as n_baxels, "
         "round(median(age_mw_gyr), 2) as median_age_gyr, "
