@@ -316,7 +316,7 @@ def _quote(value: str | None) -> str:
     return "null" if value is None else "'" + value.replace("'", "''") + "'"
 
 
-def _files_read(text: str) -> list[str]:
+def files_read(text: str) -> list[str]:
     """Return the tables whose committed files a view's SQL reads (``files_<table>``)."""
     return re.findall(r"getvariable\('files_(\w+)'\)", text)
 
@@ -340,7 +340,7 @@ def _create_views(con: duckdb.DuckDBPyConnection, present: set[str],
             con.execute(f"create or replace view {table} as {defs[table]}")
             created.append(table)
     pending = {**deferred, **{k: v for k, v in defs.items() if k not in paths.TABLES
-                              and set(_files_read(v)) <= present}}
+                              and set(files_read(v)) <= present}}
     while pending:
         progressed = False
         for name, text in list(pending.items()):

@@ -271,6 +271,12 @@ def test_a_second_fitter_labels_the_same_baxels_and_views_count_each_once(labell
         assert all(abs(ds) < 3 and abs(da) < 0.03 for ds, da in pairs), pairs
     finally:
         con.close()
+    # The intake catalog's entries read the same way (they inline the views' SQL).
+    from desomdb.query import intake_catalog
+
+    cat = intake_catalog.open_catalog(root)
+    assert cat["labels"].read().pl().height == n_first
+    assert cat["labels_all"].read().pl().height == n_first + n_new
     # The default fitter counts any fitter's labels; the named one only its own.
     assert labels.label(root, workers=1, progress=False).n_cubes == 0
     again = labels.label(root, workers=1, progress=False, fitter=other, max_per_cube=2)
