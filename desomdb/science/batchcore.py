@@ -28,7 +28,6 @@ SIGMA_GAS_RANGE_KMS = (1.0, 1000.0)
 AV_RANGE = (0.0, 4.0)
 
 
-
 @dataclass
 class Templates:
     """A fit set-up's templates and constants as tensors on one device.
@@ -73,7 +72,7 @@ class Templates:
 
 
 def _kernel(tp: Templates, vel: Any, sig: Any) -> Any:
-    """PPXF's Gaussian LOSVD in Fourier space, shape (batch, n_freq); V, σ in km/s."""
+    """Return pPXF's Gaussian LOSVD in Fourier space, shape (batch, n_freq); V, σ in km/s."""
     v_pix = vel / tp.velscale + tp.vsyst
     s_pix = sig / tp.velscale
     return torch.exp(torch.complex(-0.5 * (s_pix[:, None] * tp.omega) ** 2,
