@@ -62,7 +62,7 @@ EXAMPLE_QUERIES = {
         "select round(median(abs(l.log_ml_r - t.log_ml_r)), 3) as log_ml_r, "
         "round(median(abs(l.mh_mw - t.mh_mw)), 3) as mh_mw, "
         "round(median(abs(l.age_mw_gyr - t.age_mw_gyr)), 2) as age_gyr, count(*) as n "
-        "from labels l join truth t using (release, plateifu, bin_id) where l.chi2_ok",
+        "from preferred_labels l join truth t using (release, plateifu, bin_id) where l.chi2_ok",
 }
 
 

@@ -20,7 +20,7 @@ threshold as (
 ),
 
 fits as (
-    select * from labels
+    select * from preferred_labels
     where status = 'ok'
 ),
 

@@ -5,7 +5,7 @@ with all_baxels as (
 ),
 
 fitted as (
-    select * exclude (fitter) from labels
+    select * exclude (fitter) from preferred_labels
 ),
 
 current_assignments as (

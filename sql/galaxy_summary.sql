@@ -10,7 +10,7 @@ with current_galaxies as (
 
 usable_labels as (
     select l.*
-    from labels as l
+    from preferred_labels as l
     inner join latest_cubes as c using (release, plateifu)
     where l.status = 'ok' and l.chi2_ok
 ),

@@ -1,24 +1,20 @@
--- labels: the labels of each baxel, one row per baxel (what every other view, stack, map and
--- export reads). Where more than one fitter labelled a baxel (labels_all has them all) the
--- row kept is a successful fit before a failed one, then by fitter: the reference (ppxf-*),
--- then batch-*, then fast-*, then any other; the newest version of a fitter first
--- (desomdb.science.fitsetup.FITTER_PREFERENCE). With one fitter in the archive (the
--- variable labels_one_fitter, set from the file names) no ranking is done at all.
-with all_fits as (
-    select * from labels_all
+-- labels: the fits' labels per baxel, key (release, plateifu, bin_id, fitter). One archive can
+-- hold labels of more than one fitter for the same baxel (desomdb label --fitter ppxf on an
+-- archive labelled by the default fitter, to compare them); preferred_labels keeps one row
+-- per baxel, and every derived view reads that one. Reads exactly the committed Parquet files (desomdb sets the
+-- variable files_labels from the archive manifest; setup.sql does the same for the DuckDB
+-- CLI). Columns: sql/schema.yml. Columns added later (lsf_source, log_age_lw, mh_lw) read as
+-- their "before" value in rows written earlier: those fits used the nominal LSF and stored
+-- no light-weighted labels.
+with source as (
+    select * from read_parquet(getvariable('files_labels'), hive_partitioning = true, union_by_name = getvariable('union_labels'))
+    union all by name
+    select null::varchar as lsf_source, null::double as log_age_lw, null::double as mh_lw
+    where false
 ),
 
 final as (
-    select * from all_fits
-    qualify getvariable('labels_one_fitter') or row_number() over (
-        partition by release, plateifu, bin_id
-        order by
-            status = 'ok' desc,
-            case split_part(fitter, '-', 1)
-                when 'ppxf' then 0 when 'batch' then 1 when 'fast' then 2 else 3
-            end,
-            fitter desc
-    ) = 1
+    select * replace (coalesce(lsf_source, 'nominal') as lsf_source) from source
 )
 
 select * from final

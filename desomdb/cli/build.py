@@ -158,7 +158,7 @@ def _echo_ingest(report: Any) -> None:
               "cuda); fast: the same stages one baxel at a time; ppxf: the reference single "
               "pPXF fit. Naming a fitter "
               "fits the cubes it has not labelled even where another fitter has (compare them "
-              "in the view labels_all)")
+              "in the view labels; preferred_labels keeps one row per baxel)")
 @click.option("--device", default="cpu", show_default=True,
               help="torch device of --fitter batch. cpu: each of --workers processes fits "
               "its cube in batches of 8 baxels on one thread; cuda: each worker sends whole "

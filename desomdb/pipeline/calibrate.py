@@ -204,7 +204,7 @@ def error_model(results: list[dict[str, Any]], snr: np.ndarray) -> pl.DataFrame:
 def _sample(con: Any, fitter_id: str, per_bin: int, seed: int) -> pl.DataFrame:
     """Pick up to ``per_bin`` baxels labelled by ``fitter_id`` per S/N bin (seeded)."""
     cand = con.sql(
-        "select l.release, l.plateifu, l.bin_id, b.snr, b.norm_flux, g.z from labels_all l "
+        "select l.release, l.plateifu, l.bin_id, b.snr, b.norm_flux, g.z from labels l "
         "semi join latest_cubes c on l.release = c.release and l.plateifu = c.plateifu "
         "join baxels b using (release, plateifu, bin_id) "
         "join galaxies g using (release, plateifu) "
@@ -265,7 +265,7 @@ def calibrate(archive: str | Path, per_bin: int = 8, refits: int = 4, seed: int 
     names = {fid: name for name, fid in fitting.FITTERS.items()}
     con = views.connect(arch.root, raw=True)
     try:
-        present = [r[0] for r in con.sql("select distinct fitter from labels_all order by 1")
+        present = [r[0] for r in con.sql("select distinct fitter from labels order by 1")
                    .fetchall() if r[0] in names]
         samples = {fid: _sample(con, fid, per_bin, seed) for fid in present}
     finally:
@@ -446,7 +446,7 @@ def held_out_intervals(archive: str | Path, model_id: str, held_out: str,
                 f"l.{label}::double as fit, "
                 f"{sigma}::double as sigma from assignments a "
                 "semi join latest_cubes c on a.release = c.release and a.plateifu = c.plateifu "
-                "join labels l using (release, plateifu, bin_id) "
+                "join preferred_labels l using (release, plateifu, bin_id) "
                 "join baxels b using (release, plateifu, bin_id) "
                 "join truth t using (release, plateifu, bin_id) "
                 f"where a.model_id = {quoted} and l.status = 'ok' and l.chi2_ok{cut} "

@@ -257,7 +257,7 @@ def label(
     labels 20 per cube) gets only its missing baxels fitted, merged into its label file; the
     rows it had are kept as they were. With ``fitter`` named, only that fitter's labels count
     (so ``fitter='ppxf'`` on an archive labelled by the default fitter fits every cube again,
-    into files of its own: the ``labels`` view keeps one row per baxel, ``labels_all`` both);
+    into files of its own: ``labels`` has both, ``preferred_labels`` one row per baxel);
     with the default (None), a cube labelled by any fitter counts as done.
 
     Parameters

@@ -122,7 +122,7 @@ def _members_cte(model_id: str, where: str) -> str:
         f"as h, {flags}, {values} "
         f"from assignments a "
         f"semi join latest_cubes c on a.release = c.release and a.plateifu = c.plateifu "
-        f"join labels l on l.release = a.release and l.plateifu = a.plateifu "
+        f"join preferred_labels l on l.release = a.release and l.plateifu = a.plateifu "
         f"and l.bin_id = a.bin_id "
         f"join baxels b on b.release = a.release and b.plateifu = a.plateifu "
         f"and b.bin_id = a.bin_id "

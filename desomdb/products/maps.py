@@ -227,7 +227,8 @@ def _labels(con: views.ReadOnlyConnection, arch: Archive, key: list[str]
     if not arch.has_table("labels"):
         return None
     cols = ", ".join(["bin_id", "chi2_red", "chi2_ok", "ssfr_ok", "bpt_ok", *LABELS])
-    found = con.sql(f"select {cols} from labels where release = $1 and plateifu = $2 and "
+    found = con.sql(f"select {cols} from preferred_labels where release = $1 and plateifu = $2 "
+                    "and "
                     "status = 'ok'", params=key).fetchnumpy()
     return found if len(found["bin_id"]) else None
 

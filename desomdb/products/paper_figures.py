@@ -368,8 +368,9 @@ def fig_accuracy(ctx: Context) -> Any:
     n_cols = -(-len(label_catalogue.ACCURACY) // 2)
     fig, axes = plt.subplots(2, n_cols, figsize=(3.25 * n_cols, 6.4))
     for ax, (label, cut) in zip(axes.ravel(), label_catalogue.ACCURACY.items(), strict=False):
-        df = ctx.con.sql(f"select l.{label} as fit, t.{label} as true from labels l join truth "
-                         f"t using (release, plateifu, bin_id) where l.status = 'ok' and "
+        df = ctx.con.sql(f"select l.{label} as fit, t.{label} as true from preferred_labels l "
+                         f"join truth t using (release, plateifu, bin_id) where l.status = 'ok' "
+                         f"and "
                          f"{cut} and isfinite(l.{label}) and isfinite(t.{label})").pl()
         if df.height == 0:
             ax.set_visible(False)

@@ -21,7 +21,7 @@ node label ``X`` of :data:`desomdb.science.label_catalogue.NODE_LABELS`:
     (``desomdb label --plan`` plans those fits).
 
   A map value is never presented as a fit. A baxel fitted by more than one fitter uses the
-  row the ``labels`` view keeps (sql/labels.sql).
+  row ``preferred_labels`` keeps (sql/preferred_labels.sql).
 - ``X_lo68_total``, ``X_hi68_total``: the total interval, for galaxies whose stars are not
   the templates': each half-width widened in quadrature by the template-library term σ_lib
   of the label at the baxel's light-weighted age (its fit's, or the map's;
@@ -43,10 +43,10 @@ from pathlib import Path
 from desomdb.science import label_catalogue, library_term
 
 VIEW = "baxel_estimates"
-#: One fit per baxel: its ``status = 'ok'`` labels row (the ``labels`` view keeps one fitter's
-#: row per baxel, sql/labels.sql). Also what ``map_labels`` learn from.
+#: One fit per baxel: its ``status = 'ok'`` row of ``preferred_labels`` (one fitter's row per
+#: baxel, sql/preferred_labels.sql). Also what ``map_labels`` learn from.
 FITS_SQL = """\
-    select * from labels
+    select * from preferred_labels
     where status = 'ok'"""
 
 

@@ -60,7 +60,7 @@ def _body(text: str) -> str:
 
 
 def _view_tables(defs: dict[str, str]) -> set[str]:
-    """Tables whose view is built on another view (``labels`` on ``labels_all``)."""
+    """Tables whose view is built on another view (none today; such a view is inlined)."""
     return {t for t in paths.TABLES if t in defs
             and views.view_refs(defs[t], [d for d in defs if d != t])}
 

@@ -145,7 +145,7 @@ def _statements(archive: Archive, model: str | None, relative: bool,
             union = "false" if uniform_schema([records.get(f) for f in files]) else "true"
             stmts.append(f"set variable union_{table} = {union}")
             present.add(table)
-    if "labels" in present:  # one fitter: the labels view needs no ranking (sql/labels.sql)
+    if "labels" in present:  # one fitter: preferred_labels needs no ranking
         fitters = {p[1] for f in tables["labels"]
                    if (p := paths.parse_label_part_name(f.rsplit("/", 1)[-1]))}
         stmts.append(f"set variable labels_one_fitter = {str(len(fitters) <= 1).lower()}")
@@ -331,7 +331,7 @@ def _create_views(con: duckdb.DuckDBPyConnection, present: set[str],
     if defs is None:
         defs = view_sql()
     created = []
-    deferred = {}  # a table's view built on another view (labels on labels_all)
+    deferred = {}  # a table's view built on another view: created with the derived ones
     for table in paths.TABLES:
         if table in present and table in defs:
             if view_refs(defs[table], [d for d in defs if d != table]):

@@ -20,9 +20,21 @@ from desomdb.survey import manga
 #: Fitter name (``--fitter``) -> the fitter id stored in the labels rows (a partition key).
 FITTERS = {"fast": "fast-miuscat-v2", "ppxf": "ppxf-miuscat-v2", "batch": "batch-miuscat-v1"}
 DEFAULT_FITTER = "batch"
-#: Which fitter's row the ``labels`` view keeps when several labelled a baxel (successful
-#: fits first): the reference, then the others (sql/labels.sql spells the same order).
+#: Which fitter's row the ``preferred_labels`` view keeps when several labelled a baxel
+#: (successful fits first): the reference, then the others (sql/preferred_labels.sql spells
+#: the same order).
 FITTER_PREFERENCE = ("ppxf", "batch", "fast")
+
+
+def fitter_order_sql(column: str = "fitter") -> str:
+    """Return the SQL ORDER BY terms that rank one baxel's fits by :data:`FITTER_PREFERENCE`.
+
+    For queries over label files that cannot use the ``preferred_labels`` view (the
+    explorer reads one cube's files); the rows must already be ``status = 'ok'``.
+    """
+    ranks = " ".join(f"when '{name}' then {k}" for k, name in enumerate(FITTER_PREFERENCE))
+    return (f"case split_part({column}, '-', 1) {ranks} else {len(FITTER_PREFERENCE)} end, "
+            f"{column} desc")
 #: Id of the default fitter.
 FITTER = FITTERS[DEFAULT_FITTER]
 SN_MIN = 2.0

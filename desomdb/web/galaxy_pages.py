@@ -14,7 +14,7 @@ import polars as pl
 
 from desomdb.products import maps
 from desomdb.query.views import ReadOnlyConnection
-from desomdb.science import label_catalogue, spectra
+from desomdb.science import fitsetup, label_catalogue, spectra
 from desomdb.web.pages import (
     NO_PARTS,
     CubeParts,
@@ -89,6 +89,7 @@ def galaxy_data(con: ReadOnlyConnection, model: ModelInfo, mangaid: str,
         f"if(l.chi2_ok{'' if flag is None else f' and l.{flag}'}, l.{lab_}, 'nan'::double) "
         f"as {lab_}" for lab_, flag in maps.LABELS.items())
     labelled = has_view(con, "labels")
+    order = fitsetup.fitter_order_sql()
     label_source = ", ".join(dict.fromkeys(  # only the columns used: labels rows are wide
         ["bin_id", "chi2_ok", *maps.LABELS, *(f for f in maps.LABELS.values() if f)]))
     bins = con.sql(
@@ -96,7 +97,10 @@ def galaxy_data(con: ReadOnlyConnection, model: ModelInfo, mangaid: str,
         + ("" if asg != "assignments" else "model_id = ? and release = ? and ")
         + "true), "
         + (f"l as (select {label_source} from {lab} where plateifu = ? and status = 'ok' "
-           + ("" if lab != "labels" else "and release = ? ") + "), " if labelled else "")
+           + ("" if lab != "labels" else "and release = ? ")
+           # one fit per baxel where several fitters labelled the cube (preferred_labels)
+           + f"qualify row_number() over (partition by bin_id order by {order}) = 1), "
+           if labelled else "")
         + f"b as (select bin_id, radius_re, snr from baxels where release = ? and plateifu = ?) "
         f"select b.bin_id, b.radius_re, b.snr, a.node{', ' + label_cols if labelled else ''} "
         "from b left join a using (bin_id) "
@@ -278,11 +282,12 @@ def baxel_data(con: ReadOnlyConnection, model: ModelInfo, release: str, plateifu
             f"if(chi2_ok{'' if flag is None else f' and {flag}'}, {lab}, 'nan'::double)"
             for lab, flag in maps.LABELS.items())
         lab = parts.source("labels", release, plateifu)
+        order = fitsetup.fitter_order_sql()
         fit = (con.sql(f"select {cols} from {lab} where plateifu = ? and bin_id = ? and "
-                       "status = 'ok' order by fitter limit 1", params=[plateifu, bin_id])
+                       f"status = 'ok' order by {order} limit 1", params=[plateifu, bin_id])
                if lab else
                con.sql(f"select {cols} from labels where release = ? and plateifu = ? and "
-                       "bin_id = ? and status = 'ok' order by fitter limit 1",
+                       f"bin_id = ? and status = 'ok' order by {order} limit 1",
                        params=key)).fetchall()
         if fit:
             labels = {lab: float(v) if v is not None else np.nan

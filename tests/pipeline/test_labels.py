@@ -239,7 +239,7 @@ def test_a_second_fitter_labels_the_same_baxels_and_views_count_each_once(labell
     """Seen: 'desomdb label --fitter ppxf' on an archive labelled by the default fitter
     skipped every cube ('already done'), so the default could not be checked against the
     reference on one's own data. Named, a fitter labels what it has not; the views keep one
-    row per baxel (FITTER_PREFERENCE), labels_all has both."""
+    row per baxel (preferred_labels, FITTER_PREFERENCE), labels has both."""
     import shutil
 
     root = tmp_path / "arch"
@@ -259,13 +259,14 @@ def test_a_second_fitter_labels_the_same_baxels_and_views_count_each_once(labell
     preferred = min((first, other), key=fitting.FITTER_PREFERENCE.index)
     con = views.connect(root)
     try:
-        one = dict(con.sql("select fitter, count(*) from labels group by 1").fetchall())
+        one = dict(con.sql("select fitter, count(*) from preferred_labels group by 1")
+                   .fetchall())
         assert sum(one.values()) == n_first  # one row per baxel
         assert one[fitting.FITTERS[preferred]] == (n_new if preferred == other else n_first)
-        assert con.sql("select count(*) from labels_all").fetchall() == [(n_first + n_new,)]
+        assert con.sql("select count(*) from labels").fetchall() == [(n_first + n_new,)]
         pairs = con.sql(
-            "select b.sigma - f.sigma, b.log_age_lw - f.log_age_lw from labels_all b "
-            "join labels_all f using (release, plateifu, bin_id) "
+            "select b.sigma - f.sigma, b.log_age_lw - f.log_age_lw from labels b "
+            "join labels f using (release, plateifu, bin_id) "
             "where b.fitter like 'batch%' and f.fitter like 'fast%'").fetchall()
         assert len(pairs) == n_new
         assert all(abs(ds) < 3 and abs(da) < 0.03 for ds, da in pairs), pairs
@@ -275,8 +276,8 @@ def test_a_second_fitter_labels_the_same_baxels_and_views_count_each_once(labell
     from desomdb.query import intake_catalog
 
     cat = intake_catalog.open_catalog(root)
-    assert cat["labels"].read().pl().height == n_first
-    assert cat["labels_all"].read().pl().height == n_first + n_new
+    assert cat["preferred_labels"].read().pl().height == n_first
+    assert cat["labels"].read().pl().height == n_first + n_new
     # The default fitter counts any fitter's labels; the named one only its own.
     assert labels.label(root, workers=1, progress=False).n_cubes == 0
     again = labels.label(root, workers=1, progress=False, fitter=other, max_per_cube=2)

@@ -20,7 +20,7 @@ from desomdb.query import views
 SQL = Path(__file__).parents[2] / "sql"
 PUBLIC = ["cubes", "galaxies", "baxels", "spectra", "bin_map", "labels", "models", "nodes",
           "assignments", "node_partials", "node_labels", "fingerprints", "splits", "truth",
-          "baxel_labels", "labels_all",
+          "baxel_labels", "preferred_labels",
           "node_summary", "galaxy_fingerprint", "latest_cubes", "poorly_represented", "drift",
           "model_thresholds", "galaxy_summary", "baxel_outliers", "galaxy_outliers",
           "label_errors", "baxel_estimates", "label_plan", "map_labels"]
@@ -407,7 +407,7 @@ def test_labels_written_before_the_lsf_column_read_as_nominal(tmp_path) -> None:
     pq.write_table(pa.table({"plateifu": ["1-2"], "bin_id": [0], "age_mw_gyr": [6.0],
                              "lsf_source": ["cube"], "log_age_lw": [9.5], "mh_lw": [0.0]}),
                    new)
-    text = views.view_sql()["labels_all"]
+    text = views.view_sql()["labels"]
     con = duckdb.connect()
     for files, union in (([old, new], "true"), ([old], "false")):
         con.execute(f"set variable files_labels = {[str(f) for f in files]}")
@@ -420,8 +420,6 @@ def test_labels_written_before_the_lsf_column_read_as_nominal(tmp_path) -> None:
 
 
 def test_the_labels_view_prefers_fitters_in_the_documented_order(tmp_path) -> None:
-    import re
-
     from desomdb.science import fitsetup
 
     # Three fitters' rows of one baxel, and a failed reference fit of another.
@@ -438,13 +436,12 @@ def test_the_labels_view_prefers_fitters_in_the_documented_order(tmp_path) -> No
     con = duckdb.connect()
     con.execute(f"set variable files_labels = {files}")
     con.execute("set variable union_labels = true")
-    con.execute(f"create view labels_all as {defs['labels_all']}")
+    con.execute(f"create view labels as {defs['labels']}")
     con.execute("set variable labels_one_fitter = false")
-    kept = con.sql(f"select bin_id, fitter from ({defs['labels']}) order by 1").fetchall()
+    kept = con.sql(f"select bin_id, fitter from ({defs['preferred_labels']}) order by 1"
+                   ).fetchall()
     assert kept == [(0, "ppxf-miuscat-v2"), (1, "fast-miuscat-v2"), (2, "fast-miuscat-v2")]
 
-    text = views.view_sql()["labels"]
-    ranked = re.findall(r"when '(\w+)' then (\d)", text)
-    assert [name for name, _ in sorted(ranked, key=lambda r: int(r[1]))] == list(
-        fitsetup.FITTER_PREFERENCE)
+    text = views.view_sql()["preferred_labels"]
+    assert f"order by status = 'ok' desc, {fitsetup.fitter_order_sql()}" in text
     assert set(fitsetup.FITTER_PREFERENCE) == set(fitsetup.FITTERS)
