@@ -329,8 +329,8 @@ def fit_spectra(
     options = options or FitOptions()
     name = fitter_name(fitter)
     if name != "batch":
-        return [fit_spectrum(flux[i], ivar[i], mask[i], float(norm_flux[i]), z, gate,
-                             options, name, lsf_sigma_aa) for i in range(len(flux))]
+        return [_fit_one(flux[i], ivar[i], mask[i], float(norm_flux[i]), z, gate, options,
+                         name, lsf_sigma_aa) for i in range(len(flux))]
     if options.mdegree > 0:
         raise ConfigError(f"FitOptions(mdegree={options.mdegree}) needs the reference fitter: "
                           "use --fitter ppxf (fitter='ppxf')")
@@ -352,6 +352,20 @@ def fit_spectra(
             chunk = todo[start:start + size]
             _fit_chunk(chunk, rows, setup, z, norm_flux, options, gate, device)
     return rows
+
+
+def _fit_one(flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray, norm_flux: float, z: float,
+             gate: emission.LineGate, options: FitOptions, fitter: str,
+             lsf_sigma_aa: np.ndarray | None) -> dict[str, Any]:
+    """Return :func:`fit_spectrum`'s row, or a failed row saying why: one bad fit is recorded."""
+    try:
+        return fit_spectrum(flux, ivar, mask, norm_flux, z, gate, options, fitter, lsf_sigma_aa)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        row = empty_row()
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        return row
 
 
 def _fit_chunk(chunk: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]],

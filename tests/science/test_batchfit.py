@@ -155,3 +155,21 @@ def test_the_gpu_benchmark_fits_from_saved_arrays_without_the_package(tmp_path) 
                                rtol=1e-8, atol=1e-12)
     if not torch.cuda.is_available():
         assert bench.run_fitter(tmp_path, "cuda", (8,))["batch_fitter"].startswith("not run")
+
+
+def test_one_failing_fit_of_the_other_fitters_is_recorded_and_the_rest_land(monkeypatch) -> None:
+    spec = [_spectrum(c) for c in _CASES[:2]]
+    flux, ivar, mask = (np.array([s[k] for s in spec]) for k in range(3))
+    real = fitting._fit_fast
+    calls: list[int] = []
+
+    def first_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise np.linalg.LinAlgError("singular")
+        return real(*args, **kwargs)
+
+    monkeypatch.setitem(fitting._FITS, "fast", first_fails)
+    rows = fitting.fit_spectra(flux, ivar, mask, np.ones(2), 0.03, fitter="fast")
+    assert [r["status"] for r in rows] == ["failed", "ok"]
+    assert rows[0]["error"] == "LinAlgError: singular"
