@@ -222,7 +222,7 @@ def test_fast_linear_fit_matches_pixels_of_ppxf() -> None:
     np.testing.assert_allclose(ours.gas_flux_error, ref.gas_flux_error, rtol=1e-6)
 
 
-def test_fast_fitter_limits_threads_and_rejects_a_polynomial(monkeypatch) -> None:
+def test_fast_and_batch_fitters_limit_threads_and_reject_a_polynomial(monkeypatch) -> None:
     from threadpoolctl import threadpool_info, threadpool_limits
 
     flux, ivar, mask = _constructed("miuscat", 2.5, 10.0, 3.5, 30.0, seed=1)
@@ -248,10 +248,16 @@ def test_fast_fitter_limits_threads_and_rejects_a_polynomial(monkeypatch) -> Non
 
     monkeypatch.setattr(gas, "measure_lines", lines_spy)
     with threadpool_limits(2, user_api="blas"):
-        row = fitting.fit_spectrum(flux, ivar, mask, 1.0, 0.03)
+        row = fitting.fit_spectrum(flux, ivar, mask, 1.0, 0.03, fitter="fast")
     assert row["status"] == "ok" and seen and set(seen) == {1}
     assert in_lines and set(in_lines) == {1}
-    with pytest.raises(ConfigError, match="--fitter ppxf"):
-        fitting.fit_spectrum(flux, ivar, mask, 1.0, 0.03, options=fitting.FitOptions(mdegree=4))
+    in_lines.clear()
+    with threadpool_limits(2, user_api="blas"):  # the batched fitter derives its lines so too
+        row = fitting.fit_spectrum(flux, ivar, mask, 1.0, 0.03, fitter="batch")
+    assert row["status"] == "ok" and in_lines and set(in_lines) == {1}
+    for fitter in ("fast", "batch"):
+        with pytest.raises(ConfigError, match="--fitter ppxf"):
+            fitting.fit_spectrum(flux, ivar, mask, 1.0, 0.03, fitter=fitter,
+                                 options=fitting.FitOptions(mdegree=4))
     with pytest.raises(ConfigError, match="unknown fitter"):
         fitting.fit_spectrum(flux, ivar, mask, 1.0, 0.03, fitter="nope")
