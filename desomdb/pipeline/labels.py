@@ -323,7 +323,13 @@ def label(
                        device=device)
         for rel in releases:
             _plan_release(arch, rel, plan, report, req)
-        tasks, targets, replaced, names = plan.tasks, plan.targets, plan.replaced, plan.names
+        # Largest cubes first: the last tasks of a job are then small, and no core idles
+        # long while one big cube finishes (bench_labels, 8 mock cubes: 16.2 -> 17.3 fits/s).
+        order = sorted(range(len(plan.tasks)), key=lambda i: -len(plan.tasks[i].baxels))
+        tasks = [plan.tasks[i] for i in order]
+        targets = [plan.targets[i] for i in order]
+        replaced = [plan.replaced[i] for i in order]
+        names = [plan.names[i] for i in order]
 
         def on_result(i: int, staged: str) -> None:
             old = replaced[i]
