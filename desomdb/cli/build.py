@@ -216,8 +216,8 @@ def label(archive: Path, release: str | None, workers: int, scheduler: str | Non
                                   gate=gate, fitter=fitter, device=device)
     rate = report.n_fits / report.fit_seconds if report.fit_seconds else 0.0
     click.echo(f"{report.n_cubes} cubes labelled, {report.n_skipped_cubes} already done; "
-               f"{report.n_fits} baxels in labels ({report.n_failed_fits} failed fits; "
-               f"{rate:.2f} fits/s per core)")
+               f"{report.n_fits} baxels in labels by this fitter ({report.n_failed_fits} failed "
+               f"fits; {rate:.2f} fits/s per core)")
     for plateifu, error in report.failed_cubes:
         click.echo(f"  failed {plateifu}: {error}", err=True)
     if report.failed_cubes:

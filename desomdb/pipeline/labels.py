@@ -226,7 +226,11 @@ def _sample(group: pl.DataFrame, have: set[int], max_per_cube: int) -> pl.DataFr
 
 @dataclass
 class LabelReport:
-    """Outcome of a labelling job."""
+    """Outcome of a labelling job.
+
+    ``n_fits``, ``n_failed_fits`` and ``fit_seconds`` count the archive's labels rows of the
+    job's fitter (other fitters' rows of the same baxels are not counted).
+    """
 
     n_cubes: int = 0
     n_skipped_cubes: int = 0
@@ -344,8 +348,11 @@ def label(
     for rel in releases:
         if not arch.files("labels", release=rel):
             continue
-        lab = pl.from_arrow(arch.read("labels", columns=["status", "fit_seconds"], release=rel))
-        report.n_fits += lab.height  # type: ignore[union-attr]
-        report.n_failed_fits += int((lab["status"] == "failed").sum())  # type: ignore[index]
-        report.fit_seconds += float(lab["fit_seconds"].sum())  # type: ignore[index]
+        read = pl.from_arrow(arch.read("labels", columns=["status", "fit_seconds", "fitter"],
+                                       release=rel))
+        assert isinstance(read, pl.DataFrame)
+        lab = read.filter(pl.col("fitter") == fitting.FITTERS[name_of_fitter])
+        report.n_fits += lab.height
+        report.n_failed_fits += int((lab["status"] == "failed").sum())
+        report.fit_seconds += float(lab["fit_seconds"].sum())
     return report

@@ -253,6 +253,7 @@ def test_a_second_fitter_labels_the_same_baxels_and_views_count_each_once(labell
                                        other, "--label-max-per-cube", "2"])
     assert result.exit_code == 0, result.output
     assert "2 cubes labelled, 0 already done" in result.output
+    assert f"{n_new} baxels in labels by this fitter" in result.output  # not the other's
     raw = _frame(Archive(root).read("labels"))
     counts = dict(raw.group_by("fitter").len().iter_rows())
     assert counts == {fitting.FITTERS[first]: n_first, fitting.FITTERS[other]: n_new}
