@@ -59,24 +59,9 @@ def _body(text: str) -> str:
                                                    "getvariable('model')").strip()
 
 
-def _view_tables(defs: dict[str, str]) -> set[str]:
-    """Tables whose view is built on another view (none today; such a view is inlined)."""
-    return {t for t in paths.TABLES if t in defs
-            and views.view_refs(defs[t], [d for d in defs if d != t])}
-
-
-def _release_filtered(text: str) -> str:
-    """Return a view's body, filtered by release where it reads a release table's files."""
-    body = _body(text)
-    if set(views.files_read(text)) & set(paths.RELEASE_TABLES):
-        return f"select * from ({body}) where release like getvariable('release')"
-    return body
-
-
 def _derived_query(text: str, defs: dict[str, str]) -> str:
     """Inline every table and view a view reads as CTEs (dependencies first)."""
-    on_views = _view_tables(defs)
-    derived = {k: v for k, v in defs.items() if k not in paths.TABLES or k in on_views}
+    derived = {k: v for k, v in defs.items() if k not in paths.TABLES}
     order: list[str] = []
 
     def visit(name: str) -> None:
@@ -89,12 +74,10 @@ def _derived_query(text: str, defs: dict[str, str]) -> str:
     for dep in views.view_refs(text, derived):
         visit(dep)
     texts = [text, *(derived[d] for d in order)]
-    used = [t for t in paths.TABLES if t not in on_views
-            and any(views.view_refs(x, [t]) for x in texts)]
+    used = [t for t in paths.TABLES if any(views.view_refs(x, [t]) for x in texts)]
     ctes = [f"{t} as ({_base_query(t)})" for t in used]
-    ctes += [f"{d} as ({_release_filtered(derived[d])})" for d in order]
-    main = _release_filtered(text)
-    return ("with " + ",\n".join(ctes) + "\n" if ctes else "") + f"select * from ({main})"
+    ctes += [f"{d} as ({_body(derived[d])})" for d in order]
+    return "with " + ",\n".join(ctes) + f"\nselect * from ({_body(text)})"
 
 
 def releases(archive: Archive) -> list[str]:
@@ -174,8 +157,7 @@ class ArchiveSQL(BaseReader):
             files = [str(arch.root / f) for f in committed.get(table, [])]
             if files:
                 con.execute(f"set variable files_{table} = ?", [files])
-                con.execute(f"set variable union_{table} = true")
-        # One row per baxel even with several fitters' labels (sql/labels.sql ranks them).
+        # One row per baxel even with several fitters' labels (preferred_labels ranks them).
         con.execute("set variable labels_one_fitter = false")
         sandbox(con, [arch.root])
         return views.ReadOnlyConnection(con).sql(data.query)
@@ -200,10 +182,8 @@ def build_catalog() -> Any:
                   "columns": "sql/schema.yml"},
     )
     defs = views.view_sql()
-    on_views = _view_tables(defs)
     for name, text in sorted(defs.items()):
-        query = (_base_query(name) if name in paths.TABLES and name not in on_views
-                 else _derived_query(text, defs))
+        query = _base_query(name) if name in paths.TABLES else _derived_query(text, defs)
         cat[name] = ArchiveSQL(SQLQuery(conn=":memory:", query=query),
                                archive_path="{archive}", release_pattern="{release}",
                                model_choice="{model}")

@@ -316,11 +316,6 @@ def _quote(value: str | None) -> str:
     return "null" if value is None else "'" + value.replace("'", "''") + "'"
 
 
-def files_read(text: str) -> list[str]:
-    """Return the tables whose committed files a view's SQL reads (``files_<table>``)."""
-    return re.findall(r"getvariable\('files_(\w+)'\)", text)
-
-
 def _create_views(con: duckdb.DuckDBPyConnection, present: set[str],
                   defs: dict[str, str] | None = None) -> list[str]:
     """Create base views for present tables, derived views and macros whose inputs exist.
@@ -331,16 +326,11 @@ def _create_views(con: duckdb.DuckDBPyConnection, present: set[str],
     if defs is None:
         defs = view_sql()
     created = []
-    deferred = {}  # a table's view built on another view: created with the derived ones
     for table in paths.TABLES:
         if table in present and table in defs:
-            if view_refs(defs[table], [d for d in defs if d != table]):
-                deferred[table] = defs[table]
-                continue
             con.execute(f"create or replace view {table} as {defs[table]}")
             created.append(table)
-    pending = {**deferred, **{k: v for k, v in defs.items() if k not in paths.TABLES
-                              and set(files_read(v)) <= present}}
+    pending = {k: v for k, v in defs.items() if k not in paths.TABLES}
     while pending:
         progressed = False
         for name, text in list(pending.items()):
