@@ -343,9 +343,10 @@ def fit_spectra(
             todo.append((i, *prepared))
     if not todo:
         return rows
-    setup = _setup_for(rows[todo[0][0]], z, lsf_sigma_aa)
+    source: dict[str, Any] = {}  # one cube: one template set and one lsf_source
+    setup = _setup_for(source, z, lsf_sigma_aa)
     for i, *_ in todo:
-        rows[i]["lsf_source"] = rows[todo[0][0]]["lsf_source"]
+        rows[i]["lsf_source"] = source["lsf_source"]
     with threadpool_limits(1), batchfit.torch_threads(1):
         size = batchfit.batch_size(device)
         for start in range(0, len(todo), size):
