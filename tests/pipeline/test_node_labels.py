@@ -133,12 +133,33 @@ def test_error_model_pools_squared_differences_per_snr_bin() -> None:
 
 
 def _members(con, label: str, model_id: str) -> pl.DataFrame:
+    """Node members of ``label``: node, value v, the fit's log_age_lw a, snr, fitter."""
     cut = f" and l.{label_catalogue.CUTS[label]}" if label in label_catalogue.CUTS else ""
-    return con.sql(f"select a.node, l.{label} as v, b.snr, l.fitter from assignments a "
-                   "join labels l using (release, plateifu, bin_id) "
+    return con.sql(f"select a.node, l.{label} as v, l.log_age_lw as a, b.snr, l.fitter "
+                   "from assignments a join preferred_labels l using (release, plateifu, bin_id) "
                    "join baxels b using (release, plateifu, bin_id) "
                    f"where a.model_id = '{model_id}' and l.status = 'ok' and l.chi2_ok{cut} "
                    f"and isfinite(l.{label})").pl()
+
+
+def _fit_sigma(con, m: pl.DataFrame, label: str) -> np.ndarray:
+    """The error model's σ of ``label`` for each member (its fitter and S/N bin)."""
+    sig = con.sql("select snr_lo, snr_hi, sigma, fitter from label_errors "
+                  f"where label = '{label}'").pl()
+    return np.array([sig.filter((pl.col("fitter") == f) & (pl.col("snr_lo") <= x)
+                                & (pl.col("snr_hi") > x))["sigma"][0]
+                     for x, f in zip(m["snr"], m["fitter"], strict=True)])
+
+
+def _assert_mixture_quantiles(nl: pl.DataFrame, m: pl.DataFrame, lo: str, hi: str) -> None:
+    """Each node's ``lo``/``hi`` are the 16th/84th percentiles of N(v, s²) over its members."""
+    for (node,), g in m.group_by("node"):
+        v, sg = g["v"].to_numpy(), g["s"].to_numpy()
+        row = nl.filter(pl.col("node") == node)
+        for col, p in ((lo, 0.16), (hi, 0.84)):
+            want = optimize.brentq(lambda x, v=v, sg=sg, p=p: stats.norm.cdf((x - v) / sg)
+                                   .mean() - p, -100, 100, xtol=1e-10)
+            assert row[col][0] == pytest.approx(want, abs=1e-6)
 
 
 def test_statistics_match_numpy_and_do_not_depend_on_the_batch_size(
@@ -195,19 +216,9 @@ def test_calibrate_writes_the_error_model_and_intervals(calibrated) -> None:
     tau = nl["sigma_galaxy"].unique().to_list()
     assert len(tau) == 1 and tau[0] >= 0
     m = _members(con, "age_mw_gyr", model_id)
-    sig = con.sql("select snr_lo, snr_hi, sigma, fitter from label_errors "
-                  "where label = 'age_mw_gyr'").pl()
-    s = np.array([sig.filter((pl.col("fitter") == f) & (pl.col("snr_lo") <= x)
-                             & (pl.col("snr_hi") > x))["sigma"][0]
-                  for x, f in zip(m["snr"], m["fitter"], strict=True)])
+    s = _fit_sigma(con, m, "age_mw_gyr")
     m = m.with_columns(pl.Series("s", np.sqrt(s**2 + tau[0] ** 2)))
-    for (node,), g in m.group_by("node"):
-        v, sg = g["v"].to_numpy(), g["s"].to_numpy()
-        row = nl.filter(pl.col("node") == node)
-        for col, p in (("lo68", 0.16), ("hi68", 0.84)):
-            want = optimize.brentq(lambda x, v=v, sg=sg, p=p: stats.norm.cdf((x - v) / sg)
-                                   .mean() - p, -100, 100, xtol=1e-10)
-            assert row[col][0] == pytest.approx(want, abs=1e-6)
+    _assert_mixture_quantiles(nl, m, "lo68", "hi68")
 
 
 def test_coverage_of_held_out_truth_is_measured(calibrated) -> None:
@@ -313,23 +324,9 @@ def test_total_intervals_add_the_library_term_to_every_member(calibrated, monkey
         table.filter(pl.col("label") == "log_ml_r").height  # no term: no total interval
     # Each member's σ is widened by the term of its own fit's light-weighted age.
     con = views.connect(arch, raw=True)
-    m = con.sql(
-        f"select a.node, l.age_mw_gyr as v, l.log_age_lw as a, b.snr, l.fitter "
-        f"from assignments a join labels l using (release, plateifu, bin_id) "
-        f"join baxels b using (release, plateifu, bin_id) where a.model_id = '{model_id}' "
-        f"and l.status = 'ok' and l.chi2_ok and isfinite(l.age_mw_gyr)").pl()
-    sig = con.sql("select snr_lo, snr_hi, sigma, fitter from label_errors "
-                  "where label = 'age_mw_gyr'").pl()
-    tau = age["sigma_galaxy"][0]
-    s = np.array([sig.filter((pl.col("fitter") == f) & (pl.col("snr_lo") <= x)
-                             & (pl.col("snr_hi") > x))["sigma"][0]
-                  for x, f in zip(m["snr"], m["fitter"], strict=True)])
+    m = _members(con, "age_mw_gyr", model_id)
+    s = _fit_sigma(con, m, "age_mw_gyr")
     lib = library_term.sigma_library(terms, "age_mw_gyr", m["a"].to_numpy())
+    tau = age["sigma_galaxy"][0]
     m = m.with_columns(pl.Series("s", np.sqrt(s**2 + tau**2 + lib**2)))
-    for (node,), g in m.group_by("node"):
-        v, sg = g["v"].to_numpy(), g["s"].to_numpy()
-        row = age.filter(pl.col("node") == node)
-        for col, p in (("lo68_total", 0.16), ("hi68_total", 0.84)):
-            want = optimize.brentq(lambda x, v=v, sg=sg, p=p: stats.norm.cdf((x - v) / sg)
-                                   .mean() - p, -100, 100, xtol=1e-10)
-            assert row[col][0] == pytest.approx(want, abs=1e-6)
+    _assert_mixture_quantiles(age, m, "lo68_total", "hi68_total")
