@@ -22,7 +22,7 @@ batched fitter), runs ``desomdb calibrate`` there if it has no error model (the 
   library dominates.
 
 ``--write`` stores the shipped term in ``desomdb/data/library_term.json`` with this run's
-provenance. Goals (issue 37): statistical 68 ± 5 % on MIUSCAT, total ≥ 63 % on BC03 and
+provenance. Goals: statistical 68 ± 5 % on MIUSCAT, total ≥ 63 % on BC03 and
 MaStar.
 
 Labels compared like with like: light-weighted age and [M/H] on every library;
