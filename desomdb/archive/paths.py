@@ -44,7 +44,7 @@ LAST_JOB = "_last_job.json"
 
 #: Tables partitioned by data release.
 RELEASE_TABLES = ("cubes", "galaxies", "baxels", "spectra", "bin_map", "truth", "labels",
-                  "label_errors")
+                  "label_errors", "images")
 #: Tables partitioned by model id.
 MODEL_TABLES = ("models", "nodes", "assignments", "node_labels", "fingerprints", "splits",
                 "node_partials", "label_plan", "map_labels")
@@ -57,6 +57,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "spectra": ("release", "plateifu", "bin_id"),
     "bin_map": ("release", "plateifu", "x", "y"),
     "truth": ("release", "plateifu", "bin_id"),
+    "images": ("release", "plateifu", "band"),
     "labels": ("release", "plateifu", "bin_id", "fitter"),
     "label_errors": ("release", "fitter", "label", "snr_lo"),
     "models": ("model_id",),

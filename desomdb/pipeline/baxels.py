@@ -20,7 +20,7 @@ from desomdb.errors import InputDataError
 from desomdb.pipeline.jobs import IngestConfig
 from desomdb.science import binning, dust, geometry, sidecar, spectra
 from desomdb.survey import manga
-from desomdb.survey.cube import Cube
+from desomdb.survey.cube import IMAGE_HDUS, Cube
 
 #: Redshifts (exclusive, inclusive) for which the LOGCUBE's observed 3621.6-10353.8 Å
 #: covers the rest-frame 3650-8950 Å grid.
@@ -28,7 +28,7 @@ Z_MIN, Z_MAX = 0.0, 10353.8 / 8950.0 - 1
 
 @dataclass
 class CubeTables:
-    """The rows one cube contributes: baxels, spectra, bin_map (and truth for mocks)."""
+    """The rows one cube contributes: baxels, spectra, bin_map, images (and truth for mocks)."""
 
     n_spaxels: int
     baxels: pa.Table
@@ -36,6 +36,7 @@ class CubeTables:
     bin_map: pa.Table
     truth: pa.Table | None
     binning_method: str
+    images: pa.Table | None = None
 
 
 def process_cube(
@@ -159,7 +160,28 @@ def process_cube(
         agg = sidecar.aggregate(spaxel_truth, pl.from_arrow(bin_map),  # type: ignore[arg-type]
                                 truth_rules)
         truth_table = agg.with_columns(pl.lit(cube.plateifu).alias("plateifu")).to_arrow()
-    return CubeTables(int(covered.sum()), baxels, spec, bin_map, truth_table, bins.method)
+    return CubeTables(int(covered.sum()), baxels, spec, bin_map, truth_table, bins.method,
+                      image_rows(cube))
+
+
+def image_rows(cube: Cube) -> pa.Table | None:
+    """Return the cube's broad-band images as ``images`` rows (one per band), or None.
+
+    Columns: ``plateifu, band, n_x, n_y, image`` (float32[n_y * n_x], row-major ``[y, x]``,
+    nanomaggies per spaxel, as the DRP's GIMG..ZIMG; non-finite values kept as NaN).
+    """
+    if not cube.images:
+        return None
+    bands = [b for b in IMAGE_HDUS.values() if b in cube.images]
+    n_y, n_x = cube.shape
+    return pa.table({
+        "plateifu": pa.array([cube.plateifu] * len(bands)),
+        "band": pa.array(bands),
+        "n_x": pa.array([n_x] * len(bands), pa.int16()),
+        "n_y": pa.array([n_y] * len(bands), pa.int16()),
+        "image": pa.array([np.asarray(cube.images[b], np.float32).ravel() for b in bands],
+                          pa.list_(pa.float32())),
+    })
 
 
 def check_identity(cube: Cube, plateifu: str, drp: dict[str, Any] | None,

@@ -127,14 +127,14 @@ def carry_cubes(writer: Writer, release: str, outcomes: Sequence[dict[str, Any]]
                 linked[part[0]].append(StagedFile(
                     table, paths.release_file(table, release, f.name), unit / f"{table}-{f.name}"))
         narrow = {table: _split_by_cube(arch.read(table, filter=only, release=src))
-                  for table in ("baxels", "bin_map", "truth", "cubes")
+                  for table in ("baxels", "bin_map", "truth", "images", "cubes")
                   if arch.files(table, release=src)}
         for i in idx:
             o = outcomes[i]
             plateifu = o["plateifu"]
             name = paths.cube_part_name(plateifu, o["checksum"])
             staged = list(linked[plateifu])
-            for table in ("baxels", "bin_map", "truth"):
+            for table in ("baxels", "bin_map", "truth", "images"):
                 rows = narrow.get(table, {}).get(plateifu)
                 if rows is not None and rows.num_rows:
                     staged.append(writer.stage_table(

@@ -42,7 +42,7 @@ from desomdb.survey.cube import read_cube
 DRPALL_COLUMNS = ("plateifu", "mangaid", "objra", "objdec", "z", "nsa_z", "nsa_sersic_n",
                   "nsa_elpetro_ba", "nsa_elpetro_phi", "nsa_elpetro_th50_r",
                   "nsa_elpetro_mass", "drp3qual", "mngtarg1")
-NARROW_TABLES = ("cubes", "baxels", "bin_map", "truth")
+NARROW_TABLES = ("cubes", "baxels", "bin_map", "truth", "images")
 
 
 def find_cubes(spec: str | Path) -> list[Path]:
@@ -221,7 +221,7 @@ def _one_cube(item: CubeInput, task: IngestTask, truth_all: pl.DataFrame | None,
     unit = paths.staged_cube_dir(Path(task.staging), cube.plateifu, checksum)
     unit.mkdir(parents=True, exist_ok=True)
     files = {}
-    for name in ("baxels", "spectra", "bin_map", "truth"):
+    for name in ("baxels", "spectra", "bin_map", "truth", "images"):
         table = getattr(tables, name)
         if table is None:
             continue

@@ -4,7 +4,7 @@ Units are astropy unit strings (``u.Unit(text)`` parses them, with
 :mod:`astropy.cosmology.units` enabled for ``littleh``). Logarithmic quantities carry
 ``dex`` units (``dex(solMass / solLum)``), which neither the FITS nor the VOUnit standard
 can express. FITS files get no ``TUNITn``/``BUNIT`` for them, nor for other units outside
-the FITS standard (``littleh``), since astropy would warn on every read: :func:`fits_unit`
+the FITS standard (``littleh``; SDSS's ``nanomaggy``, 3.631e-6 Jy), since astropy would warn on every read: :func:`fits_unit`
 returns None and :func:`unit_note` gives the text the column's comment carries instead,
 with the unit in the CDS convention that VizieR and TOPCAT use (``[solMass/solLum]``; a
 bare ``dex``, a logarithmic ratio such as [M/H], as ``dex``). VOTables keep them as units
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import duckdb
 import yaml
@@ -55,15 +55,29 @@ class ColumnDoc:
 
 
 @cache
-def view_docs() -> dict[str, dict[str, ColumnDoc]]:
-    """Every documented view (and table macro) -> column name -> :class:`ColumnDoc`."""
+def _spec() -> dict[str, Any]:
     text = resources.files("desomdb.sql").joinpath("schema.yml").read_text()
-    spec = yaml.safe_load(text)
+    return cast(dict[str, Any], yaml.safe_load(text))
+
+
+@cache
+def view_docs() -> dict[str, dict[str, ColumnDoc]]:
+    """Every documented view (and table macro) -> column name -> :class:`ColumnDoc`.
+
+    In ``schema.yml``'s order: views, then macros.
+    """
     out: dict[str, dict[str, ColumnDoc]] = {}
     for section in ("views", "macros"):
-        for view, body in (spec.get(section) or {}).items():
+        for view, body in (_spec().get(section) or {}).items():
             out[view] = {name: _doc(value) for name, value in body["columns"].items()}
     return out
+
+
+@cache
+def view_descriptions() -> dict[str, str]:
+    """Every documented view (and table macro) -> its one-line description."""
+    return {view: str(body.get("description", "")) for section in ("views", "macros")
+            for view, body in (_spec().get(section) or {}).items()}
 
 
 def _doc(value: Any) -> ColumnDoc:

@@ -63,7 +63,7 @@ def _file_list(files: list[str]) -> str:
 #: The command that writes each table, for messages about a view whose inputs are missing.
 WRITTEN_BY = {
     "cubes": "desomdb ingest", "galaxies": "desomdb ingest", "baxels": "desomdb ingest",
-    "spectra": "desomdb ingest", "bin_map": "desomdb ingest",
+    "spectra": "desomdb ingest", "bin_map": "desomdb ingest", "images": "desomdb ingest",
     "truth": "desomdb ingest of a mock survey", "labels": "desomdb label",
     "label_errors": "desomdb calibrate", "models": "desomdb train",
     "splits": "desomdb train", "assignments": "desomdb assign", "nodes": "desomdb assign",

@@ -90,6 +90,7 @@ Fit set-up and conventions
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -125,9 +126,11 @@ __all__ = [
     "LINE_KEYS",
     "MIN_GOOD_PIXELS",
     "SN_MIN",
+    "FitModel",
     "FitOptions",
     "FitSetup",
     "empty_row",
+    "fit_model",
     "fit_setup",
     "fit_spectra",
     "fit_spectrum",
@@ -241,21 +244,83 @@ def fit_spectrum(
     if name == "batch":
         return fit_spectra(flux[None], ivar[None], mask[None], np.array([norm_flux]), z,
                            gate, options, name, lsf_sigma_aa)[0]
-    fit_stages = _FITS[name]
+    return fit_model(flux, ivar, mask, norm_flux, z, gate, options, name, lsf_sigma_aa).row
+
+
+@dataclass(frozen=True)
+class FitModel:
+    """One spectrum's fit as curves over the data (what the explorer draws).
+
+    All arrays have shape (4544,) on the archive's rest-frame grid, in the fit's units: flux
+    divided by ``norm_flux``.
+
+    Attributes
+    ----------
+    row : dict
+        The labels row (:func:`fit_spectrum`'s).
+    fitter : str
+        The fitter name (a key of :data:`FITTERS`).
+    galaxy : ndarray
+        The normalised spectrum, NaN where not fitted.
+    stars : ndarray or None
+        The stellar continuum (reddened templates at the fitted kinematics); None when the
+        spectrum was not fitted (``row['status']`` says why).
+    gas : ndarray or None
+        The emission-line model (sum of the gas templates).
+    good : ndarray of bool
+        The bins the fit used.
+    """
+
+    row: dict[str, Any]
+    fitter: str
+    galaxy: np.ndarray
+    stars: np.ndarray | None
+    gas: np.ndarray | None
+    good: np.ndarray
+
+
+def fit_model(
+    flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray, norm_flux: float, z: float,
+    gate: emission.LineGate | None = None, options: FitOptions | None = None,
+    fitter: str | None = None, lsf_sigma_aa: np.ndarray | None = None,
+) -> FitModel:
+    """Fit one spectrum as :func:`fit_spectrum` does; return its labels and model curves.
+
+    The ``batch`` fitter fits a batch of one on the CPU. Parameters as :func:`fit_spectrum`.
+
+    Returns
+    -------
+    FitModel
+    """
+    from desomdb.science import batchfit
+
+    gate = gate or emission.LineGate()
+    options = options or FitOptions()
+    name = fitter_name(fitter)
+    if name == "batch":
+        _batch_options(options)
     t0 = time.perf_counter()
     row, prepared = _prepare(flux, ivar, mask, norm_flux)
     if prepared is None:
-        return row
+        nothing = np.full(np.shape(flux), np.nan)
+        return FitModel(row, name, nothing, None, None, np.zeros(np.shape(flux), bool))
     galaxy, noise, good = prepared
     setup = _setup_for(row, z, lsf_sigma_aa)
     # One BLAS thread on every path, for the fit and for what is derived from it (the
     # line-flux errors' SVD is evaluated lazily in gas.measure_lines: 26-41 ms with one
     # thread against 0.6-1.6 s with two under load, for direct callers such as stacks).
     with threadpool_limits(1):
-        pp, a_v = fit_stages(setup, galaxy, noise, good, options)
+        if name == "batch":
+            with batchfit.torch_threads(1):
+                pp, a_v = batchfit.fit_batch(setup, galaxy[None], noise[None], good[None],
+                                             options.regul)[0]
+        else:
+            pp, a_v = _FITS[name](setup, galaxy, noise, good, options)
         _derive(row, pp, a_v, setup, z, norm_flux, good, galaxy, noise, gate)
     row["fit_seconds"] = time.perf_counter() - t0
-    return row
+    gas_model = np.asarray(pp.gas_bestfit, dtype=np.float64)
+    return FitModel(row, name, np.where(good, galaxy, np.nan),
+                    np.asarray(pp.bestfit, dtype=np.float64) - gas_model, gas_model, good)
 
 
 def _prepare(flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray, norm_flux: float
@@ -331,9 +396,7 @@ def fit_spectra(
     if name != "batch":
         return [_fit_one(flux[i], ivar[i], mask[i], float(norm_flux[i]), z, gate, options,
                          name, lsf_sigma_aa) for i in range(len(flux))]
-    if options.mdegree > 0:
-        raise ConfigError(f"FitOptions(mdegree={options.mdegree}) needs the reference fitter: "
-                          "use --fitter ppxf (fitter='ppxf')")
+    _batch_options(options)
     rows: list[dict[str, Any]] = []
     todo: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
     for i in range(len(flux)):
@@ -353,6 +416,13 @@ def fit_spectra(
             chunk = todo[start:start + size]
             _fit_chunk(chunk, rows, setup, z, norm_flux, options, gate, device)
     return rows
+
+
+def _batch_options(options: FitOptions) -> None:
+    """Refuse options the batched fitter cannot honour (a multiplicative polynomial)."""
+    if options.mdegree > 0:
+        raise ConfigError(f"FitOptions(mdegree={options.mdegree}) needs the reference fitter: "
+                          "use --fitter ppxf (fitter='ppxf')")
 
 
 def _fit_one(flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray, norm_flux: float, z: float,

@@ -13,7 +13,7 @@ import os
 import warnings
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -33,6 +33,9 @@ _READ_ERRORS: tuple[type[BaseException], ...] = (
     OSError, EOFError, zlib.error, cast("type[BaseException]", IsalError), gzip.BadGzipFile,
     TypeError, ValueError)
 HEADER_KEYS = ("PLATEIFU", "MANGAID", "OBJRA", "OBJDEC", "IFURA", "IFUDEC", "EBVGAL")
+#: Broad-band images the DRP reconstructs from the fibres onto the spaxel grid (HDU name ->
+#: band); read when present (every DR15/DR17 LOGCUBE has them), stored by ingest.
+IMAGE_HDUS = {"GIMG": "g", "RIMG": "r", "IIMG": "i", "ZIMG": "z"}
 
 
 @dataclass
@@ -61,6 +64,9 @@ class Cube:
     drp3qual : int
     wcs : astropy.wcs.WCS
         Celestial WCS of the spaxel grid.
+    images : dict of str to ndarray, shape (n_y, n_x), float32
+        Band (``g``, ``r``, ``i``, ``z``) -> the DRP's reconstructed image, nanomaggies per
+        spaxel (:data:`IMAGE_HDUS`); empty for a file without them.
     """
 
     path: Path
@@ -81,6 +87,7 @@ class Cube:
     wcs: WCS
     #: Name of the LSF extension read: ``DISP`` (DR15 layout) or ``LSFPOST`` (DR17 layout).
     lsf_hdu: str = "DISP"
+    images: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -356,6 +363,9 @@ def read_cube(path: str | Path) -> Cube:
             meta = {k: hdr[k] for k in HEADER_KEYS}
             drp3qual = int(hdr.get("DRP3QUAL", 0))
             drp_version = str(hdr.get("VERSDRP3", ""))
+            images = {band: _image(hdul, hdu, np.float32, buf) for hdu, band in
+                      IMAGE_HDUS.items() if hdu in names
+                      and hdul[hdu].shape == flux.shape[1:]}
     except CubeFormatError:
         raise
     except _READ_ERRORS as exc:
@@ -392,4 +402,5 @@ def read_cube(path: str | Path) -> Cube:
         drp_version=drp_version,
         wcs=wcs,
         lsf_hdu=lsf_name,
+        images=images,
     )

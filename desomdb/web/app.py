@@ -7,6 +7,7 @@ URLs name the model, so a link keeps showing what it showed::
     /model/<id>/node/<row>,<col>              (+ /coadd.csv, /coadd.fits)
     /galaxy/<mangaid>[?plateifu=&colour=]     (current model; /model/<id>/galaxy/... too)
     /baxel/<release>/<plateifu>/<bin>         (current model; /model/<id>/baxel/... too)
+    /search?q=<plateifu | mangaid | RA DEC [radius]>  (one exact match: its galaxy page)
     /sql?q=<select ...>                       (+ /sql.csv?q=...)
     /predict                                  (POST a spectra FITS: predict in memory)
 
@@ -70,6 +71,7 @@ def create_app(archive: str | Path, allowed_hosts: list[str] | None = None,
         Route("/baxel/{release}/{plateifu}/{bin_id:int}", ex.cached(r.baxel_page)),
         Route("/model/{model_id}/baxel/{release}/{plateifu}/{bin_id:int}",
               ex.cached(r.baxel_page)),
+        Route("/search", r.search_page),
         Route("/sql", r.sql_page),
         Route("/sql.csv", r.sql_csv),
         Route("/predict", r.predict_page, methods=["GET", "POST"]),

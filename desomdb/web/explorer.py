@@ -283,6 +283,77 @@ def reconstruct(ex: Explorer, model_id: str, x: np.ndarray) -> np.ndarray:
             torch.set_num_threads(threads)
 
 
+@dataclass(frozen=True)
+class FitDrawing:
+    """A baxel's stored fit, recomputed for drawing (see :func:`redraw_fit`).
+
+    Attributes
+    ----------
+    stored_id : str
+        The fitter id of the stored row (``labels.fitter``).
+    fitter_id : str
+        The fitter id that recomputed it (the same unless the stored row is of an older
+        version of that fitter).
+    model : FitModel
+        The curves and the recomputed labels row.
+    """
+
+    stored_id: str
+    fitter_id: str
+    model: Any
+
+
+#: One fit at a time: a fit is seconds of CPU, and the pages run on a thread pool.
+_ONE_FIT = threading.Lock()
+
+
+def redraw_fit(ex: Explorer, model_id: str, data: galaxy_pages.BaxelData
+               ) -> FitDrawing | None:
+    """Recompute a baxel's stored fit to draw its model over the spectrum.
+
+    The best-fit model is not stored (4,544 floats per baxel per fitter would more than
+    double the archive); it is recomputed on demand by the fitter that made the stored row,
+    from the stored spectrum, the cube's redshift and LSF, with the same set-up: the same
+    code that labelled the archive, so its labels equal the stored row's (the page shows
+    both χ²). One fit runs at a time.
+
+    Returns
+    -------
+    FitDrawing or None
+        None when the baxel has no ``ok`` fit in the archive.
+    """
+    from desomdb.science import fitting
+
+    fit = data.fit
+    if fit is None or fit["status"] != "ok":
+        return None
+    stored = str(fit["fitter"])
+    name = next((n for n, i in fitting.FITTERS.items() if i == stored), stored.split("-")[0])
+    if name not in fitting.FITTERS:
+        return None
+    key = [data.release, data.plateifu, data.bin_id]
+
+    def build() -> FitDrawing:
+        src = ex.cube_parts(model_id).source("spectra", data.release, data.plateifu)
+        with ex.connection(model_id) as (con, _):
+            flux, ivar, mask = (
+                con.sql(f"select flux, ivar, mask from {src} where plateifu = ? and "
+                        "bin_id = ?", params=key[1:]) if src else
+                con.sql("select flux, ivar, mask from spectra where release = ? and "
+                        "plateifu = ? and bin_id = ?", params=key)).fetchall()[0]
+            cube = con.sql("select * from cubes where release = ? and plateifu = ?",
+                           params=key[:2]).pl().row(0, named=True)
+        z, lsf = cube["z"], cube.get("lsf_sigma_aa")  # no LSF: cubes ingested before it
+        with _ONE_FIT:
+            model = fitting.fit_model(
+                np.asarray(flux, np.float32), np.asarray(ivar, np.float32),
+                np.asarray(mask, np.uint8), float(data.baxel["norm_flux"]), float(z),
+                fitter=name, lsf_sigma_aa=None if lsf is None else np.asarray(lsf))
+        return FitDrawing(stored, fitting.FITTERS[name], model)
+
+    return build()  # not memoised: the drawn page is (Explorer.cached, bounded)
+
+
 def similar_galaxies(ex: Explorer, model_id: str, mangaid: str) -> tuple[Any, str | None]:
     """Nearest galaxies by Hellinger distance, as :func:`desomdb.products.similar.similar_galaxies`.
 

@@ -141,7 +141,7 @@ def _fmt(v: float) -> str:
 
 
 def binmap_svg(xy_bin: np.ndarray, colour: dict[int, str], titles: dict[int, str],
-               hrefs: dict[int, str], px: int = 8) -> str:
+               hrefs: dict[int, str], px: int = 8, x_right: bool = True) -> str:
     """Draw a galaxy's bin map as SVG: one link per bin, runs of spaxels as rectangles.
 
     Parameters
@@ -154,12 +154,14 @@ def binmap_svg(xy_bin: np.ndarray, colour: dict[int, str], titles: dict[int, str
         bin_id -> hover text and link target.
     px : int
         Pixels per spaxel.
+    x_right : bool
+        Draw x growing to the right: true for a cube whose RA falls with x (the DRP's
+        ``CD1_1 < 0``, :func:`~desomdb.web.galaxy_pages.x_grows_west`), so east is on the left.
 
     Returns
     -------
     str
-        ``<svg>`` markup, north up and east left (y increases upwards, x to the left, as the
-        sky is shown).
+        ``<svg>`` markup, y growing upwards (north up for the DRP's ``CD2_2 > 0``).
     """
     if len(xy_bin) == 0:
         return "<p>no bin map</p>"
@@ -173,7 +175,7 @@ def binmap_svg(xy_bin: np.ndarray, colour: dict[int, str], titles: dict[int, str
                 and rows[i, 0] == rows[i - 1, 0] + 1):
             continue
         x0, x1, y, b = rows[start, 0], rows[i - 1, 0], rows[start, 1], int(rows[start, 2])
-        left = (nx - 1 - x1) * px  # east (x along RA grows eastwards) drawn on the left
+        left = x0 * px if x_right else (nx - 1 - x1) * px
         by_bin.setdefault(b, []).append(
             f'<rect x="{left}" y="{(ny - 1 - y) * px}" width="{(x1 - x0 + 1) * px}" '
             f'height="{px}"/>')
@@ -186,6 +188,84 @@ def binmap_svg(xy_bin: np.ndarray, colour: dict[int, str], titles: dict[int, str
                    f'<g fill="{colour.get(b, EMPTY)}">{"".join(rects)}</g></a>')
     out.append("</svg>")
     return "".join(out)
+
+
+def composite_rgb(images: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Make a g/r/i colour composite (Lupton et al. 2004 asinh stretch, astropy's code).
+
+    Parameters
+    ----------
+    images : dict of str to ndarray, shape (n_y, n_x)
+        Band -> image in nanomaggies per spaxel (the ``images`` table); needs g, r and i.
+
+    Returns
+    -------
+    ndarray, shape (n_y, n_x, 3), uint8, or None
+        i as red, r as green, g as blue; None without all three bands. The stretch is set
+        from the image itself (the 99.5th percentile of r), so faint and bright galaxies
+        both show structure.
+    """
+    from astropy.visualization import make_lupton_rgb
+
+    if not all(b in images for b in "gri"):
+        return None
+    g, r, i = (np.nan_to_num(np.asarray(images[b], np.float64), nan=0.0) for b in "gri")
+    top = float(np.percentile(r, 99.5))
+    if not top > 0:
+        return None
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 where a pixel is empty
+        return np.asarray(make_lupton_rgb(i, r, g, minimum=0.0, stretch=top / 4, Q=8))
+
+
+def image_svg(rgb: np.ndarray, covered: np.ndarray, px: int = 8, x_right: bool = True
+              ) -> str:
+    """Draw a colour image of a cube's spaxel grid with its IFU footprint outlined.
+
+    Parameters
+    ----------
+    rgb : ndarray, shape (n_y, n_x, 3), uint8
+        The image, indexed ``[y, x]`` as the cube.
+    covered : ndarray, shape (n_y, n_x), bool
+        Spaxels the fibres cover (``bin_map``): their outer edge is drawn.
+    px : int
+        Screen pixels per spaxel (as :func:`binmap_svg`, so the two line up).
+    x_right : bool
+        As :func:`binmap_svg`.
+
+    Returns
+    -------
+    str
+        ``<svg>`` markup: the image as an embedded PNG, the footprint as one path.
+    """
+    import base64
+
+    from matplotlib.image import imsave
+
+    shown = rgb[::-1] if x_right else rgb[::-1, ::-1]  # y up; x right or left
+    buf = io.BytesIO()
+    imsave(buf, shown, format="png")
+    data = base64.b64encode(buf.getvalue()).decode()
+    n_y, n_x = covered.shape
+    cov = np.pad(covered[::-1] if x_right else covered[::-1, ::-1], 1)
+    edges = []  # the edge of each covered spaxel whose neighbour is not covered
+    for r, c in zip(*np.nonzero(cov[1:-1, 1:-1]), strict=True):
+        x, y = int(c) * px, int(r) * px
+        if not cov[r + 1, c]:
+            edges.append(f"M{x} {y}v{px}")
+        if not cov[r + 1, c + 2]:
+            edges.append(f"M{x + px} {y}v{px}")
+        if not cov[r, c + 1]:
+            edges.append(f"M{x} {y}h{px}")
+        if not cov[r + 2, c + 1]:
+            edges.append(f"M{x} {y + px}h{px}")
+    w, h = n_x * px, n_y * px
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" class="cube-image" width="{w}" '
+            f'height="{h}" viewBox="0 0 {w} {h}"><image width="{w}" height="{h}" '
+            f'preserveAspectRatio="none" style="image-rendering:pixelated" '
+            f'href="data:image/png;base64,{data}"/>'
+            f'<path class="footprint" d="{"".join(edges)}" fill="none" stroke="#7fdbff" '
+            f'stroke-width="1.5"><title>IFU footprint (spaxels the fibres cover)</title>'
+            f"</path></svg>")
 
 
 def node_colours(nodes: dict[int, int], rows: int, cols: int) -> dict[int, str]:

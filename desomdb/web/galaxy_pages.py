@@ -48,6 +48,13 @@ class GalaxyData:
         ``x, y, bin_id``.
     desom2 : tuple of (str, int, int, int) or None
         ``(desom2_model_id, node, row, col)`` of the galaxy.
+    images : dict of str to ndarray, shape (n_y, n_x), float32
+        Band -> the cube's DRP image (``images``; empty for cubes ingested without them).
+    covered : ndarray, shape (n_y, n_x), bool
+        Spaxels the fibres cover (every ``bin_map`` row): the IFU footprint.
+    x_right : bool
+        Whether the cube is drawn with x growing to the right (east left; see
+        :func:`x_grows_west`).
     """
 
     mangaid: str
@@ -59,6 +66,9 @@ class GalaxyData:
     bins: pl.DataFrame
     bin_map: np.ndarray
     desom2: tuple[str, int, int, int] | None
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    covered: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), bool))
+    x_right: bool = True
 
 
 def galaxy_data(con: ReadOnlyConnection, model: ModelInfo, mangaid: str,
@@ -109,10 +119,23 @@ def galaxy_data(con: ReadOnlyConnection, model: ModelInfo, mangaid: str,
         params=[pifu, *([model.model_id, release] if asg == "assignments" else []),
                 *([pifu, *([release] if lab == "labels" else [])] if labelled else []),
                 release, pifu]).pl()
-    bm = con.sql("select x, y, bin_id from bin_map where release = ? and plateifu = ? and "
-                 "bin_id >= 0", params=key).fetchnumpy()
-    xy = np.column_stack([bm["x"], bm["y"], bm["bin_id"]]).astype(int) if len(bm["x"]) \
+    bm = con.sql("select x, y, bin_id from bin_map where release = ? and plateifu = ?",
+                 params=key).fetchnumpy()
+    every = np.column_stack([bm["x"], bm["y"], bm["bin_id"]]).astype(int) if len(bm["x"]) \
         else np.zeros((0, 3), int)
+    xy = every[every[:, 2] >= 0]
+    grid = con.sql("select n_x, n_y, wcs_header from cubes where release = ? and plateifu = ?",
+                   params=key).fetchall()
+    n_x, n_y, header = grid[0] if grid else (0, 0, None)
+    covered = np.zeros((int(n_y or 0), int(n_x or 0)), bool)
+    inside = (every[:, 0] < covered.shape[1]) & (every[:, 1] < covered.shape[0])
+    covered[every[inside, 1], every[inside, 0]] = True
+    images = {}
+    if has_view(con, "images"):
+        for band, nx, ny, pixels in con.sql(
+                "select band, n_x, n_y, image from images where release = ? and plateifu = ?",
+                params=key).fetchall():
+            images[str(band)] = np.asarray(pixels, np.float32).reshape(int(ny), int(nx))
     d2 = None
     if has_view(con, "fingerprints"):
         f = con.sql("select desom2_model_id, desom2_node, desom2_row, desom2_col from "
@@ -121,7 +144,26 @@ def galaxy_data(con: ReadOnlyConnection, model: ModelInfo, mangaid: str,
         if f and f[0][0] is not None:
             d2 = (str(f[0][0]), int(f[0][1]), int(f[0][2]), int(f[0][3]))
     return GalaxyData(mangaid, release, pifu, [(c[0], c[1]) for c in cubes],
-                      drpall.row(0, named=True) if drpall.height else {}, fp, bins, xy, d2)
+                      drpall.row(0, named=True) if drpall.height else {}, fp, bins, xy, d2,
+                      images, covered, x_grows_west(header))
+
+
+def x_grows_west(wcs_header: str | None) -> bool:
+    """Whether a cube's RA falls as x grows (``CD1_1`` or ``PC1_1·CDELT1`` < 0; DRP cubes).
+
+    Such a grid is shown with x to the right for east to be on the left, as the sky is
+    drawn. True when the header is missing or unreadable (the DRP's convention).
+    """
+    if not wcs_header:
+        return True
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    try:
+        scale = WCS(fits.Header.fromstring(wcs_header)).celestial.pixel_scale_matrix
+    except Exception:  # a damaged header: assume the DRP's layout
+        return True
+    return bool(scale[0, 0] <= 0)
 
 
 def _latest_cubes_of(con: ReadOnlyConnection, mangaid: str) -> list[tuple[str, str, int]]:
@@ -222,6 +264,9 @@ class BaxelData:
     estimates : dict
         label -> (value, lo68, hi68, source) from ``baxel_estimates`` (source ``fit``,
         ``map`` or None); empty before node labels are calibrated.
+    fit : dict or None
+        ``fitter, status, error, chi2_red`` of its stored fit: the preferred fitter's ``ok``
+        row, else the row that says why it failed; None when no fitter has seen the baxel.
     """
 
     release: str
@@ -237,6 +282,7 @@ class BaxelData:
     is_latest: bool
     latent: np.ndarray | None = None
     estimates: dict[str, tuple[Any, Any, Any, Any]] = field(default_factory=dict)
+    fit: dict[str, Any] | None = None
 
 
 def baxel_data(con: ReadOnlyConnection, model: ModelInfo, release: str, plateifu: str,
@@ -277,27 +323,32 @@ def baxel_data(con: ReadOnlyConnection, model: ModelInfo, release: str, plateifu
     stored = assigned["latent"][0] if assigned.height and "latent" in assigned.columns else None
     latent = np.asarray(stored, dtype=np.float32) if stored is not None else None
     labels: dict[str, float] = {}
+    fit_row: dict[str, Any] | None = None
     if has_view(con, "labels"):
         cols = ", ".join(
             f"if(chi2_ok{'' if flag is None else f' and {flag}'}, {lab}, 'nan'::double)"
             for lab, flag in maps.LABELS.items())
         lab = parts.source("labels", release, plateifu)
-        order = fitsetup.fitter_order_sql()
-        fit = (con.sql(f"select {cols} from {lab} where plateifu = ? and bin_id = ? and "
-                       f"status = 'ok' order by {order} limit 1", params=[plateifu, bin_id])
+        # the preferred ok fit; else the row saying why the baxel was not fitted
+        order = f"status = 'ok' desc, {fitsetup.fitter_order_sql()}"
+        what = f"fitter, status, error, chi2_red, {cols}"
+        fit = (con.sql(f"select {what} from {lab} where plateifu = ? and bin_id = ? "
+                       f"order by {order} limit 1", params=[plateifu, bin_id])
                if lab else
-               con.sql(f"select {cols} from labels where release = ? and plateifu = ? and "
-                       f"bin_id = ? and status = 'ok' order by {order} limit 1",
-                       params=key)).fetchall()
+               con.sql(f"select {what} from labels where release = ? and plateifu = ? and "
+                       f"bin_id = ? order by {order} limit 1", params=key)).fetchall()
         if fit:
-            labels = {lab: float(v) if v is not None else np.nan
-                      for lab, v in zip(maps.LABELS, fit[0], strict=True)}
+            fit_row = dict(zip(("fitter", "status", "error", "chi2_red"), fit[0][:4],
+                               strict=True))
+            if fit_row["status"] == "ok":
+                labels = {lab: float(v) if v is not None else np.nan
+                          for lab, v in zip(maps.LABELS, fit[0][4:], strict=True)}
     pdfs = node_pdfs(con, model.model_id, int(assignment["node"])) if assignment else []
     latest = con.sql("select count(*) from latest_cubes where release = ? and plateifu = ?",
                      params=[release, plateifu]).fetchall()[0][0] > 0
     return BaxelData(release, plateifu, str(row.get("mangaid")), bin_id, shown, x[0], row,
                      assignment, labels, pdfs, bool(latest), latent,
-                     _estimates(con, key) if latest else {})
+                     _estimates(con, key) if latest else {}, fit_row)
 
 
 def _estimates(con: ReadOnlyConnection, key: list[Any]) -> dict[str, tuple[Any, Any, Any, Any]]:

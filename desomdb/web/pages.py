@@ -403,3 +403,209 @@ def csv_text(df: pl.DataFrame, header: bool = True) -> str:
     """Return the result as CSV; nested columns (spectra, histograms) are left out."""
     flat = df.drop([c for c, t in df.schema.items() if t.is_nested()])
     return flat.write_csv(include_header=header)
+
+
+# ----------------------------------------------------------------------------- display
+@dataclass(frozen=True)
+class Shown:
+    """One column of a row as a page shows it.
+
+    Attributes
+    ----------
+    name : str
+    text : str
+        The value with sensible precision: degrees to 5 decimals (0.02 arcsec), other
+        floats to 4 significant digits, "–" for null or NaN.
+    unit : str
+        The column's unit from ``sql/schema.yml`` (astropy spelling), "" if none.
+    description : str
+        The column's description there.
+    """
+
+    name: str
+    text: str
+    unit: str
+    description: str
+
+
+def shown_row(view: str, row: dict[str, Any]) -> list[Shown]:
+    """Format a row of ``view`` for a page, with each column's unit and description."""
+    from desomdb.query import schema
+
+    docs = schema.view_docs().get(view, {})
+    out = []
+    for name, value in row.items():
+        doc = docs.get(name)
+        unit = (doc.unit or "") if doc else ""
+        out.append(Shown(name, shown_value(value, unit), unit, doc.description if doc else ""))
+    return out
+
+
+def shown_value(value: Any, unit: str = "") -> str:
+    """One value as text: see :class:`Shown`."""
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "–"
+    if isinstance(value, bool | np.bool_):
+        return "yes" if value else "no"
+    if isinstance(value, float | np.floating):
+        return f"{value:.5f}" if unit == "deg" else f"{value:.4g}"
+    if isinstance(value, list | tuple | np.ndarray):
+        return f"[{len(value)} values]"
+    return str(value)
+
+
+@dataclass(frozen=True)
+class ViewDoc:
+    """A public view (or table macro) as the SQL page lists it.
+
+    Attributes
+    ----------
+    name, description : str
+    columns : list of (name, unit, description)
+    macro : bool
+        A table macro (called with arguments, e.g. ``cone(ra, dec, radius)``), not a view.
+    """
+
+    name: str
+    description: str
+    columns: list[tuple[str, str, str]]
+    macro: bool = False
+
+
+def view_catalogue() -> list[ViewDoc]:
+    """Every documented view and macro of ``sql/schema.yml``, in its order."""
+    from desomdb.query import schema, views
+
+    about = schema.view_descriptions()
+    macros = views.macro_sql()
+    return [ViewDoc(view, about[view], [(c, d.unit or "", d.description)
+                                        for c, d in cols.items()], view in macros)
+            for view, cols in schema.view_docs().items()]
+
+
+#: The SQL page's examples: (what it answers, the query). Each runs on any archive that has
+#: labels, a model and fingerprints (tests/web/test_serve.py runs them all).
+SQL_EXAMPLES = (
+    ("The nodes of the current model, most populated first",
+     "select node, row, col, n_members from node_summary order by n_members desc"),
+    ("Median light-weighted age and [M/H] per node",
+     "select node, median(log_age_lw) as log_age_lw, median(mh_lw) as mh_lw, count(*) as n\n"
+     "from baxel_labels group by node order by node"),
+    ("One galaxy's baxels: node, radius and labels",
+     "select plateifu, bin_id, node, radius_re, age_mw_gyr, mh_mw, ebv_star\n"
+     "from baxel_labels where mangaid = (select min(mangaid) from galaxies) order by bin_id"),
+    ("Galaxies within 2 degrees of the first galaxy (the cone() macro: RA, Dec in degrees, "
+     "radius in arcsec)",
+     "select plateifu, mangaid, sep_arcsec from cone(\n"
+     "  (select arg_min(ra, plateifu) from galaxies),\n"
+     "  (select arg_min(dec, plateifu) from galaxies), 7200)"),
+    ("Star-forming baxels (BPT) and their sSFR",
+     "select plateifu, bin_id, log_ssfr from preferred_labels\n"
+     "where bpt_class = 'star_forming' and ssfr_ok order by log_ssfr desc limit 100"),
+)
+
+
+# ----------------------------------------------------------------------------- search
+#: Radius of a position search without one (arcsec): about a MaNGA IFU's size.
+CONE_ARCSEC = 60.0
+#: Largest search radius accepted (arcsec).
+MAX_CONE_ARCSEC = 36_000.0
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """What the search box found.
+
+    Attributes
+    ----------
+    query : str
+    kind : str
+        ``name`` (plateifu or mangaid, exact or by prefix) or ``cone`` (a position).
+    rows : polars.DataFrame
+        ``mangaid, plateifu, release, ra, dec`` (+ ``sep_arcsec`` for a cone) per matching
+        cube, at most :data:`N_LISTED`.
+    cone : tuple of (float, float, float) or None
+        RA, Dec (deg) and radius (arcsec) searched.
+    exact : tuple of (str, str) or None
+        ``(mangaid, plateifu)`` when the text named one galaxy exactly (the page goes there;
+        plateifu None when a mangaid was given).
+    """
+
+    query: str
+    kind: str
+    rows: pl.DataFrame
+    cone: tuple[float, float, float] | None = None
+    exact: tuple[str, str | None] | None = None
+
+
+def search(con: ReadOnlyConnection, text: str) -> SearchResult:
+    """Find galaxies by plateifu, mangaid (exact, else by prefix) or position.
+
+    Parameters
+    ----------
+    text : str
+        ``8485-1901``, ``1-209232``, a prefix of either, or ``RA DEC [RADIUS]``: RA and Dec
+        in decimal degrees or sexagesimal (``09:00:00 +01:00:00``, read by astropy's
+        SkyCoord), the radius in arcsec (default :data:`CONE_ARCSEC`), searched with the
+        ``cone()`` macro.
+
+    Raises
+    ------
+    QueryError
+        For a position outside the sky or a radius out of range.
+    """
+    text = " ".join(text.split())
+    position = parse_position(text)
+    if position is not None:
+        ra, dec, radius = position
+        rows = con.sql("select mangaid, plateifu, release, ra, dec, sep_arcsec from "
+                       f"cone(?, ?, ?) limit {N_LISTED}", params=[ra, dec, radius]).pl()
+        return SearchResult(text, "cone", rows, cone=position)
+    cols = "select distinct mangaid, plateifu, release, ra, dec from cubes where status = 'ok'"
+    exact = con.sql(f"{cols} and (plateifu = ? or mangaid = ?) order by plateifu, release",
+                    params=[text, text]).pl()
+    if exact.height:
+        hit = None
+        if exact["mangaid"].n_unique() == 1:
+            named = exact.filter(pl.col("plateifu") == text)
+            hit = (str(exact["mangaid"][0]), str(named["plateifu"][0]) if named.height else None)
+        return SearchResult(text, "name", exact, exact=hit)
+    prefix = con.sql(f"{cols} and (starts_with(plateifu, ?) or starts_with(mangaid, ?)) "
+                     f"order by plateifu, release limit {N_LISTED}", params=[text, text]).pl()
+    return SearchResult(text, "name", prefix)
+
+
+def parse_position(text: str) -> tuple[float, float, float] | None:
+    """``RA DEC [RADIUS]`` -> (ra_deg, dec_deg, radius_arcsec); None if ``text`` is no position.
+
+    Raises
+    ------
+    QueryError
+        If it is a position but outside the sky, or its radius is out of range.
+    """
+    parts = text.replace(",", " ").split()
+    if len(parts) not in (2, 3):
+        return None
+    try:
+        ra, dec = float(parts[0]), float(parts[1])
+    except ValueError:
+        if not any(c in parts[0] for c in ":hms"):
+            return None
+        from astropy import units as u
+        from astropy.coordinates import SkyCoord
+
+        try:
+            sky = SkyCoord(parts[0], parts[1], unit=(u.hourangle, u.deg))
+        except ValueError:
+            return None
+        ra, dec = float(sky.ra.deg), float(sky.dec.deg)
+    try:
+        radius = float(parts[2]) if len(parts) == 3 else CONE_ARCSEC
+    except ValueError:
+        return None
+    if not (0 <= ra < 360 and -90 <= dec <= 90):
+        raise QueryError(f"position {text!r}: RA must be 0-360 and Dec -90-90 degrees")
+    if not 0 < radius <= MAX_CONE_ARCSEC:
+        raise QueryError(f"radius {radius:g} arcsec: choose one between 0 and "
+                         f"{MAX_CONE_ARCSEC:g}")
+    return ra, dec, radius

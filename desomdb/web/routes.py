@@ -29,6 +29,7 @@ from desomdb.web.explorer import (
     map_query,
     predict_bytes,
     reconstruct,
+    redraw_fit,
     similar_baxels,
     similar_galaxies,
     stack_available,
@@ -159,6 +160,7 @@ def galaxy_page(request: Request) -> Response:
     nearest, note = similar_galaxies(ex, model_id, mangaid)
     return page(request, "galaxy.html", data=data, model_id=model_id, colour=colour,
                 labels=pages.LABELS, nearest=nearest, nearest_note=note,
+                drpall=pages.shown_row("galaxies", data.drpall),
                 **galaxy_figures(data, info, model_id, colour), title=f"galaxy {mangaid}")
 
 
@@ -178,6 +180,19 @@ def baxel_page(request: Request) -> Response:
         [("spectrum", data.flux, "k"), ("DESOM reconstruction", recon,
                                          figure_base.NODE_COLOURS[0])],
         f"{data.release} {data.plateifu} bin {data.bin_id} (normalised)", residual)
+    drawing = redraw_fit(ex, model_id, data)
+    fit_figure, fit_rms = None, None
+    if drawing is not None and drawing.model.stars is not None:
+        m = drawing.model
+        total = m.stars + m.gas
+        fit_res = np.where(m.good, m.galaxy - total, np.nan)
+        fit_figure = figures.spectrum_figure(
+            [("spectrum (fitted bins)", m.galaxy, "k"),
+             ("stellar continuum", m.stars, figure_base.NODE_COLOURS[0]),
+             ("stars + emission lines", total, "#d62728")],
+            f"{data.plateifu} bin {data.bin_id}: {drawing.fitter_id} fit (normalised)",
+            fit_res)
+        fit_rms = float(np.sqrt(np.nanmean(fit_res**2))) if m.good.any() else None
     sparks = {q.label: figures.pdf_sparkline(_pdf(q), data.labels.get(q.label))
               for q in data.pdfs}
     exact = request.query_params.get("exact") == "1"
@@ -187,7 +202,33 @@ def baxel_page(request: Request) -> Response:
     return page(request, "baxel.html", data=data, model_id=model_id, spectrum=spectrum,
                 sparks=sparks, nearest=nearest, nearest_note=note, p99=p99, exact=exact,
                 rms=float(np.sqrt(np.nanmean(residual**2))) if good.any() else None,
+                fit_figure=fit_figure, fit_rms=fit_rms, drawing=drawing,
+                shown=pages.shown_row("baxels", data.baxel),
+                rc=lambda node: _rc(node, info.cols),
                 title=f"baxel {data.plateifu}:{data.bin_id}")
+
+
+def search_page(request: Request) -> Response:
+    """``/search?q=``: a galaxy by plateifu or mangaid (goes to its page) or a position.
+
+    One exact match goes straight to the galaxy's page; otherwise the matches are listed
+    (prefix matches, or the galaxies within the cone).
+    """
+    ex = explorer(request)
+    model_id = ex.current()
+    text = request.query_params.get("q", "").strip()
+    found = None
+    if text:
+        with ex.connection(model_id) as (con, _):
+            found = pages.search(con, text)
+        if found.exact is not None:
+            mangaid, plateifu = found.exact
+            url = f"/model/{quote(model_id)}/galaxy/{quote(mangaid)}"
+            return RedirectResponse(url + (f"?{urlencode({'plateifu': plateifu})}"
+                                           if plateifu else ""), status_code=303)
+    return page(request, "search.html", query=text, found=found, model_id=model_id,
+                radius=pages.CONE_ARCSEC, status=404 if found is not None and
+                not found.rows.height else 200, title="search")
 
 
 async def sql_page(request: Request) -> Response:
@@ -206,6 +247,7 @@ async def sql_page(request: Request) -> Response:
         except QueryError as exc:
             error = " ".join(str(exc).split())
     return page(request, "sql.html", query=query, result=result, error=error,
+                catalogue=pages.view_catalogue(), examples=pages.SQL_EXAMPLES,
                 csv_link="/sql.csv?" + urlencode({"q": query}) if result else None,
                 status=400 if error else 200, title="SQL", seconds=SQL_SECONDS,
                 csv_rows=SQL_CSV_ROWS)
@@ -378,7 +420,10 @@ def galaxy_figures(data: galaxy_pages.GalaxyData, info: ModelInfo, model_id: str
                                     f"{_num(r['radius_re'])}, S/N {_num(r['snr'])}{extra}")
     hrefs = {int(b): f"/model/{quote(model_id)}/baxel/{quote(data.release)}/"
                      f"{quote(data.plateifu)}/{int(b)}" for b in bins["bin_id"]}
-    binmap = figures.binmap_svg(data.bin_map, colours, titles, hrefs)
+    binmap = figures.binmap_svg(data.bin_map, colours, titles, hrefs, x_right=data.x_right)
+    composite = figures.composite_rgb(data.images)
+    image = (figures.image_svg(composite, data.covered, x_right=data.x_right)
+             if composite is not None and composite.shape[:2] == data.covered.shape else None)
     radial = None
     profile = colour if colour in pages.LABELS else "age_mw_gyr"  # not the node number
     if profile in bins.columns and bins.height:
@@ -397,11 +442,18 @@ def galaxy_figures(data: galaxy_pages.GalaxyData, info: ModelInfo, model_id: str
                                              fill=rgb[k]) for k in rgb],
                                info.rows, info.cols, "map position", bar=False)
     return {"fingerprint": fingerprint, "binmap": binmap, "radial": radial, "scale": scale,
-            "key": key}
+            "key": key, "image": image}
 
 
 def _num(v: Any) -> str:
     return "–" if v is None or not np.isfinite(v) else f"{v:.3g}"
+
+
+def _rc(node: Any, cols: int) -> str:
+    """Name a node as everywhere in the explorer: ``row,col`` (its number in the hover)."""
+    if node is None:
+        return "–"
+    return f"{int(node) // cols},{int(node) % cols}"
 
 
 def _node_summary(n: pages.MapNode) -> str:

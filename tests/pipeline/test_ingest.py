@@ -69,6 +69,25 @@ def test_ingest_writes_every_table(ingested, ingest_survey) -> None:
     assert t["truth"].height == bax.height
 
 
+def test_the_drp_images_are_stored_per_cube_and_band(ingested, ingest_survey) -> None:
+    """GIMG..ZIMG of each file land in ``images`` on the spaxel grid of bin_map."""
+    from astropy.io import fits
+
+    archive, _ = ingested
+    images = df(Archive(archive).read("images"))
+    cubes = df(Archive(archive).read("cubes"))
+    assert images.height == 4 * cubes.height
+    for path in sorted(Path(ingest_survey.release_dir).rglob("*LOGCUBE.fits*")):
+        with fits.open(path) as hdul:
+            plateifu = hdul[0].header["PLATEIFU"]
+            for band in "griz":
+                row = images.filter((pl.col("plateifu") == plateifu) & (pl.col("band") == band))
+                assert row.height == 1
+                stored = np.asarray(row["image"][0], np.float32).reshape(
+                    row["n_y"][0], row["n_x"][0])
+                np.testing.assert_array_equal(stored, hdul[f"{band.upper()}IMG"].data)
+
+
 def test_binned_snr_and_flags(ingested) -> None:
     archive, _ = ingested
     bax = _tables(archive)["baxels"]

@@ -18,7 +18,8 @@ from desomdb.errors import QueryError
 from desomdb.query import views
 
 SQL = Path(__file__).parents[2] / "sql"
-PUBLIC = ["cubes", "galaxies", "baxels", "spectra", "bin_map", "labels", "models", "nodes",
+PUBLIC = ["cubes", "galaxies", "baxels", "spectra", "bin_map", "images", "labels", "models",
+          "nodes",
           "assignments", "node_partials", "node_labels", "fingerprints", "splits", "truth",
           "baxel_labels", "preferred_labels",
           "node_summary", "galaxy_fingerprint", "latest_cubes", "poorly_represented", "drift",

@@ -248,6 +248,127 @@ def test_galaxy_and_baxel_pages(site) -> None:
     assert f'id="node-link" href="/model/{model_id}/node/{node[0]},{node[1]}"' in b.text
 
 
+def test_search_finds_by_plateifu_mangaid_prefix_and_position(site) -> None:
+    client, arch, model_id, _, facts = site
+    mangaid, _, plateifu = facts["galaxy"]
+    by_plateifu = client.get("/search", params={"q": plateifu}, follow_redirects=False)
+    assert by_plateifu.status_code == 303
+    assert by_plateifu.headers["location"] == (f"/model/{model_id}/galaxy/{quote(mangaid)}?"
+                                               + urlencode({"plateifu": plateifu}))
+    by_mangaid = client.get("/search", params={"q": f" {mangaid} "})
+    assert by_mangaid.status_code == 200 and f"Galaxy {mangaid}" in by_mangaid.text
+    con = views.connect(arch)
+    cubes = con.sql("select plateifu, ra, dec from cubes where status = 'ok'").fetchall()
+    prefix = plateifu.split("-")[0]
+    listed = client.get("/search", params={"q": prefix})
+    expected = sum(p.startswith(prefix) for p, _, _ in cubes)
+    if expected > 1:
+        assert f'<span id="n-found">{expected}</span>' in listed.text
+    ra, dec = next((r, d) for p, r, d in cubes if p == plateifu)
+    cone = client.get("/search", params={"q": f"{ra + 2 / 3600:.6f} {dec:.6f} 5"})
+    assert cone.status_code == 200 and f">{plateifu}</td>" in cone.text
+    rows = cone.text.split('id="found"')[1].split("</table>")[0].count('class="found"')
+    assert rows == con.sql("select count(*) from cone(?, ?, 5)",
+                           params=[round(ra + 2 / 3600, 6), round(dec, 6)]).fetchall()[0][0]
+    nothing = client.get("/search", params={"q": "9999-99999"})
+    assert nothing.status_code == 404 and nothing.text.count('id="error"') == 1
+    bad = client.get("/search", params={"q": "10 95"})
+    assert bad.status_code == 400 and "Dec" in bad.text
+
+
+def test_baxel_page_draws_the_stored_fit_recomputed_with_its_own_fitter(site) -> None:
+    """The fit over the spectrum is the stored row's: same fitter, same labels."""
+    from desomdb.web import explorer
+
+    client, arch, model_id, _, facts = site
+    _, release, plateifu = facts["galaxy"]
+    stored = views.connect(arch).sql(
+        "select fitter, chi2_red, sigma, age_mw_gyr, vel from preferred_labels where "
+        "release = ? and plateifu = ? and bin_id = 0", params=[release, plateifu]).fetchall()[0]
+    page = client.get(f"/baxel/{release}/{plateifu}/0")
+    assert page.status_code == 200
+    assert 'id="fit"' in page.text and f"<code>{stored[0]}</code> fit" in page.text
+    assert "stellar continuum" in page.text and "stars + emission lines" in page.text
+    ex = explorer.Explorer(arch)
+    with ex.connection(model_id) as (con, info):
+        assert info is not None
+        data = galaxy_pages.baxel_data(con, info, release, plateifu, 0)
+    drawing = explorer.redraw_fit(ex, model_id, data)
+    assert drawing is not None and drawing.fitter_id == stored[0]
+    row = drawing.model.row
+    np.testing.assert_allclose([row["chi2_red"], row["sigma"], row["age_mw_gyr"], row["vel"]],
+                               stored[1:], rtol=1e-6, atol=1e-6)
+    m = drawing.model
+    total = (m.stars + m.gas)[m.good]
+    chi = np.sqrt(np.mean((m.galaxy[m.good] - total) ** 2))
+    assert chi < 0.2 * np.median(np.abs(m.galaxy[m.good]))  # the model follows the data
+
+
+def test_an_unfitted_baxel_says_so(site, monkeypatch) -> None:
+    import dataclasses
+
+    from desomdb.web import routes
+
+    client, _, model_id, _, facts = site
+    _, release, plateifu = facts["galaxy"]
+    real = galaxy_pages.baxel_data
+    monkeypatch.setattr(routes.galaxy_pages, "baxel_data", lambda *a, **k: dataclasses.replace(
+        real(*a, **k), fit=None, labels={}))
+    page = client.get(f"/model/{model_id}/baxel/{release}/{plateifu}/1")
+    assert page.status_code == 200
+    assert 'id="not-fitted"' in page.text and 'id="fit"' not in page.text
+    assert "no fitter has labelled this" in page.text
+    assert '<td class="num">not fitted</td>' in page.text
+    assert '<td class="num">fails the cut</td>' not in page.text
+
+
+def test_galaxy_page_shows_the_image_footprint_and_formatted_numbers(site) -> None:
+    client, arch, _, _, facts = site
+    mangaid, release, plateifu = facts["galaxy"]
+    r = client.get(f"/galaxy/{mangaid}")
+    assert 'class="cube-image"' in r.text and 'class="footprint"' in r.text
+    assert "data:image/png;base64," in r.text
+    z = views.connect(arch).sql("select z from galaxies where release = ? and plateifu = ?",
+                                params=[release, plateifu]).fetchall()[0][0]
+    assert f"<td class=\"num\">{z:.4g}</td>" in r.text and repr(z) not in r.text
+    assert "<td>deg</td>" in r.text  # ra and dec carry their unit
+
+
+def test_bin_map_and_image_put_east_on_the_left() -> None:
+    """DRP cubes have CD1_1 < 0: RA falls with x, so x grows to the right for east left."""
+    from astropy.wcs import WCS
+
+    from desomdb.web import figures
+
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.cd = [[-0.5 / 3600, 0], [0, 0.5 / 3600]]
+    assert galaxy_pages.x_grows_west(wcs.to_header_string())
+    wcs.wcs.cd = [[0.5 / 3600, 0], [0, 0.5 / 3600]]
+    assert not galaxy_pages.x_grows_west(wcs.to_header_string())
+    xy = np.array([[0, 0, 1], [1, 0, 2]])
+    right = figures.binmap_svg(xy, {}, {}, {}, px=8, x_right=True)
+    assert right.index('data-bin="1"') < right.index('x="0"') < right.index('data-bin="2"')
+    left = figures.binmap_svg(xy, {}, {}, {}, px=8, x_right=False)
+    assert left.index('data-bin="2"') < left.index('x="0"')
+
+
+def test_sql_page_lists_every_view_its_columns_and_examples_that_run(site) -> None:
+    from desomdb.query import schema
+    from desomdb.web import pages
+
+    client = site[0]
+    r = client.get("/sql")
+    for view, cols in schema.view_docs().items():
+        assert f'data-view="{view}"' in r.text
+        assert all(f"<code>{c}</code>" in r.text for c in cols)
+    assert r.text.count('class="example"') == len(pages.SQL_EXAMPLES)
+    for _, query in pages.SQL_EXAMPLES:
+        ran = client.get("/sql", params={"q": query})
+        assert ran.status_code == 200, (query, ran.text[-400:])
+        assert int(ran.text.split('<span id="n-rows">')[1].split("<")[0]) > 0, query
+
+
 def test_sql_box_runs_the_guarded_query_and_refuses_writes(site, tmp_path) -> None:
     client, arch, _, _, _ = site
     r = client.get("/sql", params={"q": "select node, n_members from node_summary"})
@@ -303,7 +424,8 @@ def test_the_sql_page_shows_a_capped_head_and_the_csv_streams_a_capped_body(
     r = client.get("/sql", params={"q": "select range as i from range(2000)"})
     assert r.status_code == 200
     assert f'the first <span id="n-rows">{pages.SQL_ROWS_SHOWN}</span> rows' in r.text
-    assert r.text.count("<tr>") == pages.SQL_ROWS_SHOWN + 1  # header + the shown rows
+    result = r.text.split('id="result"')[1].split("</table>")[0]
+    assert result.count("<tr>") == pages.SQL_ROWS_SHOWN + 1  # header + the shown rows
     monkeypatch.setattr(routes, "SQL_CSV_ROWS", 1500)
     monkeypatch.setattr(routes, "SQL_CSV_BATCH", 400)  # several batches, one header
     csv = client.get("/sql.csv", params={"q": "select range as i from range(2000)"})
@@ -425,10 +547,25 @@ def test_click_map_node_galaxy_baxel_in_chromium(live, browser, full_archive, tm
     assert "/galaxy/" in browser.current_url
     assert browser.find_elements(By.CSS_SELECTOR, "#binmap svg a.bin")
     visit("galaxy")
+    assert browser.find_elements(By.CSS_SELECTOR, "#image svg.cube-image path.footprint")
     browser.find_element(By.CSS_SELECTOR, "#binmap a.bin").click()
     assert "/baxel/" in browser.current_url
     assert "DESOM reconstruction" in browser.page_source
+    assert browser.find_elements(By.CSS_SELECTOR, "#fit svg")  # the fit over the spectrum
     visit("baxel")
+    mangaid, plateifu = views.connect(arch).sql(
+        "select mangaid, plateifu from cubes order by plateifu limit 1").fetchall()[0]
+    box = browser.find_element(By.ID, "search")
+    box.send_keys(plateifu)
+    box.submit()
+    assert f"/galaxy/{mangaid}" in browser.current_url and plateifu in browser.title + \
+        browser.find_element(By.TAG_NAME, "h1").text
+    visit("search")
+    browser.get(live + "/sql")
+    browser.find_element(By.CSS_SELECTOR, 'details[data-view="baxels"] summary').click()
+    assert browser.find_element(By.CSS_SELECTOR, 'details[data-view="baxels"] table'
+                                ).is_displayed()
+    visit("sql_views")
     browser.get(live + "/sql?" + urlencode({"q": "copy (select 1) to 'x.csv'"}))
     error = browser.find_element(By.ID, "error").text
     assert "read-only" in error and "\n" not in error
