@@ -334,6 +334,20 @@ def test_galaxy_page_shows_the_image_footprint_and_formatted_numbers(site) -> No
     assert "<td>deg</td>" in r.text  # ra and dec carry their unit
 
 
+def test_a_cube_ingested_before_images_says_it_has_none(site, monkeypatch) -> None:
+    import dataclasses
+
+    from desomdb.web import routes
+
+    client, _, model_id, _, facts = site
+    real = galaxy_pages.galaxy_data
+    monkeypatch.setattr(routes.galaxy_pages, "galaxy_data", lambda *a, **k: dataclasses.replace(
+        real(*a, **k), images={}))
+    r = client.get(f"/model/{model_id}/galaxy/{facts['galaxy'][0]}")
+    assert r.status_code == 200 and 'id="no-image"' in r.text
+    assert 'class="cube-image"' not in r.text
+
+
 def test_bin_map_and_image_put_east_on_the_left() -> None:
     """DRP cubes have CD1_1 < 0: RA falls with x, so x grows to the right for east left."""
     from astropy.wcs import WCS
