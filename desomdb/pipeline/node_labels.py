@@ -422,7 +422,7 @@ def node_label_table(archive: str | Archive, model_id: str, where: str = "true")
     """
     arch = archive if isinstance(archive, Archive) else Archive(archive)
     con = views.connect(arch.root, raw=True)
-    con.execute("set enable_progress_bar = false")  # it would draw on the caller's terminal
+    views.progress_bar_off(con)
     try:
         has_errors = bool(arch.files(paths.LABEL_ERRORS))
         terms = galaxy_terms(con, model_id, where) if has_errors else {}

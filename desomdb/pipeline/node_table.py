@@ -39,7 +39,7 @@ def beyond_p99_counts(arch: Archive, model_id: str, n_nodes: int) -> np.ndarray 
     from desomdb.query import views
 
     con = views.connect(arch.root, raw=True)
-    con.execute("set enable_progress_bar = false")
+    views.progress_bar_off(con)
     try:
         found = con.sql("select distance_p99 from model_thresholds where model_id = ?",
                         params=[model_id]).fetchall()

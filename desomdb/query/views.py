@@ -248,6 +248,20 @@ class ReadOnlyConnection:
                              "connection (which can change the archive's files)")
 
 
+def progress_bar_off(con: duckdb.DuckDBPyConnection) -> None:
+    """Turn DuckDB's progress bar off on ``con`` (it would draw on the caller's terminal).
+
+    Inside Jupyter DuckDB keeps it off already, and refuses to change the setting at all
+    without ipywidgets ("Could not change the progress bar setting"): that refusal is ignored,
+    so pipeline stages run from a notebook.
+    """
+    try:
+        con.execute("set enable_progress_bar = false")
+    except duckdb.InvalidInputException:
+        if con.sql("select current_setting('enable_progress_bar')").fetchall()[0][0]:
+            raise
+
+
 @overload
 def connect(archive: str | Path, model: str | None = None, raw: Literal[False] = False,
             cached: bool = True) -> ReadOnlyConnection: ...
