@@ -5,8 +5,24 @@ ROOT = Path(__file__).parent.parent
 
 
 def _python_blocks() -> list[str]:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "sql.md").read_text()
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_stays_short() -> None:
+    """The README is a front door (what, install, taste, where the docs are), not a manual."""
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+
+
+def test_readme_sql_taste_runs(full_archive) -> None:
+    from desomdb.query import views
+
+    arch = full_archive[0]
+    (query,) = re.findall(r"```sql\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    result = views.connect(arch).sql(query).pl()
+    assert result.columns == ["node", "n_baxels", "log_age_lw", "mh_lw", "ebv_star"]
+    assert 0 < result.height <= 5
+    assert result["n_baxels"].is_sorted(descending=True)
 
 
 def test_readme_commands_match_ci() -> None:

@@ -18,7 +18,7 @@ from desomdb.errors import ConfigError, DesomdbError, JobInterruptedError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-SCHEDULER_HELP = ("Dask scheduler: address tcp://HOST:PORT or a scheduler file *.json "
+SCHEDULER_HELP = ("Dask scheduler: address tcp://HOST:PORT or a scheduler file (.json) "
                   "(see 'desomdb cluster')")
 
 

@@ -361,7 +361,7 @@ def stack(archive: Path, where: str, by: str, model_id: str | None, out: Path | 
     """Stack the spectra of a selection (inverse-variance weighted) and fit each stack.
 
     Each cube counts once (its newest release). Stacked: flux/norm_flux with weights
-    ivar*norm_flux^2. Plot the result with 'desomdb plot ARCHIVE stack --stack FILE'.
+    ivar × norm_flux². Plot the result with 'desomdb plot ARCHIVE stack --stack FILE'.
 
     \b
     Example:

@@ -78,37 +78,73 @@ class _Section(BaseModel):
 
 
 class _Job(_Section):
-    release: str
-    cubes: str
-    drpall: str
-    truth: str | None = None
+    """What to ingest."""
+
+    release: str = Field(description="Data release name the cubes are stored under, e.g. "
+                                     "DR15, DR17.")
+    cubes: str = Field(description="Folder searched recursively for "
+                                   "manga-*-LOGCUBE.fits[.gz], or a glob.")
+    drpall: str = Field(description="The release's drpall FITS file (redshifts, NSA "
+                                    "columns).")
+    truth: str | None = Field(default=None, description="Mock surveys only: the per-spaxel "
+                              "truth sidecar (Parquet) that desomdb mock writes.")
 
 
 class _Binning(_Section):
-    target_snr: float = Field(default=20.0, gt=0)
-    min_spaxel_snr: float = Field(default=2.0, ge=0)
-    wvt: bool = False
+    """How cubes are binned (vorbin)."""
+
+    target_snr: float = Field(default=20.0, gt=0, description="Voronoi target S/N per bin "
+                              "(per spectral pixel, covariance-corrected).")
+    min_spaxel_snr: float = Field(default=2.0, ge=0, description="Spaxels below this S/N "
+                                  "are left out of every bin (bin_id -1).")
+    wvt: bool = Field(default=False, description="vorbin's final step: false = CVT "
+                      "(Cappellari & Copin 2003), true = WVT (Diehl & Statler 2006; ~4x "
+                      "slower, the MaNGA DAP's choice).")
 
 
 class _Quality(_Section):
-    min_good_bins: int = Field(default=3900, ge=0)
-    train_min_snr: float = Field(default=10.0, ge=0)
-    tail_fraction: float = Field(default=0.005, ge=0, lt=0.5)
+    """The paper's quality flags (stored, never deletions)."""
+
+    min_good_bins: int = Field(default=3900, ge=0, description="Fewer good spectral bins "
+                               "(of 4544) flags a baxel flag_few_good.")
+    train_min_snr: float = Field(default=10.0, ge=0, description="Bins below this S/N are "
+                                 "flagged flag_low_snr and not trained on.")
+    tail_fraction: float = Field(default=0.005, ge=0, lt=0.5, description="Fraction of the "
+                                 "release flagged at each flux tail (lowest minimum, highest "
+                                 "maximum normalised flux off emission lines).")
 
 
 class _Run(_Section):
-    workers: int = Field(default=2, ge=1)
-    cubes_per_task: int = Field(default=2, ge=1)
-    scheduler: str | None = None
-    reuse: bool = True
+    """Where the job runs."""
+
+    workers: int = Field(default=2, ge=1, description="Local worker processes (one BLAS "
+                         "thread each).")
+    cubes_per_task: int = Field(default=2, ge=1, description="Cubes per task handed to a "
+                                "worker.")
+    scheduler: str | None = Field(default=None, description="A Dask scheduler address "
+                                  "(tcp://HOST:PORT) or scheduler file (*.json) instead of "
+                                  "local workers.")
+    reuse: bool = Field(default=True, description="Carry cubes unchanged since an earlier "
+                        "release (same checksum and drpall inputs) over instead of "
+                        "processing them again.")
 
 
 class _Refresh(_Section):
-    retrain: bool = False
-    label_max_per_cube: int | None = Field(default=None, ge=1)
-    device: Literal["cpu", "cuda"] = "cpu"
-    fingerprints: bool = True
-    label_budget: float | None = Field(default=None, gt=0)
+    """What desomdb refresh does after ingesting."""
+
+    retrain: bool = Field(default=False, description="Train a new DESOM-1 on the refreshed "
+                          "archive (a new model version; the current one is kept).")
+    label_max_per_cube: int | None = Field(default=None, ge=1, description="Fit at most "
+                                           "this many baxels per new cube (evenly spaced); "
+                                           "none: every baxel.")
+    device: Literal["cpu", "cuda"] = Field(default="cpu", description="torch device for "
+                                           "training and the batched fitter.")
+    fingerprints: bool = Field(default=True, description="Rebuild fingerprints and DESOM-2 "
+                               "assignments at the end.")
+    label_budget: float | None = Field(default=None, gt=0, description="With a current "
+                                       "model: label through the labelling plan (a fraction "
+                                       "of the baxels, or a count), as desomdb label --plan "
+                                       "--budget, instead of fitting every new baxel.")
 
 
 class _JobFile(_Section):
@@ -117,6 +153,31 @@ class _JobFile(_Section):
     quality: _Quality = Field(default_factory=_Quality)
     run: _Run = Field(default_factory=_Run)
     refresh: _Refresh = Field(default_factory=_Refresh)
+
+
+#: Units of the job-file keys that have one (the docs' job-file reference prints them).
+UNITS = {"target_snr": "per spectral pixel", "min_spaxel_snr": "per spectral pixel",
+         "min_good_bins": "spectral bins", "train_min_snr": "per spectral pixel",
+         "tail_fraction": "fraction of the release"}
+
+
+def reference() -> list[tuple[str, str, str, str, str, str]]:
+    """Every job-file key, for the docs: (section, key, type, default, unit, description).
+
+    Read from the pydantic models that validate job files, so the reference cannot drift
+    from what :func:`load_job` accepts.
+    """
+    rows = []
+    for section, info in _JobFile.model_fields.items():
+        model = info.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        for key, f in model.model_fields.items():
+            required = f.is_required()
+            kind = str(f.annotation).replace("typing.", "").replace("<class '", "").replace(
+                "'>", "")
+            rows.append((section, key, kind, "required" if required else repr(f.default),
+                         UNITS.get(key, ""), f.description or ""))
+    return rows
 
 
 def _validated(path: Path) -> _JobFile:

@@ -4,8 +4,9 @@ Units are astropy unit strings (``u.Unit(text)`` parses them, with
 :mod:`astropy.cosmology.units` enabled for ``littleh``). Logarithmic quantities carry
 ``dex`` units (``dex(solMass / solLum)``), which neither the FITS nor the VOUnit standard
 can express. FITS files get no ``TUNITn``/``BUNIT`` for them, nor for other units outside
-the FITS standard (``littleh``; SDSS's ``nanomaggy``, 3.631e-6 Jy), since astropy would warn on every read: :func:`fits_unit`
-returns None and :func:`unit_note` gives the text the column's comment carries instead,
+the FITS standard (``littleh``; SDSS's ``nanomaggy``, 3.631e-6 Jy), since astropy would warn
+on every read: :func:`fits_unit` returns None and :func:`unit_note` gives the text the
+column's comment carries instead,
 with the unit in the CDS convention that VizieR and TOPCAT use (``[solMass/solLum]``; a
 bare ``dex``, a logarithmic ratio such as [M/H], as ``dex``). VOTables keep them as units
 (CDS spelling).
