@@ -183,3 +183,41 @@ def test_ctrl_c_keeps_finished_cubes_and_the_rerun_fits_only_the_rest(ingested,
     again = labels.label(root, workers=1, progress=False)
     assert again.n_skipped_cubes == kept and again.n_cubes == n_cubes - kept
     assert Archive(root).last_job()["state"] == "finished"  # type: ignore[index]
+
+
+def test_thread_tuner_follows_the_faster_thread_count_and_restores_the_callers() -> None:
+    import torch
+
+    from desomdb.runtime.runner import ThreadTuner, single_threaded
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tuner = ThreadTuner()
+        assert tuner.options == [1, 2]
+
+        def cycle(step_seconds: dict[int, float]) -> list[int]:
+            used = []
+            for _ in range(tuner.PROBE * 2 + tuner.PERIOD):
+                tuner.before()
+                used.append(torch.get_num_threads())
+                tuner.after(step_seconds[torch.get_num_threads()])
+            return used
+
+        used = cycle({1: 0.3, 2: 0.5})  # loaded: one thread is faster
+        assert used[:tuner.PROBE] == [1] * tuner.PROBE
+        assert used[tuner.PROBE:2 * tuner.PROBE] == [2] * tuner.PROBE
+        assert tuner.chosen == 1
+        used = cycle({1: 0.17, 2: 0.11})  # quiet again: two threads, after one more probe
+        assert used[2 * tuner.PROBE:] == [2] * tuner.PERIOD and tuner.chosen == 2
+        cycle({1: 0.3, 2: 0.5})
+        tuner.close()
+        assert torch.get_num_threads() == 2  # the caller's count is back
+        with single_threaded():  # a bit-reproducible run is never moved off one thread
+            one = ThreadTuner()
+            for _ in range(3 * (one.PROBE + one.PERIOD)):
+                one.before()
+                assert torch.get_num_threads() == 1
+                one.after(0.1)
+    finally:
+        torch.set_num_threads(before)
