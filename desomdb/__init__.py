@@ -2,7 +2,8 @@
 
 The pipeline follows Teimoorinia et al. (2022, ApJ 926, 92): MaNGA DRP cubes are
 Voronoi-binned into "baxels", labelled with pPXF, mapped onto a DESOM, and summarised per
-galaxy as fingerprints that a second DESOM groups. See ``README.md`` for the commands.
+galaxy as fingerprints that a second DESOM groups. See the documentation (``docs/``)
+for the commands.
 
 ``desomdb.connect(archive)`` returns a read-only DuckDB connection with every view;
 ``desomdb.predict_spectra(archive, file)`` gives nodes and label PDFs for new spectra.

@@ -4,7 +4,7 @@ Ingest, label and assign parallelise over cubes: each takes ``--scheduler ADDRES
 one task per cube (or per few cubes) to the cluster's workers. ``train`` stays one process
 (a GPU when there is one) and streams from the archive.
 
-How it runs (the README's "Running on a cluster" has the whole recipe):
+How it runs (``docs/cluster.md`` has the whole recipe):
 
 1. ``desomdb cluster slurm --jobs 32 --memory 4GB --walltime 08:00:00 --account ACC
    --prologue 'source ~/venvs/desomdb/bin/activate'`` on a login node (or in a small batch

@@ -15,7 +15,7 @@ assigned (newest release of each cube) and every node label ``X``
 ``baxel_estimates`` gives these as ``map`` values. Why neighbours and not the node (the
 paper's way): on the 48-galaxy MIUSCAT mock with 10 % of the baxels fitted by a labelling
 plan, the scatter of the unfitted baxels' labels against the truth is about half that of
-their node medians (``benchmarks/bench_plan.py``, README "The map carries the labels"):
+their node medians (``benchmarks/bench_plan.py``, docs/measured.md, "The map carries the labels"):
 an 8×8 map's node holds ~50 baxels from many galaxies, while the three nearest fitted
 latents are usually the same kind of spectrum. K = 3 measured best of 1, 3, 5, 10, 20.
 

@@ -3,7 +3,7 @@
 Every export (``desomdb sql --format fits|votable|parquet``, ``desomdb export-hats``,
 ``desomdb maps``) carries one :class:`Provenance`: as FITS header cards, VOTable INFO
 elements, Parquet schema metadata or HATS properties. ``REFERENCES`` lists what a user of
-the exported values should cite (the README's "How to cite" says the same).
+the exported values should cite (``docs/cite.md`` says the same).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class Provenance:
             ("FITTER", ",".join(self.fitters), "label fit set-up(s)"),
             ("TEMPLIB", self.template_library, "SSP template library"),
             ("DATE", self.created_at, "UTC time of the export"),
-            ("REFERENC", REFERENCES[0], "cite; see README 'How to cite'"),
+            ("REFERENC", REFERENCES[0], "cite; see docs/cite.md"),
         ]
 
 

@@ -309,7 +309,8 @@ def _fit_fast(setup: FitSetup, galaxy: np.ndarray, noise: np.ndarray, good: np.n
 
     The reference spends ~30 evaluations of all 115 templates on a finite-difference
     Jacobian over 5 parameters; here the nonlinear stages see 16 or 19 templates and the
-    full set is solved once plus 4 times per Gauss-Newton iteration (README, "Labels: speed").
+    full set is solved once plus 4 times per Gauss-Newton iteration (docs/measured.md,
+    "Labels: speed").
 
     Parameters and returns as :func:`_fit_ppxf`.
     """

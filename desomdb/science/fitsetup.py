@@ -52,7 +52,7 @@ LINE_WINDOW_KMS = 800.0
 AV_STEP = 0.05
 #: Gauss-Newton steps of the fast fitter's last stage (each: one step in stellar V, σ, A_V
 #: and gas V, σ at fixed weights, then A_V on a parabola of linear fits); stops early when
-#: one does not lower the data χ². Two reach pPXF's own minimum (README, "Labels: speed").
+#: one does not lower the data χ². Two reach pPXF's own minimum (docs/measured.md, "Labels: speed").
 GN_ITERATIONS = 2
 #: Step, as a fraction of the nominal MaNGA LSF, that a cube's LSF is rounded to before the
 #: templates are prepared for it: cubes within one step share a template set (2 % of an
@@ -68,9 +68,9 @@ class FitOptions:
     """How the stellar continuum is fitted.
 
     The default, second-order regularisation with ``regul = 10`` and no polynomial, is the
-    measured best compromise (README, "Labels on data the project did not make"): on a BC03
-    mock it halves the cross-library [M/H] bias of the unregularised fit (-0.094 -> -0.040
-    dex) and the age scatter, while on the same-library mock all biases stay below 0.03 dex;
+    measured best compromise (docs/measured.md, "Labels on data the project did not
+    make"): on a BC03 mock it halves the cross-library [M/H] bias of the unregularised fit
+    (-0.094 -> -0.040 dex) and the age scatter, while on the same-library mock all biases stay below 0.03 dex;
     ``regul = 100`` removes the cross-library [M/H] bias but biases same-library ages and
     M*/L_r by -0.07 dex; a multiplicative polynomial with the dust fixed is worse on both.
 

@@ -11,13 +11,13 @@ Fitters (``fitter=`` / ``desomdb label --fitter``; the id is stored in every row
   on CPU or GPU (``device``); the kinematic stages are damped Gauss-Newton iterations with
   the variable-projection Jacobian instead of pPXF calls. Through :func:`fit_spectra`; its
   labels equal the fast fitter's to < 0.001 dex (median per baxel) at ~2.2x its speed
-  (README, "Labels: speed").
+  (docs/measured.md, "Labels: speed").
 - ``fast`` (``fast-miuscat-v2``): stellar V, σ and A_V once with a coarse 16-
   template subset on the line-free bins, gas V, σ on the continuum-subtracted line windows,
   then the full template set at fixed kinematics as regularised linear fits (one batched
   FFT, non-negative least squares on the normal equations), and two Gauss-Newton steps in
   all five nonlinear parameters, each followed by A_V on a parabola through three linear
-  fits. ~4-5x the reference's fits/s with the same accuracy on both mocks (README,
+  fits. ~4-5x the reference's fits/s with the same accuracy on both mocks (docs/measured.md,
   "Labels: speed"). Its ``fast-miuscat-v1`` (before December 2026) chose the nonlinear
   parameters by χ² + regularisation instead; rows keep the id of the fitter that made them.
 - ``ppxf`` (``ppxf-miuscat-v2``, the reference): one pPXF fit with all five nonlinear

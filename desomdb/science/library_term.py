@@ -17,7 +17,7 @@ its statistical σ does not explain, and σ_lib is the split-conformal quantile 
 (n + 1)-corrected empirical quantile, infinite in a bin with too few baxels). Then
 |fit − truth| ≤ sqrt(σ_stat² + σ_lib²) — the *total* σ — holds for at least 68 % of baxels
 exchangeable with the calibration ones. It is validated leaving one library out: fitted on
-BC03 and tested on MaStar, and the reverse (``bench_library_term.py``; README, "Error bars
+BC03 and tested on MaStar, and the reverse (``bench_library_term.py``; docs/measured.md, "Error bars
 that survive a change of library"). A bin whose σ_lib exceeds the label's median σ_stat there
 is one where the library dominates (``dominated``).
 

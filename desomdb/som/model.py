@@ -97,7 +97,7 @@ class DesomConfig:
     t_min: float = 0.7
     #: Compact default schedule: on a 48-galaxy mock (15×15) 1,800 + 400 iterations gave the
     #: same held-out MSE as 3,000 + 500 (0.70x PCA-256), TE4 0.19 vs 0.21, in 37 % fewer
-    #: steps (README, "DESOM-1 against the baseline").
+    #: steps (docs/measured.md, "DESOM-1 against the baseline").
     iterations: int = 1800
     decay_iters: int = 1440
     pretrain_iters: int = 400

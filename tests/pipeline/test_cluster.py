@@ -1,6 +1,6 @@
 """A real Dask cluster on localhost: ``dask scheduler`` and two ``dask worker`` processes.
 
-The same commands an astronomer runs on a cluster (see the README's "Running on a cluster"),
+The same commands an astronomer runs on a cluster (see docs/cluster.md),
 pointed at a scheduler file on the shared (here: local) disk. Ingest, label and assign run
 through ``--scheduler`` and must give exactly what the local process pool gives.
 """
