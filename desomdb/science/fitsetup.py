@@ -71,8 +71,9 @@ class FitOptions:
     measured best compromise (docs/measured.md, "Labels on data the project did not
     make"): on a BC03 mock it halves the cross-library [M/H] bias of the unregularised fit
     (-0.094 -> -0.040 dex) and the age scatter, while on the same-library mock all biases
-    stay below 0.03 dex; ``regul = 100`` removes the cross-library [M/H] bias but biases same-library ages and
-    M*/L_r by -0.07 dex; a multiplicative polynomial with the dust fixed is worse on both.
+    stay below 0.03 dex; ``regul = 100`` removes the cross-library [M/H] bias but biases
+    same-library ages and M*/L_r by -0.07 dex; a multiplicative polynomial with the dust
+    fixed is worse on both.
 
     Attributes
     ----------
