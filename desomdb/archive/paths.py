@@ -9,8 +9,14 @@ Layout::
                                 a table's committed files with size and sha256 (immutable)
       _lock                     held (flock) by the one writer
       _staging/                 files being written; never read by queries
-      <table>/release=<R>/...   hive-partitioned Parquet (data tables)
-      <table>/model_id=<M>/...  hive-partitioned Parquet (per-model tables)
+      _store/<table>/release=<R>/...
+                                hive-partitioned Parquet (data tables): every committed
+                                file, and superseded ones kept for older readers
+      _store/<table>/model_id=<M>/...
+                                hive-partitioned Parquet (per-model tables)
+      <table>/...               hard links to exactly the committed files of _store/<table>
+                                (what a plain glob of a table folder should see; archives
+                                written before _store kept their files here)
       artefacts/<model_id>/     model artefacts (checkpoints)
       artefacts/<model_id>/similar/
                                 similarity-search indexes (<kind>.json names the current
@@ -34,6 +40,11 @@ LOCK = "_lock"
 STAGING = "_staging"
 #: Where ``desomdb check --repair`` moves files no manifest lists (outside every table folder).
 QUARANTINE = "_quarantine"
+#: Where committed data files live (``_store/<table>/<key>=<value>/<file>``), and where
+#: superseded ones stay for older readers. Each table folder ``<table>/`` holds a hard link
+#: to every committed file and nothing else, so a plain glob of it (polars, pandas, DuckDB)
+#: sees exactly the committed rows; readers of desomdb bind the stored paths.
+STORE = "_store"
 MODELS_DIR = "artefacts"
 CURRENT_MODEL = "_current_model.json"
 SETUP_SQL = "setup.sql"
@@ -99,6 +110,28 @@ def commit_journal(generation: int) -> str:
     return f"{STAGING}/commit-{generation}.json"
 
 
+def stored(rel: str) -> str:
+    """Where a committed data file lives: ``baxels/x`` -> ``_store/baxels/x`` (idempotent).
+
+    The manifest lists these paths and every reader binds them. Archives written before
+    :data:`STORE` existed list table-folder paths; those are kept as they are.
+    """
+    return rel if rel.startswith(STORE + "/") else f"{STORE}/{rel}"
+
+
+def mirror(rel: str) -> str | None:
+    """Return a stored file's table-folder name (``_store/baxels/x`` -> ``baxels/x``).
+
+    None for a file of the older layout, which lives in its table folder itself.
+    """
+    return rel[len(STORE) + 1:] if rel.startswith(STORE + "/") else None
+
+
+def logical(rel: str) -> str:
+    """Return a committed file's path without the :data:`STORE` prefix (``<table>/...``)."""
+    return mirror(rel) or rel
+
+
 def partition_dir(table: str, key: str, value: str) -> str:
     """Relative folder of one hive partition, e.g. ``baxels/release=DR15``."""
     return f"{table}/{key}={value}"
@@ -143,7 +176,7 @@ def parse_partition(rel: str) -> tuple[str, str, str]:
     ValueError
         If ``rel`` is not ``<table>/<key>=<value>/<name>``.
     """
-    parts = rel.split("/")
+    parts = logical(rel).split("/")
     if len(parts) < 3 or "=" not in parts[1]:
         raise ValueError(f"{rel!r} is not <table>/<key>=<value>/<file>")
     key, value = parts[1].split("=", 1)

@@ -44,8 +44,13 @@ class StagedFile:
     """A file written under ``_staging`` and the committed path it will take."""
 
     table: str
-    target: str  # relative to the archive root, e.g. "baxels/release=DR15/part-....parquet"
+    #: Relative to the archive root, in the store: "_store/baxels/release=DR15/part-...";
+    #: a table-folder path given here ("baxels/release=DR15/...") is moved into the store.
+    target: str
     staged: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target", paths.stored(self.target))
 
 
 @dataclass(frozen=True)

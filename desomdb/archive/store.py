@@ -250,7 +250,7 @@ class Archive:
         if partition:
             (key, value), = partition.items()
             prefix = paths.partition_dir(table, key, value) + "/"
-            rel = [r for r in rel if r.startswith(prefix)]
+            rel = [r for r in rel if paths.logical(r).startswith(prefix)]
         return [self.root / r for r in rel]
 
     def has_table(self, table: str) -> bool:
@@ -425,7 +425,8 @@ def _segment_records(segments: Any) -> dict[str, tuple[str, int, str, int]] | No
 
 def holds_archive_data(root: Path) -> list[str]:
     """Names of archive data found in ``root`` (tables, artefacts, manifest segments)."""
-    names = (*paths.TABLES, paths.MANIFEST_DIR, paths.MODELS_DIR, paths.CURRENT_MODEL)
+    names = (*paths.TABLES, paths.STORE, paths.MANIFEST_DIR, paths.MODELS_DIR,
+             paths.CURRENT_MODEL)
     if not root.is_dir():
         return []
     found = []

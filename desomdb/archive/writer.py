@@ -8,6 +8,7 @@ archive's writer lock for the session; the commit protocol is described in
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -89,6 +90,8 @@ class Writer:
         added = self._move_in(add, segs)
         dropped: list[str] = []
         for table, rel in sorted(set(remove)):
+            if rel not in segs[table]:  # a table-folder name of a stored file
+                rel = paths.stored(rel)
             if rel in added:
                 continue
             if segs[table].pop(rel, None) is not None:
@@ -113,8 +116,16 @@ class Writer:
             "format_version": FORMAT_VERSION, "generation": generation,
             "segments": dict(sorted(segments.items())), "superseded": superseded,
         })
+        # Committed. The table folders follow: links to the files added, none to those
+        # dropped (a crash before the journal goes leaves it for the next writer, which
+        # brings every table folder in step: sync_mirror).
+        for rel in sorted(added):
+            _link_mirror(self.root, rel)
+        for rel in dropped:
+            _unlink_mirror(self.root, rel)
         journal.unlink(missing_ok=True)
         for rel in expired:
+            _unlink_mirror(self.root, rel)
             (self.root / rel).unlink(missing_ok=True)
         return generation
 
@@ -252,10 +263,16 @@ class Writer:
         That is: the files its commit journal names that no manifest lists, segments of the
         next generation (only a commit in progress writes those), and the staging area.
         Any other file the manifest does not list is left alone (``desomdb check`` reports
-        it; ``--repair`` moves it to the quarantine folder).
+        it; ``--repair`` moves it to the quarantine folder). A writer that died after its
+        commit but before its table folders followed leaves a journal: the table folders
+        are brought in step (:func:`sync_mirror`).
         """
-        return [self.root / rel for rel in dead_writer_files(self.archive)
-                if _unlink(self.root / rel)] + _clear_staging(self.root)
+        died = any((self.root / paths.STAGING).glob("commit-*.json"))
+        removed = [self.root / rel for rel in dead_writer_files(self.archive)
+                   if _unlink(self.root / rel)]
+        if died:
+            sync_mirror(self.archive)
+        return removed + _clear_staging(self.root)
 
 
 def dead_writer_files(archive: Archive) -> list[str]:
@@ -284,6 +301,111 @@ def dead_writer_files(archive: Archive) -> list[str]:
         if parsed is not None and parsed[1] == nxt and rel not in keep:
             found.add(rel)
     return sorted(found)
+
+
+def _link_mirror(root: Path, rel: str) -> None:
+    """Give the stored file ``rel`` its table-folder name.
+
+    A hard link (a symlink where the filesystem has none). Files of the older layout are
+    their own table-folder name.
+    """
+    name = paths.mirror(rel)
+    if name is None:
+        return
+    dest, src = root / name, root / rel
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.is_symlink() or dest.exists():
+            if same_file(dest, src):
+                return
+            dest.unlink()  # a stale name: the stored file is what was committed
+        try:
+            os.link(src, dest)
+        except OSError:
+            dest.symlink_to(os.path.relpath(src, dest.parent))
+    except OSError as exc:
+        raise write_error(dest, exc) from exc
+
+
+def _unlink_mirror(root: Path, rel: str) -> bool:
+    """Remove a stored file's table-folder name if it still names that file."""
+    name = paths.mirror(rel)
+    if name is None:
+        return False
+    dest = root / name
+    if (dest.is_symlink() or dest.exists()) and same_file(dest, root / rel):
+        dest.unlink()
+        return True
+    return False
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether table-folder name ``a`` stands for stored file ``b``.
+
+    The same file (a hard link or a symlink to it), or a copy of it: a copy of the archive
+    made without keeping hard links (``shutil.copytree``, ``cp -r``, ``rsync`` without
+    ``-H``) holds the two names as two equal files.
+    """
+    try:
+        if a.samefile(b):
+            return True
+        if a.is_symlink():
+            return a.resolve() == b.resolve()
+        return a.is_file() and b.is_file() and a.stat().st_size == b.stat().st_size
+    except OSError:  # a dangling symlink, or the stored file is gone
+        return a.is_symlink() and a.resolve(strict=False) == b.resolve(strict=False)
+
+
+def mirror_problems(archive: Archive) -> tuple[list[str], list[str]]:
+    """Where the table folders differ from the committed files.
+
+    Returns
+    -------
+    missing : list of str
+        Stored files (relative paths) that are committed but have no table-folder name.
+    stale : list of str
+        Table-folder names (relative paths) of stored files no longer committed.
+    """
+    m = archive.manifest()
+    committed = {rel for rel in m["records"] if paths.mirror(rel) is not None}
+    root = archive.root
+    missing = sorted(rel for rel in committed
+                     if not same_file(root / str(paths.mirror(rel)), root / rel))
+    stale = []
+    for table in paths.TABLES:
+        base = root / table
+        if not base.is_dir():
+            continue
+        for path in base.rglob("*"):
+            if not (path.is_file() or path.is_symlink()):
+                continue
+            name = str(path.relative_to(root))
+            twin = paths.stored(name)
+            if twin not in committed and (root / twin).exists() and same_file(path,
+                                                                               root / twin):
+                stale.append(name)
+            elif twin not in committed and path.is_symlink() and not path.exists():
+                stale.append(name)  # dangling: its stored file is gone
+    return missing, sorted(stale)
+
+
+def sync_mirror(archive: Archive) -> tuple[list[str], list[str]]:
+    """Bring every table folder in step with the committed files (call as the writer).
+
+    Links committed files that lack their table-folder name and removes names of files no
+    longer committed; a user's own file in a table folder is left alone.
+
+    Returns
+    -------
+    linked, removed : list of str
+        Relative paths of the names made and removed.
+    """
+    missing, stale = mirror_problems(archive)
+    for rel in missing:
+        _link_mirror(archive.root, rel)
+    for name in stale:
+        (archive.root / name).unlink(missing_ok=True)
+    return [str(paths.mirror(r)) for r in missing], stale
 
 
 def _unlink(path: Path) -> bool:

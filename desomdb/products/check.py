@@ -18,7 +18,13 @@ import duckdb
 
 from desomdb.archive import paths
 from desomdb.archive.store import Archive, holds_archive_data
-from desomdb.archive.writer import accounted_files, dead_writer_files
+from desomdb.archive.writer import (
+    accounted_files,
+    dead_writer_files,
+    mirror_problems,
+    same_file,
+    sync_mirror,
+)
 from desomdb.errors import ArchiveError, DesomdbError
 from desomdb.som import registry
 
@@ -33,7 +39,9 @@ class Problem:
         ``manifest``, ``missing``, ``size``, ``checksum``, ``unreadable``, ``duplicate-key``,
         ``orphan-assignment``, ``view``, ``current-model``, ``artefact`` (a model checkpoint
         missing or changed), ``uncommitted`` (left by a writer
-        that died), ``unlisted`` (no commit lists it) or ``staging``.
+        that died), ``unlisted`` (no commit lists it), ``mirror`` (a table folder out of step
+        with the committed files: a committed file without its name there, or a name of a
+        superseded one) or ``staging``.
     path : str
         The file or table at fault (relative to the archive where possible).
     message : str
@@ -95,12 +103,14 @@ def check(archive: str | Path, repair: bool = False, checksums: bool = True) -> 
     records = manifest["records"]
     for rel, rec in sorted(records.items()):
         problems.extend(_check_file(root, rel, rec.size, rec.sha256, checksums))
-    problems.extend(_stray_files(arch))
+    damaged = {p.path for p in problems}
+    problems.extend(_stray_files(arch, damaged))
 
     repaired: list[str] = []
     if repair and any(p.repairable for p in problems):
         repaired = _repair(arch, problems)
-        problems = [p for p in problems if not p.repairable] + list(_stray_files(arch))
+        problems = [p for p in problems if not p.repairable] + list(_stray_files(arch,
+                                                                                 damaged))
 
     if not any(p.kind in ("missing", "size", "checksum") for p in problems):
         problems.extend(_check_through_views(arch, manifest["tables"]))
@@ -126,27 +136,44 @@ def _check_file(root: Path, rel: str, size: int | None, sha256: str | None,
     return []
 
 
-def _stray_files(arch: Archive) -> list[Problem]:
+def _stray_files(arch: Archive, damaged: set[str] | frozenset[str] = frozenset()
+                 ) -> list[Problem]:
     """Files the manifest does not list, in the table and manifest folders, and staging.
 
     Those a writer that died mid-commit left (its journal names them) are ``uncommitted``:
     repair deletes them, as the next writer would. Any other is ``unlisted`` (a user's
     file, or one a damaged manifest forgot): repair moves it to the quarantine folder and
-    never deletes it.
+    never deletes it. Table folders out of step with the committed files are ``mirror``
+    problems, except where the stored file itself is ``damaged`` (reported already: restore
+    it, and its table-folder name with it).
     """
     if arch.writer_is_running():
         return []  # a live writer's staged files are not garbage
     keep = accounted_files(arch)
     dead = set(dead_writer_files(arch))
-    out = []
-    for folder in (*paths.TABLES, paths.MANIFEST_DIR):
+    missing, stale = mirror_problems(arch)
+    missing = [rel for rel in missing if rel not in damaged]
+    out = [Problem("mirror", str(paths.mirror(rel)),
+                   f"{arch.root / str(paths.mirror(rel))}: committed (as {rel}) but missing "
+                   "from its table folder, so a glob of the folder misses its rows; 'desomdb "
+                   "check --repair' links it", repairable=True) for rel in missing]
+    out += [Problem("mirror", name,
+                    f"{arch.root / name}: names a superseded file, so a glob of the table "
+                    "folder counts its rows twice; 'desomdb check --repair' removes the "
+                    "name (the stored file stays for older readers)", repairable=True)
+            for name in stale]
+    for folder in (*paths.TABLES, paths.STORE, paths.MANIFEST_DIR):
         base = arch.root / folder
         if not base.is_dir():
             continue
         for path in sorted(base.rglob("*")):
             rel = str(path.relative_to(arch.root))
-            if not path.is_file() or rel in keep:
+            if not (path.is_file() or path.is_symlink()) or rel in keep or rel in stale:
                 continue
+            twin = paths.stored(rel)
+            if folder != paths.STORE and twin in keep and (twin in damaged
+                                                           or same_file(path, arch.root / twin)):
+                continue  # a table-folder name of a stored file
             if rel in dead:
                 out.append(Problem("uncommitted", rel,
                                    f"{path}: not committed (left by a writer that died); "
@@ -173,6 +200,10 @@ def _repair(arch: Archive, problems: list[Problem]) -> list[str]:
     done = []
     with arch.writer("desomdb check --repair"):  # opening it deletes a dead writer's files
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        if any(p.kind == "mirror" for p in problems):
+            linked, removed = sync_mirror(arch)
+            done += [f"{name} (linked)" for name in linked]
+            done += [f"{name} (removed)" for name in removed]
         for p in problems:
             if p.kind != "unlisted":
                 continue
@@ -181,8 +212,8 @@ def _repair(arch: Archive, problems: list[Problem]) -> list[str]:
             dst.parent.mkdir(parents=True, exist_ok=True)
             src.replace(dst)
             done.append(f"{p.path} -> {dst.relative_to(arch.root)}")
-    done += [p.path for p in problems
-             if p.repairable and p.kind != "unlisted" and not (arch.root / p.path).exists()]
+    done += [p.path for p in problems if p.repairable and p.kind not in ("unlisted", "mirror")
+             and not (arch.root / p.path).exists()]
     return done
 
 

@@ -46,8 +46,9 @@ def test_a_writer_that_died_mid_commit_leaves_only_its_own_files_deleted(tmp_pat
     with pytest.raises(KeyboardInterrupt), arch.writer("dies") as w:
         w.commit(add=[_stage(w, "cubes", ["1-1"], "part-1-1-aaa.parquet")])
     monkeypatch.undo()
-    moved = arch.root / "cubes" / "release=DR15" / "part-1-1-aaa.parquet"
+    moved = arch.root / paths.STORE / "cubes" / "release=DR15" / "part-1-1-aaa.parquet"
     assert moved.exists() and list((arch.root / paths.MANIFEST_DIR).glob("cubes-1.json"))
+    assert not (arch.root / "cubes" / "release=DR15" / moved.name).exists()  # no glob sees it
     assert arch.generation() == 0 and not arch.files("cubes")  # readers never saw it
     with arch.writer("next"):
         pass
@@ -78,8 +79,8 @@ def test_commit_records_size_and_checksum_per_table_segment(tmp_path) -> None:
         galaxies_segment = arch.manifest()["segments"]
         w.commit(add=[_stage(w, "cubes", ["1-2"], "b.parquet")])
     m = arch.manifest()
-    rec = m["records"]["cubes/release=DR15/b.parquet"]
-    data = (arch.root / "cubes/release=DR15/b.parquet").read_bytes()
+    rec = m["records"]["_store/cubes/release=DR15/b.parquet"]
+    data = (arch.root / "_store/cubes/release=DR15/b.parquet").read_bytes()
     assert rec.size == len(data) and rec.sha256 == hashlib.sha256(data).hexdigest()
     # The second commit touched only cubes: the galaxies segment is the same file.
     assert [s for s in m["segments"] if "galaxies" in s] == \
@@ -90,6 +91,7 @@ def test_superseded_files_outlive_the_commit_for_readers(tmp_path, monkeypatch) 
     import desomdb
 
     arch = Archive(tmp_path / "a", create=True)
+    stored = arch.root / "_store/cubes/release=DR15/a.parquet"
     with arch.writer("test") as w:
         w.commit(add=[_stage(w, "cubes", ["1-1"], "a.parquet")])
     con = desomdb.connect(arch.root)  # plans its files from this manifest
@@ -97,15 +99,81 @@ def test_superseded_files_outlive_the_commit_for_readers(tmp_path, monkeypatch) 
         w.commit(add=[_stage(w, "cubes", ["1-1"], "compact-2.parquet")],
                  remove=[("cubes", "cubes/release=DR15/a.parquet")])
     assert con.sql("select count(*) from cubes").fetchall() == [(1,)]
-    assert (arch.root / "cubes/release=DR15/a.parquet").exists()
+    assert stored.exists()
     # Deleted once superseded for RETAIN_COMMITS commits and DESOMDB_RETAIN_SECONDS.
     monkeypatch.setenv("DESOMDB_RETAIN_SECONDS", "0")
     with arch.writer("test") as w:
         w.commit(add=[_stage(w, "galaxies", ["1-1"], "g.parquet")])
-        assert (arch.root / "cubes/release=DR15/a.parquet").exists()  # 1 commit only
+        assert stored.exists()  # 1 commit only
         w.commit(add=[_stage(w, "galaxies", ["1-1"], "g2.parquet")])
-    assert not (arch.root / "cubes/release=DR15/a.parquet").exists()
+    assert not stored.exists()
     assert arch.read("cubes").num_rows == 1
+
+
+def test_a_plain_glob_of_a_table_folder_sees_exactly_the_committed_rows(tmp_path) -> None:
+    """Seen: polars and pandas read 5,586 rows for 2,793 committed baxels right after a
+    compaction (the superseded part files sat beside the file that replaced them)."""
+    import pandas as pd
+    import polars as pl
+
+    import desomdb
+    from desomdb.archive import paths
+
+    arch = Archive(tmp_path / "a", create=True)
+    with arch.writer("ingest") as w:
+        w.commit(add=[_stage(w, "cubes", ["1-1"], "part-1-1-a.parquet"),
+                      _stage(w, "cubes", ["1-2"], "part-1-2-b.parquet")])
+    before = desomdb.connect(arch.root)  # an older snapshot, reading on
+    with arch.writer("ingest") as w:  # the release's compaction, as ingest does it
+        adds, removes = w.compact("cubes", "DR15", ["plateifu"])
+        w.commit(add=adds, remove=removes)
+    folder = arch.root / "cubes"
+    assert sorted(p.name for p in folder.rglob("*.parquet")) == ["compact-2.parquet"]
+    assert pl.scan_parquet(str(folder / "**/*.parquet")).collect().height == 2
+    assert len(pd.read_parquet(folder)) == 2
+    assert pl.read_parquet(str(folder / "**/*.parquet"), hive_partitioning=True)[
+        "release"].to_list() == ["DR15", "DR15"]
+    assert before.sql("select count(*) from cubes").fetchall() == [(2,)]
+    assert len(list((arch.root / paths.STORE / "cubes").rglob("*.parquet"))) == 3  # kept
+    # a killed writer's files and a copy of the archive made without hard links
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(arch.root, copy)
+    with Archive(copy).writer("ingest") as w:
+        w.commit(add=[_stage(w, "cubes", ["1-3"], "compact-3.parquet")],
+                 remove=[("cubes", "cubes/release=DR15/compact-2.parquet")])
+    assert pl.scan_parquet(str(copy / "cubes/**/*.parquet")).collect().height == 1
+
+
+def test_a_table_folder_out_of_step_is_found_and_repaired(tmp_path) -> None:
+    """A writer killed between its commit and the table-folder links is caught up."""
+    from desomdb.archive import paths
+    from desomdb.products.check import check
+
+    arch = Archive(tmp_path / "a", create=True)
+    with arch.writer("ingest") as w:
+        w.commit(add=[_stage(w, "cubes", ["1-1"], "a.parquet")])
+        w.commit(add=[_stage(w, "cubes", ["1-2"], "b.parquet")],
+                 remove=[("cubes", "cubes/release=DR15/a.parquet")])
+    name_b = arch.root / "cubes/release=DR15/b.parquet"
+    name_b.unlink()  # as if killed before linking b
+    (arch.root / "cubes/release=DR15/a.parquet").hardlink_to(
+        arch.root / paths.STORE / "cubes/release=DR15/a.parquet")  # ... and unlinking a
+    report = check(arch.root)
+    assert sorted(p.path for p in report.problems if p.kind == "mirror") == [
+        "cubes/release=DR15/a.parquet", "cubes/release=DR15/b.parquet"]
+    fixed = check(arch.root, repair=True)
+    assert fixed.ok, fixed.problems
+    assert sorted(p.name for p in (arch.root / "cubes").rglob("*.parquet")) == ["b.parquet"]
+    assert name_b.samefile(arch.root / paths.STORE / "cubes/release=DR15/b.parquet")
+    # the next writer after a crash does the same on its own (the journal says it died)
+    name_b.unlink()
+    (arch.root / paths.STAGING).mkdir(exist_ok=True)
+    (arch.root / paths.commit_journal(3)).write_text("{}")
+    with arch.writer("next"):
+        pass
+    assert name_b.exists()
 
 
 def test_format_1_manifest_is_read_and_upgraded(tmp_path) -> None:
@@ -135,7 +203,7 @@ def test_a_folder_with_data_but_no_manifest_is_damaged(tmp_path) -> None:
     (arch.root / "_manifest.json").unlink()
     with pytest.raises(ArchiveError, match="damaged archive"):
         Archive(arch.root, create=True)
-    assert (arch.root / "cubes/release=DR15/a.parquet").exists()
+    assert (arch.root / "_store/cubes/release=DR15/a.parquet").exists()
 
 
 @pytest.mark.parametrize("text, why", [
