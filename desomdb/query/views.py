@@ -400,6 +400,9 @@ def write_setup_sql(archive: Archive) -> None:
 def cache_stamp(manifest: dict[str, Any], model_id: str, defs: dict[str, str]) -> str:
     """Digest of what the cached views' rows depend on (hex sha256).
 
+    The names, sizes and sha256 of the base tables' committed files (a file re-committed
+    under its name with other rows changes the stamp), the model and the view texts.
+
     Parameters
     ----------
     manifest : dict
@@ -409,8 +412,12 @@ def cache_stamp(manifest: dict[str, Any], model_id: str, defs: dict[str, str]) -
     defs : dict
         The view texts (:func:`view_sql`).
     """
+    records = manifest["records"]
+    # each file by name and content: a commit may replace a file under the same name
     payload = {"format": CACHE_FORMAT, "model": model_id,
-               "files": {t: manifest["tables"].get(t, []) for t in _CACHE_BASES},
+               "files": {t: [[f, records[f].sha256 if f in records else None,
+                              records[f].size if f in records else None]
+                             for f in manifest["tables"].get(t, [])] for t in _CACHE_BASES},
                "sql": {name: defs.get(name) for name in (*CACHED_VIEWS, *_CACHE_BASES)}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

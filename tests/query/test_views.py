@@ -347,6 +347,30 @@ def test_a_stale_or_damaged_query_cache_is_not_read(trained_archive, tmp_path) -
         assert _cache_in_use(con) and _same(_baxel_labels(con), _baxel_labels(live))
 
 
+def test_a_file_recommitted_under_its_name_makes_the_cache_stale(trained_archive,
+                                                                  tmp_path) -> None:
+    """Seen: the cache's stamp hashed file names only, so a commit that replaced a file
+    under the same name left readers on the old cached rows."""
+    import pyarrow.parquet as pq
+
+    from desomdb.archive import paths
+    from desomdb.archive.store import Archive
+
+    root = tmp_path / "arch"
+    shutil.copytree(trained_archive[0], root)
+    cache = root / paths.QUERY_CACHE
+    old = cache.read_bytes()
+    arch = Archive(root)
+    first = arch.files("labels")[0]
+    rows = pq.read_table(first)
+    with arch.writer("test") as w:  # the same name, one row fewer
+        w.commit(add=[w.stage_table("labels", rows.slice(1), str(first.relative_to(root)))])
+    cache.write_bytes(old)  # as if the session had died before rebuilding the cache
+    with views.connect(root) as con, views.connect(root, cached=False) as live:
+        assert not _cache_in_use(con)
+        assert _same(_baxel_labels(con), _baxel_labels(live))
+
+
 def test_an_open_reader_keeps_its_snapshot_across_a_rebuild(trained_archive, tmp_path) -> None:
     from desomdb.archive import paths
     from desomdb.archive.store import Archive
