@@ -126,6 +126,10 @@ class Writer:
         journal.unlink(missing_ok=True)
         for rel in expired:
             _unlink_mirror(self.root, rel)
+            twin = self.root / paths.stored(rel)
+            if paths.mirror(rel) is None and twin.exists() and (self.root / rel).exists() \
+                    and (self.root / rel).samefile(twin):
+                continue  # an older layout's file whose name now links a stored one
             (self.root / rel).unlink(missing_ok=True)
         return generation
 
@@ -316,9 +320,9 @@ def _link_mirror(root: Path, rel: str) -> None:
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.is_symlink() or dest.exists():
-            if same_file(dest, src):
+            if dest.samefile(src) if dest.exists() else False:
                 return
-            dest.unlink()  # a stale name: the stored file is what was committed
+            dest.unlink()  # a stale name or a copy: the stored file is what was committed
         try:
             os.link(src, dest)
         except OSError:

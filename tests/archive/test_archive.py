@@ -194,6 +194,23 @@ def test_format_1_manifest_is_read_and_upgraded(tmp_path) -> None:
     m = arch.manifest()
     assert m["format_version"] == 3 and m["generation"] == 4
     assert m["records"]["cubes/release=DR15/a.parquet"].sha256 is not None
+    # its files stay where they are until rewritten; then the table folder holds links only
+    import os
+
+    import polars as pl
+
+    os.environ["DESOMDB_RETAIN_SECONDS"] = "0"
+    try:
+        with arch.writer("compaction") as w:
+            adds, removes = w.compact("cubes", "DR15", ["plateifu"])
+            w.commit(add=adds, remove=removes)
+            w.commit(add=[_stage(w, "galaxies", ["1-1"], "g2.parquet")])
+            w.commit(add=[_stage(w, "galaxies", ["1-1"], "g3.parquet")])
+    finally:
+        del os.environ["DESOMDB_RETAIN_SECONDS"]
+    assert not (root / "cubes/release=DR15/a.parquet").exists()
+    assert [p.name for p in (root / "cubes").rglob("*.parquet")] == ["compact-5.parquet"]
+    assert pl.scan_parquet(str(root / "cubes/**/*.parquet")).collect().height == 1
 
 
 def test_a_folder_with_data_but_no_manifest_is_damaged(tmp_path) -> None:
