@@ -132,7 +132,7 @@ def latest_assignment_files(arch: Archive, model_id: str) -> dict[str, str]:
     prefix = paths.model_dir("assignments", model_id) + "/"
     out = {}
     for rel in manifest["tables"].get("assignments", []):
-        if rel.startswith(prefix) and cube_of(rel) in latest:
+        if paths.logical(rel).startswith(prefix) and cube_of(rel) in latest:
             out[rel] = manifest["records"][rel].sha256 or ""
     return out
 
