@@ -309,17 +309,26 @@ def test_an_unfitted_baxel_says_so(site, monkeypatch) -> None:
 
     from desomdb.web import routes
 
-    client, _, model_id, _, facts = site
+    _, arch, model_id, _, facts = site
     _, release, plateifu = facts["galaxy"]
     real = galaxy_pages.baxel_data
     monkeypatch.setattr(routes.galaxy_pages, "baxel_data", lambda *a, **k: dataclasses.replace(
         real(*a, **k), fit=None, labels={}))
-    page = client.get(f"/model/{model_id}/baxel/{release}/{plateifu}/1")
+    page = _uncached(arch).get(f"/model/{model_id}/baxel/{release}/{plateifu}/1")
     assert page.status_code == 200
     assert 'id="not-fitted"' in page.text and 'id="fit"' not in page.text
     assert "no fitter has labelled this" in page.text
     assert '<td class="num">not fitted</td>' in page.text
     assert '<td class="num">fails the cut</td>' not in page.text
+
+
+def _uncached(arch):
+    """A client of an app that draws every page afresh (the module's app keeps pages)."""
+    from starlette.testclient import TestClient
+
+    from desomdb.web import create_app
+
+    return TestClient(create_app(arch, cache_pages=0))
 
 
 def test_galaxy_page_shows_the_image_footprint_and_formatted_numbers(site) -> None:
@@ -339,11 +348,11 @@ def test_a_cube_ingested_before_images_says_it_has_none(site, monkeypatch) -> No
 
     from desomdb.web import routes
 
-    client, _, model_id, _, facts = site
+    _, arch, model_id, _, facts = site
     real = galaxy_pages.galaxy_data
     monkeypatch.setattr(routes.galaxy_pages, "galaxy_data", lambda *a, **k: dataclasses.replace(
         real(*a, **k), images={}))
-    r = client.get(f"/model/{model_id}/galaxy/{facts['galaxy'][0]}")
+    r = _uncached(arch).get(f"/model/{model_id}/galaxy/{facts['galaxy'][0]}")
     assert r.status_code == 200 and 'id="no-image"' in r.text
     assert 'class="cube-image"' not in r.text
 
