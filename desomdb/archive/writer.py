@@ -131,6 +131,9 @@ class Writer:
                     and (self.root / rel).samefile(twin):
                 continue  # an older layout's file whose name now links a stored one
             (self.root / rel).unlink(missing_ok=True)
+            if paths.mirror(rel) is None and twin.exists() \
+                    and paths.stored(rel) in self.archive.manifest()["records"]:
+                _link_mirror(self.root, paths.stored(rel))  # the name is a committed one's
         return generation
 
     def _segment_record(self, top: Any, table: str, name: str) -> dict[str, Any]:

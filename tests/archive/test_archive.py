@@ -276,3 +276,31 @@ def test_a_changed_page_in_a_committed_parquet_file_fails_the_read(tmp_path) -> 
         arch.read("cubes")
     with pytest.raises(OSError, match="page integrity"):
         read_parquet(f)
+
+
+def test_an_older_layout_file_replaced_under_its_own_name(tmp_path, monkeypatch) -> None:
+    """The name of a file of the older layout, re-committed into the store, stays linked
+    to the new file after the old one's retention ends."""
+    import json
+
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "a"
+    (root / "cubes/release=DR15").mkdir(parents=True)
+    pq.write_table(pa.table({"plateifu": ["1-1"]}), root / "cubes/release=DR15/a.parquet")
+    (root / "_manifest.json").write_text(json.dumps(
+        {"format_version": 1, "generation": 1,
+         "tables": {"cubes": ["cubes/release=DR15/a.parquet"]}}))
+    arch = Archive(root)
+    monkeypatch.setenv("DESOMDB_RETAIN_SECONDS", "0")
+    with arch.writer("re-ingest") as w:
+        w.commit(add=[_stage(w, "cubes", ["1-1", "1-2"], "a.parquet")],
+                 remove=[("cubes", "cubes/release=DR15/a.parquet")])
+        for name in ("g1", "g2"):
+            w.commit(add=[_stage(w, "galaxies", ["1-1"], f"{name}.parquet")])
+    rows = pl.scan_parquet(str(root / "cubes/**/*.parquet")).collect()
+    assert sorted(rows["plateifu"]) == ["1-1", "1-2"]
+    assert (root / "cubes/release=DR15/a.parquet").samefile(
+        root / "_store/cubes/release=DR15/a.parquet")
+    assert arch.read("cubes").num_rows == 2
