@@ -292,8 +292,6 @@ def fit_model(
     -------
     FitModel
     """
-    from desomdb.science import batchfit
-
     gate = gate or emission.LineGate()
     options = options or FitOptions()
     name = fitter_name(fitter)
@@ -311,6 +309,8 @@ def fit_model(
     # thread against 0.6-1.6 s with two under load, for direct callers such as stacks).
     with threadpool_limits(1):
         if name == "batch":
+            from desomdb.science import batchfit
+
             with batchfit.torch_threads(1):
                 pp, a_v = batchfit.fit_batch(setup, galaxy[None], noise[None], good[None],
                                              options.regul)[0]

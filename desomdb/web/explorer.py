@@ -315,7 +315,8 @@ def redraw_fit(ex: Explorer, model_id: str, data: galaxy_pages.BaxelData
     double the archive); it is recomputed on demand by the fitter that made the stored row,
     from the stored spectrum, the cube's redshift and LSF, with the same set-up: the same
     code that labelled the archive, so its labels equal the stored row's (the page shows
-    both χ²). One fit runs at a time.
+    both χ²). One fit runs at a time; not memoised, since the drawn page is
+    (:meth:`Explorer.cached`, bounded).
 
     Returns
     -------
@@ -327,31 +328,20 @@ def redraw_fit(ex: Explorer, model_id: str, data: galaxy_pages.BaxelData
     fit = data.fit
     if fit is None or fit["status"] != "ok":
         return None
-    stored = str(fit["fitter"])
-    name = next((n for n, i in fitting.FITTERS.items() if i == stored), stored.split("-")[0])
-    if name not in fitting.FITTERS:
+    stored_id = str(fit["fitter"])
+    name = stored_id.split("-")[0]  # ids are <fitter>-<library>-<version>
+    if name not in fitting.FITTERS or data.stored is None:
         return None
-    key = [data.release, data.plateifu, data.bin_id]
-
-    def build() -> FitDrawing:
-        src = ex.cube_parts(model_id).source("spectra", data.release, data.plateifu)
-        with ex.connection(model_id) as (con, _):
-            flux, ivar, mask = (
-                con.sql(f"select flux, ivar, mask from {src} where plateifu = ? and "
-                        "bin_id = ?", params=key[1:]) if src else
-                con.sql("select flux, ivar, mask from spectra where release = ? and "
-                        "plateifu = ? and bin_id = ?", params=key)).fetchall()[0]
-            cube = con.sql("select * from cubes where release = ? and plateifu = ?",
-                           params=key[:2]).pl().row(0, named=True)
-        z, lsf = cube["z"], cube.get("lsf_sigma_aa")  # no LSF: cubes ingested before it
-        with _ONE_FIT:
-            model = fitting.fit_model(
-                np.asarray(flux, np.float32), np.asarray(ivar, np.float32),
-                np.asarray(mask, np.uint8), float(data.baxel["norm_flux"]), float(z),
-                fitter=name, lsf_sigma_aa=None if lsf is None else np.asarray(lsf))
-        return FitDrawing(stored, fitting.FITTERS[name], model)
-
-    return build()  # not memoised: the drawn page is (Explorer.cached, bounded)
+    with ex.connection(model_id) as (con, _):
+        cube = con.sql("select * from cubes where release = ? and plateifu = ?",
+                       params=[data.release, data.plateifu]).pl().row(0, named=True)
+    lsf = cube.get("lsf_sigma_aa")  # none for cubes ingested before it was stored
+    flux, ivar, mask = data.stored
+    with _ONE_FIT:
+        model = fitting.fit_model(flux, ivar, mask, float(data.baxel["norm_flux"]),
+                                  float(cube["z"]), fitter=name,
+                                  lsf_sigma_aa=None if lsf is None else np.asarray(lsf))
+    return FitDrawing(stored_id, fitting.FITTERS[name], model)
 
 
 def similar_galaxies(ex: Explorer, model_id: str, mangaid: str) -> tuple[Any, str | None]:

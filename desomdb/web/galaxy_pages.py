@@ -267,6 +267,9 @@ class BaxelData:
     fit : dict or None
         ``fitter, status, error, chi2_red`` of its stored fit: the preferred fitter's ``ok``
         row, else the row that says why it failed; None when no fitter has seen the baxel.
+    stored : tuple of ndarray, shape (4544,) each, or None
+        The ``spectra`` row as stored: flux and ivar (float32, not normalised) and mask
+        (uint8), what a fit of the baxel starts from.
     """
 
     release: str
@@ -283,6 +286,7 @@ class BaxelData:
     latent: np.ndarray | None = None
     estimates: dict[str, tuple[Any, Any, Any, Any]] = field(default_factory=dict)
     fit: dict[str, Any] | None = None
+    stored: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 def baxel_data(con: ReadOnlyConnection, model: ModelInfo, release: str, plateifu: str,
@@ -300,15 +304,17 @@ def baxel_data(con: ReadOnlyConnection, model: ModelInfo, release: str, plateifu
     if bax.height == 0:
         raise NotFoundError(f"no baxel {release} {plateifu} bin {bin_id} in the archive")
     spec_src = parts.source("spectra", release, plateifu)
-    spec = (con.sql(f"select flux, mask from {spec_src} where plateifu = ? and bin_id = ?",
-                    params=[plateifu, bin_id]) if spec_src else
-            con.sql("select flux, mask from spectra where release = ? and plateifu = ? and "
-                    "bin_id = ?", params=key)).fetchall()
+    spec = (con.sql(f"select flux, ivar, mask from {spec_src} where plateifu = ? and "
+                    "bin_id = ?", params=[plateifu, bin_id]) if spec_src else
+            con.sql("select flux, ivar, mask from spectra where release = ? and plateifu = ? "
+                    "and bin_id = ?", params=key)).fetchall()
     if not spec:
         raise NotFoundError(f"baxel {release} {plateifu} bin {bin_id} has no spectrum")
     row = bax.row(0, named=True)
-    flux = np.asarray(spec[0][0], dtype=np.float64)[None, :]
-    mask = np.asarray(spec[0][1], dtype=np.uint8)[None, :]
+    stored = (np.asarray(spec[0][0], np.float32), np.asarray(spec[0][1], np.float32),
+              np.asarray(spec[0][2], np.uint8))
+    flux = stored[0].astype(np.float64)[None, :]
+    mask = stored[2][None, :]
     norm = np.array([row.get("norm_flux") or np.nan], dtype=np.float64)
     x, w = spectra.normalise(flux, mask, norm)
     shown = np.where(w[0] > 0, x[0], np.nan)
@@ -320,8 +326,8 @@ def baxel_data(con: ReadOnlyConnection, model: ModelInfo, release: str, plateifu
                         "and plateifu = ? and bin_id = ?", params=[model.model_id, *key])).pl()
     assignment = ({c: assigned[c][0] for c in ("node", "row", "col", "distance", "second_node",
                                                 "is_adjacent")} if assigned.height else None)
-    stored = assigned["latent"][0] if assigned.height and "latent" in assigned.columns else None
-    latent = np.asarray(stored, dtype=np.float32) if stored is not None else None
+    kept = assigned["latent"][0] if assigned.height and "latent" in assigned.columns else None
+    latent = np.asarray(kept, dtype=np.float32) if kept is not None else None
     labels: dict[str, float] = {}
     fit_row: dict[str, Any] | None = None
     if has_view(con, "labels"):
@@ -348,7 +354,7 @@ def baxel_data(con: ReadOnlyConnection, model: ModelInfo, release: str, plateifu
                      params=[release, plateifu]).fetchall()[0][0] > 0
     return BaxelData(release, plateifu, str(row.get("mangaid")), bin_id, shown, x[0], row,
                      assignment, labels, pdfs, bool(latest), latent,
-                     _estimates(con, key) if latest else {}, fit_row)
+                     _estimates(con, key) if latest else {}, fit_row, stored)
 
 
 def _estimates(con: ReadOnlyConnection, key: list[Any]) -> dict[str, tuple[Any, Any, Any, Any]]:
