@@ -126,14 +126,15 @@ class Writer:
         journal.unlink(missing_ok=True)
         for rel in expired:
             _unlink_mirror(self.root, rel)
-            twin = self.root / paths.stored(rel)
-            if paths.mirror(rel) is None and twin.exists() and (self.root / rel).exists() \
-                    and (self.root / rel).samefile(twin):
-                continue  # an older layout's file whose name now links a stored one
             (self.root / rel).unlink(missing_ok=True)
-            if paths.mirror(rel) is None and twin.exists() \
-                    and paths.stored(rel) in self.archive.manifest()["records"]:
-                _link_mirror(self.root, paths.stored(rel))  # the name is a committed one's
+        # an older layout's file may share its name with a committed stored file: relink it
+        renamed = [paths.stored(r) for r in expired
+                   if paths.mirror(r) is None and (self.root / paths.stored(r)).exists()]
+        if renamed:
+            records = self.archive.manifest()["records"]
+            for rel in renamed:
+                if rel in records:
+                    _link_mirror(self.root, rel)
         return generation
 
     def _segment_record(self, top: Any, table: str, name: str) -> dict[str, Any]:
@@ -322,9 +323,9 @@ def _link_mirror(root: Path, rel: str) -> None:
     dest, src = root / name, root / rel
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists() and dest.samefile(src):
+            return
         if dest.is_symlink() or dest.exists():
-            if dest.samefile(src) if dest.exists() else False:
-                return
             dest.unlink()  # a stale name or a copy: the stored file is what was committed
         try:
             os.link(src, dest)
@@ -387,12 +388,12 @@ def mirror_problems(archive: Archive) -> tuple[list[str], list[str]]:
             if not (path.is_file() or path.is_symlink()):
                 continue
             name = str(path.relative_to(root))
-            twin = paths.stored(name)
-            if twin not in committed and (root / twin).exists() and same_file(path,
-                                                                               root / twin):
-                stale.append(name)
-            elif twin not in committed and path.is_symlink() and not path.exists():
-                stale.append(name)  # dangling: its stored file is gone
+            twin = root / paths.stored(name)
+            if paths.stored(name) in committed:
+                continue
+            if (twin.exists() and same_file(path, twin)) or (path.is_symlink()
+                                                              and not path.exists()):
+                stale.append(name)  # names a superseded file, or dangles: it is gone
     return missing, sorted(stale)
 
 
