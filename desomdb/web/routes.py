@@ -414,7 +414,7 @@ def galaxy_figures(data: galaxy_pages.GalaxyData, info: ModelInfo, model_id: str
     titles = {}
     for r in bins.iter_rows(named=True):
         node = r["node"]
-        where = f"node {node // info.cols},{node % info.cols}" if node is not None else "no node"
+        where = f"node {_rc(node, info.cols)}" if node is not None else "no node"
         extra = "" if colour == "node" else f", {colour} {_num(r.get(colour))}"
         titles[int(r["bin_id"])] = (f"bin {r['bin_id']}: {where}, R/R_e "
                                     f"{_num(r['radius_re'])}, S/N {_num(r['snr'])}{extra}")
@@ -436,9 +436,9 @@ def galaxy_figures(data: galaxy_pages.GalaxyData, info: ModelInfo, model_id: str
         rgb = figures.node_colours({k: k for k in range(info.rows * info.cols)}, info.rows,
                                    info.cols)
         key = figures.grid_svg([figures.Cell(k // info.cols, k % info.cols, None,
-                                             f"/model/{quote(model_id)}/node/{k // info.cols},"
-                                             f"{k % info.cols}",
-                                             f"node {k // info.cols},{k % info.cols}",
+                                             f"/model/{quote(model_id)}/node/"
+                                             f"{_rc(k, info.cols)}",
+                                             f"node {_rc(k, info.cols)}",
                                              fill=rgb[k]) for k in rgb],
                                info.rows, info.cols, "map position", bar=False)
     return {"fingerprint": fingerprint, "binmap": binmap, "radial": radial, "scale": scale,

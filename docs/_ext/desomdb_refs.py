@@ -34,17 +34,13 @@ def jobfile_keys() -> str:
 
 def views_reference() -> str:
     """Return every public view and table macro with its columns, units and meanings."""
-    from desomdb.query import schema, views
+    from desomdb.web.pages import view_catalogue  # what the explorer's SQL page lists
 
-    about = schema.view_descriptions()
-    macros = views.macro_sql()
     out: list[str] = []
-    for name, cols in schema.view_docs().items():
-        kind = "table macro" if name in macros else "view"
-        out += ["", f"### `{name}` ({kind})", "", _cell(about[name]), "",
-                "| column | unit | meaning |", "|---|---|---|"]
-        out += [f"| `{c}` | {_cell(d.unit or '')} | {_cell(d.description)} |"
-                for c, d in cols.items()]
+    for v in view_catalogue():
+        out += ["", f"### `{v.name}` ({'table macro' if v.macro else 'view'})", "",
+                _cell(v.description), "", "| column | unit | meaning |", "|---|---|---|"]
+        out += [f"| `{c}` | {_cell(unit)} | {_cell(about)} |" for c, unit, about in v.columns]
     return "\n".join(out).lstrip() + "\n"
 
 

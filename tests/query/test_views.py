@@ -323,24 +323,15 @@ def test_a_stale_or_damaged_query_cache_is_not_read(trained_archive, tmp_path) -
     """A cache left from before a commit (the writer was killed before rebuilding it) or a
     damaged one is ignored: readers get the live join of their snapshot."""
     from desomdb.archive import paths
-    from desomdb.archive.store import Archive
 
-    root = tmp_path / "arch"
-    shutil.copytree(trained_archive[0], root)
+    root, arch, first, old = _archive_and_cache(trained_archive, tmp_path)
     cache = root / paths.QUERY_CACHE
-    old = cache.read_bytes()
-    arch = Archive(root)
-    first = arch.files("labels")[0]
     with arch.writer("test") as w:
         w.commit(remove=[("labels", str(first.relative_to(root)))])
     cache.write_bytes(old)  # as if the session had died between its commit and the rebuild
-    with views.connect(root) as con, views.connect(root, cached=False) as live:
-        assert not _cache_in_use(con)
-        assert _same(_baxel_labels(con), _baxel_labels(live))
+    _assert_live_join_only(root)
     cache.write_bytes(b"not a duckdb file" * 100)
-    with views.connect(root) as con, views.connect(root, cached=False) as live:
-        assert not _cache_in_use(con)
-        assert _same(_baxel_labels(con), _baxel_labels(live))
+    _assert_live_join_only(root)
     with arch.writer("test"):
         pass  # the next session end rebuilds it
     with views.connect(root) as con, views.connect(root, cached=False) as live:
@@ -354,18 +345,28 @@ def test_a_file_recommitted_under_its_name_makes_the_cache_stale(trained_archive
     import pyarrow.parquet as pq
 
     from desomdb.archive import paths
+
+    root, arch, first, old = _archive_and_cache(trained_archive, tmp_path)
+    rows = pq.read_table(first)
+    with arch.writer("test") as w:  # the same name, one row fewer
+        w.commit(add=[w.stage_table("labels", rows.slice(1), str(first.relative_to(root)))])
+    (root / paths.QUERY_CACHE).write_bytes(old)  # as if the session had died before the rebuild
+    _assert_live_join_only(root)
+
+
+def _archive_and_cache(trained_archive, tmp_path):
+    """A copy of the trained archive, its first labels file and its query cache's bytes."""
+    from desomdb.archive import paths
     from desomdb.archive.store import Archive
 
     root = tmp_path / "arch"
     shutil.copytree(trained_archive[0], root)
-    cache = root / paths.QUERY_CACHE
-    old = cache.read_bytes()
     arch = Archive(root)
-    first = arch.files("labels")[0]
-    rows = pq.read_table(first)
-    with arch.writer("test") as w:  # the same name, one row fewer
-        w.commit(add=[w.stage_table("labels", rows.slice(1), str(first.relative_to(root)))])
-    cache.write_bytes(old)  # as if the session had died before rebuilding the cache
+    return root, arch, arch.files("labels")[0], (root / paths.QUERY_CACHE).read_bytes()
+
+
+def _assert_live_join_only(root) -> None:
+    """The cache is not attached, and readers get the live join's rows."""
     with views.connect(root) as con, views.connect(root, cached=False) as live:
         assert not _cache_in_use(con)
         assert _same(_baxel_labels(con), _baxel_labels(live))
