@@ -90,21 +90,39 @@ def convolve(tp: Templates, rfft: Any, vel: Any, sig: Any) -> Any:
     vel, sig : Tensor, shape (batch,)
         V and σ, km/s.
     """
-    return torch.fft.irfft(rfft[None] * _kernel(tp, vel, sig)[:, None, :], n=tp.npad,
-                           dim=2)[:, :, :tp.n_pix]
+    batch, n = vel.shape[0], rfft.shape[0]
+    # Both operands expanded to the full shape: torch's broadcasting complex product is
+    # 3.5x slower than the same product on expanded views (measured, one thread).
+    shaped = rfft.expand(batch, -1, -1) * _kernel(tp, vel, sig)[:, None, :].expand(-1, n, -1)
+    return torch.fft.irfft(shaped, n=tp.npad, dim=2)[:, :, :tp.n_pix]
+
+
+#: Rounds of block principal pivoting before a spectrum falls back to Lawson-Hanson.
+PIVOT_ROUNDS = 30
+#: Rounds without fewer infeasible variables before pivoting swaps one variable at a time
+#: (Júdice & Pires 1994's back-up rule, which guarantees termination).
+PIVOT_PATIENCE = 3
 
 
 def nnls(gram: Any, rhs: Any, start: Any | None = None, max_iter: int | None = None) -> Any:
-    """Solve min ½ xᵀ G x − rᵀ x subject to x ≥ 0 for a batch (Lawson-Hanson active set).
+    """Solve min ½ xᵀ G x − rᵀ x subject to x ≥ 0 for a batch of problems.
 
     This is min ||A x − b||² with G = AᵀA and r = Aᵀb, the normal equations of the weights.
-    Every spectrum runs the classic algorithm on its own passive set (the other rows and
-    columns replaced by the identity, one batched Cholesky factorisation per step); only the
-    spectra still moving are carried into the next step. It starts from a passive set
-    (``start``, or every variable) pruned of the variables whose least-squares value is not
-    positive until none is left (a few solves): that point is feasible and optimal on its
-    set, as Lawson-Hanson requires, and usually close to the answer, so few of the
-    one-variable-at-a-time steps remain. The matrix is scaled to a unit diagonal first
+    Two exact methods, each on every spectrum's own passive set (the other rows and columns
+    replaced by the identity, one batched Cholesky factorisation per step; only the spectra
+    still moving are carried into the next step):
+
+    1. Block principal pivoting (Kim & Park 2011, Júdice & Pires 1994): solve on the passive
+       set, then move every variable that breaks the optimality conditions (a passive
+       weight ≤ 0, or a held weight whose gradient points inward) to the other set at once.
+       From a warm start (``start``, e.g. the previous solve's positive set) it usually ends
+       in two or three solves, where Lawson-Hanson frees one variable per solve.
+    2. A spectrum not done after :data:`PIVOT_ROUNDS` rounds falls back to Lawson-Hanson
+       (Lawson & Hanson 1974), from its start pruned of the variables whose least-squares
+       value is not positive (a feasible, set-optimal point, as that method requires).
+
+    With G positive definite (every fit here is regularised) the solution is unique, so the
+    methods give the same answer. The matrix is scaled to a unit diagonal first
     (non-negativity is unchanged by a positive scaling); a factorisation that fails gets a
     1e-10 diagonal load.
 
@@ -116,7 +134,7 @@ def nnls(gram: Any, rhs: Any, start: Any | None = None, max_iter: int | None = N
     start : Tensor of bool, shape (batch, n), optional
         A guess of the variables that end up positive (e.g. a previous solution's).
     max_iter : int, optional
-        Outer iterations (each frees at most one variable); default 3 n.
+        Lawson-Hanson's outer iterations (each frees at most one variable); default 3 n.
 
     Returns
     -------
@@ -137,8 +155,58 @@ def nnls(gram: Any, rhs: Any, start: Any | None = None, max_iter: int | None = N
             chol = torch.linalg.cholesky(sub + 1e-10 * eye)
         return torch.cholesky_solve((rs * pf)[:, :, None], chol)[:, :, 0] * pf
 
-    passive = (torch.ones((batch, n), dtype=torch.bool, device=r.device) if start is None
-               else start.clone())
+    tol = 1e-10 * (r.abs().amax(dim=1) + 1e-300)
+    start = (torch.ones((batch, n), dtype=torch.bool, device=r.device) if start is None
+             else start)
+    x, todo = _block_pivoting(g, r, start.clone(), tol, solve_on)
+    if todo.numel():
+        x[todo] = _lawson_hanson(g[todo], r[todo], start[todo].clone(), tol[todo], solve_on,
+                                 max_iter or 3 * n)
+    return (x * scale).clamp_min(0.0)
+
+
+def _block_pivoting(g: Any, r: Any, passive: Any, tol: Any, solve_on: Any
+                    ) -> tuple[Any, Any]:
+    """Block principal pivoting on scaled normal equations (see :func:`nnls`).
+
+    Returns
+    -------
+    x : Tensor, shape (batch, n)
+        The solution where found, 0 elsewhere.
+    todo : Tensor of int, shape (k,)
+        The spectra not done within :data:`PIVOT_ROUNDS` rounds.
+    """
+    batch, n = r.shape
+    x = torch.zeros_like(r)
+    fewest = torch.full((batch,), n + 1, dtype=torch.long, device=r.device)
+    patience = torch.full((batch,), PIVOT_PATIENCE, dtype=torch.long, device=r.device)
+    todo = torch.arange(batch, device=r.device)
+    columns = torch.arange(n, device=r.device)
+    for _ in range(PIVOT_ROUNDS):
+        gt, rt, pt = g[todo], r[todo], passive[todo]
+        s = solve_on(gt, rt, pt)
+        grad = (gt @ s[:, :, None])[:, :, 0] - rt
+        bad = torch.where(pt, s <= 0, grad < -tol[todo, None])
+        count = bad.sum(dim=1)
+        done = count == 0
+        x[todo[done]] = s[done]
+        fewer = count < fewest[todo]
+        fewest[todo] = torch.where(fewer, count, fewest[todo])
+        patience[todo] = torch.where(fewer, PIVOT_PATIENCE, patience[todo] - 1)
+        # Back-up rule: once patience runs out, swap only the last infeasible variable.
+        last = torch.where(bad, columns, -1).amax(dim=1, keepdim=True)
+        swap = torch.where((patience[todo] >= 0)[:, None], bad, columns == last)
+        passive[todo] = pt ^ swap
+        todo = todo[~done]
+        if todo.numel() == 0:
+            break
+    return x, todo
+
+
+def _lawson_hanson(g: Any, r: Any, passive: Any, tol: Any, solve_on: Any, max_iter: int
+                   ) -> Any:
+    """Lawson-Hanson's active-set method on scaled normal equations (see :func:`nnls`)."""
+    batch, n = r.shape
     x = torch.zeros_like(r)
     todo = torch.arange(batch, device=r.device)
     for _ in range(n + 1):  # prune to a feasible, set-optimal start
@@ -150,9 +218,8 @@ def nnls(gram: Any, rhs: Any, start: Any | None = None, max_iter: int | None = N
         todo = todo[changed]
         if todo.numel() == 0:
             break
-    tol = 1e-10 * (r.abs().amax(dim=1) + 1e-300)
     todo = torch.arange(batch, device=r.device)
-    for _ in range(max_iter or 3 * n):
+    for _ in range(max_iter):
         gt, rt, xt, pt = g[todo], r[todo], x[todo], passive[todo]
         grad = rt - (gt @ xt[:, :, None])[:, :, 0]
         best, j = torch.where(pt, -torch.inf, grad).max(dim=1)
@@ -178,7 +245,7 @@ def nnls(gram: Any, rhs: Any, start: Any | None = None, max_iter: int | None = N
             pt[sub] = still
             xt[sub] = stepped * still
         x[todo], passive[todo] = xt, pt
-    return (x * scale).clamp_min(0.0)
+    return x
 
 
 def _chi2(b: Any, gram: Any, rhs: Any, x: Any) -> Any:
@@ -367,25 +434,29 @@ class _Convolved:
 
     stars: Any  # (batch, n_stars, n_pix), unattenuated
     gas: Any  # (batch, n_gas, n_pix)
-    stars_w: Any  # stars × 1/noise
-    gas_w: Any  # gas × 1/noise
+    weight: Any  # (batch, n_pix) 1/noise on the fitted bins
+    #: (batch, n_stars + n_gas + 1, n_pix): rows n_stars: hold gas × 1/noise and
+    #: galaxy × 1/noise; rows :n_stars are refilled with the attenuated, noise-weighted
+    #: stars of each A_V (a fresh tensor per fit costs as much as the normal equations in
+    #: page faults, measured). One product of the stellar rows with the whole buffer gives
+    #: the stellar Gram block, the gas cross terms and the stellar right-hand side.
+    buffer: Any
     gram_gas: Any  # (batch, n_gas, n_gas), with the regularisation's gas block
     rhs_gas: Any  # (batch, n_gas)
-    galaxy_w: Any  # (batch, n_pix) galaxy × 1/noise
-    scratch: Any  # like stars: every A_V's attenuated columns, in one reused buffer
 
 
 def _full_conv(tp: Templates, kin: Any, galaxy: Any, weight: Any) -> _Convolved:
     """Convolve every template at ``kin`` (batch, 4) and the parts that do not depend on A_V."""
     stars = convolve(tp, tp.rfft_stars, kin[:, 0], kin[:, 1])
     gas = convolve(tp, tp.rfft_gas, kin[:, 2], kin[:, 3])
-    n_stars = stars.shape[1]
-    gas_w = gas * weight[:, None, :]
-    galaxy_w = galaxy * weight
-    return _Convolved(stars, gas, stars * weight[:, None, :], gas_w,
+    n_stars, n_gas = stars.shape[1], gas.shape[1]
+    buffer = torch.empty((stars.shape[0], n_stars + n_gas + 1, stars.shape[2]),
+                         dtype=stars.dtype, device=stars.device)
+    gas_w = torch.mul(gas, weight[:, None, :], out=buffer[:, n_stars:-1])
+    galaxy_w = torch.mul(galaxy, weight, out=buffer[:, -1])
+    return _Convolved(stars, gas, weight, buffer,
                       gas_w @ gas_w.mT + tp.reg_gram[n_stars:, n_stars:],
-                      (gas_w @ galaxy_w[:, :, None])[:, :, 0], galaxy_w,
-                      torch.empty_like(stars))
+                      (gas_w @ galaxy_w[:, :, None])[:, :, 0])
 
 
 def _full_fit(tp: Templates, conv: _Convolved, a_v: Any,
@@ -404,16 +475,16 @@ def _full_fit(tp: Templates, conv: _Convolved, a_v: Any,
     chi2 : Tensor, shape (batch,)
         Data χ² (not per degree of freedom).
     """
-    # Into a buffer reused by every A_V: a fresh (batch, n_stars, n_pix) tensor per fit
-    # costs as much as the normal equations (page faults), measured.
-    s_w = torch.mul(conv.stars_w, torch.exp(a_v[:, None] * tp.ln_att1)[:, None, :],
-                    out=conv.scratch)
-    cross = s_w @ conv.gas_w.mT
-    data = torch.cat([torch.cat([s_w @ s_w.mT, cross], dim=2),
-                      torch.cat([cross.mT, conv.gram_gas], dim=2)], dim=1)
-    rhs = torch.cat([(s_w @ conv.galaxy_w[:, :, None])[:, :, 0], conv.rhs_gas], dim=1)
+    n_stars = conv.stars.shape[1]
+    s_w = torch.mul(conv.stars, (conv.weight * torch.exp(a_v[:, None] * tp.ln_att1))[:, None],
+                    out=conv.buffer[:, :n_stars])
+    products = s_w @ conv.buffer.mT  # (batch, n_stars, n_stars + n_gas + 1)
+    cross = products[:, :, n_stars:-1]
+    data = torch.cat([products[:, :, :-1], torch.cat([cross.mT, conv.gram_gas], dim=2)],
+                     dim=1)
+    rhs = torch.cat([products[:, :, -1], conv.rhs_gas], dim=1)
     x = nnls(data + tp.reg_gram, rhs, start)
-    return x, _chi2(conv.galaxy_w, data, rhs, x)
+    return x, _chi2(conv.buffer[:, -1], data, rhs, x)
 
 
 def _model(tp: Templates, conv: _Convolved, a_v: Any, weights: Any) -> Any:

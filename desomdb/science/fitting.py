@@ -488,7 +488,7 @@ def _derive(row: dict[str, Any], pp: Any, a_v: float, setup: FitSetup, z: float,
         row["mh_mw"] = float((current * sps.metal_grid).sum() / current.sum())
         row["age_imw_gyr"] = float((weights * sps.age_grid).sum() / weights.sum())
         row["mh_imw"] = float((weights * sps.metal_grid).sum() / weights.sum())
-        row["log_ml_r"] = float(np.log10(sps.mass_to_light(weights, band="SDSS/r", quiet=True)))
+        row["log_ml_r"] = float(np.log10(setup.mass_to_light_r(weights)))
     light = weights * setup.light.reshape(setup.reg_dim)
     if light.sum() > 0:
         row["log_age_lw"] = float((light * np.log10(sps.age_grid * 1e9)).sum() / light.sum())

@@ -51,6 +51,26 @@ def test_nnls_is_the_exact_non_negative_solution() -> None:
                                    atol=1e-10)
 
 
+def test_lawson_hanson_fallback_gives_the_same_solution(monkeypatch) -> None:
+    # Block pivoting that never finishes hands every problem to Lawson-Hanson.
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(4, 200, 30))
+    b = rng.normal(size=(4, 200))
+    gram = torch.as_tensor(a.transpose(0, 2, 1) @ a)
+    rhs = torch.as_tensor(np.einsum("bpk,bp->bk", a, b))
+    expected = np.array([scipy_nnls(a[i], b[i])[0] for i in range(4)])
+    monkeypatch.setattr(batchcore, "PIVOT_ROUNDS", 0)
+    np.testing.assert_allclose(batchcore.nnls(gram, rhs).numpy(), expected, atol=1e-10)
+
+
+def test_fft_lengths_are_fast_and_long_enough() -> None:
+    for need in (1000, 4097, 4801, 4860, 5121, 8192):
+        n = batchfit.fft_length(need)
+        odd = n >> (n & -n).bit_length() - 1
+        assert need <= n < 1.25 * need and odd in batchfit._FFT_ODD_FACTORS and n % 64 == 0
+    assert batchfit.fft_length(4860) == 5120  # faster than scipy's 4860 (measured)
+
+
 def test_convolution_is_ppxfs_on_the_galaxy_bins() -> None:
     # The shorter FFT length must not wrap templates onto the galaxy bins, up to the largest
     # velocity and dispersion the fitter allows. Below ~1 pixel (59 km/s) the Gaussian's

@@ -112,6 +112,15 @@ def test_light_weighted_labels_of_one_ssp_are_its_age_and_metallicity() -> None:
     assert row["log_age_lw"] <= np.log10(row["age_mw_gyr"] * 1e9) + 1e-6
 
 
+def test_mass_to_light_is_ppxfs_with_the_luminosities_computed_once() -> None:
+    setup = fitting.fit_setup(0.03)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        weights = rng.random(setup.reg_dim) * (rng.random(setup.reg_dim) > 0.5)
+        assert setup.mass_to_light_r(weights) == pytest.approx(
+            setup.sps.mass_to_light(weights, band="SDSS/r", quiet=True), rel=1e-12)
+
+
 def test_weak_hbeta_in_absorption_publishes_no_negative_reddening() -> None:
     # An old population whose Hβ trough is 3 % shallower than the templates', weak true
     # emission (EW(Hα) 1 Å, true decrement 2.86): pPXF fills the mismatch with "Hβ emission",
