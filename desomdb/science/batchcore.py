@@ -268,16 +268,15 @@ class Linear:
     chi2: Any  # (batch,) data χ² (not per degree of freedom)
 
 
-def _linear(design: Any, weight: Any, galaxy: Any, start: Any | None = None
-            ) -> tuple[Any, Any]:
-    """Non-negative fit of ``design`` to ``galaxy`` with pixel weights 1/noise.
+def _linear(design_w: Any, galaxy_w: Any, start: Any | None = None) -> tuple[Any, Any]:
+    """Non-negative fit of noise-weighted templates to a noise-weighted spectrum.
 
     Parameters
     ----------
-    design : Tensor, shape (batch, n, n_pix)
-    weight : Tensor, shape (batch, n_pix)
-        1/noise on the fitted bins, 0 elsewhere.
-    galaxy : Tensor, shape (batch, n_pix)
+    design_w : Tensor, shape (batch, n, n_pix)
+        Templates × 1/noise (0 off the fitted bins).
+    galaxy_w : Tensor, shape (batch, n_pix)
+        Spectrum × 1/noise.
     start : Tensor of bool, shape (batch, n), optional
         Guess of the positive weights (:func:`nnls`).
 
@@ -287,12 +286,10 @@ def _linear(design: Any, weight: Any, galaxy: Any, start: Any | None = None
     chi2 : Tensor, shape (batch,)
         Data χ², from the normal equations.
     """
-    a = design * weight[:, None, :]
-    b = galaxy * weight
-    gram = a @ a.mT
-    rhs = (a @ b[:, :, None])[:, :, 0]
+    gram = design_w @ design_w.mT
+    rhs = (design_w @ galaxy_w[:, :, None])[:, :, 0]
     x = nnls(gram, rhs, start)
-    return x, _chi2(b, gram, rhs, x)
+    return x, _chi2(galaxy_w, gram, rhs, x)
 
 
 def _jacobian_columns(tp: Templates, rfft: Any, weights: Any, vel: Any, sig: Any) -> Any:
@@ -311,8 +308,8 @@ def _jacobian_columns(tp: Templates, rfft: Any, weights: Any, vel: Any, sig: Any
 
 
 def _damped_kinematics(tp: Templates, rfft: Any, galaxy: Any, weight: Any, vel: Any,
-                       sig: Any, a_v: Any | None, sigma_range: tuple[float, float]
-                       ) -> tuple[Any, Any, Any | None, Linear]:
+                       sig: Any, a_v: Any | None, sigma_range: tuple[float, float],
+                       pixels: Any | None = None) -> tuple[Any, Any, Any | None, Linear]:
     """Levenberg-Marquardt in (V, σ[, A_V]) with exact non-negative weights at every point.
 
     Each iteration computes only the spectra that have not converged (χ² gain of an accepted
@@ -331,41 +328,51 @@ def _damped_kinematics(tp: Templates, rfft: Any, galaxy: Any, weight: Any, vel: 
         Start A_V (mag); None: no attenuation (gas).
     sigma_range : tuple of float
         Bounds of σ, km/s.
+    pixels : Tensor of int, shape (m,), optional
+        The only bins with a non-zero weight (the line windows for the gas, the bins outside
+        them for the stars): everything but the FFTs is computed on them alone.
 
     Returns
     -------
     vel, sig, a_v : Tensor, shape (batch,)
         The converged parameters (``a_v`` None when not fitted).
     fit : Linear
-        The linear fit there.
+        The linear fit there (its model on every bin).
     """
     dusty = a_v is not None
     v0 = vel.clone()
     if a_v is None:
         a_v = torch.zeros_like(vel)
 
+    def on_pixels(x: Any) -> Any:
+        return x if pixels is None else x[..., pixels]
+
+    # Everything in the loop is noise-weighted and on the weighted bins only.
+    weight_p, ln_att1 = on_pixels(weight), on_pixels(tp.ln_att1)
+    galaxy_w = on_pixels(galaxy) * weight_p
+
     def evaluate(idx: Any, v: Any, s: Any, av: Any, start: Any | None
                  ) -> tuple[Any, Any, Any, Any]:
-        conv = convolve(tp, rfft, v, s)
-        att = torch.exp(av[:, None] * tp.ln_att1) if dusty else torch.ones_like(conv[:, 0])
-        design = conv * att[:, None, :]
-        x, chi2 = _linear(design, weight[idx], galaxy[idx], start=start)
-        return x, chi2, att, design
+        conv = on_pixels(convolve(tp, rfft, v, s))
+        att = torch.exp(av[:, None] * ln_att1) if dusty else torch.ones_like(conv[:, 0])
+        design_w = conv * (att * weight_p[idx])[:, None, :]
+        x, chi2 = _linear(design_w, galaxy_w[idx], start=start)
+        return x, chi2, att, design_w
 
     todo = torch.arange(vel.numel(), device=vel.device)
-    x, chi2, att, design = evaluate(todo, vel, sig, a_v, None)
-    fit = Linear(x, _apply(x, design), chi2)
+    x, chi2, att, design_w = evaluate(todo, vel, sig, a_v, None)
+    weights, chi2_best = x, chi2
+    bestfit_w = _apply(x, design_w)
     damping = torch.full_like(vel, 1e-3)
     for _ in range(LM_ITERATIONS):
-        w, gal, at, fw = weight[todo], galaxy[todo], att[todo], fit.weights[todo]
+        w, at, fw = weight_p[todo], att[todo], weights[todo]
         v, s, av = vel[todo], sig[todo], a_v[todo]
-        cols = _jacobian_columns(tp, rfft, fw, v, s)
-        jac = torch.stack([cols[:, 1] * at, cols[:, 2] * at, cols[:, 0] * at * tp.ln_att1],
-                          dim=1)
-        jw = _project_out((jac if dusty else jac[:, :2]) * w[:, None, :],
-                          design[todo] * w[:, None, :], fw > 0)
+        cols = on_pixels(_jacobian_columns(tp, rfft, fw, v, s))
+        jac = torch.stack([cols[:, 1], cols[:, 2], cols[:, 0] * ln_att1], dim=1) \
+            if dusty else cols[:, 1:]
+        jw = _project_out(jac * (at * w)[:, None, :], design_w[todo], fw > 0)
         jtj = jw @ jw.mT
-        jtr = (jw @ ((gal - fit.bestfit[todo]) * w)[:, :, None])[:, :, 0]
+        jtr = (jw @ (galaxy_w[todo] - bestfit_w[todo])[:, :, None])[:, :, 0]
         diag = torch.diagonal(jtj, dim1=1, dim2=2)
         load = damping[todo, None] * diag + 1e-12 * diag.amax(dim=1, keepdim=True)
         step = torch.linalg.solve(jtj + torch.diag_embed(load), jtr)
@@ -374,21 +381,26 @@ def _damped_kinematics(tp: Templates, rfft: Any, galaxy: Any, weight: Any, vel: 
                               v0[todo] + V_BOUND_KMS)
         s_new = (s + step[:, 1]).clamp(*sigma_range)
         av_new = (av + step[:, 2]).clamp(*AV_RANGE) if dusty else av
-        x, chi2, att_new, trial_design = evaluate(todo, v_new, s_new, av_new, fw > 0)
-        old = fit.chi2[todo]
+        x, chi2, att_new, trial_w = evaluate(todo, v_new, s_new, av_new, fw > 0)
+        old = chi2_best[todo]
         better = chi2 < old
         gain = (old - chi2) / old.clamp_min(1e-300)
         up = todo[better]
         vel[up], sig[up], a_v[up], att[up] = v_new[better], s_new[better], av_new[better], \
             att_new[better]
-        fit.weights[up], fit.chi2[up] = x[better], chi2[better]
-        design[up] = trial_design[better]
-        fit.bestfit[up] = _apply(x[better], trial_design[better])
+        weights[up], chi2_best[up] = x[better], chi2[better]
+        design_w[up] = trial_w[better]
+        bestfit_w[up] = _apply(x[better], trial_w[better])
         damping[todo] = torch.where(better, damping[todo] / 3, damping[todo] * 4)
         converged = (better & (gain < LM_FTOL)) | (damping[todo] > 1e6)
         todo = todo[~converged]
         if todo.numel() == 0:
             break
+    # The model on every bin (the next stage reads it where this one had no weight).
+    model = _apply(weights, convolve(tp, rfft, vel, sig))
+    if dusty:
+        model = model * torch.exp(a_v[:, None] * tp.ln_att1)
+    fit = Linear(weights, model, chi2_best)
     return vel, sig, a_v if dusty else None, fit
 
 
@@ -567,12 +579,12 @@ def solve(tp: Templates, galaxy: Any, weight: Any) -> Full:
     # Stage 1: stars on the line-free bins, coarse templates, dust.
     vel, sig, a_v, stars = _damped_kinematics(
         tp, tp.rfft_coarse, gal, weight * ~tp.line_bins, zeros.clone(), zeros + 100.0,
-        zeros + 0.3, SIGMA_RANGE_KMS)
+        zeros + 0.3, SIGMA_RANGE_KMS, pixels=torch.nonzero(~tp.line_bins)[:, 0])
     assert a_v is not None
     # Stage 2: gas on the continuum-subtracted line windows.
     vel_gas, sig_gas, _, _ = _damped_kinematics(
         tp, tp.rfft_gas, gal - stars.bestfit, weight * tp.line_bins, vel.clone(),
-        zeros + 60.0, None, SIGMA_GAS_RANGE_KMS)
+        zeros + 60.0, None, SIGMA_GAS_RANGE_KMS, pixels=torch.nonzero(tp.line_bins)[:, 0])
     # Stage 3: every template, Gauss-Newton in all five parameters, A_V on a parabola.
     kin = torch.stack([vel, sig, vel_gas, sig_gas], dim=1)
     conv = _full_conv(tp, kin, gal, weight)
