@@ -26,6 +26,8 @@ minutes, not days.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -40,7 +42,9 @@ K = 3
 EXACT_MAX = 50_000
 #: Central probability of the interval.
 COVERAGE = 0.6827
-_QUERY_CHUNK = 2048
+#: Query rows per distance block: 256 keeps the block in cache (1.6x faster than 2,048 for
+#: 8,000 fitted baxels, measured).
+_QUERY_CHUNK = 256
 
 
 def _exact_knn(base: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
@@ -77,8 +81,47 @@ def _knn(base: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
     return np.asarray(found.keys, dtype=np.int64).reshape(len(query), -1)[:, :k]
 
 
-def predict(latent: np.ndarray, values: np.ndarray, fitted: np.ndarray, k: int = K
-            ) -> tuple[np.ndarray, float]:
+@dataclass(frozen=True)
+class Neighbours:
+    """Each baxel's :data:`K` nearest fitted baxels, other than itself.
+
+    Attributes
+    ----------
+    rows : ndarray of int, shape (m,)
+        The fitted baxels (indices into the query's rows).
+    near : ndarray of int, shape (n, k + 1)
+        Per baxel, positions in ``rows`` of its nearest fitted baxels, nearest first.
+    keep : ndarray of bool, shape (n, k + 1)
+        Which of them count: the baxel itself where found, else the farthest, is left out.
+    """
+
+    rows: np.ndarray
+    near: np.ndarray
+    keep: np.ndarray
+
+
+def neighbours(latent: np.ndarray, fitted: np.ndarray, k: int = K) -> Neighbours | None:
+    """Find every baxel's ``k`` nearest fitted baxels (None when ``k`` or fewer are fitted).
+
+    Parameters
+    ----------
+    latent : ndarray, shape (n, d)
+        Every baxel's latent vector.
+    fitted : ndarray of bool, shape (n,)
+        Baxels whose value may be a neighbour's.
+    """
+    rows = np.flatnonzero(fitted)
+    if len(rows) <= k:
+        return None
+    near = _knn(latent[rows], latent, k + 1)  # one more: a fitted baxel finds itself
+    own = rows[near] == np.arange(len(latent))[:, None]
+    keep = np.where(own.any(axis=1, keepdims=True), ~own,
+                    np.arange(near.shape[1])[None, :] < k)
+    return Neighbours(rows, near, keep)
+
+
+def predict(latent: np.ndarray, values: np.ndarray, fitted: np.ndarray, k: int = K,
+            found: Neighbours | None = None) -> tuple[np.ndarray, float]:
     """Neighbour medians of one label for every baxel, and the conformal half-width.
 
     Parameters
@@ -90,6 +133,9 @@ def predict(latent: np.ndarray, values: np.ndarray, fitted: np.ndarray, k: int =
     fitted : ndarray of bool, shape (n,)
         Baxels whose value may be a neighbour's.
     k : int
+    found : Neighbours, optional
+        :func:`neighbours` of the same ``latent``, ``fitted`` and ``k``, when known (labels
+        with the same fitted baxels share one search).
 
     Returns
     -------
@@ -98,20 +144,19 @@ def predict(latent: np.ndarray, values: np.ndarray, fitted: np.ndarray, k: int =
     half_width : float
         The 68.27th percentile of the leave-one-out ``|pred - value|`` over fitted baxels.
     """
-    rows = np.flatnonzero(fitted)
-    pred = np.full(len(latent), np.nan)
-    if len(rows) <= k:
-        return pred, float("nan")
-    near = _knn(latent[rows], latent, k + 1)  # one more: a fitted baxel finds itself
-    own = rows[near] == np.arange(len(latent))[:, None]
-    # drop the baxel itself where found, else the farthest of the k + 1
-    keep = np.where(own.any(axis=1, keepdims=True), ~own,
-                    np.arange(near.shape[1])[None, :] < k)
-    neighbour_values = values[rows][near]
-    chosen = np.where(keep, neighbour_values, np.nan)
+    found = found if found is not None else neighbours(latent, fitted, k)
+    if found is None:
+        return np.full(len(latent), np.nan), float("nan")
+    rows = found.rows
+    chosen = np.where(found.keep, values[rows][found.near], np.nan)
     pred = np.nanmedian(chosen, axis=1)
     residual = np.abs(pred[rows] - values[rows])
     return pred, float(np.quantile(residual, COVERAGE))
+
+
+def _search_key(fitted: np.ndarray) -> bytes:
+    """Labels whose fitted baxels give the same key share one neighbour search."""
+    return np.packbits(fitted).tobytes()
 
 
 def map_label_table(arch: Archive, model_id: str) -> pa.Table:
@@ -132,6 +177,9 @@ def map_label_table(arch: Archive, model_id: str) -> pa.Table:
     columns = []
     usable = df.height > 0 and not df["latent"].null_count()  # else assigned before latents
     latent = np.asarray(df["latent"].to_list(), dtype=np.float32) if usable else None
+    # Labels with the same fitted baxels (most pass the same χ² cut) share one search: on
+    # 8,000 fitted baxels the searches were 2/3 of an assign call, one per label.
+    searched: dict[bytes, Neighbours | None] = {}
     for x in label_catalogue.NODE_LABELS:
         if latent is None:
             columns += [pl.Series(c, [None] * df.height, dtype=pl.Float64)
@@ -143,7 +191,10 @@ def map_label_table(arch: Archive, model_id: str) -> pa.Table:
             ok = ok & df[flag].fill_null(False)
         values = df[x].cast(pl.Float64).fill_null(np.nan).to_numpy()
         fitted = ok.to_numpy() & np.isfinite(values)
-        pred, half = predict(latent, values, fitted)
+        key = _search_key(fitted)
+        if key not in searched:
+            searched[key] = neighbours(latent, fitted)
+        pred, half = predict(latent, values, fitted, found=searched[key])
         columns += [pl.Series(x, pred), pl.Series(f"{x}_lo68", pred - half),
                     pl.Series(f"{x}_hi68", pred + half)]
     return out.with_columns(columns).fill_nan(None).to_arrow()

@@ -22,7 +22,8 @@ Why batched: one spectrum is ~100 small dense problems, dominated by Python over
 solved one by one. Batched, the convolutions are one FFT over (batch × templates) columns, the
 normal equations one batched matrix product and the non-negative solves one batched
 pivoting iteration (block principal pivoting, then Lawson & Hanson 1974 where needed) whose
-linear systems are batched Cholesky factorisations. The same code runs on a GPU (``device='cuda'``). Everything is float64.
+linear systems are batched Cholesky factorisations. The same code runs on a GPU
+(``device='cuda'``). Everything is float64.
 The maths is :mod:`desomdb.science.batchcore` (torch and numpy only); this module builds its
 inputs from a fit set-up and turns its results into the fast fitter's :class:`LinearFit`, so
 the labels are derived by the same code (:func:`desomdb.science.fitting.fit_spectra`).

@@ -48,3 +48,27 @@ def test_the_hnsw_search_agrees_with_the_exact_one(monkeypatch) -> None:
     approx = map_labels._knn(z[:300], z, 3)
     assert approx.shape == exact.shape
     assert np.mean(approx[:, 0] == exact[:, 0]) > 0.97
+
+
+def test_labels_with_the_same_fitted_baxels_share_one_search(trained_archive,
+                                                             monkeypatch) -> None:
+    from desomdb.archive.store import Archive
+
+    arch, model_id, _ = trained_archive
+    calls: list[int] = []
+    search = map_labels._knn
+
+    def counted(base: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
+        calls.append(len(base))
+        return search(base, query, k)
+
+    monkeypatch.setattr(map_labels, "_knn", counted)
+    shared = map_labels.map_label_table(Archive(arch), model_id)
+    n_searches = len(calls)
+    # Every label searched on its own gives the same table.
+    calls.clear()
+    keys = iter(range(10**6))
+    monkeypatch.setattr(map_labels, "_search_key", lambda fitted: bytes([next(keys) % 256]))
+    separate = map_labels.map_label_table(Archive(arch), model_id)
+    assert shared.equals(separate)
+    assert len(calls) == len(map_labels.label_catalogue.NODE_LABELS) > n_searches >= 1
