@@ -27,6 +27,8 @@ Columns per (node, label):
   with the package): the interval for a galaxy whose stars are not the templates'. Null
   where the statistical interval is, and for labels without a measured term (log M*/L_r:
   no other library has the same IMF and remnant masses).
+- ``library_dominated``: whether the library term makes up most of the total interval
+  (:func:`library_dominated`); null where either interval is.
 
 Memory stays flat in archive size: DuckDB joins the Parquet files and streams the members
 ordered by (label, node, value) in record batches; each batch's complete nodes are reduced
@@ -63,6 +65,7 @@ SCHEMA = pa.schema([
     ("p16", pa.float64()), ("p84", pa.float64()), ("mean", pa.float64()),
     ("lo68", pa.float64()), ("hi68", pa.float64()), ("sigma_galaxy", pa.float64()),
     ("lo68_total", pa.float64()), ("hi68_total", pa.float64()),
+    ("library_dominated", pa.bool_()),
     ("hist_lo", pa.float64()),
     ("hist_hi", pa.float64()), ("histogram", pa.list_(pa.int64())),
 ])
@@ -330,6 +333,28 @@ def _library_sigma(label: np.ndarray, age_l: np.ndarray,
     return out
 
 
+def library_dominated(lo68: np.ndarray, hi68: np.ndarray, lo_total: np.ndarray,
+                      hi_total: np.ndarray) -> np.ndarray:
+    """Whether the template-library term makes up most of a node's total interval.
+
+    True where (hi68_total − lo68_total)² > 2 (hi68 − lo68)²: for Gaussian members the
+    squared widths add, so the library term's share of the total width then exceeds the
+    statistical share. Such a node's label is set by which templates the fits used more
+    than by the data (young populations are, measured on BC03 and MaStar mocks).
+
+    Parameters
+    ----------
+    lo68, hi68, lo_total, hi_total : ndarray, shape (n,)
+        A node's statistical and total intervals (NaN where unknown; then False).
+
+    Returns
+    -------
+    ndarray of bool, shape (n,)
+    """
+    with np.errstate(invalid="ignore"):
+        return np.asarray((hi_total - lo_total) ** 2 > 2 * (hi68 - lo68) ** 2)
+
+
 def _reduce(label: np.ndarray, node: np.ndarray, value: np.ndarray,
             sigma: np.ndarray, terms: dict[str, float],
             sigma_lib: np.ndarray | None = None) -> pa.Table:
@@ -397,6 +422,9 @@ def _reduce(label: np.ndarray, node: np.ndarray, value: np.ndarray,
         "sigma_galaxy": pa.array(tau, from_pandas=True),
         "lo68_total": pa.array(lo_total, from_pandas=True),
         "hi68_total": pa.array(hi_total, from_pandas=True),
+        "library_dominated": pa.array(library_dominated(lo68, hi68, lo_total, hi_total),
+                                      mask=~(np.isfinite(hi68 - lo68)
+                                             & np.isfinite(hi_total - lo_total))),
         "hist_lo": hist_lo, "hist_hi": hist_hi,
         "histogram": pa.array(hists, type=pa.list_(pa.int64())),
     }, schema=SCHEMA)

@@ -330,3 +330,24 @@ def test_total_intervals_add_the_library_term_to_every_member(calibrated, monkey
     tau = age["sigma_galaxy"][0]
     m = m.with_columns(pl.Series("s", np.sqrt(s**2 + tau**2 + lib**2)))
     _assert_mixture_quantiles(age, m, "lo68_total", "hi68_total")
+    # The flag follows the widths, and a term this large dominates some node.
+    width = (age["hi68"] - age["lo68"]).to_numpy()
+    total = (age["hi68_total"] - age["lo68_total"]).to_numpy()
+    assert (age["library_dominated"].to_numpy() == (total**2 > 2 * width**2)).all()
+    assert age["library_dominated"].any()
+    ml = table.filter(pl.col("label") == "log_ml_r")
+    assert ml["library_dominated"].null_count() == ml.height
+
+
+def test_a_node_is_library_dominated_when_the_term_outweighs_its_spread() -> None:
+    # Two nodes of the same members; the library term is small in one, large in the other.
+    rng = np.random.default_rng(4)
+    value = np.sort(rng.normal(0.0, 0.1, 50))
+    label = np.full(100, "log_age_lw")
+    node = np.repeat([0, 1], 50)
+    sigma = np.full(100, 0.05)
+    lib = np.r_[np.full(50, 0.01), np.full(50, 0.5)]
+    table = node_labels._reduce(label, node, np.r_[value, value], sigma, {}, lib)
+    assert table.column("library_dominated").to_pylist() == [False, True]
+    none = node_labels._reduce(label, node, np.r_[value, value], sigma, {})
+    assert none.column("library_dominated").to_pylist() == [None, None]
