@@ -19,9 +19,9 @@ their node medians (``benchmarks/bench_plan.py``, docs/measured.md, "The map car
 an 8×8 map's node holds ~50 baxels from many galaxies, while the three nearest fitted
 latents are usually the same kind of spectrum. K = 3 measured best of 1, 3, 5, 10, 20.
 
-Search: exact (NumPy) up to :data:`EXACT_MAX` fitted baxels per label, the usearch HNSW index
+Search: exact (NumPy) up to :data:`EXACT_MAX` fitted baxels, the usearch HNSW index
 (:mod:`desomdb.som.ann`) above, so a DR17-size plan (~280 k fits, ~2.8 M queries) stays
-minutes, not days.
+minutes, not days. Labels whose fitted baxels are the same share one search.
 """
 
 from __future__ import annotations
@@ -38,8 +38,12 @@ from desomdb.science import label_catalogue
 
 #: Nearest fitted neighbours whose median is a baxel's map label.
 K = 3
-#: Above this many fitted baxels (per label) the search uses the HNSW index.
-EXACT_MAX = 50_000
+#: Above this many fitted baxels (per label) the search uses the HNSW index. Exact search
+#: costs O(fitted × baxels): 23.7 CPU-s for 32,000 fully labelled baxels (256-dim latents)
+#: against 3.1 CPU-s for the index, whose 4 nearest agree with the exact ones for 99.5 % of
+#: the baxels (measured). The conformal half-width is computed from the same predictions,
+#: so the intervals stay calibrated either way.
+EXACT_MAX = 10_000
 #: Central probability of the interval.
 COVERAGE = 0.6827
 #: Query rows per distance block: 256 keeps the block in cache (1.6x faster than 2,048 for
