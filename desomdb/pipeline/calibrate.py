@@ -388,6 +388,8 @@ class Coverage:
         Fraction with truth within the baxel's own fit ± σ (error model of its S/N bin).
     median_offset : float
         Median of (node median − truth).
+    total : float
+        Fraction with truth in the node's total interval [lo68_total, hi68_total].
     """
 
     label: str
@@ -396,6 +398,8 @@ class Coverage:
     members: float
     fit: float
     median_offset: float
+    #: Fraction with truth in the node's [lo68_total, hi68_total] (NaN without those columns).
+    total: float = float("nan")
 
 
 def held_out_intervals(archive: str | Path, model_id: str, held_out: str,
@@ -420,15 +424,16 @@ def held_out_intervals(archive: str | Path, model_id: str, held_out: str,
     -------
     polars.DataFrame
         label, node, truth, fit, sigma (the error model's σ for the baxel), and its node's
-        median, p16, p84, lo68, hi68; one row per held-out baxel and label whose node has
-        other members.
+        median, p16, p84, lo68, hi68, lo68_total, hi68_total; one row per held-out baxel and
+        label whose node has other members.
     """
     arch = Archive(archive)
     if not arch.has_table("truth"):
         raise ArchiveError(f"{arch.root}: no truth table; coverage needs a mock survey archive")
     nl = pl.from_arrow(node_labels.node_label_table(arch, model_id, where=f"not ({held_out})"))
     assert isinstance(nl, pl.DataFrame)
-    nl = nl.select("node", "label", "median", "p16", "p84", "lo68", "hi68")
+    nl = nl.select("node", "label", "median", "p16", "p84", "lo68", "hi68", "lo68_total",
+                   "hi68_total")
     con = views.connect(arch.root, raw=True)
     quoted = "'" + model_id.replace("'", "''") + "'"
     has_errors = bool(arch.files(paths.LABEL_ERRORS))
@@ -470,7 +475,58 @@ def summarise(rows: pl.DataFrame, label_names: tuple[str, ...] = label_catalogue
             coverage(t, j["lo68"].to_numpy().astype(float), j["hi68"].to_numpy().astype(float)),
             coverage(t, j["p16"].to_numpy(), j["p84"].to_numpy()),
             coverage(t, f - s, f + s),
-            float(np.nanmedian(j["median"].to_numpy() - t)) if j.height else float("nan")))
+            float(np.nanmedian(j["median"].to_numpy() - t)) if j.height else float("nan"),
+            coverage(t, j["lo68_total"].to_numpy().astype(float),
+                     j["hi68_total"].to_numpy().astype(float))
+            if "lo68_total" in j.columns else float("nan")))
+    return out
+
+
+@dataclass(frozen=True)
+class NodeCoverage:
+    """How coverage spreads over a label's nodes (held-out baxels per node).
+
+    Attributes
+    ----------
+    label : str
+    nodes : int
+        Populated nodes: at least ``min_members`` held-out baxels with an interval.
+    at_least_half : float
+        Fraction of those nodes whose [lo68, hi68] covers the truth of ≥ 50 % of them.
+    total_at_least_half : float
+        The same for [lo68_total, hi68_total].
+    """
+
+    label: str
+    nodes: int
+    at_least_half: float
+    total_at_least_half: float
+
+
+def node_level(rows: pl.DataFrame, min_members: int = 5,
+               label_names: tuple[str, ...] = label_catalogue.NODE_LABELS
+               ) -> list[NodeCoverage]:
+    """Per label, the share of populated nodes whose intervals cover ≥ 50 % of their truths.
+
+    Parameters
+    ----------
+    rows : polars.DataFrame
+        :func:`held_out_intervals` rows (possibly several concatenated).
+    min_members : int
+        Held-out baxels (with a finite interval) a node needs to count.
+    """
+    out = []
+    for label in label_names:
+        j = rows.filter(pl.col("label") == label)
+        shares = []
+        for lo, hi in (("lo68", "hi68"), ("lo68_total", "hi68_total")):
+            k = j.filter(pl.col(lo).is_not_null() & pl.col(hi).is_not_null()).with_columns(
+                inside=(pl.col("truth") >= pl.col(lo)) & (pl.col("truth") <= pl.col(hi)))
+            per = k.group_by("node").agg(pl.len().alias("n"), pl.col("inside").mean())
+            per = per.filter(pl.col("n") >= min_members)
+            shares.append((per.height, float((per["inside"] >= 0.5).mean())
+                           if per.height else float("nan")))
+        out.append(NodeCoverage(label, shares[0][0], shares[0][1], shares[1][1]))
     return out
 
 
