@@ -524,7 +524,7 @@ def node_level(rows: pl.DataFrame, min_members: int = 5,
                 inside=(pl.col("truth") >= pl.col(lo)) & (pl.col("truth") <= pl.col(hi)))
             per = k.group_by("node").agg(pl.len().alias("n"), pl.col("inside").mean())
             per = per.filter(pl.col("n") >= min_members)
-            shares.append((per.height, float((per["inside"] >= 0.5).mean())
+            shares.append((per.height, float(np.mean(per["inside"].to_numpy() >= 0.5))
                            if per.height else float("nan")))
         out.append(NodeCoverage(label, shares[0][0], shares[0][1], shares[1][1]))
     return out
