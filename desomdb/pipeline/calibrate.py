@@ -490,7 +490,8 @@ class NodeCoverage:
     ----------
     label : str
     nodes : int
-        Populated nodes: at least ``min_members`` held-out baxels with an interval.
+        Populated nodes: at least ``min_members`` held-out baxels with a truth and an
+        interval.
     at_least_half : float
         Fraction of those nodes whose [lo68, hi68] covers the truth of ≥ 50 % of them.
     total_at_least_half : float
@@ -517,7 +518,8 @@ def node_level(rows: pl.DataFrame, min_members: int = 5,
     """
     out = []
     for label in label_names:
-        j = rows.filter(pl.col("label") == label)
+        j = rows.filter((pl.col("label") == label) & pl.col("truth").is_not_null()
+                        & pl.col("truth").is_not_nan())
         shares = []
         for lo, hi in (("lo68", "hi68"), ("lo68_total", "hi68_total")):
             k = j.filter(pl.col(lo).is_not_null() & pl.col(hi).is_not_null()).with_columns(

@@ -26,6 +26,10 @@ def test_node_level_counts_populated_nodes_covering_half_their_truths() -> None:
     assert age.nodes == 2
     assert age.at_least_half == pytest.approx(0.5)  # node 0 (4/6) yes, node 1 (2/6) no
     assert age.total_at_least_half == 1.0
+    # A label without a truth (log M*/L_r on a BC03 mock) has no populated node.
+    (none,) = calibrate.node_level(_rows().with_columns(truth=pl.lit(float("nan"))),
+                                   label_names=("log_age_lw",))
+    assert none.nodes == 0 and np.isnan(none.at_least_half)
 
 
 def test_summarise_reports_the_total_interval() -> None:
