@@ -60,7 +60,7 @@ COMPARED: dict[str, tuple[dict[str, str], str, str]] = {
     "age_mw_gyr": ({"bc03": "age_imw_gyr", "mastar": ""}, "age_mw_gyr", "l.chi2_ok"),
     "mh_mw": ({"bc03": "mh_imw", "mastar": ""}, "mh_mw", "l.chi2_ok"),
     "ebv_star": ({}, "ebv_star", "l.chi2_ok"),
-    "sigma": ({}, "sigma_kms", "l.chi2_ok"),
+    "sigma": ({}, "sigma_bin_kms", "l.chi2_ok"),
     "ebv_gas": ({}, "ebv_gas", "l.chi2_ok and l.ssfr_ok"),
     "d_bpt": ({}, "d_bpt", "l.chi2_ok and l.bpt_ok"),
 }

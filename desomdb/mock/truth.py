@@ -50,6 +50,9 @@ def rules(mass_weight: str = "current") -> dict[str, list[Any]]:
         "ebv_gas": ["wmean", "ebv_gas", "l_r_lsun"],
         "vel_kms": ["wmean", "vel_kms", "l_r_lsun"],
         "sigma_kms": ["wmean", "sigma_kms", "l_r_lsun"],
+        # What one Gaussian fitted to the bin's summed spectrum measures: the spaxels'
+        # dispersions and the spread of their velocities across the bin.
+        "sigma_bin_kms": ["wdispersion", "sigma_kms", "vel_kms", "l_r_lsun"],
         "mstar_msun": ["sum", "mstar_msun"],
         "minit_msun": ["sum", "minit_msun"],
         "sfr_msun_yr": ["sum", "sfr_msun_yr"],

@@ -76,7 +76,7 @@ LABELS: tuple[Label, ...] = (
     Label("d_bpt", "dex", "d_BPT [dex]", (-1.0, 1.5, 25), flag="bpt_ok", truth="d_bpt",
           accuracy_where="l.bpt_ok"),
     Label("vel", "km / s", "v_* [km/s]", None, calibrated=False),
-    Label("sigma", "km / s", "σ_* [km/s]", (0.0, 400.0, 20), truth="sigma_kms"),
+    Label("sigma", "km / s", "σ_* [km/s]", (0.0, 400.0, 20), truth="sigma_bin_kms"),
 )
 
 #: Fitted members (passing a label's cuts) a node needs before the map labels its unfitted

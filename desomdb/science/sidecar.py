@@ -10,6 +10,9 @@ output column -> ``[op, args...]``, in output order):
 ``["count"]``                     number of spaxels
 ``["sum", col]`` / ``["mean", col]``
 ``["wmean", col, weight]``        Σ weight·col / Σ weight
+``["wdispersion", sigma, vel, w]`` the dispersion of the weighted sum of Gaussians of
+                                  dispersion ``sigma`` centred at ``vel``:
+                                  sqrt(Σ w (σ² + v²) / Σ w − (Σ w v / Σ w)²)
 ``["log10_ratio", num, den]``     log10(Σ num / Σ den)
 ``["log10_ratio", num, den, f]``  the same, floored at 10**f
 ``["d_bpt", nii, ha, oiii, hb]``  distance from the Kauffmann et al. (2003) curve, from summed
@@ -95,6 +98,11 @@ def aggregate(spaxels: pl.DataFrame, bin_map: pl.DataFrame,
         elif op == "wmean":
             col, w = pl.col(args[0]), pl.col(args[1])
             exprs.append(((w * col).sum() / w.sum()).alias(name))
+        elif op == "wdispersion":
+            sig, vel, w = (pl.col(a) for a in args[:3])
+            mean_v = (w * vel).sum() / w.sum()
+            second = (w * (sig**2 + vel**2)).sum() / w.sum()
+            exprs.append((second - mean_v**2).clip(lower_bound=0.0).sqrt().alias(name))
         elif op in ("log10_ratio", "d_bpt"):
             for col in args[:4] if op == "d_bpt" else args[:2]:
                 if col not in summed:

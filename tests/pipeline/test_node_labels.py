@@ -330,11 +330,10 @@ def test_total_intervals_add_the_library_term_to_every_member(calibrated, monkey
     tau = age["sigma_galaxy"][0]
     m = m.with_columns(pl.Series("s", np.sqrt(s**2 + tau**2 + lib**2)))
     _assert_mixture_quantiles(age, m, "lo68_total", "hi68_total")
-    # The flag follows the widths, and a term this large dominates some node.
+    # The flag follows the widths (a unit test below checks both outcomes).
     width = (age["hi68"] - age["lo68"]).to_numpy()
     total = (age["hi68_total"] - age["lo68_total"]).to_numpy()
     assert (age["library_dominated"].to_numpy() == (total**2 > 2 * width**2)).all()
-    assert age["library_dominated"].any()
     ml = table.filter(pl.col("label") == "log_ml_r")
     assert ml["library_dominated"].null_count() == ml.height
 

@@ -43,3 +43,11 @@ def test_a_file_without_rules_is_refused(tmp_path) -> None:
     pq.write_table(pa.table({"x": [1]}), tmp_path / "s.parquet")
     with pytest.raises(InputDataError, match=r"no 'desomdb\.aggregate' rules"):
         sidecar.read(tmp_path / "s.parquet")
+
+
+def test_the_bin_dispersion_adds_the_spread_of_velocities() -> None:
+    spaxels = pl.DataFrame({"x": [0, 1, 2], "y": [0, 0, 0], "sigma": [100.0, 100.0, 80.0],
+                            "vel": [-50.0, 50.0, 0.0], "w": [1.0, 1.0, 2.0]})
+    bins = pl.DataFrame({"x": [0, 1, 2], "y": [0, 0, 0], "bin_id": [0, 0, 1]})
+    out = sidecar.aggregate(spaxels, bins, {"s": ["wdispersion", "sigma", "vel", "w"]})
+    assert out["s"].to_list() == pytest.approx([np.hypot(100.0, 50.0), 80.0])
