@@ -170,10 +170,37 @@ def _stellar_spectra(
         spec = flat_w[sel] @ tpl.T  # (n_sel, n_lam_rest)
         spec *= 10.0 ** (-0.4 * np.outer(model.ebv_star[sel], k_calz))
         shift = np.log10(1 + model.velocity_kms[sel] / manga.C_KMS) / manga.DLOG10
-        pix = np.arange(manga.N_WAVE)
-        for i, (row, s) in enumerate(zip(np.flatnonzero(sel), shift, strict=True)):
-            out[row] = np.interp(pix - s, k, spec[i])
+        out[np.flatnonzero(sel)] = shift_pixels(spec, shift)[:, pad:pad + manga.N_WAVE]
     return out
+
+
+def shift_pixels(spec: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Shift each row by a (fractional) number of pixels: ``out[i, j] = spec_i(j - shift_i)``.
+
+    A Fourier phase ramp, exact for a band-limited spectrum. Linear interpolation would
+    convolve each row with a two-point kernel of variance f(1 - f) pixels² (f the fraction of
+    a pixel), on average 28 km/s added in quadrature to every line width at MaNGA's 69 km/s
+    pixels. The straight line through each row's end points is shifted analytically, so the
+    transform sees no jump between the ends; only the first and last ``|shift|`` pixels see
+    the other end (callers pad by more than the largest shift).
+
+    Parameters
+    ----------
+    spec : ndarray, shape (n, m)
+    shift : ndarray, shape (n,)
+        Pixels (positive: towards larger indices).
+
+    Returns
+    -------
+    ndarray, shape (n, m)
+    """
+    m = spec.shape[1]
+    x = np.arange(m, dtype=np.float64)
+    slope = (spec[:, -1] - spec[:, 0]) / (m - 1)
+    line = spec[:, :1] + slope[:, None] * x
+    phase = np.exp(-2j * np.pi * np.fft.rfftfreq(m)[None, :] * np.asarray(shift)[:, None])
+    moved = np.fft.irfft(np.fft.rfft(spec - line, axis=1) * phase, m, axis=1)
+    return moved + spec[:, :1] + slope[:, None] * (x[None, :] - np.asarray(shift)[:, None])
 
 
 def _extend_to(lam: np.ndarray, spec: np.ndarray, lam_new: np.ndarray) -> np.ndarray:

@@ -299,3 +299,25 @@ def test_next_release_needs_the_previous_release_and_seed(mock_survey, tmp_path)
     with pytest.raises(ConfigError, match="fraction"):
         mock.generate_survey(tmp_path, 3, "DR17", seed=7, ifu_sizes=(19,), progress=False,
                              previous="DR15", reprocess=2.0)
+
+
+def test_a_velocity_shift_keeps_the_line_width() -> None:
+    # A line of σ = 1.2 pixels on a sloped continuum, shifted by 0.5 and by 3 pixels: its
+    # centroid moves by the shift and its width stays. Linear interpolation would add
+    # f(1 - f) = 0.25 pixels² of variance at f = 0.5.
+    from desomdb.mock import render
+
+    x = np.arange(200.0)
+    line = np.exp(-0.5 * ((x - 100.0) / 1.2) ** 2)
+    spec = np.vstack([line + 5.0 + 0.01 * x] * 2)
+    moved = render.shift_pixels(spec, np.array([0.5, 3.0]))
+    for row, s in zip(moved, (0.5, 3.0), strict=True):
+        flux = row - (5.0 + 0.01 * (x - s))
+        centre = (flux * x).sum() / flux.sum()
+        var = (flux * (x - centre) ** 2).sum() / flux.sum()
+        assert centre == pytest.approx(100.0 + s, abs=1e-4)
+        assert var == pytest.approx(1.2**2, abs=1e-3)
+    interp = np.interp(x - 0.5, x, line)
+    centre = (interp * x).sum() / interp.sum()
+    assert (interp * (x - centre) ** 2).sum() / interp.sum() == pytest.approx(1.44 + 0.25,
+                                                                            abs=1e-3)
