@@ -287,9 +287,11 @@ def run_tasks(
                     # next task happens to finish.
                     ready, _ = wait(futures, timeout=POLL_SECONDS,
                                     return_when=FIRST_COMPLETED)
-                    for fut in ready:
-                        i = futures.pop(fut)  # a finished future holds its result
+                    while ready:  # popped one by one: a finished future holds its result
+                        fut = ready.pop()
+                        i = futures.pop(fut)
                         record(i, *_outcome(fut))
+                        del fut
             except KeyboardInterrupt:
                 stop.ignore()  # a second Ctrl-C must not cut the hand-over short
                 _stop(pool, futures, record)

@@ -127,6 +127,7 @@ def test_results_handed_to_on_result_are_not_kept(workers: int) -> None:
     has taken it, so a long job's memory stays flat (an assign of 1,000 cubes kept every
     cube's partial sums: +1 GB)."""
     import gc
+    import time
     import weakref
 
     seen: list[weakref.ref] = []
@@ -136,6 +137,9 @@ def test_results_handed_to_on_result_are_not_kept(workers: int) -> None:
         gc.collect()
         alive_after.append(sum(r() is not None for r in seen))
         seen.append(weakref.ref(value))
+        # Slow hand-overs: the other tasks finish meanwhile, so one wait returns several
+        # results at once (the case that kept the earlier ones of a batch alive).
+        time.sleep(0.2)
 
     report = runner.run_tasks(_block, list(range(6)), workers=workers, progress=False,
                               on_result=take, keep_results=False)
