@@ -389,7 +389,8 @@ class Coverage:
     median_offset : float
         Median of (node median − truth).
     total : float
-        Fraction with truth in the node's total interval [lo68_total, hi68_total].
+        Fraction with truth in the node's total interval [lo68_total, hi68_total] (NaN
+        without those columns).
     """
 
     label: str
@@ -398,7 +399,6 @@ class Coverage:
     members: float
     fit: float
     median_offset: float
-    #: Fraction with truth in the node's [lo68_total, hi68_total] (NaN without those columns).
     total: float = float("nan")
 
 

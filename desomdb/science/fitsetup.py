@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
@@ -115,9 +115,23 @@ class FitSetup:
     vsyst: float = 0.0
     #: Mean flux of each column of ``stars`` in ``templates.LIGHT_WINDOW_AA`` (light weights).
     light: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    #: Per template (``reg_dim``): r-band luminosity (L_sun) per unit weight, computed once
-    #: (see :meth:`mass_to_light_r`).
-    _lum_r: np.ndarray | None = field(default=None, repr=False)
+    @cached_property
+    def _lum_r(self) -> np.ndarray:
+        """Per template (``reg_dim``): r-band luminosity (L_sun) per unit weight."""
+        from importlib import resources
+
+        from ppxf import ppxf_util
+
+        sps = self.sps
+        band = "SDSS/r"
+        p1 = ppxf_util.synthetic_photometry(sps.lam_temp_full, sps.templates_full, band,
+                                            redshift=0, quiet=True)
+        sun = np.load(str(resources.files("ppxf") / "sps_models/spectra_sun_vega.npz"))
+        p2 = ppxf_util.synthetic_photometry(sun["lam"], sun["flux_sun"], band, redshift=0,
+                                            quiet=True)
+        ten_pc_cm = 3.085677581491367e19
+        l_sun_erg_s = 3.828e33  # pPXF's (IAU 2015)
+        return np.asarray(p1.flux / (4 * np.pi * ten_pc_cm**2) * l_sun_erg_s / p2.flux)
 
     def mass_to_light_r(self, weights: np.ndarray) -> float:
         """Return M*/L in the SDSS r band (solar units, living stars and remnants) of a fit.
@@ -132,21 +146,6 @@ class FitSetup:
         weights : ndarray, shape ``reg_dim``
             The stellar weights of a fit.
         """
-        if self._lum_r is None:
-            from importlib import resources
-
-            from ppxf import ppxf_util
-
-            sps = self.sps
-            band = "SDSS/r"
-            p1 = ppxf_util.synthetic_photometry(sps.lam_temp_full, sps.templates_full, band,
-                                                redshift=0, quiet=True)
-            sun = np.load(str(resources.files("ppxf") / "sps_models/spectra_sun_vega.npz"))
-            p2 = ppxf_util.synthetic_photometry(sun["lam"], sun["flux_sun"], band,
-                                                redshift=0, quiet=True)
-            ten_pc_cm = 3.085677581491367e19
-            l_sun_erg_s = 3.828e33  # pPXF's (IAU 2015)
-            self._lum_r = p1.flux / (4 * np.pi * ten_pc_cm**2) * l_sun_erg_s / p2.flux
         return float(np.sum(weights / self.sps.flux * self.sps.mass_no_gas_grid)
                      / np.sum(weights * self._lum_r))
 

@@ -35,13 +35,18 @@ def both() -> list[tuple[dict, dict]]:
     return list(zip(batch, fast, strict=True))
 
 
-def test_nnls_is_the_exact_non_negative_solution() -> None:
-    rng = np.random.default_rng(0)
-    a = rng.normal(size=(5, 300, 40))
-    b = rng.normal(size=(5, 300))
+def _least_squares_problems(seed: int, batch: int, rows: int, cols: int):
+    """Random min ||A x − b|| problems, x ≥ 0: normal equations and scipy's solutions."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(batch, rows, cols))
+    b = rng.normal(size=(batch, rows))
     gram = torch.as_tensor(a.transpose(0, 2, 1) @ a)
     rhs = torch.as_tensor(np.einsum("bpk,bp->bk", a, b))
-    expected = np.array([scipy_nnls(a[i], b[i])[0] for i in range(5)])
+    return gram, rhs, np.array([scipy_nnls(a[i], b[i])[0] for i in range(batch)])
+
+
+def test_nnls_is_the_exact_non_negative_solution() -> None:
+    gram, rhs, expected = _least_squares_problems(0, 5, 300, 40)
     cold = batchcore.nnls(gram, rhs).numpy()
     np.testing.assert_allclose(cold, expected, atol=1e-10)
     assert 5 < (expected > 0).sum(axis=1).min() < 40  # bounds active and inactive
@@ -53,12 +58,7 @@ def test_nnls_is_the_exact_non_negative_solution() -> None:
 
 def test_lawson_hanson_fallback_gives_the_same_solution(monkeypatch) -> None:
     # Block pivoting that never finishes hands every problem to Lawson-Hanson.
-    rng = np.random.default_rng(3)
-    a = rng.normal(size=(4, 200, 30))
-    b = rng.normal(size=(4, 200))
-    gram = torch.as_tensor(a.transpose(0, 2, 1) @ a)
-    rhs = torch.as_tensor(np.einsum("bpk,bp->bk", a, b))
-    expected = np.array([scipy_nnls(a[i], b[i])[0] for i in range(4)])
+    gram, rhs, expected = _least_squares_problems(3, 4, 200, 30)
     monkeypatch.setattr(batchcore, "PIVOT_ROUNDS", 0)
     np.testing.assert_allclose(batchcore.nnls(gram, rhs).numpy(), expected, atol=1e-10)
 
